@@ -1,0 +1,201 @@
+"""Checkpoints: one safetensors file (weights, EMA, optimizer state) plus a JSON config beside it.
+
+Nothing is ever unpickled. The run config and step are embedded in the safetensors metadata
+(the source of truth) and copied to a readable `.json`; a JSON that disagrees with the embedded
+copy marks a tampered checkpoint and is refused. Files are written to a temporary name and
+renamed, so a kill at any moment leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import RunConfig
+from .errors import BrainfusionError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "brainfusion-checkpoint-v1"
+NAME = re.compile(r"^ckpt_(\d{8})\.safetensors$")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    config: RunConfig
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optimizer: dict | None
+    extra: dict
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(Path(path), text.encode())
+
+
+def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], list]:
+    tensors = {}
+    for index, slots in state["state"].items():
+        for slot, value in slots.items():
+            tensors[f"optimizer.{index}.{slot}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, state["param_groups"]
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], groups: list) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, index, slot = key.split(".", 2)
+        state.setdefault(int(index), {})[slot] = value
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    config: RunConfig,
+    model: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor],
+    optimizer: dict | None,
+    extra: dict | None = None,
+    keep: int = 3,
+) -> Path:
+    """Write ckpt_<step>.safetensors + .json atomically, then drop all but the newest `keep`."""
+    out_dir = Path(out_dir)
+    path = out_dir / f"ckpt_{step:08d}.safetensors"
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.items()}
+    tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.items()})
+    groups: list = []
+    if optimizer is not None:
+        opt_tensors, groups = _optimizer_tensors(optimizer)
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
+    header = {"format": FORMAT, "step": step, "config": config.to_dict(), "optimizer_groups": groups, "extra": extra or {}}
+    metadata = {"brainfusion": json.dumps(header, sort_keys=True)}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        atomic_write_text(path.with_suffix(".json"), json.dumps(header, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        previous = latest_checkpoint(out_dir)
+        kept = f"; the previous checkpoint {previous} is intact" if previous else ""
+        raise BrainfusionError(
+            f"could not write checkpoint {path} ({exc.strerror or exc}); free disk space or choose a writable --out-dir{kept}."
+        ) from None
+    _rotate(out_dir, keep)
+    return path
+
+
+def _rotate(out_dir: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for old in list_checkpoints(out_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".json").unlink(missing_ok=True)
+
+
+def list_checkpoints(out_dir: Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    return sorted(p for p in out_dir.iterdir() if NAME.match(p.name))
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    found = list_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """Accept a checkpoint file or a run folder (→ its newest checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        newest = latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
+        if newest is None:
+            raise BrainfusionError(f"no ckpt_*.safetensors checkpoint in {path}; train first or give a checkpoint file.")
+        return newest
+    if path.suffix in (".pt", ".pth", ".pkl", ".ckpt", ".bin"):
+        raise BrainfusionError(
+            f"{path} is a pickle-format file, which brainfusion never loads because unpickling can run code; give a .safetensors checkpoint."
+        )
+    if not path.is_file():
+        raise BrainfusionError(f"checkpoint {path} does not exist; check the path.")
+    return path
+
+
+def load_checkpoint(path: Path, with_optimizer: bool = True) -> Checkpoint:
+    """Read a checkpoint without unpickling; refuse foreign or tampered files."""
+    path = resolve_checkpoint(path)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BrainfusionError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or not a checkpoint.") from None
+    if "brainfusion" not in metadata:
+        raise BrainfusionError(f"{path} is a safetensors file but not a brainfusion checkpoint (no brainfusion metadata); give a checkpoint written by `brainfusion train`.")
+    try:
+        header = json.loads(metadata["brainfusion"])
+    except json.JSONDecodeError:
+        raise BrainfusionError(f"{path} has corrupt brainfusion metadata; use an earlier checkpoint.") from None
+    if header.get("format") != FORMAT:
+        raise BrainfusionError(f"{path} has format {header.get('format')!r}, not {FORMAT}; it was written by another version or program.")
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            if json.loads(sidecar.read_text()) != header:
+                raise ValueError
+        except (ValueError, UnicodeDecodeError):
+            raise BrainfusionError(
+                f"{sidecar} does not match the config embedded in {path.name}; the checkpoint was edited or mixed up, restore the original pair."
+            ) from None
+    config = RunConfig.from_dict(header["config"], source=f"{path} (embedded config)")
+    model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    optimizer = None
+    if with_optimizer and header.get("optimizer_groups"):
+        opt = {k: v for k, v in tensors.items() if k.startswith("optimizer.")}
+        optimizer = _optimizer_state(opt, header["optimizer_groups"])
+    return Checkpoint(path, int(header["step"]), config, model, ema, optimizer, header.get("extra", {}))
+
+
+def load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """load_state_dict with a one-sentence error when the checkpoint is from another model."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        detail = (missing or unexpected or wrong)[0]
+        raise BrainfusionError(
+            f"the weights in {path} do not fit the model its config describes (first mismatch: {detail}); "
+            "the checkpoint was made for a different model, use the config it was trained with."
+        )
+    module.load_state_dict(weights)

@@ -1,0 +1,212 @@
+"""Typed configuration for every stage, saved as JSON beside each checkpoint.
+
+A run is fully described by a `RunConfig` (data, model, diffusion, training). The CLI and
+config files (JSON or TOML) map onto these dataclasses; unknown keys and wrong types are user
+errors, reported with the file, the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import BrainfusionError
+
+
+@dataclass
+class DataConfig:
+    """Where slices come from and how they are preprocessed."""
+
+    path: str = "data/demo"
+    image_size: int = 64
+    hflip: bool = True
+    split: str = "train"  # OASIS layout: "train" merges train+test (as the seed does); "validate" is held out
+    cache_dir: str = ""  # default: <path>/.brainfusion_cache (or beside a single volume file)
+    min_brain_fraction: float = 0.05  # volume slices with less foreground than this are dropped
+    on_bad_file: str = "fail"  # "fail" stops on the first unreadable file; "skip" logs it and goes on
+
+    def validate(self) -> None:
+        if self.image_size <= 0 or self.image_size % 16:
+            raise BrainfusionError(
+                f"image_size {self.image_size} is not a positive multiple of 16; use e.g. 64, 128 or 256."
+            )
+        _check_choice("data.split", self.split, ("train", "validate", "all"))
+        _check_choice("data.on_bad_file", self.on_bad_file, ("fail", "skip"))
+
+
+@dataclass
+class ModelConfig:
+    """The seed's U-Net: four ResNet encoder levels with skips, a ResNet bottleneck, four decoder levels."""
+
+    image_size: int = 64
+    in_channels: int = 1
+    base_channels: int = 32
+    channel_mults: tuple[int, ...] = (1, 2, 3, 4)
+    blocks_per_level: int = 1
+    attention_resolutions: tuple[int, ...] = (8,)
+    attention_heads: int = 4
+    dropout: float = 0.0
+    norm: str = "group"  # "group" (default) or "batch" (the seed's)
+    norm_groups: int = 8
+
+    def validate(self) -> None:
+        if len(self.channel_mults) != 4:
+            raise BrainfusionError(
+                f"model.channel_mults has {len(self.channel_mults)} entries; the U-Net has four levels, give four."
+            )
+        if self.image_size % 16:
+            raise BrainfusionError(
+                f"model.image_size {self.image_size} is not a positive multiple of 16; use e.g. 64, 128 or 256."
+            )
+        _check_choice("model.norm", self.norm, ("group", "batch"))
+        widths = [self.base_channels * m for m in self.channel_mults]
+        if self.norm == "group" and any(w % self.norm_groups for w in widths):
+            raise BrainfusionError(
+                f"model widths {widths} are not divisible by norm_groups={self.norm_groups}; change base_channels or norm_groups."
+            )
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process and what the network predicts."""
+
+    timesteps: int = 1000
+    schedule: str = "linear"  # "linear" (DDPM) or "cosine" (Nichol & Dhariwal)
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction: str = "epsilon"  # "epsilon" (the seed's) or "v"
+    loss: str = "smooth_l1"  # "smooth_l1" (the seed's) or "mse"
+
+    def validate(self) -> None:
+        _check_choice("diffusion.schedule", self.schedule, ("linear", "cosine"))
+        _check_choice("diffusion.prediction", self.prediction, ("epsilon", "v"))
+        _check_choice("diffusion.loss", self.loss, ("smooth_l1", "mse"))
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, budgets, checkpoints and logging."""
+
+    out_dir: str = "runs/demo"
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    epochs: float = 0.0  # 0 = not used; the first budget reached ends training
+    max_steps: int = 0
+    time_budget_min: float = 0.0
+    precision: str = "auto"  # "auto" picks bf16 where the hardware has it, else fp32
+    channels_last: str = "auto"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    sample_every: int = 1000
+    eval_every: int = 0
+    log_every: int = 10
+    num_workers: int = 0
+    seed: int = 0
+    max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    compile: bool = False
+
+    def validate(self) -> None:
+        _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        _check_choice("train.channels_last", self.channels_last, ("auto", "on", "off"))
+        if self.batch_size <= 0:
+            raise BrainfusionError(f"train.batch_size must be positive, got {self.batch_size}.")
+        if not (self.epochs or self.max_steps or self.time_budget_min):
+            raise BrainfusionError(
+                "no training budget set; give --epochs, --max-steps or --time-budget-min."
+            )
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to reproduce a training run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.image_size = self.data.image_size
+        for part in (self.data, self.model, self.diffusion, self.train):
+            part.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "RunConfig":
+        return _build(cls, raw, source, "")
+
+
+def load_config(path: Path) -> RunConfig:
+    """Read a JSON or TOML config file into a RunConfig (unknown keys are errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BrainfusionError(f"config file {path} does not exist; check the path.")
+    try:
+        text = path.read_text()
+        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BrainfusionError(f"config file {path} is not valid {path.suffix[1:].upper() or 'JSON'} ({exc}); fix its syntax.") from None
+    if not isinstance(raw, dict):
+        raise BrainfusionError(f"config file {path} must hold an object with sections data/model/diffusion/train.")
+    return RunConfig.from_dict(raw, source=str(path))
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise BrainfusionError(f"{name} is {value!r}; choose one of {', '.join(map(str, choices))}.")
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise BrainfusionError(f"{prefix or 'the top level'} in {source} must be an object of keys.")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise BrainfusionError(
+                f"unknown key '{name}' in {source}; valid keys here are {', '.join(known)}."
+            )
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, source, f"{name}.")
+        else:
+            kwargs[key] = _coerce(hint, value, name, source)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, name: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    try:
+        if origin is tuple:
+            (item_type, _ellipsis) = typing.get_args(hint)
+            if isinstance(value, str):
+                value = [v for v in value.replace(" ", "").split(",") if v]
+            return tuple(item_type(v) for v in value)
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return hint(value)
+    except (TypeError, ValueError):
+        raise BrainfusionError(
+            f"'{name}' in {source} has value {value!r}, which is not a valid {getattr(hint, '__name__', hint)}."
+        ) from None

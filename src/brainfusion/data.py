@@ -1,0 +1,273 @@
+"""Data sources → one cached uint8 array of square grayscale slices → training batches.
+
+Three sources sit behind `load_slices`:
+  * the OASIS "keras_png_slices" layout the seed uses (train+test merged for training, validate
+    held out, `*_seg_*` mask folders never mixed in);
+  * any folder of PNG/JPEG/TIFF slices, searched recursively;
+  * 3-D NIfTI (.nii/.nii.gz) and Analyze (.hdr/.img) volumes, reoriented to RAS+ with nibabel,
+    robustly normalised per volume and cut into axial slices, near-empty slices dropped.
+Decoded, resized slices are cached once as a .npy (uint8) so epochs never re-decode files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import DataConfig
+from .errors import BrainfusionError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".hdr")
+OASIS_SPLITS = {
+    "train": ("keras_png_slices_train", "keras_png_slices_test"),
+    "validate": ("keras_png_slices_validate",),
+    "all": ("keras_png_slices_train", "keras_png_slices_test", "keras_png_slices_validate"),
+}
+MAX_SIDE = 8192  # larger "slices" are refused before decoding (decompression bombs, wrong files)
+CACHE_VERSION = 1
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def is_oasis_layout(root: Path) -> bool:
+    return root.is_dir() and (root / "keras_png_slices_train").is_dir()
+
+
+def discover_files(config: DataConfig) -> list[Path]:
+    """List the slice and volume files a DataConfig points at, in a stable order."""
+    root = Path(config.path)
+    if not root.exists():
+        raise BrainfusionError(
+            f"data path {root} does not exist; point --data at a folder of slices or volumes "
+            f"(or run `brainfusion data demo --out {root}` to build the demo set)."
+        )
+    if root.is_file():
+        if _suffix(root) not in IMAGE_SUFFIXES + VOLUME_SUFFIXES + (".img",):
+            raise BrainfusionError(
+                f"{root} is not a supported file; give a PNG/JPEG/TIFF slice, a NIfTI or an Analyze volume."
+            )
+        return [root.with_suffix(".hdr") if _suffix(root) == ".img" else root]
+    if is_oasis_layout(root):
+        folders = [root / name for name in OASIS_SPLITS[config.split] if (root / name).is_dir()]
+    else:
+        folders = [root]
+    files = []
+    for folder in folders:
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                if _suffix(path) in IMAGE_SUFFIXES + VOLUME_SUFFIXES and not name.startswith("."):
+                    files.append(path)
+    if not files:
+        raise BrainfusionError(
+            f"no PNG/JPEG/TIFF slices or NIfTI/Analyze volumes found under {root}; "
+            "check the path or add images to it."
+        )
+    return files
+
+
+def _fit_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Pad a 2-D uint8 image to a centred square, then resize it to size×size."""
+    h, w = image.shape
+    side = max(h, w)
+    canvas = np.zeros((side, side), dtype=np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[top : top + h, left : left + w] = image
+    if side == size:
+        return canvas
+    resample = Image.Resampling.BOX if side > size else Image.Resampling.BICUBIC
+    return np.asarray(Image.fromarray(canvas).resize((size, size), resample), dtype=np.uint8)
+
+
+def read_slice(path: Path, size: int) -> np.ndarray:
+    """Decode one 2-D image file into a size×size uint8 array (raises on any defect)."""
+    with Image.open(path) as img:
+        if max(img.size) > MAX_SIDE or min(img.size) < 1:
+            raise ValueError(f"its size {img.size[0]}x{img.size[1]} is outside 1..{MAX_SIDE} pixels")
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I", "F"):
+            arr = np.asarray(img, dtype=np.float32)
+            arr = _robust_uint8(arr)
+        else:
+            arr = np.asarray(img.convert("L"), dtype=np.uint8)
+    if arr.ndim != 2:
+        raise ValueError(f"it decodes to shape {arr.shape}, not a 2-D image")
+    return _fit_square(arr, size)
+
+
+def _robust_uint8(values: np.ndarray) -> np.ndarray:
+    """Scale intensities to 0..255 using the 0.5–99.5 percentiles of the foreground."""
+    finite = np.isfinite(values)
+    if not finite.any():
+        raise ValueError("it holds no finite values")
+    values = np.where(finite, values, 0.0)
+    foreground = values[values > values.min()]
+    if foreground.size == 0:
+        return np.zeros(values.shape, dtype=np.uint8)
+    lo, hi = np.percentile(foreground, [0.5, 99.5])
+    lo = min(lo, 0.0) if values.min() >= 0 else lo
+    scaled = (values - lo) / max(hi - lo, 1e-6)
+    return (np.clip(scaled, 0, 1) * 255).round().astype(np.uint8)
+
+
+def read_volume_slices(path: Path, size: int, min_brain_fraction: float) -> np.ndarray:
+    """Load a NIfTI/Analyze volume, reorient to RAS+, normalise, and cut axial slices."""
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    if len(image.shape) == 4 and image.shape[3] == 1:
+        image = image.slicer[..., 0]
+    if len(image.shape) != 3:
+        raise ValueError(f"it has shape {tuple(image.shape)}; a 3-D volume (or 4-D with one frame) is needed")
+    if max(image.shape) > MAX_SIDE or min(image.shape) < 1:
+        raise ValueError(f"its shape {tuple(image.shape)} is outside 1..{MAX_SIDE} voxels per axis")
+    image = nib.as_closest_canonical(image)
+    volume = _robust_uint8(np.asarray(image.get_fdata(dtype=np.float32)))
+    slices = []
+    for k in range(volume.shape[2]):
+        axial = np.rot90(volume[:, :, k])  # rows: anterior at the top; columns: left→right
+        if (axial > 12).mean() >= min_brain_fraction:
+            slices.append(_fit_square(np.ascontiguousarray(axial), size))
+    if not slices:
+        raise ValueError("none of its axial slices has enough non-background voxels")
+    return np.stack(slices)
+
+
+@dataclass
+class SliceSet:
+    """Decoded slices (uint8, N×S×S) and what they came from."""
+
+    images: np.ndarray
+    sources: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _cache_key(files: list[Path], config: DataConfig) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([CACHE_VERSION, config.image_size, config.min_brain_fraction, config.on_bad_file]).encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _cache_dir(config: DataConfig) -> Path:
+    if config.cache_dir:
+        return Path(config.cache_dir)
+    root = Path(config.path)
+    return (root if root.is_dir() else root.parent) / ".brainfusion_cache"
+
+
+def load_slices(config: DataConfig, progress: bool = True) -> SliceSet:
+    """Discover, decode, resize and cache every slice of a data source."""
+    from tqdm.auto import tqdm
+
+    config.validate()
+    files = discover_files(config)
+    cache = _cache_dir(config) / f"slices_{config.split}_{_cache_key(files, config)}.npz"
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as stored:
+                return SliceSet(stored["images"], list(stored["sources"]), list(stored["skipped"]))
+        except (OSError, ValueError, KeyError):
+            log.warning("cache %s is unreadable; rebuilding it", cache)
+    images, sources, skipped = [], [], []
+    for path in tqdm(files, desc="decoding slices", unit="file", disable=not progress, leave=False):
+        try:
+            if _suffix(path) in VOLUME_SUFFIXES:
+                stack = read_volume_slices(path, config.image_size, config.min_brain_fraction)
+            else:
+                stack = read_slice(path, config.image_size)[None]
+        except BrainfusionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if config.on_bad_file == "fail":
+                raise BrainfusionError(
+                    f"{path} could not be read ({reason}); delete or replace it, or pass --on-bad-file skip."
+                ) from None
+            log.warning("skipping %s: %s", path, reason)
+            skipped.append(f"{path}: {reason}")
+            continue
+        images.append(stack)
+        sources.extend([str(path)] * len(stack))
+    if not images:
+        raise BrainfusionError(f"none of the {len(files)} files under {config.path} could be read; check the data.")
+    if skipped:
+        log.warning("skipped %d unreadable file(s) of %d under %s", len(skipped), len(files), config.path)
+    result = SliceSet(np.concatenate(images), sources, skipped)
+    _write_cache(cache, result)
+    return result
+
+
+def _write_cache(path: Path, slices: SliceSet) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, images=slices.images, sources=np.array(slices.sources), skipped=np.array(slices.skipped, dtype=str))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("could not write the slice cache %s (%s); continuing without it", path, exc)
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 → float in [-1, 1] with a channel axis."""
+    return images.float().div(127.5).sub(1.0).unsqueeze(1)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Model-range tensor (N,1,H,W) → uint8 array (N,H,W)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].cpu().numpy()
+
+
+class BatchStream:
+    """Deterministic training batches drawn from an in-memory uint8 tensor.
+
+    Batch `step` depends only on (seed, step): the epoch permutation is seeded by the epoch and
+    the flips by the step, so a resumed run sees exactly the batches an uninterrupted one would,
+    and rank r of W processes takes its own slice of the same global batch.
+    """
+
+    def __init__(self, images: np.ndarray, global_batch: int, seed: int, hflip: bool, rank: int = 0, world: int = 1):
+        if len(images) < global_batch:
+            raise BrainfusionError(
+                f"the data holds {len(images)} slices, fewer than one global batch of {global_batch}; lower --batch-size or add data."
+            )
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.global_batch, self.seed, self.hflip = global_batch, seed, hflip
+        self.rank, self.world = rank, world
+        self.per_rank = global_batch // world
+        self.steps_per_epoch = len(images) // global_batch
+        self._perm_epoch, self._perm = -1, None
+
+    def batch(self, step: int) -> torch.Tensor:
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.images), generator=gen), epoch
+        start = position * self.global_batch + self.rank * self.per_rank
+        x = to_model_range(self.images[self._perm[start : start + self.per_rank]])
+        if self.hflip:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7 * step + 1)
+            flip = torch.rand(self.global_batch, generator=gen)[self.rank * self.per_rank :][: self.per_rank] < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x

@@ -1,0 +1,126 @@
+"""The diffusion process: noise schedule, forward process q(x_t | x_0), training loss, samplers.
+
+The schedule and loss are ours (a few lines, and the tests check them against diffusers). The
+reverse-process samplers are diffusers' schedulers — DDPM (the seed's ancestral sampler), DDIM
+and DPM-Solver++(2M) — configured from the same `DiffusionConfig`, so one trained network can
+be sampled with any of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import DiffusionConfig
+from .errors import BrainfusionError
+
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+
+
+class NoiseSchedule:
+    """β_t and ᾱ_t for t = 0..T-1, and the forward process built on them."""
+
+    def __init__(self, cfg: DiffusionConfig):
+        cfg.validate()
+        self.config = cfg
+        T = cfg.timesteps
+        if cfg.schedule == "linear":
+            betas = torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)
+        else:  # cosine, Nichol & Dhariwal (2021), β capped at 0.999 as diffusers does
+            f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+            betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64)
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+
+    def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        abar = self.alphas_cumprod.to(like.device)[t].to(torch.float32)
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        return abar.sqrt().view(shape), (1 - abar).sqrt().view(shape)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε."""
+        a, s = self._coefficients(t, x0)
+        return a * x0 + s * noise
+
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network learns to output: ε, or v = √ᾱ_t ε - √(1-ᾱ_t) x_0."""
+        if self.config.prediction == "epsilon":
+            return noise
+        a, s = self._coefficients(t, x0)
+        return a * noise - s * x0
+
+    def predict_x0(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a, s = self._coefficients(t, x_t)
+        if self.config.prediction == "epsilon":
+            return (x_t - s * model_output) / a
+        return a * x_t - s * model_output
+
+    def loss(self, model: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The seed's loss: smooth-L1 (or MSE) between the target and the network's output."""
+        prediction = model(self.q_sample(x0, t, noise), t).float()
+        target = self.target(x0, t, noise)
+        if self.config.loss == "smooth_l1":
+            return F.smooth_l1_loss(prediction, target)
+        return F.mse_loss(prediction, target)
+
+
+def make_scheduler(cfg: DiffusionConfig, sampler: str):
+    """A diffusers scheduler for `sampler`, matching the training schedule exactly."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    common = dict(
+        num_train_timesteps=cfg.timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule="linear" if cfg.schedule == "linear" else "squaredcos_cap_v2",
+        prediction_type="epsilon" if cfg.prediction == "epsilon" else "v_prediction",
+    )
+    if sampler == "ddpm":
+        return DDPMScheduler(**common, clip_sample=True, variance_type="fixed_small")
+    if sampler == "ddim":
+        return DDIMScheduler(**common, clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
+    if sampler == "dpm++":
+        return DPMSolverMultistepScheduler(
+            **common, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
+            thresholding=True, sample_max_value=1.0, dynamic_thresholding_ratio=0.995,
+        )
+    raise BrainfusionError(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
+
+
+@torch.no_grad()
+def sample(
+    model: Callable,
+    cfg: DiffusionConfig,
+    shape: tuple[int, ...],
+    sampler: str = "ddpm",
+    steps: int = 0,
+    generator: torch.Generator | None = None,
+    frames: int = 0,
+    progress: Callable | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run the reverse process from pure noise; returns the images and `frames` snapshots of x_t.
+
+    `model` maps (x_t, t) to the network output in float32; `steps` defaults to T for DDPM and
+    50 for the fast samplers.
+    """
+    scheduler = make_scheduler(cfg, sampler)
+    steps = steps or (cfg.timesteps if sampler == "ddpm" else 50)
+    if not 1 <= steps <= cfg.timesteps:
+        raise BrainfusionError(f"--steps {steps} must be between 1 and {cfg.timesteps}.")
+    scheduler.set_timesteps(steps)
+    x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
+    timesteps = scheduler.timesteps
+    keep = set(torch.linspace(0, len(timesteps) - 1, frames).round().long().tolist()) if frames else set()
+    snapshots = [x.clone()] if frames else []
+    for i, t in enumerate(timesteps):
+        t_batch = torch.full((shape[0],), int(t), dtype=torch.long)
+        output = model(scheduler.scale_model_input(x, t), t_batch)
+        x = scheduler.step(output, t, x, generator=generator).prev_sample
+        if i in keep:
+            snapshots.append(x.clone())
+        if progress is not None:
+            progress(1)
+    return x.clamp(-1, 1), snapshots
