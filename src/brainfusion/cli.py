@@ -24,6 +24,7 @@ TRAIN_FLAGS = {
     "split": ("data.split", str, "OASIS layout split: train (train+test), validate or all"),
     "on_bad_file": ("data.on_bad_file", str, "fail (default) or skip unreadable files"),
     "no_flip": ("data.hflip", None, "disable random horizontal flips"),
+    "patch_size": ("model.patch_size", int, "1, 2 or 4: pixel-unshuffle factor before the U-Net (2 is ~3x faster)"),
     "base_channels": ("model.base_channels", int, "U-Net width of the first level"),
     "channel_mults": ("model.channel_mults", str, "four width multipliers, e.g. 1,2,3,4"),
     "blocks_per_level": ("model.blocks_per_level", int, "ResNet units per level"),
@@ -195,7 +196,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate slices from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a ckpt_*.safetensors file or a run folder")
     p.add_argument("--out", help="output folder (default: <run>/samples/<sampler>-<steps>)")
-    p.add_argument("--n", type=int, default=64)
+    # --n-images: under torchrun (Python <= 3.11) a bare --n is taken for an abbreviation of torchrun's own --nnodes/--nproc-per-node
+    p.add_argument("--n", "--n-images", dest="n", type=int, default=64, help="number of images")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm++"])

@@ -45,6 +45,7 @@ class ModelConfig:
 
     image_size: int = 64
     in_channels: int = 1
+    patch_size: int = 1  # 2: pixel-unshuffle the input so the U-Net runs at half resolution (much faster on CPUs)
     base_channels: int = 32
     channel_mults: tuple[int, ...] = (1, 2, 3, 4)
     blocks_per_level: int = 1
@@ -59,15 +60,36 @@ class ModelConfig:
             raise BrainfusionError(
                 f"model.channel_mults has {len(self.channel_mults)} entries; the U-Net has four levels, give four."
             )
-        if self.image_size % 16:
+        if self.patch_size not in (1, 2, 4):
+            raise BrainfusionError(f"model.patch_size is {self.patch_size}; choose 1, 2 or 4.")
+        if self.image_size % (16 * self.patch_size):
             raise BrainfusionError(
-                f"model.image_size {self.image_size} is not a positive multiple of 16; use e.g. 64, 128 or 256."
+                f"model.image_size {self.image_size} is not a multiple of 16 x patch_size ({16 * self.patch_size}); "
+                "use e.g. 64, 128 or 256, or a smaller patch_size."
             )
         _check_choice("model.norm", self.norm, ("group", "batch"))
+        if self.base_channels <= 0 or self.base_channels % 2:
+            raise BrainfusionError(
+                f"model.base_channels is {self.base_channels}; it must be a positive even number (the time embedding "
+                "splits it into sine and cosine halves), e.g. 32."
+            )
+        if any(m <= 0 for m in self.channel_mults):
+            raise BrainfusionError(f"model.channel_mults {self.channel_mults} must all be positive, e.g. 1,2,3,4.")
+        if self.blocks_per_level < 1:
+            raise BrainfusionError(f"model.blocks_per_level is {self.blocks_per_level}; it must be 1 or more.")
         widths = [self.base_channels * m for m in self.channel_mults]
         if self.norm == "group" and any(w % self.norm_groups for w in widths):
             raise BrainfusionError(
                 f"model widths {widths} are not divisible by norm_groups={self.norm_groups}; change base_channels or norm_groups."
+            )
+        # attention runs at the listed resolutions and, if any are listed, at the bottleneck (the last width)
+        levels = [self.image_size // self.patch_size >> i for i in range(4)]
+        attended = [w for w, r in zip(widths, levels) if r in self.attention_resolutions]
+        attended += widths[-1:] if self.attention_resolutions else []
+        if self.attention_heads < 1 or any(w % self.attention_heads for w in attended):
+            raise BrainfusionError(
+                f"model widths with attention {sorted(set(attended))} are not divisible by attention_heads={self.attention_heads}; "
+                "change base_channels, attention_heads or attention_resolutions."
             )
 
 
@@ -83,6 +105,12 @@ class DiffusionConfig:
     loss: str = "smooth_l1"  # "smooth_l1" (the seed's) or "mse"
 
     def validate(self) -> None:
+        if self.timesteps < 1:
+            raise BrainfusionError(f"diffusion.timesteps is {self.timesteps}; it must be 1 or more, e.g. 1000.")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise BrainfusionError(
+                f"diffusion.beta_start={self.beta_start} and beta_end={self.beta_end} must satisfy 0 < beta_start < beta_end < 1."
+            )
         _check_choice("diffusion.schedule", self.schedule, ("linear", "cosine"))
         _check_choice("diffusion.prediction", self.prediction, ("epsilon", "v"))
         _check_choice("diffusion.loss", self.loss, ("smooth_l1", "mse"))
@@ -118,6 +146,12 @@ class TrainConfig:
         _check_choice("train.channels_last", self.channels_last, ("auto", "on", "off"))
         if self.batch_size <= 0:
             raise BrainfusionError(f"train.batch_size must be positive, got {self.batch_size}.")
+        for name in ("checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise BrainfusionError(f"train.{name} must be 1 or more, got {getattr(self, name)}.")
+        for name in ("epochs", "max_steps", "time_budget_min"):
+            if getattr(self, name) < 0:
+                raise BrainfusionError(f"train.{name} must not be negative, got {getattr(self, name)}.")
         if not (self.epochs or self.max_steps or self.time_budget_min):
             raise BrainfusionError(
                 "no training budget set; give --epochs, --max-steps or --time-budget-min."
@@ -202,7 +236,13 @@ def _coerce(hint: Any, value: Any, name: str, source: str) -> Any:
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(value)
                 return value.lower() in ("true", "1", "yes")
+            if not isinstance(value, (bool, int)) or value not in (0, 1):
+                raise ValueError(value)
             return bool(value)
+        if hint in (int, float) and isinstance(value, bool):
+            raise ValueError(value)  # JSON `true` is not a number
+        if hint is str and not isinstance(value, str):
+            raise ValueError(value)  # e.g. "path": 5 or "split": ["train"]
         if hint is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
         return hint(value)

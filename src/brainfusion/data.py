@@ -164,8 +164,10 @@ def _cache_key(files: list[Path], config: DataConfig) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps([CACHE_VERSION, config.image_size, config.min_brain_fraction, config.on_bad_file]).encode())
     for path in files:
-        stat = path.stat()
-        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        # an Analyze .hdr keeps its voxels in the .img beside it: a changed .img must invalidate the cache too
+        for part in (path, path.with_suffix(".img")) if _suffix(path) == ".hdr" else (path,):
+            stat = part.stat() if part.exists() else None
+            digest.update(f"{part}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 

@@ -7,6 +7,7 @@ Attention runs only at the low resolutions named in the config, where it is chea
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -118,8 +119,9 @@ class UNet(nn.Module):
         widths = [c0 * m for m in cfg.channel_mults]
         t_dim = 4 * c0
         self.time_mlp = nn.Sequential(nn.Linear(c0, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
-        self.stem = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
-        resolutions = [cfg.image_size >> i for i in range(4)]
+        pixels = cfg.in_channels * cfg.patch_size**2
+        self.stem = nn.Conv2d(pixels, c0, 3, padding=1)
+        resolutions = [cfg.image_size // cfg.patch_size >> i for i in range(4)]
         self.encoder = nn.ModuleList()
         c_prev = c0
         for width, res in zip(widths, resolutions):
@@ -133,11 +135,12 @@ class UNet(nn.Module):
             self.decoder.append(DecoderBlock(c_prev, width, width, t_dim, res in cfg.attention_resolutions, cfg))
             c_prev = width
         self.out_norm = make_norm(cfg.norm, c_prev, cfg.norm_groups)
-        self.out = nn.Conv2d(c_prev, cfg.in_channels, 1)
+        self.out = nn.Conv2d(c_prev, pixels, 1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t_emb = self.time_mlp(sinusoidal_embedding(t, self.config.base_channels))
-        h = self.stem(x)
+        p = self.config.patch_size
+        h = self.stem(F.pixel_unshuffle(x, p) if p > 1 else x)
         skips = []
         for block in self.encoder:
             skip, h = block(h, t_emb)
@@ -147,7 +150,8 @@ class UNet(nn.Module):
         h = self.bottleneck[1](h, t_emb)
         for block in self.decoder:
             h = block(h, skips.pop(), t_emb)
-        return self.out(F.silu(self.out_norm(h)))
+        out = self.out(F.silu(self.out_norm(h)))
+        return F.pixel_shuffle(out, p) if p > 1 else out
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -158,13 +162,10 @@ def training_flops_per_image(model: nn.Module, image_size: int, in_channels: int
     """Forward+backward FLOPs for one image, counted by PyTorch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = model.training
-    model.train()
+    probe = copy.deepcopy(model).train()  # a copy, so BatchNorm statistics and grads stay untouched
     x = torch.randn(2, in_channels, image_size, image_size)
     t = torch.tensor([10, 500])
     counter = FlopCounterMode(display=False)
     with counter:
-        model(x, t).square().mean().backward()
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
+        probe(x, t).square().mean().backward()
     return counter.get_total_flops() / 2

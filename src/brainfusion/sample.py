@@ -101,4 +101,5 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
         result["grid"] = str(save_grid(stack, out_dir / "grid.png"))
         if gif_path:
             result["gif"] = str(gif_path)
+    dist.shutdown(ctx)
     return result

@@ -115,6 +115,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
     """Train a model as `config` says, writing checkpoints, logs and pictures to train.out_dir."""
     config.validate()
     tcfg = config.train
+    torch.set_flush_denormal(True)  # tiny Adam moments / zero-initialised layers otherwise hit slow denormal paths
     ctx = dist.init()
     device = ctx.device
     out_dir = Path(tcfg.out_dir)
@@ -131,7 +132,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
                 f"{newest} was trained with a different model or diffusion config; resume with the same config (see {newest.with_suffix('.json')})."
             )
         start_step = state.step
-    elif ctx.is_main and latest_checkpoint(ckpt_dir) is not None:
+    elif latest_checkpoint(ckpt_dir) is not None:  # every rank refuses, so none is left waiting
         raise BrainfusionError(f"{out_dir} already holds checkpoints; pass --resume to continue, or choose another --out-dir.")
 
     slices = load_slices(config.data, progress=progress and ctx.is_main)
@@ -179,6 +180,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
 
     real_for_eval = slices.images
     log_path = out_dir / "train_log.csv"
+    if ctx.is_main:
+        _truncate_log(log_path, start_step)
     step, nonfinite_run, skipped_total = start_step, 0, 0
     last_ckpt = latest_checkpoint(ckpt_dir) if resume else None
     window_t, window_images = time.monotonic(), 0
@@ -216,7 +219,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
                 group["lr"] = lr_at(step, tcfg)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = schedule.loss(forward, x0, t, noise)
-            finite = not dist.any_flag(not bool(torch.isfinite(loss)), ctx)
+            loss_mean = dist.mean(loss, ctx)  # the global batch's loss on every rank; non-finite if any rank's is
+            finite = bool(torch.isfinite(loss_mean))
             optimizer.zero_grad(set_to_none=True)
             if finite:
                 loss.backward()
@@ -239,7 +243,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
                 now = time.monotonic()
                 images_per_s = window_images / max(now - window_t, 1e-9)
                 window_t, window_images = now, 0
-                loss_value = float(loss.detach()) if finite else float("nan")
+                loss_value = float(loss_mean) if finite else float("nan")
                 _append_log(log_path, dict(
                     step=step, epoch=f"{step / steps_per_epoch:.3f}", loss=f"{loss_value:.6f}", lr=f"{lr_at(step - 1, tcfg):.3e}",
                     images_per_s=f"{images_per_s:.2f}", elapsed_s=f"{now - t_start:.1f}", nonfinite_skipped=skipped_total,
@@ -269,6 +273,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
     dist.barrier(ctx)
     if interrupted and ctx.is_main:
         log.info("interrupted at step %d; checkpoint %s written — continue with --resume", step, last_ckpt)
+    dist.shutdown(ctx)
     return TrainResult(out_dir, step, last_ckpt, interrupted, images_per_s)
 
 
@@ -283,6 +288,26 @@ def _time_left(step, start_step, max_steps, deadline, now, t_start) -> str:
         return "?"
     seconds = max(0, int(min(left)))
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop log rows past the checkpoint being resumed (all rows for a fresh run), so no step is logged twice."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= last_step]
+    if len(kept) == len(rows):
+        return
+    if not kept:
+        path.unlink()
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    os.replace(tmp, path)
 
 
 def _append_log(path: Path, row: dict) -> None:

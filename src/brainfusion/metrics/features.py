@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
@@ -186,7 +187,7 @@ class DomainFeatures:
 
     name = DOMAIN_EXTRACTOR
 
-    def __init__(self, device: str | torch.device = "cpu", bf16: bool = False, batch_size: int = 256):
+    def __init__(self, device: str | torch.device = "cpu", bf16: bool = False, batch_size: int = 64):
         self.device = torch.device(device)
         self.bf16 = bf16
         self.batch_size = batch_size
@@ -262,7 +263,9 @@ class InceptionFeatures:
         self.bf16 = bf16
         self.batch_size = batch_size
         # torch.jit.load reads TorchScript code + tensors only; it never unpickles arbitrary classes.
-        self.model = torch.jit.load(str(self.path), map_location="cpu").eval().to(self.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch>=2.10 deprecates jit.load; still works
+            self.model = torch.jit.load(str(self.path), map_location="cpu").eval().to(self.device)
 
     @torch.inference_mode()
     def _forward(self, x01: torch.Tensor) -> torch.Tensor:

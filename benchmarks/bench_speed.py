@@ -1,0 +1,763 @@
+#!/usr/bin/env python
+"""Speed benchmark: brainfusion's U-Net against a FLOP-matched diffusers UNet2DModel.
+
+    python benchmarks/bench_speed.py [--quick] [--checkpoint RUN_DIR] [--real-data PATH] [--out results.json]
+
+Sections (all printed as markdown tables, everything also written to --out as JSON):
+
+  A  roofline: achieved FLOP/s of one 3x3 Conv2d forward+backward (128->128 channels, 32x32,
+     channels_last) in fp32 and bf16 autocast (and on CUDA if present) -- the reference that the
+     training rows are compared against, measured in the same run on the same machine state.
+  B  training throughput on the CPU: brainfusion's default model (ModelConfig() defaults, read at
+     run time) and a diffusers UNet2DModel searched so its training FLOPs per image are within
+     +-10 % of brainfusion's (both counted with FlopCounterMode by brainfusion's own
+     `training_flops_per_image`). Full step = forward, smooth-L1 noise loss, backward, Adam step.
+     Every measurement runs in a fresh subprocess (peak resident memory from getrusage).
+  C  sampling speed and quality from --checkpoint: DDPM-1000, DDIM-50, DPM-Solver++ 10/20/25;
+     quality via brainfusion.evaluate.quick_metrics against --real-data (skipped if missing).
+  D  CUDA only: the training table at 64x64 and 256x256 with bf16, channels_last, torch.compile
+     and fused Adam.
+
+bf16 on a CPU without native bf16 (no AVX-512 BF16 / AMX) is emulated and very slow; those rows
+are still measured -- it is the honest finding -- but with very few iterations (see the settings
+printed with each table). --quick shrinks every section so the whole run takes a few minutes; its
+numbers are for checking that the script works, not for reporting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# --------------------------------------------------------------------------------------------------
+# settings
+
+
+@dataclasses.dataclass
+class Settings:
+    roof_batch_cpu: int = 32
+    roof_batch_cuda: int = 256  # a 32-image conv is too small to load a large GPU; the shape is printed
+    roof_warmup: int = 3
+    roof_iters: int = 10
+    slow_bf16_warmup: int = 1  # CPU bf16 without native support: very few iterations
+    slow_bf16_iters: int = 2
+    slow_bf16_batch: int = 0  # 0: the normal batch; --quick shrinks it so emulated bf16 stays quick
+    train_batch: int = 32
+    train_size: int = 64
+    train_warmup: int = 3
+    train_iters: int = 10
+    train_budget_s: float = 120.0  # stop timing a configuration after this long (at least min_iters)
+    min_iters: int = 2
+    search_per_tier: int = 8
+    n_images: int = 64
+    sample_plan: tuple = (("ddpm", 1000), ("ddim", 50), ("dpm++", 10), ("dpm++", 20), ("dpm++", 25))
+    cuda_sizes: tuple = (64, 256)
+    cuda_batch: int = 32
+    cuda_warmup: int = 5  # the first iterations include torch.compile
+    cuda_iters: int = 30
+    worker_timeout_s: float = 1800.0
+
+
+QUICK = dict(
+    roof_batch_cpu=8, roof_batch_cuda=64, roof_warmup=1, roof_iters=3, slow_bf16_iters=1, slow_bf16_batch=1,
+    train_batch=4, train_warmup=1, train_iters=2, train_budget_s=15.0, min_iters=1, search_per_tier=4,
+    n_images=4, sample_plan=(("ddpm", 20), ("ddim", 10), ("dpm++", 5), ("dpm++", 8), ("dpm++", 10)),
+    cuda_sizes=(64,), cuda_batch=8, cuda_warmup=3, cuda_iters=5, worker_timeout_s=600.0,
+)
+
+FLOP_TOLERANCE = 0.10  # diffusers' training FLOPs per image must be within +-10 % of brainfusion's
+
+
+# --------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    def cell(v):
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            if v == 0 or math.isnan(v):
+                return f"{v:g}"
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def rss_bytes() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def timed_loop(step, warmup: int, iters: int, budget_s: float, min_iters: int, sync=lambda: None) -> list[float]:
+    """Per-iteration seconds of `step` after `warmup` untimed calls; stops early once over budget."""
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        step()
+        sync()
+        if i >= 0 and time.perf_counter() - t0 > budget_s / 2:
+            break  # at least one warm-up always runs
+    times: list[float] = []
+    t1 = time.perf_counter()
+    for _ in range(iters):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+        if len(times) >= min_iters and time.perf_counter() - t1 > budget_s:
+            break
+    return times
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16() -> bool:
+    from brainfusion.train import cpu_has_fast_bf16
+
+    return bool(cpu_has_fast_bf16())
+
+
+def sync_for(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+# --------------------------------------------------------------------------------------------------
+# models: brainfusion's default U-Net and the diffusers UNet2DModel baseline
+
+
+class DiffusersNet(torch.nn.Module):
+    """UNet2DModel with brainfusion's (x_t, t) -> tensor calling convention."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t):
+        return self.unet(x, t).sample
+
+
+def brainfusion_config(image_size: int):
+    from brainfusion.config import ModelConfig
+
+    return dataclasses.replace(ModelConfig(), image_size=image_size)  # every other field: the defaults
+
+
+def attention_levels(mc, image_size: int, rule: str) -> list[int]:
+    """diffusers levels that get attention: 'mirror' = the levels where brainfusion has it."""
+    if rule == "none":
+        return []
+    level_res = [(image_size // mc.patch_size) >> i for i in range(len(mc.channel_mults))]
+    return [i for i, r in enumerate(level_res) if r in mc.attention_resolutions]
+
+
+def diffusers_kwargs(widths, layers: int, rule: str, mid_attention: bool, mc, image_size: int) -> dict:
+    levels = attention_levels(mc, image_size, rule)
+    n = len(widths)
+    down = tuple("AttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(n))
+    up = tuple("AttnUpBlock2D" if i in levels else "UpBlock2D" for i in reversed(range(n)))
+    return dict(
+        sample_size=image_size, in_channels=mc.in_channels, out_channels=mc.in_channels,
+        block_out_channels=tuple(int(w) for w in widths), layers_per_block=layers,
+        down_block_types=down, up_block_types=up, add_attention=mid_attention,
+        norm_num_groups=mc.norm_groups, attention_head_dim=int(widths[-1]) // mc.attention_heads, dropout=mc.dropout,
+    )
+
+
+def build_model(spec: dict) -> torch.nn.Module:
+    if spec["model"] == "brainfusion":
+        from brainfusion.config import ModelConfig
+        from brainfusion.model import UNet
+
+        cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["model_config"].items()})
+        return UNet(cfg)
+    from diffusers import UNet2DModel
+
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["model_config"].items()}
+    return DiffusersNet(UNet2DModel(**kwargs))
+
+
+def count_flops(spec: dict, image_size: int) -> float:
+    """Training FLOPs per image by brainfusion's own `training_flops_per_image`, on meta tensors (no compute)."""
+    from brainfusion.model import training_flops_per_image
+
+    with torch.device("meta"):
+        model = build_model(spec)
+        return float(training_flops_per_image(model, image_size, spec["model_config"]["in_channels"]))
+
+
+def count_params(spec: dict) -> int:
+    from brainfusion.model import count_parameters
+
+    with torch.device("meta"):
+        return int(count_parameters(build_model(spec)))
+
+
+def match_diffusers(mc, target: float, per_tier: int) -> tuple[dict, list[dict]]:
+    """Search block_out_channels x layers_per_block x attention placement for a UNet2DModel whose
+    training FLOPs per image are within FLOP_TOLERANCE of `target`.
+
+    Tiers are tried in order of structural closeness to brainfusion (same blocks per level and
+    attention where brainfusion has it; then without level attention; then one more block per
+    level); within a tier all widths are scaled by a common factor and rounded to multiples of
+    norm_groups, and the scalings predicted closest to the target are counted exactly. The first
+    tier with a hit returns its closest candidate.
+    """
+    size = mc.image_size
+    base = [mc.base_channels * m for m in mc.channel_mults]
+    g = mc.norm_groups
+    mid = bool(mc.attention_resolutions)
+    tiers = [(mc.blocks_per_level, "mirror"), (mc.blocks_per_level, "none"), (mc.blocks_per_level + 1, "mirror")]
+    log: list[dict] = []
+    seen: set = set()
+
+    def evaluate(widths, layers, rule):
+        key = (tuple(widths), layers, rule)
+        if key in seen:
+            return None
+        seen.add(key)
+        kwargs = diffusers_kwargs(widths, layers, rule, mid, mc, size)
+        flops = count_flops({"model": "diffusers", "model_config": kwargs}, size)
+        entry = dict(block_out_channels=list(widths), layers_per_block=layers, attention=rule,
+                     attention_levels=attention_levels(mc, size, rule), mid_attention=mid,
+                     gflops=flops / 1e9, ratio=flops / target, kwargs=kwargs)
+        log.append(entry)
+        return entry
+
+    for layers, rule in tiers:
+        if rule == "none" and not attention_levels(mc, size, "mirror"):
+            continue  # identical to the mirror tier
+        first = evaluate(base, layers, rule)
+        if first is None:
+            continue
+        scales = [0.40 + 0.01 * i for i in range(161)]
+        candidates = {}
+        for s in scales:
+            widths = tuple(max(g, int(round(w * s / g)) * g) for w in base)
+            if widths[-1] % mc.attention_heads or tuple(base) == widths:
+                continue
+            est = first["ratio"] * s * s
+            if widths not in candidates or abs(math.log(est)) < abs(math.log(candidates[widths])):
+                candidates[widths] = est
+        ordered = sorted(candidates, key=lambda w: abs(math.log(candidates[w])))[:per_tier]
+        tier_entries = [first] + [e for e in (evaluate(w, layers, rule) for w in ordered) if e is not None]
+        hits = [e for e in tier_entries if abs(e["ratio"] - 1) <= FLOP_TOLERANCE]
+        if hits:
+            return min(hits, key=lambda e: abs(e["ratio"] - 1)), log
+    best = min(log, key=lambda e: abs(e["ratio"] - 1))
+    return best, log
+
+
+# --------------------------------------------------------------------------------------------------
+# A: roofline
+
+
+def roofline(device: torch.device, dtype: torch.dtype | None, batch: int, warmup: int, iters: int, budget_s: float,
+             min_iters: int) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(128, 128, 3, padding=1).to(device, memory_format=torch.channels_last)
+    x = torch.randn(batch, 128, 32, 32, device=device).to(memory_format=torch.channels_last).requires_grad_(True)
+    grad = torch.randn(batch, 128, 32, 32, device=device).to(memory_format=torch.channels_last)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            y = conv(x)
+        y.backward(grad.to(y.dtype))
+        conv.weight.grad = conv.bias.grad = x.grad = None
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = counter.get_total_flops()
+    times = timed_loop(step, warmup, iters, budget_s, min_iters, sync_for(device))
+    median = statistics.median(times)
+    return dict(device=device.type, precision="bf16" if dtype else "fp32", shape=f"{batch}x128x32x32, 3x3, 128->128, channels_last",
+                gflop_per_iter=flops / 1e9, iters=len(times), median_s=median, tflops=flops / median / 1e12)
+
+
+# --------------------------------------------------------------------------------------------------
+# the training-step worker (run in a fresh subprocess per measurement)
+
+
+def worker_train(spec: dict) -> dict:
+    import diffusers  # noqa: F401  -- both workers import the same modules so their baselines match
+
+    from brainfusion.config import DiffusionConfig, TrainConfig
+    from brainfusion.diffusion import NoiseSchedule
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    torch.set_flush_denormal(True)
+    device = torch.device(spec["device"])
+    dtype = torch.bfloat16 if spec["precision"] == "bf16" else None
+    memory_format = torch.channels_last if spec["channels_last"] else torch.contiguous_format
+    rss_before = rss_bytes()
+    torch.manual_seed(0)
+    model = build_model(spec).to(device, memory_format=memory_format).train()
+    if spec["fused"]:
+        optimizer = torch.optim.Adam(model.parameters(), lr=TrainConfig().lr, fused=True)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=TrainConfig().lr)
+    forward = torch.compile(model) if spec["compile"] else model
+    dcfg = DiffusionConfig()
+    schedule = NoiseSchedule(dcfg)
+    b, s, c = spec["batch"], spec["image_size"], spec["model_config"]["in_channels"]
+    gen = torch.Generator().manual_seed(0)
+    x0 = (torch.rand(b, c, s, s, generator=gen) * 2 - 1).to(device, memory_format=memory_format)
+    noise = torch.randn(b, c, s, s, generator=gen).to(device, memory_format=memory_format)
+    t = torch.randint(0, dcfg.timesteps, (b,), generator=gen).to(device)
+    losses = []
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = schedule.loss(forward, x0, t, noise)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = timed_loop(step, spec["warmup"], spec["iters"], spec["budget_s"], spec["min_iters"], sync_for(device))
+    median = statistics.median(times)
+    result = dict(
+        iters=len(times), median_s=median, min_s=min(times), max_s=max(times), images_per_s=b / median,
+        peak_rss_mib=peak_rss_bytes() / 2**20, rss_before_model_mib=rss_before / 2**20,
+        loss_finite=bool(all(torch.isfinite(v).item() for v in losses)), threads=torch.get_num_threads(),
+    )
+    result["train_mem_mib"] = result["peak_rss_mib"] - result["rss_before_model_mib"]
+    if device.type == "cuda":
+        result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def run_worker(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            result = json.loads(line[7:])
+            result["wall_s"] = time.perf_counter() - t0
+            return result
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": f"worker exited {proc.returncode}: " + " / ".join(tail)}
+
+
+def train_spec(model: str, model_config: dict, precision: str, channels_last: bool, device: str, batch: int, size: int,
+               warmup: int, iters: int, budget_s: float, min_iters: int, threads: int, compile_: bool = False,
+               fused: bool = False) -> dict:
+    return dict(kind="train", model=model, model_config=model_config, precision=precision, channels_last=channels_last,
+                device=device, batch=batch, image_size=size, warmup=warmup, iters=iters, budget_s=budget_s,
+                min_iters=min_iters, threads=threads, compile=compile_, fused=fused)
+
+
+# --------------------------------------------------------------------------------------------------
+# sections
+
+
+def section_header(args, st: Settings) -> dict:
+    import diffusers
+
+    flags = cpu_flags()
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False)
+    except ImportError:
+        physical = None
+    info = dict(
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        host=platform.node(), cpu=cpu_model(), logical_cores=os.cpu_count(), physical_cores=physical,
+        torch_threads=args.threads or torch.get_num_threads(), torch=torch.__version__, diffusers=diffusers.__version__,
+        python=platform.python_version(), native_bf16=native_bf16(),
+        cpu_bf16_flags=sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2"}),
+        load_average_start=list(os.getloadavg()), cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        quick=args.quick, settings=dataclasses.asdict(st),
+    )
+    print("# brainfusion speed benchmark" + (" (--quick: smoke-test sizes, numbers not for reporting)" if args.quick else ""))
+    print()
+    rows = [
+        ["date", info["date"]], ["CPU", info["cpu"]],
+        ["cores", f"{info['logical_cores']} logical, {physical or '?'} physical, torch threads {info['torch_threads']}"],
+        ["native CPU bf16 (AVX-512 BF16 / AMX)", "yes" if info["native_bf16"] else "no (bf16 is emulated: slow, few iterations)"],
+        ["CPU flags", ", ".join(info["cpu_bf16_flags"]) or "–"],
+        ["torch / diffusers / python", f"{info['torch']} / {info['diffusers']} / {info['python']}"],
+        ["CUDA", info["cuda"] or "none"],
+        ["load average at start (1/5/15 min)", " / ".join(f"{v:.2f}" for v in info["load_average_start"])],
+    ]
+    print(md_table(["", ""], rows))
+    print()
+    return info
+
+
+def section_roofline(st: Settings, fast_bf16: bool) -> list[dict]:
+    print("## A. Roofline: one 3x3 Conv2d forward+backward\n")
+    rows = []
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        batch = st.roof_batch_cuda if device.type == "cuda" else st.roof_batch_cpu
+        for dtype in (None, torch.bfloat16):
+            slow = device.type == "cpu" and dtype is not None and not fast_bf16
+            warmup, iters = (st.slow_bf16_warmup, st.slow_bf16_iters) if slow else (st.roof_warmup, st.roof_iters)
+            r = roofline(device, dtype, batch, warmup, iters, budget_s=60.0, min_iters=1)
+            r["emulated_bf16"] = slow
+            rows.append(r)
+    if torch.cuda.is_available():
+        print(f"(CUDA fp32 runs with cuDNN TF32 {'on' if torch.backends.cudnn.allow_tf32 else 'off'}, the PyTorch default.)\n")
+    print(md_table(
+        ["device", "precision", "shape", "GFLOP/iter", "timed iters", "median s", "TFLOP/s"],
+        [[r["device"], r["precision"] + (" (emulated)" if r["emulated_bf16"] else ""), r["shape"], r["gflop_per_iter"],
+          r["iters"], r["median_s"], r["tflops"]] for r in rows]))
+    print()
+    return rows
+
+
+def roof_for(roof: list[dict], device: str, precision: str) -> float | None:
+    for r in roof:
+        if r["device"] == device and r["precision"] == precision:
+            return r["tflops"] * 1e12
+    return None
+
+
+def section_models(st: Settings) -> dict:
+    print("## FLOP-matched diffusers baseline\n")
+    mc = brainfusion_config(st.train_size)
+    bf_spec = {"model": "brainfusion", "model_config": dataclasses.asdict(mc)}
+    target = count_flops(bf_spec, mc.image_size)
+    best, log = match_diffusers(mc, target, st.search_per_tier)
+    df_spec = {"model": "diffusers", "model_config": best["kwargs"]}
+    print(f"brainfusion ModelConfig() defaults: base_channels={mc.base_channels}, channel_mults={mc.channel_mults}, "
+          f"blocks_per_level={mc.blocks_per_level}, attention_resolutions={mc.attention_resolutions}, "
+          f"norm={mc.norm}, patch_size={mc.patch_size}\n")
+    print("Search log (training FLOPs per image, forward+backward, FlopCounterMode via brainfusion.model.training_flops_per_image):\n")
+    print(md_table(["block_out_channels", "layers_per_block", "attention levels", "mid attention", "GFLOP/img", "ratio to brainfusion"],
+                   [[str(tuple(e["block_out_channels"])), e["layers_per_block"], str(e["attention_levels"]),
+                     e["mid_attention"], e["gflops"], f"{e['ratio']:.3f}"] for e in log]))
+    print()
+    within = abs(best["ratio"] - 1) <= FLOP_TOLERANCE
+    chosen = {k: v for k, v in best["kwargs"].items()}
+    print(md_table(["model", "parameters (M)", "GFLOP per training image", "ratio diffusers/brainfusion"], [
+        ["brainfusion UNet (defaults)", count_params(bf_spec) / 1e6, target / 1e9, None],
+        ["diffusers UNet2DModel (matched)", count_params(df_spec) / 1e6, best["gflops"], f"{best['ratio']:.3f}" + ("" if within else " (OUTSIDE +-10 %)")],
+    ]))
+    print(f"\nmatched UNet2DModel config: {json.dumps(chosen)}\n")
+    return dict(brainfusion=dict(model_config=bf_spec["model_config"], gflops=target / 1e9, params=count_params(bf_spec)),
+                diffusers=dict(model_config=chosen, gflops=best["gflops"], ratio=best["ratio"], within_tolerance=within,
+                               params=count_params(df_spec), layers_per_block=best["layers_per_block"],
+                               attention=best["attention"]),
+                search_log=[{k: v for k, v in e.items() if k != "kwargs"} for e in log])
+
+
+def diffusers_config_at(models: dict, image_size: int) -> dict:
+    """The matched diffusers config re-derived for another image size (attention placed by the same rule)."""
+    mc = brainfusion_config(image_size)
+    d = models["diffusers"]
+    cfg = d["model_config"]
+    return diffusers_kwargs(cfg["block_out_channels"], cfg["layers_per_block"], d["attention"], cfg["add_attention"], mc, image_size)
+
+
+def training_rows(specs: list[tuple[str, dict]], flops: dict, roof: list[dict], timeout: float) -> list[dict]:
+    rows = []
+    for label, spec in specs:
+        print(f"  measuring {label} ...", file=sys.stderr, flush=True)
+        r = run_worker(spec, timeout)
+        r.update(label=label, model=spec["model"], precision=spec["precision"], channels_last=spec["channels_last"],
+                 device=spec["device"], batch=spec["batch"], image_size=spec["image_size"], compile=spec["compile"], fused=spec["fused"])
+        if "images_per_s" in r:
+            achieved = flops[(spec["model"], spec["image_size"])] * r["images_per_s"]
+            r["achieved_tflops"] = achieved / 1e12
+            ref = roof_for(roof, spec["device"], spec["precision"])
+            r["roofline_pct"] = 100 * achieved / ref if ref else None
+        rows.append(r)
+    return rows
+
+
+def print_training_table(rows: list[dict], cuda: bool) -> list[dict]:
+    """Prints one line per model x precision (diffusers: its best memory format); returns the summary."""
+    summary = []
+    keys = []
+    for r in rows:
+        key = (r["image_size"], r["precision"])
+        if key not in keys:
+            keys.append(key)
+    table = []
+    for size, precision in keys:
+        group = [r for r in rows if r["image_size"] == size and r["precision"] == precision]
+        best = {}
+        for model in ("brainfusion", "diffusers"):
+            ok = [r for r in group if r["model"] == model and "images_per_s" in r]
+            failed = [r for r in group if r["model"] == model and "error" in r]
+            best[model] = max(ok, key=lambda r: r["images_per_s"]) if ok else (failed[0] if failed else None)
+        bf, df = best["brainfusion"], best["diffusers"]
+        ratio = bf["images_per_s"] / df["images_per_s"] if bf and df and "images_per_s" in bf and "images_per_s" in df else None
+        for model, r in (("brainfusion", bf), ("diffusers", df)):
+            if r is None:
+                continue
+            if "error" in r:
+                table.append([model, size, precision, r["batch"], "–", None, None, None, None, None, None, None, r["error"][:80]])
+                continue
+            others = [o for o in group if o["model"] == model and o is not r and "images_per_s" in o]
+            note = "; ".join(f"{'channels_last' if o['channels_last'] else 'contiguous'}: {o['images_per_s']:.3g} img/s" for o in others)
+            mem = r.get("cuda_peak_mib") if cuda else r["peak_rss_mib"]
+            table.append([model, size, precision, r["batch"], "channels_last" if r["channels_last"] else "contiguous", r["iters"],
+                          r["images_per_s"], f"{ratio:.2f}" if (ratio and model == "brainfusion") else None, mem,
+                          None if cuda else r["train_mem_mib"], r["achieved_tflops"], r["roofline_pct"], note])
+            summary.append(dict(model=model, image_size=size, precision=precision, batch=r["batch"], images_per_s=r["images_per_s"],
+                                ratio_brainfusion_over_diffusers=ratio, channels_last=r["channels_last"],
+                                peak_mib=mem, achieved_tflops=r["achieved_tflops"], roofline_pct=r["roofline_pct"]))
+    mem_head = "peak GPU MiB" if cuda else "peak RSS MiB"
+    print(md_table(["model", "size", "precision", "batch", "memory format", "timed iters", "img/s", "brainfusion/diffusers", mem_head,
+                    "model+training MiB", "achieved TFLOP/s", "% of roofline", "note"], table))
+    print()
+    return summary
+
+
+def section_training(st: Settings, models: dict, roof: list[dict], fast_bf16: bool, threads: int) -> dict:
+    from brainfusion.train import choose_channels_last
+
+    print(f"## B. Training throughput on the CPU ({st.train_size}x{st.train_size})\n")
+    print("Full step = forward, smooth-L1 noise loss, backward, Adam step; synthetic batch; flush-denormal on for both; "
+          "each row a fresh subprocess; img/s from the median step after warm-up. brainfusion uses the memory format "
+          "its trainer picks (choose_channels_last('auto')); diffusers is tried both ways and its best is shown.\n")
+    flops = {("brainfusion", st.train_size): models["brainfusion"]["gflops"] * 1e9,
+             ("diffusers", st.train_size): models["diffusers"]["gflops"] * 1e9}
+    specs = []
+    cpu = torch.device("cpu")
+    for precision in ("fp32", "bf16"):
+        slow = precision == "bf16" and not fast_bf16
+        warmup, iters = (st.slow_bf16_warmup, st.slow_bf16_iters) if slow else (st.train_warmup, st.train_iters)
+        batch = (st.slow_bf16_batch or st.train_batch) if slow else st.train_batch
+        common = dict(device="cpu", batch=batch, size=st.train_size, warmup=warmup, iters=iters,
+                      budget_s=st.train_budget_s, min_iters=min(st.min_iters, iters), threads=threads)
+        bf_cl = choose_channels_last("auto", cpu, torch.bfloat16 if precision == "bf16" else None)
+        specs.append((f"brainfusion {precision}", train_spec("brainfusion", models["brainfusion"]["model_config"], precision, bf_cl, **common)))
+        for cl in (True, False):
+            specs.append((f"diffusers {precision} {'channels_last' if cl else 'contiguous'}",
+                          train_spec("diffusers", models["diffusers"]["model_config"], precision, cl, **common)))
+    rows = training_rows(specs, flops, roof, st.worker_timeout_s)
+    if not fast_bf16:
+        print(f"bf16 rows: this CPU has no native bf16, so they ran {st.slow_bf16_warmup} warm-up + at most "
+              f"{st.slow_bf16_iters} timed step(s) at batch {st.slow_bf16_batch or st.train_batch}.\n")
+    summary = print_training_table(rows, cuda=False)
+    return dict(rows=rows, summary=summary)
+
+
+def section_sampling(st: Settings, args) -> dict:
+    import numpy as np
+
+    from brainfusion.data import to_uint8
+    from brainfusion.diffusion import sample
+    from brainfusion.sample import load_model
+    from brainfusion.train import choose_precision, network_fn
+
+    device = torch.device("cpu")
+    model, state = load_model(Path(args.checkpoint), use_ema=True, device=device)
+    dtype = choose_precision("auto", device)
+    if dtype is not None:
+        model.to(memory_format=torch.channels_last)
+    size = state.config.model.image_size
+    n = st.n_images
+    print(f"## C. Sampling ({n} images at {size}x{size}, one batch, CPU, "
+          f"{'bf16' if dtype else 'fp32'}; checkpoint {state.path}, step {state.step})\n")
+    fn = network_fn(model, device, dtype)
+
+    quick_metrics, real, metric_note = None, None, ""
+    try:
+        from brainfusion.evaluate import quick_metrics
+    except (ImportError, AttributeError) as exc:
+        metric_note = f"quality metric skipped: brainfusion.evaluate.quick_metrics unavailable ({exc})"
+    if quick_metrics is not None and not args.real_data:
+        quick_metrics, metric_note = None, "quality metric skipped: no --real-data given"
+    if quick_metrics is not None:
+        from brainfusion.config import DataConfig
+        from brainfusion.data import load_slices
+
+        slices = load_slices(DataConfig(path=args.real_data, image_size=size, split=args.real_split), progress=False)
+        rng = np.random.default_rng(0)
+        real = slices.images[rng.choice(len(slices), size=min(512, len(slices)), replace=False)]
+        metric_note = f"quality: quick_metrics against {len(real)} real slices from {args.real_data} (split {args.real_split})"
+
+    rows = []
+    for sampler, steps in st.sample_plan:
+        print(f"  sampling {sampler}-{steps} ...", file=sys.stderr, flush=True)
+        gen = torch.Generator().manual_seed(0)
+        t0 = time.perf_counter()
+        images, _ = sample(fn, state.config.diffusion, (n, state.config.model.in_channels, size, size), sampler, steps, gen)
+        seconds = time.perf_counter() - t0
+        row = dict(sampler=sampler, steps=steps, n_images=n, total_s=seconds, s_per_image=seconds / n,
+                   ms_per_network_eval_per_image=1000 * seconds / n / steps)
+        if quick_metrics is not None:
+            try:
+                metrics = quick_metrics(to_uint8(images), real)
+                row["metrics"] = {k: (float(v) if isinstance(v, (int, float, np.floating)) else v) for k, v in metrics.items()}
+            except Exception as exc:  # noqa: BLE001 - a metric failure must not lose the timings
+                row["metrics_error"] = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+    ref_fd = rows[0].get("metrics", {}).get("FD_domain")
+    for row in rows:
+        fd = row.get("metrics", {}).get("FD_domain")
+        row["fd_ratio_to_ddpm"] = fd / ref_fd if fd is not None and ref_fd else None
+    headers = ["sampler", "steps", "total s", "s/image", "ms per net eval per image"]
+    have_metrics = any("metrics" in r for r in rows)
+    if have_metrics:
+        headers += ["FD_domain", "KID_domain", f"FD / FD({st.sample_plan[0][0].upper()}-{st.sample_plan[0][1]})"]
+    table = []
+    for r in rows:
+        line = [r["sampler"], r["steps"], r["total_s"], r["s_per_image"], r["ms_per_network_eval_per_image"]]
+        if have_metrics:
+            m = r.get("metrics", {})
+            line += [m.get("FD_domain"), m.get("KID_domain"), r["fd_ratio_to_ddpm"]]
+        table.append(line)
+    print(md_table(headers, table))
+    errors = [f"{r['sampler']}-{r['steps']}: {r['metrics_error']}" for r in rows if "metrics_error" in r]
+    print()
+    if metric_note:
+        print(metric_note + ("" if not errors else "; errors: " + "; ".join(errors)))
+        print()
+    return dict(checkpoint=str(state.path), step=state.step, image_size=size, precision="bf16" if dtype else "fp32",
+                metric_note=metric_note, rows=rows)
+
+
+def section_cuda(st: Settings, models: dict, roof: list[dict], threads: int) -> dict:
+    print("## D. CUDA training throughput (bf16 autocast, channels_last, torch.compile, fused Adam)\n")
+    flops, specs = {}, []
+    for size in st.cuda_sizes:
+        bf_cfg = dataclasses.asdict(brainfusion_config(size))
+        df_cfg = diffusers_config_at(models, size)
+        flops[("brainfusion", size)] = count_flops({"model": "brainfusion", "model_config": bf_cfg}, size)
+        flops[("diffusers", size)] = count_flops({"model": "diffusers", "model_config": df_cfg}, size)
+        common = dict(device="cuda", batch=st.cuda_batch, size=size, warmup=st.cuda_warmup, iters=st.cuda_iters,
+                      budget_s=st.train_budget_s, min_iters=min(st.min_iters, st.cuda_iters), threads=threads,
+                      compile_=True, fused=True)
+        specs.append((f"brainfusion cuda {size}", train_spec("brainfusion", bf_cfg, "bf16", True, **common)))
+        specs.append((f"diffusers cuda {size}", train_spec("diffusers", df_cfg, "bf16", True, **common)))
+    print(md_table(["size", "brainfusion GFLOP/img", "diffusers GFLOP/img", "ratio"],
+                   [[s, flops[("brainfusion", s)] / 1e9, flops[("diffusers", s)] / 1e9,
+                     f"{flops[('diffusers', s)] / flops[('brainfusion', s)]:.3f}"] for s in st.cuda_sizes]))
+    print(f"\nbatch {st.cuda_batch}; {st.cuda_warmup} warm-up steps (including compilation), then up to {st.cuda_iters} timed.\n")
+    rows = training_rows(specs, flops, roof, st.worker_timeout_s)
+    summary = print_training_table(rows, cuda=True)
+    return dict(rows=rows, summary=summary, flops={f"{m}@{s}": v / 1e9 for (m, s), v in flops.items()})
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Sections: A roofline, B CPU training, C sampling (needs --checkpoint), D CUDA (needs a GPU).")
+    p.add_argument("--quick", action="store_true", help="tiny settings to check the script works (a few minutes)")
+    p.add_argument("--checkpoint", help="brainfusion run folder or checkpoint file for section C")
+    p.add_argument("--real-data", help="folder of real slices for the quality metric in C (e.g. data/demo)")
+    p.add_argument("--real-split", default="validate", help="split of an OASIS-layout --real-data (default validate)")
+    p.add_argument("--out", help="write every number to this JSON file")
+    p.add_argument("--sections", default="ABCD", help="which sections to run, e.g. AB (default ABCD)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in every measurement (default: torch's choice)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        spec = json.loads(args.worker)
+        print("RESULT " + json.dumps(worker_train(spec)), flush=True)
+        return 0
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    st = Settings(**(QUICK if args.quick else {}))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    sections = set(args.sections.upper())
+    t_start = time.perf_counter()
+    results: dict = {"header": section_header(args, st)}
+    fast_bf16 = results["header"]["native_bf16"]
+
+    def save():
+        if args.out:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=2, default=str))
+
+    roof = []
+    if sections & {"A", "B", "D"}:
+        roof = section_roofline(st, fast_bf16)
+        results["roofline"] = roof
+        save()
+    if sections & {"B", "D"}:
+        results["models"] = section_models(st)
+        save()
+    if "B" in sections:
+        results["training_cpu"] = section_training(st, results["models"], roof, fast_bf16, args.threads)
+        save()
+    if "C" in sections:
+        if args.checkpoint:
+            results["sampling"] = section_sampling(st, args)
+        else:
+            print("## C. Sampling\n\nskipped: give --checkpoint RUN_DIR (and --real-data PATH for the quality metric).\n")
+        save()
+    if "D" in sections:
+        if torch.cuda.is_available():
+            results["training_cuda"] = section_cuda(st, results["models"], roof, args.threads)
+        else:
+            print("## D. CUDA\n\nskipped: no CUDA device.\n")
+        save()
+    results["header"]["load_average_end"] = list(os.getloadavg())
+    results["header"]["total_s"] = time.perf_counter() - t_start
+    print(f"load average at end: {' / '.join(f'{v:.2f}' for v in os.getloadavg())}; total {results['header']['total_s']:.0f} s")
+    save()
+    if args.out:
+        print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
