@@ -11,7 +11,9 @@ Sections (all printed as markdown tables, everything also written to --out as JS
   B  training throughput on the CPU: brainfusion's default model (ModelConfig() defaults, read at
      run time) and a diffusers UNet2DModel searched so its training FLOPs per image are within
      +-10 % of brainfusion's (both counted with FlopCounterMode by brainfusion's own
-     `training_flops_per_image`). Full step = forward, smooth-L1 noise loss, backward, Adam step.
+     `training_flops_per_image`). By default the diffusers U-Net gets the same pixel-unshuffle in
+     front as brainfusion's patch_size (--diffusers-patch-size 1: a plain full-resolution one).
+     Full step = forward, smooth-L1 noise loss, backward, Adam step.
      Every measurement runs in a fresh subprocess (peak resident memory from getrusage).
   C  sampling speed and quality from --checkpoint: DDPM-1000, DDIM-50, DPM-Solver++ 10/20/25;
      quality via brainfusion.evaluate.quick_metrics against --real-data (skipped if missing).
@@ -41,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 # --------------------------------------------------------------------------------------------------
 # settings
@@ -62,6 +65,7 @@ class Settings:
     train_budget_s: float = 120.0  # stop timing a configuration after this long (at least min_iters)
     min_iters: int = 2
     search_per_tier: int = 8
+    search_refine_rounds: int = 2  # then nudge single widths by +-norm_groups towards a ratio of 1
     n_images: int = 64
     sample_plan: tuple = (("ddpm", 1000), ("ddim", 50), ("dpm++", 10), ("dpm++", 20), ("dpm++", 25))
     cuda_sizes: tuple = (64, 256)
@@ -71,10 +75,11 @@ class Settings:
     worker_timeout_s: float = 1800.0
 
 
-QUICK = dict(
-    roof_batch_cpu=8, roof_batch_cuda=64, roof_warmup=1, roof_iters=3, slow_bf16_iters=1, slow_bf16_batch=1,
-    train_batch=4, train_warmup=1, train_iters=2, train_budget_s=15.0, min_iters=1, search_per_tier=4,
-    n_images=4, sample_plan=(("ddpm", 20), ("ddim", 10), ("dpm++", 5), ("dpm++", 8), ("dpm++", 10)),
+QUICK = dict(  # a smoke test: every code path, minimal work (about 3 minutes on a busy 2-core CPU)
+    roof_batch_cpu=4, roof_batch_cuda=64, roof_warmup=1, roof_iters=3, slow_bf16_iters=1, slow_bf16_batch=1,
+    train_batch=2, train_warmup=1, train_iters=1, slow_bf16_warmup=0, train_budget_s=15.0, min_iters=1,
+    search_per_tier=4, search_refine_rounds=0,
+    n_images=2, sample_plan=(("ddpm", 10), ("ddim", 5), ("dpm++", 3), ("dpm++", 4), ("dpm++", 5)),
     cuda_sizes=(64,), cuda_batch=8, cuda_warmup=3, cuda_iters=5, worker_timeout_s=600.0,
 )
 
@@ -120,8 +125,8 @@ def timed_loop(step, warmup: int, iters: int, budget_s: float, min_iters: int, s
     for i in range(warmup):
         step()
         sync()
-        if i >= 0 and time.perf_counter() - t0 > budget_s / 2:
-            break  # at least one warm-up always runs
+        if time.perf_counter() - t0 > budget_s / 2:
+            break  # the first warm-up always runs
     times: list[float] = []
     t1 = time.perf_counter()
     for _ in range(iters):
@@ -169,14 +174,18 @@ def sync_for(device: torch.device):
 
 
 class DiffusersNet(torch.nn.Module):
-    """UNet2DModel with brainfusion's (x_t, t) -> tensor calling convention."""
+    """UNet2DModel with brainfusion's (x_t, t) -> tensor calling convention and, like brainfusion's
+    patch_size, an optional pixel-unshuffle in front (pixel-shuffle behind)."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, patch_size: int = 1):
         super().__init__()
         self.unet = unet
+        self.patch_size = patch_size
 
     def forward(self, x, t):
-        return self.unet(x, t).sample
+        p = self.patch_size
+        out = self.unet(F.pixel_unshuffle(x, p) if p > 1 else x, t).sample
+        return F.pixel_shuffle(out, p) if p > 1 else out
 
 
 def brainfusion_config(image_size: int):
@@ -185,25 +194,33 @@ def brainfusion_config(image_size: int):
     return dataclasses.replace(ModelConfig(), image_size=image_size)  # every other field: the defaults
 
 
-def attention_levels(mc, image_size: int, rule: str) -> list[int]:
-    """diffusers levels that get attention: 'mirror' = the levels where brainfusion has it."""
+def attention_levels(mc, image_size: int, rule: str, patch: int, n_levels: int) -> list[int]:
+    """diffusers levels that get attention. 'mirror': those whose token grid ((image_size / patch) >> level)
+    is one of brainfusion's attention_resolutions, i.e. attention over as many tokens as brainfusion's."""
     if rule == "none":
         return []
-    level_res = [(image_size // mc.patch_size) >> i for i in range(len(mc.channel_mults))]
-    return [i for i, r in enumerate(level_res) if r in mc.attention_resolutions]
+    return [i for i in range(n_levels) if ((image_size // patch) >> i) in mc.attention_resolutions]
 
 
-def diffusers_kwargs(widths, layers: int, rule: str, mid_attention: bool, mc, image_size: int) -> dict:
-    levels = attention_levels(mc, image_size, rule)
+def diffusers_kwargs(widths, layers: int, rule: str, mid_attention: bool, mc, image_size: int, patch: int) -> dict:
     n = len(widths)
+    levels = attention_levels(mc, image_size, rule, patch, n)
     down = tuple("AttnDownBlock2D" if i in levels else "DownBlock2D" for i in range(n))
     up = tuple("AttnUpBlock2D" if i in levels else "UpBlock2D" for i in reversed(range(n)))
     return dict(
-        sample_size=image_size, in_channels=mc.in_channels, out_channels=mc.in_channels,
+        sample_size=image_size // patch, in_channels=mc.in_channels * patch**2, out_channels=mc.in_channels * patch**2,
         block_out_channels=tuple(int(w) for w in widths), layers_per_block=layers,
         down_block_types=down, up_block_types=up, add_attention=mid_attention,
         norm_num_groups=mc.norm_groups, attention_head_dim=int(widths[-1]) // mc.attention_heads, dropout=mc.dropout,
     )
+
+
+def brainfusion_spec(mc) -> dict:
+    return {"model": "brainfusion", "model_config": dataclasses.asdict(mc), "patch_size": mc.patch_size, "in_channels": mc.in_channels}
+
+
+def diffusers_spec(kwargs: dict, patch: int, mc) -> dict:
+    return {"model": "diffusers", "model_config": kwargs, "patch_size": patch, "in_channels": mc.in_channels}
 
 
 def build_model(spec: dict) -> torch.nn.Module:
@@ -216,7 +233,7 @@ def build_model(spec: dict) -> torch.nn.Module:
     from diffusers import UNet2DModel
 
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["model_config"].items()}
-    return DiffusersNet(UNet2DModel(**kwargs))
+    return DiffusersNet(UNet2DModel(**kwargs), spec.get("patch_size", 1))
 
 
 def count_flops(spec: dict, image_size: int) -> float:
@@ -225,7 +242,7 @@ def count_flops(spec: dict, image_size: int) -> float:
 
     with torch.device("meta"):
         model = build_model(spec)
-        return float(training_flops_per_image(model, image_size, spec["model_config"]["in_channels"]))
+        return float(training_flops_per_image(model, image_size, spec["in_channels"]))
 
 
 def count_params(spec: dict) -> int:
@@ -235,7 +252,7 @@ def count_params(spec: dict) -> int:
         return int(count_parameters(build_model(spec)))
 
 
-def match_diffusers(mc, target: float, per_tier: int) -> tuple[dict, list[dict]]:
+def match_diffusers(mc, target: float, per_tier: int, refine_rounds: int, patch: int) -> tuple[dict, list[dict]]:
     """Search block_out_channels x layers_per_block x attention placement for a UNet2DModel whose
     training FLOPs per image are within FLOP_TOLERANCE of `target`.
 
@@ -243,7 +260,9 @@ def match_diffusers(mc, target: float, per_tier: int) -> tuple[dict, list[dict]]
     attention where brainfusion has it; then without level attention; then one more block per
     level); within a tier all widths are scaled by a common factor and rounded to multiples of
     norm_groups, and the scalings predicted closest to the target are counted exactly. The first
-    tier with a hit returns its closest candidate.
+    tier's closest candidate then gets up to `refine_rounds` rounds (at least one if it is still
+    outside the tolerance) of moving one width at a time by +-norm_groups where that brings the
+    ratio closer to 1; the first tier within tolerance wins.
     """
     size = mc.image_size
     base = [mc.base_channels * m for m in mc.channel_mults]
@@ -258,34 +277,49 @@ def match_diffusers(mc, target: float, per_tier: int) -> tuple[dict, list[dict]]
         if key in seen:
             return None
         seen.add(key)
-        kwargs = diffusers_kwargs(widths, layers, rule, mid, mc, size)
-        flops = count_flops({"model": "diffusers", "model_config": kwargs}, size)
-        entry = dict(block_out_channels=list(widths), layers_per_block=layers, attention=rule,
-                     attention_levels=attention_levels(mc, size, rule), mid_attention=mid,
+        kwargs = diffusers_kwargs(widths, layers, rule, mid, mc, size, patch)
+        flops = count_flops(diffusers_spec(kwargs, patch, mc), size)
+        entry = dict(block_out_channels=list(widths), layers_per_block=layers, attention=rule, patch_size=patch,
+                     attention_levels=attention_levels(mc, size, rule, patch, len(widths)), mid_attention=mid,
                      gflops=flops / 1e9, ratio=flops / target, kwargs=kwargs)
         log.append(entry)
         return entry
 
     for layers, rule in tiers:
-        if rule == "none" and not attention_levels(mc, size, "mirror"):
+        if rule == "none" and not attention_levels(mc, size, "mirror", patch, len(base)):
             continue  # identical to the mirror tier
         first = evaluate(base, layers, rule)
         if first is None:
             continue
-        scales = [0.40 + 0.01 * i for i in range(161)]
+        s_target = 1 / math.sqrt(first["ratio"])  # FLOPs grow roughly with the square of the widths
         candidates = {}
-        for s in scales:
-            widths = tuple(max(g, int(round(w * s / g)) * g) for w in base)
+        for k in range(121):
+            scale = s_target * (0.6 + 0.01 * k)
+            widths = tuple(max(g, int(round(w * scale / g)) * g) for w in base)
             if widths[-1] % mc.attention_heads or tuple(base) == widths:
                 continue
-            est = first["ratio"] * s * s
+            est = first["ratio"] * scale * scale
             if widths not in candidates or abs(math.log(est)) < abs(math.log(candidates[widths])):
                 candidates[widths] = est
         ordered = sorted(candidates, key=lambda w: abs(math.log(candidates[w])))[:per_tier]
         tier_entries = [first] + [e for e in (evaluate(w, layers, rule) for w in ordered) if e is not None]
-        hits = [e for e in tier_entries if abs(e["ratio"] - 1) <= FLOP_TOLERANCE]
-        if hits:
-            return min(hits, key=lambda e: abs(e["ratio"] - 1)), log
+        best = min(tier_entries, key=lambda e: abs(e["ratio"] - 1))
+        rounds = refine_rounds if abs(best["ratio"] - 1) <= FLOP_TOLERANCE else max(refine_rounds, 1)
+        for _ in range(rounds):
+            improved = False
+            for i in range(len(base)):
+                for step in (-g, g):
+                    widths = list(best["block_out_channels"])
+                    widths[i] += step
+                    if widths[i] < g or widths[-1] % mc.attention_heads:
+                        continue
+                    e = evaluate(widths, layers, rule)
+                    if e is not None and abs(e["ratio"] - 1) < abs(best["ratio"] - 1):
+                        best, improved = e, True
+            if not improved or abs(best["ratio"] - 1) < 0.01:
+                break
+        if abs(best["ratio"] - 1) <= FLOP_TOLERANCE:
+            return best, log
     best = min(log, key=lambda e: abs(e["ratio"] - 1))
     return best, log
 
@@ -302,11 +336,14 @@ def roofline(device: torch.device, dtype: torch.dtype | None, batch: int, warmup
     conv = torch.nn.Conv2d(128, 128, 3, padding=1).to(device, memory_format=torch.channels_last)
     x = torch.randn(batch, 128, 32, 32, device=device).to(memory_format=torch.channels_last).requires_grad_(True)
     grad = torch.randn(batch, 128, 32, 32, device=device).to(memory_format=torch.channels_last)
+    grads = {}
 
     def step():
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             y = conv(x)
-        y.backward(grad.to(y.dtype))
+        if y.dtype not in grads:
+            grads[y.dtype] = grad.to(y.dtype)
+        y.backward(grads[y.dtype])
         conv.weight.grad = conv.bias.grad = x.grad = None
 
     counter = FlopCounterMode(display=False)
@@ -345,7 +382,7 @@ def worker_train(spec: dict) -> dict:
     forward = torch.compile(model) if spec["compile"] else model
     dcfg = DiffusionConfig()
     schedule = NoiseSchedule(dcfg)
-    b, s, c = spec["batch"], spec["image_size"], spec["model_config"]["in_channels"]
+    b, s, c = spec["batch"], spec["image_size"], spec["in_channels"]
     gen = torch.Generator().manual_seed(0)
     x0 = (torch.rand(b, c, s, s, generator=gen) * 2 - 1).to(device, memory_format=memory_format)
     noise = torch.randn(b, c, s, s, generator=gen).to(device, memory_format=memory_format)
@@ -391,10 +428,10 @@ def run_worker(spec: dict, timeout: float) -> dict:
     return {"error": f"worker exited {proc.returncode}: " + " / ".join(tail)}
 
 
-def train_spec(model: str, model_config: dict, precision: str, channels_last: bool, device: str, batch: int, size: int,
+def train_spec(model_spec: dict, precision: str, channels_last: bool, device: str, batch: int, size: int,
                warmup: int, iters: int, budget_s: float, min_iters: int, threads: int, compile_: bool = False,
                fused: bool = False) -> dict:
-    return dict(kind="train", model=model, model_config=model_config, precision=precision, channels_last=channels_last,
+    return dict(kind="train", **model_spec, precision=precision, channels_last=channels_last,
                 device=device, batch=batch, image_size=size, warmup=warmup, iters=iters, budget_s=budget_s,
                 min_iters=min_iters, threads=threads, compile=compile_, fused=fused)
 
@@ -467,17 +504,24 @@ def roof_for(roof: list[dict], device: str, precision: str) -> float | None:
     return None
 
 
-def section_models(st: Settings) -> dict:
+def section_models(st: Settings, diffusers_patch: int | None) -> dict:
     print("## FLOP-matched diffusers baseline\n")
     mc = brainfusion_config(st.train_size)
-    bf_spec = {"model": "brainfusion", "model_config": dataclasses.asdict(mc)}
+    patch = mc.patch_size if diffusers_patch is None else diffusers_patch
+    bf_spec = brainfusion_spec(mc)
     target = count_flops(bf_spec, mc.image_size)
-    best, log = match_diffusers(mc, target, st.search_per_tier)
-    df_spec = {"model": "diffusers", "model_config": best["kwargs"]}
+    best, log = match_diffusers(mc, target, st.search_per_tier, st.search_refine_rounds, patch)
+    df_spec = diffusers_spec(best["kwargs"], patch, mc)
     print(f"brainfusion ModelConfig() defaults: base_channels={mc.base_channels}, channel_mults={mc.channel_mults}, "
           f"blocks_per_level={mc.blocks_per_level}, attention_resolutions={mc.attention_resolutions}, "
           f"norm={mc.norm}, patch_size={mc.patch_size}\n")
+    print(f"diffusers UNet2DModel patch size: {patch} "
+          + ("(the same pixel-unshuffle in front as brainfusion, so both U-Nets see the same token grid; "
+             "--diffusers-patch-size 1 gives a plain full-resolution UNet2DModel)" if patch == mc.patch_size and patch > 1
+             else "(plain UNet2DModel at full resolution)" if patch == 1 else "") + "\n")
     print("Search log (training FLOPs per image, forward+backward, FlopCounterMode via brainfusion.model.training_flops_per_image):\n")
+    if st.search_refine_rounds == 0:
+        print("(--quick: coarser search, no refinement; the full run usually lands closer to a ratio of 1.)\n")
     print(md_table(["block_out_channels", "layers_per_block", "attention levels", "mid attention", "GFLOP/img", "ratio to brainfusion"],
                    [[str(tuple(e["block_out_channels"])), e["layers_per_block"], str(e["attention_levels"]),
                      e["mid_attention"], e["gflops"], f"{e['ratio']:.3f}"] for e in log]))
@@ -486,22 +530,24 @@ def section_models(st: Settings) -> dict:
     chosen = {k: v for k, v in best["kwargs"].items()}
     print(md_table(["model", "parameters (M)", "GFLOP per training image", "ratio diffusers/brainfusion"], [
         ["brainfusion UNet (defaults)", count_params(bf_spec) / 1e6, target / 1e9, None],
-        ["diffusers UNet2DModel (matched)", count_params(df_spec) / 1e6, best["gflops"], f"{best['ratio']:.3f}" + ("" if within else " (OUTSIDE +-10 %)")],
+        [f"diffusers UNet2DModel (matched, patch {patch})", count_params(df_spec) / 1e6, best["gflops"], f"{best['ratio']:.3f}" + ("" if within else " (OUTSIDE +-10 %)")],
     ]))
     print(f"\nmatched UNet2DModel config: {json.dumps(chosen)}\n")
-    return dict(brainfusion=dict(model_config=bf_spec["model_config"], gflops=target / 1e9, params=count_params(bf_spec)),
-                diffusers=dict(model_config=chosen, gflops=best["gflops"], ratio=best["ratio"], within_tolerance=within,
+    return dict(brainfusion=dict(spec=bf_spec, model_config=bf_spec["model_config"], gflops=target / 1e9, params=count_params(bf_spec)),
+                diffusers=dict(spec=df_spec, model_config=chosen, gflops=best["gflops"], ratio=best["ratio"], within_tolerance=within,
                                params=count_params(df_spec), layers_per_block=best["layers_per_block"],
                                attention=best["attention"]),
                 search_log=[{k: v for k, v in e.items() if k != "kwargs"} for e in log])
 
 
-def diffusers_config_at(models: dict, image_size: int) -> dict:
-    """The matched diffusers config re-derived for another image size (attention placed by the same rule)."""
+def diffusers_spec_at(models: dict, image_size: int) -> dict:
+    """The matched diffusers model re-derived for another image size (attention placed by the same rule)."""
     mc = brainfusion_config(image_size)
     d = models["diffusers"]
     cfg = d["model_config"]
-    return diffusers_kwargs(cfg["block_out_channels"], cfg["layers_per_block"], d["attention"], cfg["add_attention"], mc, image_size)
+    kwargs = diffusers_kwargs(cfg["block_out_channels"], cfg["layers_per_block"], d["attention"], cfg["add_attention"],
+                              mc, image_size, d["spec"]["patch_size"])
+    return diffusers_spec(kwargs, d["spec"]["patch_size"], mc)
 
 
 def training_rows(specs: list[tuple[str, dict]], flops: dict, roof: list[dict], timeout: float) -> list[dict]:
@@ -578,10 +624,10 @@ def section_training(st: Settings, models: dict, roof: list[dict], fast_bf16: bo
         common = dict(device="cpu", batch=batch, size=st.train_size, warmup=warmup, iters=iters,
                       budget_s=st.train_budget_s, min_iters=min(st.min_iters, iters), threads=threads)
         bf_cl = choose_channels_last("auto", cpu, torch.bfloat16 if precision == "bf16" else None)
-        specs.append((f"brainfusion {precision}", train_spec("brainfusion", models["brainfusion"]["model_config"], precision, bf_cl, **common)))
+        specs.append((f"brainfusion {precision}", train_spec(models["brainfusion"]["spec"], precision, bf_cl, **common)))
         for cl in (True, False):
             specs.append((f"diffusers {precision} {'channels_last' if cl else 'contiguous'}",
-                          train_spec("diffusers", models["diffusers"]["model_config"], precision, cl, **common)))
+                          train_spec(models["diffusers"]["spec"], precision, cl, **common)))
     rows = training_rows(specs, flops, roof, st.worker_timeout_s)
     if not fast_bf16:
         print(f"bf16 rows: this CPU has no native bf16, so they ran {st.slow_bf16_warmup} warm-up + at most "
@@ -598,14 +644,14 @@ def section_sampling(st: Settings, args) -> dict:
     from brainfusion.sample import load_model
     from brainfusion.train import choose_precision, network_fn
 
-    device = torch.device("cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as `brainfusion sample` picks it
     model, state = load_model(Path(args.checkpoint), use_ema=True, device=device)
     dtype = choose_precision("auto", device)
-    if dtype is not None:
+    if dtype is not None or device.type == "cuda":  # as sample.generate does
         model.to(memory_format=torch.channels_last)
     size = state.config.model.image_size
     n = st.n_images
-    print(f"## C. Sampling ({n} images at {size}x{size}, one batch, CPU, "
+    print(f"## C. Sampling ({n} images at {size}x{size}, one batch, {device.type}, "
           f"{'bf16' if dtype else 'fp32'}; checkpoint {state.path}, step {state.step})\n")
     fn = network_fn(model, device, dtype)
 
@@ -620,20 +666,32 @@ def section_sampling(st: Settings, args) -> dict:
         from brainfusion.config import DataConfig
         from brainfusion.data import load_slices
 
-        slices = load_slices(DataConfig(path=args.real_data, image_size=size, split=args.real_split), progress=False)
-        rng = np.random.default_rng(0)
-        real = slices.images[rng.choice(len(slices), size=min(512, len(slices)), replace=False)]
-        metric_note = f"quality: quick_metrics against {len(real)} real slices from {args.real_data} (split {args.real_split})"
+        try:
+            slices = load_slices(DataConfig(path=args.real_data, image_size=size, split=args.real_split), progress=False)
+        except Exception as exc:  # noqa: BLE001 - a bad --real-data must not lose the timings
+            quick_metrics, metric_note = None, f"quality metric skipped: could not load --real-data ({exc})"
+        else:
+            rng = np.random.default_rng(0)
+            real = slices.images[rng.choice(len(slices), size=min(512, len(slices)), replace=False)]
+            metric_note = f"quality: quick_metrics against {len(real)} real slices from {args.real_data} (split {args.real_split})"
 
     rows = []
     for sampler, steps in st.sample_plan:
         print(f"  sampling {sampler}-{steps} ...", file=sys.stderr, flush=True)
+        done = [0]
+
+        def progress(k, steps=steps, done=done):
+            done[0] += k
+            if steps >= 100 and done[0] % (steps // 10) == 0:
+                print(f"    {done[0]}/{steps} steps", file=sys.stderr, flush=True)
+
         gen = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
-        images, _ = sample(fn, state.config.diffusion, (n, state.config.model.in_channels, size, size), sampler, steps, gen)
+        images, _ = sample(fn, state.config.diffusion, (n, state.config.model.in_channels, size, size), sampler, steps, gen,
+                           progress=progress)
         seconds = time.perf_counter() - t0
         row = dict(sampler=sampler, steps=steps, n_images=n, total_s=seconds, s_per_image=seconds / n,
-                   ms_per_network_eval_per_image=1000 * seconds / n / steps)
+                   ms_per_step_per_image=1000 * seconds / n / steps)
         if quick_metrics is not None:
             try:
                 metrics = quick_metrics(to_uint8(images), real)
@@ -645,13 +703,13 @@ def section_sampling(st: Settings, args) -> dict:
     for row in rows:
         fd = row.get("metrics", {}).get("FD_domain")
         row["fd_ratio_to_ddpm"] = fd / ref_fd if fd is not None and ref_fd else None
-    headers = ["sampler", "steps", "total s", "s/image", "ms per net eval per image"]
+    headers = ["sampler", "steps", "total s", "s/image", "ms per step per image"]
     have_metrics = any("metrics" in r for r in rows)
     if have_metrics:
         headers += ["FD_domain", "KID_domain", f"FD / FD({st.sample_plan[0][0].upper()}-{st.sample_plan[0][1]})"]
     table = []
     for r in rows:
-        line = [r["sampler"], r["steps"], r["total_s"], r["s_per_image"], r["ms_per_network_eval_per_image"]]
+        line = [r["sampler"], r["steps"], r["total_s"], r["s_per_image"], r["ms_per_step_per_image"]]
         if have_metrics:
             m = r.get("metrics", {})
             line += [m.get("FD_domain"), m.get("KID_domain"), r["fd_ratio_to_ddpm"]]
@@ -662,7 +720,7 @@ def section_sampling(st: Settings, args) -> dict:
     if metric_note:
         print(metric_note + ("" if not errors else "; errors: " + "; ".join(errors)))
         print()
-    return dict(checkpoint=str(state.path), step=state.step, image_size=size, precision="bf16" if dtype else "fp32",
+    return dict(checkpoint=str(state.path), step=state.step, image_size=size, device=device.type, precision="bf16" if dtype else "fp32",
                 metric_note=metric_note, rows=rows)
 
 
@@ -670,15 +728,16 @@ def section_cuda(st: Settings, models: dict, roof: list[dict], threads: int) -> 
     print("## D. CUDA training throughput (bf16 autocast, channels_last, torch.compile, fused Adam)\n")
     flops, specs = {}, []
     for size in st.cuda_sizes:
-        bf_cfg = dataclasses.asdict(brainfusion_config(size))
-        df_cfg = diffusers_config_at(models, size)
-        flops[("brainfusion", size)] = count_flops({"model": "brainfusion", "model_config": bf_cfg}, size)
-        flops[("diffusers", size)] = count_flops({"model": "diffusers", "model_config": df_cfg}, size)
+        bf_spec = brainfusion_spec(brainfusion_config(size))
+        df_spec = diffusers_spec_at(models, size)
+        flops[("brainfusion", size)] = count_flops(bf_spec, size)
+        flops[("diffusers", size)] = count_flops(df_spec, size)
+        # budget: never cut the warm-ups short, they include compilation
         common = dict(device="cuda", batch=st.cuda_batch, size=size, warmup=st.cuda_warmup, iters=st.cuda_iters,
-                      budget_s=st.train_budget_s, min_iters=min(st.min_iters, st.cuda_iters), threads=threads,
+                      budget_s=max(st.train_budget_s, 600.0), min_iters=min(st.min_iters, st.cuda_iters), threads=threads,
                       compile_=True, fused=True)
-        specs.append((f"brainfusion cuda {size}", train_spec("brainfusion", bf_cfg, "bf16", True, **common)))
-        specs.append((f"diffusers cuda {size}", train_spec("diffusers", df_cfg, "bf16", True, **common)))
+        specs.append((f"brainfusion cuda {size}", train_spec(bf_spec, "bf16", True, **common)))
+        specs.append((f"diffusers cuda {size}", train_spec(df_spec, "bf16", True, **common)))
     print(md_table(["size", "brainfusion GFLOP/img", "diffusers GFLOP/img", "ratio"],
                    [[s, flops[("brainfusion", s)] / 1e9, flops[("diffusers", s)] / 1e9,
                      f"{flops[('diffusers', s)] / flops[('brainfusion', s)]:.3f}"] for s in st.cuda_sizes]))
@@ -700,9 +759,12 @@ def main(argv=None) -> int:
     p.add_argument("--real-split", default="validate", help="split of an OASIS-layout --real-data (default validate)")
     p.add_argument("--out", help="write every number to this JSON file")
     p.add_argument("--sections", default="ABCD", help="which sections to run, e.g. AB (default ABCD)")
+    p.add_argument("--diffusers-patch-size", type=int, choices=(1, 2, 4),
+                   help="pixel-unshuffle factor in front of the diffusers U-Net (default: brainfusion's ModelConfig().patch_size)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in every measurement (default: torch's choice)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # tables and stderr progress stay in order when piped
 
     if args.worker:
         spec = json.loads(args.worker)
@@ -728,12 +790,13 @@ def main(argv=None) -> int:
             out.write_text(json.dumps(results, indent=2, default=str))
 
     roof = []
-    if sections & {"A", "B", "D"}:
+    cuda = torch.cuda.is_available()
+    if sections & {"A", "B"} or ("D" in sections and cuda):
         roof = section_roofline(st, fast_bf16)
         results["roofline"] = roof
         save()
-    if sections & {"B", "D"}:
-        results["models"] = section_models(st)
+    if "B" in sections or ("D" in sections and cuda):
+        results["models"] = section_models(st, args.diffusers_patch_size)
         save()
     if "B" in sections:
         results["training_cpu"] = section_training(st, results["models"], roof, fast_bf16, args.threads)

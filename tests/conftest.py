@@ -112,7 +112,7 @@ def phantom():
 def tiny_model_config():
     from brainfusion.config import ModelConfig
 
-    return ModelConfig(image_size=16, base_channels=8)
+    return ModelConfig(image_size=16, base_channels=8, patch_size=1)
 
 
 def write_tiny_checkpoint(out_dir: Path, weights_config=None, step: int = 1, base_channels: int = 8) -> Path:
@@ -125,6 +125,7 @@ def write_tiny_checkpoint(out_dir: Path, weights_config=None, step: int = 1, bas
     config = RunConfig()
     config.data.image_size = 16
     config.model.base_channels = base_channels
+    config.model.patch_size = 1
     config.train.max_steps = 1
     config.validate()
     torch.manual_seed(0)

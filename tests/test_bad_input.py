@@ -15,7 +15,7 @@ import torch
 
 from brainfusion.config import ModelConfig
 
-TINY_TRAIN = ["--image-size", "16", "--base-channels", "8", "--batch-size", "2", "--max-steps", "1"]
+TINY_TRAIN = ["--image-size", "16", "--patch-size", "1", "--base-channels", "8", "--batch-size", "2", "--max-steps", "1"]
 
 
 @pytest.fixture
@@ -134,7 +134,7 @@ def test_unknown_section_and_bad_values_in_config(assert_user_error, tmp_path):
 
 
 def test_checkpoint_weights_of_another_model(assert_user_error, tmp_path, checkpoint_writer):
-    other = ModelConfig(image_size=16, base_channels=16)  # twice as wide as the config says
+    other = ModelConfig(image_size=16, base_channels=16, patch_size=1)  # twice as wide as the config says
     path = checkpoint_writer(tmp_path / "run" / "checkpoints", weights_config=other)
     line = assert_user_error(["sample", "--checkpoint", path, "--n", "1", "--steps", "1"], str(path), "first mismatch")
     assert "stem.weight" in line or "time_mlp" in line

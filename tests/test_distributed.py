@@ -38,7 +38,7 @@ LAUNCH_TIMEOUT_S = 180  # per torchrun launch; the whole process group is killed
 # base_channels 16 with the default 8 norm groups puts 2 channels in every GroupNorm group; with 1
 # channel per group the bias feeding the last norm has an exactly-zero gradient whose rounding noise
 # Adam blows up to ±lr per step, and those (meaningless) weights would differ between runs.
-MODEL = ["--image-size", "16", "--base-channels", "16", "--attention-resolutions", "8"]
+MODEL = ["--image-size", "32", "--patch-size", "2", "--base-channels", "16", "--attention-resolutions", "8"]
 TRAIN = [
     "--batch-size", "8", "--log-every", "1", "--checkpoint-every", "3", "--keep-checkpoints", "10",
     "--sample-every", "0", "--precision", "fp32", "--channels-last", "off", "--warmup-steps", "2", "--lr", "1e-3",
@@ -55,22 +55,63 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid → (parent pid, command line), from `ps`."""
+    try:
+        table = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,command="], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    found = {}
+    for line in table.splitlines():
+        pid, ppid, *command = line.split(None, 2)
+        found[int(pid)] = (int(ppid), command[0] if command else "")
+    return found
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a torchrun launch and every worker it started.
+
+    torchrun puts each worker in a session of its own, so killing the launcher's process group
+    would miss them: they are listed (as the launcher's descendants) before anything is signalled.
+    """
+    table = _processes()
+    workers, todo = {}, [proc.pid]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, command) in table.items():
+            if ppid == parent:
+                workers[pid] = command
+                todo.append(pid)
+    proc.terminate()  # torchrun passes SIGTERM on to its workers and reaps them
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    still = _processes()
+    for pid, command in workers.items():
+        if pid in still and still[pid][1] == command:  # the same process, not a reused id
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
 def torchrun(target: list[str], label: str, nproc: int = 2) -> str:
-    """Run `torchrun --standalone --nproc_per_node nproc <target>`; kill its whole process group on timeout."""
+    """Run `torchrun --standalone --nproc_per_node nproc <target>`; on timeout, kill it and its workers."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *target]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_child_env(),
-                            start_new_session=True)  # its own process group: the launcher and every worker
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_child_env())
     try:
         out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{label}: torchrun did not finish in {LAUNCH_TIMEOUT_S} s (killed); output:\n{out[-4000:]}")
-    finally:
+        _stop(proc)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # stragglers, if the launcher died first
-        except (ProcessLookupError, PermissionError):
-            pass
+            out, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            out = ""
+        pytest.fail(f"{label}: torchrun did not finish in {LAUNCH_TIMEOUT_S} s (killed with its workers); output:\n{out[-4000:]}")
+    finally:
+        if proc.poll() is None:  # interrupted (Ctrl-C) while waiting
+            _stop(proc)
     assert proc.returncode == 0, f"{label}: torchrun exited with {proc.returncode}; output:\n{out[-4000:]}"
     return out
 
@@ -112,7 +153,7 @@ def runs(tmp_path_factory):
     data = root / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(32):  # 32 slices of 16–32 px: sizes differ, resized to 16 on load
+    for i in range(32):  # 32 slices of 16–32 px: sizes differ, resized to 32 on load
         side = int(rng.integers(16, 33))
         yy, xx = np.mgrid[:side, :side] / side
         blob = np.exp(-((xx - rng.uniform(0.3, 0.7)) ** 2 + (yy - rng.uniform(0.3, 0.7)) ** 2) / rng.uniform(0.02, 0.1))

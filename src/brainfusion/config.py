@@ -45,9 +45,9 @@ class ModelConfig:
 
     image_size: int = 64
     in_channels: int = 1
-    patch_size: int = 1  # 2: pixel-unshuffle the input so the U-Net runs at half resolution (much faster on CPUs)
-    base_channels: int = 32
-    channel_mults: tuple[int, ...] = (1, 2, 3, 4)
+    patch_size: int = 2  # pixel-unshuffle 2×2 → the U-Net runs at half resolution (~3× faster on CPUs); 1 = the seed's
+    base_channels: int = 48
+    channel_mults: tuple[int, ...] = (1, 2, 2, 4)
     blocks_per_level: int = 1
     attention_resolutions: tuple[int, ...] = (8,)
     attention_heads: int = 4

@@ -35,6 +35,7 @@ OASIS_SPLITS = {
     "all": ("keras_png_slices_train", "keras_png_slices_test", "keras_png_slices_validate"),
 }
 MAX_SIDE = 8192  # larger "slices" are refused before decoding (decompression bombs, wrong files)
+MAX_VOXELS = 512**3  # larger volumes are refused before their voxels are read (corrupt headers, memory bombs)
 CACHE_VERSION = 1
 
 
@@ -130,6 +131,7 @@ def read_volume_slices(path: Path, size: int, min_brain_fraction: float) -> np.n
     import nibabel as nib
 
     image = nib.load(str(path))
+    _check_volume_header(image)
     if len(image.shape) == 4 and image.shape[3] == 1:
         image = image.slicer[..., 0]
     if len(image.shape) != 3:
@@ -146,6 +148,35 @@ def read_volume_slices(path: Path, size: int, min_brain_fraction: float) -> np.n
     if not slices:
         raise ValueError("none of its axial slices has enough non-background voxels")
     return np.stack(slices)
+
+
+def _check_volume_header(image) -> None:
+    """Refuse what a header promises before nibabel allocates it: too many voxels, non-intensity voxel
+    types, or fewer data bytes in the file than the header claims (a truncated or lying file)."""
+    shape = tuple(int(n) for n in image.shape)
+    voxels = 1
+    for n in shape:
+        voxels *= max(n, 0)
+    if voxels > MAX_VOXELS:
+        raise ValueError(f"its header claims {'x'.join(map(str, shape))} voxels, more than the {MAX_VOXELS} a volume may have")
+    dtype = image.get_data_dtype()
+    if dtype.kind not in "biuf":
+        raise ValueError(f"its voxels are {dtype} values, not real-valued intensities (save the magnitude image)")
+    needed = int(getattr(image.dataobj, "offset", 0) or 0) + voxels * dtype.itemsize
+    data_file = str(image.file_map["image"].filename or "")
+    if data_file.endswith(".gz"):  # stream through it (constant memory) rather than let nibabel allocate the claim
+        import gzip
+
+        got = 0
+        with gzip.open(data_file, "rb") as fh:
+            while got < needed and (chunk := fh.read(min(1 << 22, needed - got))):
+                got += len(chunk)
+    elif data_file and not data_file.endswith((".bz2", ".zst")):
+        got = os.path.getsize(data_file)
+    else:
+        return
+    if got < needed:
+        raise ValueError(f"it is truncated: its header promises {needed} bytes of data but {Path(data_file).name} holds {got}")
 
 
 @dataclass
@@ -188,12 +219,18 @@ def load_slices(config: DataConfig, progress: bool = True) -> SliceSet:
     if cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as stored:
-                return SliceSet(stored["images"], list(stored["sources"]), list(stored["skipped"]))
+                cached = SliceSet(stored["images"], list(stored["sources"]), list(stored["skipped"]))
+            if cached.images.dtype != np.uint8 or cached.images.shape[1:] != (config.image_size,) * 2 or len(cached.sources) != len(cached.images):
+                raise ValueError("its contents do not fit this data source")
+            _warn_skipped(cached.skipped, len(files), config)  # the per-file warnings were logged when it was built
+            return cached
         except (OSError, ValueError, KeyError):
             log.warning("cache %s is unreadable; rebuilding it", cache)
     images, sources, skipped = [], [], []
     for path in tqdm(files, desc="decoding slices", unit="file", disable=not progress, leave=False):
         try:
+            if not path.is_file():  # a FIFO or device would block or stream forever; a dangling link has no data
+                raise ValueError("it is not a regular file")
             if _suffix(path) in VOLUME_SUFFIXES:
                 stack = read_volume_slices(path, config.image_size, config.min_brain_fraction)
             else:
@@ -213,21 +250,32 @@ def load_slices(config: DataConfig, progress: bool = True) -> SliceSet:
         sources.extend([str(path)] * len(stack))
     if not images:
         raise BrainfusionError(f"none of the {len(files)} files under {config.path} could be read; check the data.")
-    if skipped:
-        log.warning("skipped %d unreadable file(s) of %d under %s", len(skipped), len(files), config.path)
+    _warn_skipped(skipped, len(files), config)
     result = SliceSet(np.concatenate(images), sources, skipped)
     _write_cache(cache, result)
     return result
 
 
+def _warn_skipped(skipped: list[str], total: int, config: DataConfig, listed: int = 20) -> None:
+    """One summary naming every skipped file (the first `listed`, then a count) and why."""
+    if not skipped:
+        return
+    names = "; ".join(str(s) for s in skipped[:listed]) + (f"; and {len(skipped) - listed} more" if len(skipped) > listed else "")
+    log.warning("skipped %d unreadable file(s) of %d under %s: %s", len(skipped), total, config.path, names)
+
+
 def _write_cache(path: Path, slices: SliceSet) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as fh:
             np.savez(fh, images=slices.images, sources=np.array(slices.sources), skipped=np.array(slices.skipped, dtype=str))
         os.replace(tmp, path)
     except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)  # no half-written cache left behind (a full disk stays as full as it was)
+        except OSError:
+            pass
         log.warning("could not write the slice cache %s (%s); continuing without it", path, exc)
 
 

@@ -162,9 +162,10 @@ def training_flops_per_image(model: nn.Module, image_size: int, in_channels: int
     """Forward+backward FLOPs for one image, counted by PyTorch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    probe = copy.deepcopy(model).train()  # a copy, so BatchNorm statistics and grads stay untouched
-    x = torch.randn(2, in_channels, image_size, image_size)
-    t = torch.tensor([10, 500])
+    # a copy on the meta device: shapes only, so it costs no compute and leaves BatchNorm statistics alone
+    probe = copy.deepcopy(model).to("meta").train()
+    x = torch.randn(2, in_channels, image_size, image_size, device="meta")
+    t = torch.tensor([10, 500], device="meta")
     counter = FlopCounterMode(display=False)
     with counter:
         probe(x, t).square().mean().backward()

@@ -195,7 +195,9 @@ def _markdown(results: dict, figs: dict[str, str]) -> str:
         "|---|---|---|",
         f"| FD_domain | {_fmt(s.get('FD_domain'))} | Fréchet distance on {dom.get('feature_dim', '?')}-d `{dom.get('extractor', '?')}` features; lower is better; compare only at equal sample counts |",
         f"| KID_domain | {_fmt(s.get('KID_domain'))} ± {_fmt(dom.get('KID_std'), 2)} | unbiased MMD², cubic kernel, {dom.get('KID_subsets', '?')} subsets of {dom.get('KID_subset_size', '?')}; ≈0 for same distribution |",
-        f"| FID_inception | {_fmt(s.get('FID_inception'))} | Inception-v3 pool3 (TF-FID weights) on {_fmt(c.get('inception_per_set'))} images per set |",
+        f"| FID_inception | {_fmt(s.get('FID_inception'))} | "
+        + ("skipped (see notes)" if inc.get("skipped") else f"Inception-v3 pool3 (TF-FID weights) on {_fmt(c.get('inception_per_set'))} images per set; compare only at the same count")
+        + " |",
         f"| KID_inception | {_fmt(s.get('KID_inception'))} | as KID_domain on Inception features |",
         f"| MS-SSIM generated | {_fmt(s.get('msssim_gen'))} | mean over random pairs ({div.get('scales', '?')} scales, {div.get('window', '?')}-px window); higher than real = less diverse |",
         f"| MS-SSIM real | {_fmt(s.get('msssim_real'))} | the same among real images |",

@@ -26,6 +26,8 @@ from .train import choose_precision, network_fn
 
 log = logging.getLogger(__name__)
 
+GRID_MAX = 256  # the grid shows the first 256 images (a 10,000-image FID run needs no 10,000-tile picture)
+
 
 @dataclass
 class SampleConfig:
@@ -55,6 +57,7 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
     """Sample cfg.n_images images; returns where the grid, PNGs and GIF went."""
     if cfg.n_images <= 0 or cfg.batch_size <= 0:
         raise BrainfusionError("--n and --batch-size must be positive.")
+    torch.set_flush_denormal(True)
     ctx = dist.init()
     model, state = load_model(Path(cfg.checkpoint), cfg.use_ema, ctx.device)
     dtype = choose_precision(cfg.precision, ctx.device)
@@ -94,10 +97,16 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
     result = {"out_dir": str(out_dir), "images": str(images_dir), "seconds": seconds,
               "seconds_per_image": seconds / max(1, sum(min(cfg.batch_size, cfg.n_images - b * cfg.batch_size) for b in mine))}
     if ctx.is_main:
-        files = sorted(images_dir.glob("sample_*.png"))[: cfg.n_images]
+        files = [images_dir / f"sample_{i:05d}.png" for i in range(cfg.n_images)]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise BrainfusionError(
+                f"{len(missing)} of the {cfg.n_images} images (e.g. {missing[0]}) are missing after every process finished; "
+                "with several nodes, --out must be on a filesystem all of them share."
+            )
         from PIL import Image
 
-        stack = np.stack([np.asarray(Image.open(f).convert("L")) for f in files])
+        stack = np.stack([np.asarray(Image.open(f).convert("L")) for f in files[:GRID_MAX]])
         result["grid"] = str(save_grid(stack, out_dir / "grid.png"))
         if gif_path:
             result["gif"] = str(gif_path)

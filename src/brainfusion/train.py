@@ -183,6 +183,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
     if ctx.is_main:
         _truncate_log(log_path, start_step)
     step, nonfinite_run, skipped_total = start_step, 0, 0
+    if state is not None:  # the count of skipped steps carries over a resume, as the CSV column promises
+        skipped_total = int(state.extra.get("nonfinite_skipped", 0))
     last_ckpt = latest_checkpoint(ckpt_dir) if resume else None
     window_t, window_images = time.monotonic(), 0
     images_per_s = 0.0
@@ -231,10 +233,10 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
             else:
                 nonfinite_run += 1
                 skipped_total += 1
-                log.warning("step %d: non-finite loss, step skipped (%d in a row)", step, nonfinite_run)
+                log.warning("step %d: non-finite loss, step skipped (%d in a row)", step + 1, nonfinite_run)
                 if nonfinite_run >= tcfg.max_nonfinite:
                     raise BrainfusionError(
-                        f"the loss was NaN/Inf for {nonfinite_run} steps in a row at step {step}; lower --lr or check the data "
+                        f"the loss was NaN/Inf for {nonfinite_run} steps in a row at step {step + 1}; lower --lr or check the data "
                         f"(no checkpoint was written from the diverged weights; the last good one is {last_ckpt})."
                     )
             step += 1
@@ -254,9 +256,12 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
             if bar is not None:
                 bar.update(1)
             if step % tcfg.checkpoint_every == 0:
-                if ctx.is_main:
+                # weights whose last loss was NaN/Inf may be the diverged ones: no checkpoint until a finite step
+                if ctx.is_main and nonfinite_run == 0:
                     last_ckpt = checkpoint_now()
                     plot_loss_curve(log_path, out_dir / "loss.png")
+                elif ctx.is_main:
+                    log.warning("step %d: checkpoint skipped after a non-finite loss; the last good one is %s", step, last_ckpt)
                 dist.barrier(ctx)
             if ctx.is_main and tcfg.sample_every and step % tcfg.sample_every == 0:
                 _preview(ema.shadow, config, out_dir / "samples" / f"step_{step:08d}.png", device, dtype)
@@ -264,7 +269,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
                 _evaluate_during_training(ema.shadow, config, real_for_eval, out_dir, step, device, dtype)
     if bar is not None:
         bar.close()
-    if ctx.is_main and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}.safetensors")):
+    if ctx.is_main and nonfinite_run == 0 and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}.safetensors")):
         last_ckpt = checkpoint_now()
     if ctx.is_main:
         plot_loss_curve(log_path, out_dir / "loss.png")
@@ -272,7 +277,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
             log.warning("%d bad file(s) were skipped; see the warnings above", len(slices.skipped))
     dist.barrier(ctx)
     if interrupted and ctx.is_main:
-        log.info("interrupted at step %d; checkpoint %s written — continue with --resume", step, last_ckpt)
+        log.info("interrupted at step %d; newest checkpoint %s — continue with --resume", step, last_ckpt)
     dist.shutdown(ctx)
     return TrainResult(out_dir, step, last_ckpt, interrupted, images_per_s)
 
@@ -311,7 +316,7 @@ def _truncate_log(path: Path, last_step: int) -> None:
 
 
 def _append_log(path: Path, row: dict) -> None:
-    new = not path.exists()
+    new = not path.exists() or path.stat().st_size == 0  # a kill between creating the file and writing it leaves it empty
     with open(path, "a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(row))
         if new:
