@@ -33,7 +33,7 @@ TRAIN_FLAGS = {
     "dropout": ("model.dropout", float, "dropout in the ResNet units"),
     "norm": ("model.norm", str, "group (default) or batch (the seed's)"),
     "schedule": ("diffusion.schedule", str, "linear or cosine"),
-    "prediction": ("diffusion.prediction", str, "epsilon or v"),
+    "prediction": ("diffusion.prediction", str, "v (default) or epsilon (the seed's)"),
     "loss": ("diffusion.loss", str, "smooth_l1 or mse"),
     "out_dir": ("train.out_dir", str, "run folder for checkpoints, logs and pictures"),
     "batch_size": ("train.batch_size", int, "global batch size"),
