@@ -15,7 +15,7 @@ Sections (all printed as markdown tables, everything also written to --out as JS
      front as brainfusion's patch_size (--diffusers-patch-size 1: a plain full-resolution one).
      Full step = forward, smooth-L1 noise loss, backward, Adam step.
      Every measurement runs in a fresh subprocess (peak resident memory from getrusage).
-  C  sampling speed and quality from --checkpoint: DDPM-1000, DDIM-50, DPM-Solver++ 10/20/25;
+  C  sampling speed and quality from --checkpoint: DDPM-1000, DDIM-50, DPM-Solver++ 10/20/25, SDE-DPM-Solver++ 20/25;
      quality via brainfusion.evaluate.quick_metrics against --real-data (skipped if missing).
   D  CUDA only: the training table at 64x64 and 256x256 with bf16, channels_last, torch.compile
      and fused Adam.
@@ -67,7 +67,7 @@ class Settings:
     search_per_tier: int = 8
     search_refine_rounds: int = 2  # then nudge single widths by +-norm_groups towards a ratio of 1
     n_images: int = 64
-    sample_plan: tuple = (("ddpm", 1000), ("ddim", 50), ("dpm++", 10), ("dpm++", 20), ("dpm++", 25))
+    sample_plan: tuple = (("ddpm", 1000), ("ddim", 50), ("dpm++", 10), ("dpm++", 20), ("dpm++", 25), ("dpm++sde", 20), ("dpm++sde", 25))
     cuda_sizes: tuple = (64, 256)
     cuda_batch: int = 32
     cuda_warmup: int = 5  # the first iterations include torch.compile
@@ -79,7 +79,7 @@ QUICK = dict(  # a smoke test: every code path, minimal work (about 3 minutes on
     roof_batch_cpu=4, roof_batch_cuda=64, roof_warmup=1, roof_iters=3, slow_bf16_iters=1, slow_bf16_batch=1,
     train_batch=2, train_warmup=1, train_iters=1, slow_bf16_warmup=0, train_budget_s=15.0, min_iters=1,
     search_per_tier=4, search_refine_rounds=0,
-    n_images=2, sample_plan=(("ddpm", 10), ("ddim", 5), ("dpm++", 3), ("dpm++", 4), ("dpm++", 5)),
+    n_images=2, sample_plan=(("ddpm", 10), ("ddim", 5), ("dpm++", 3), ("dpm++", 4), ("dpm++", 5), ("dpm++sde", 5)),
     cuda_sizes=(64,), cuda_batch=8, cuda_warmup=3, cuda_iters=5, worker_timeout_s=600.0,
 )
 
@@ -761,6 +761,8 @@ def main(argv=None) -> int:
     p.add_argument("--sections", default="ABCD", help="which sections to run, e.g. AB (default ABCD)")
     p.add_argument("--diffusers-patch-size", type=int, choices=(1, 2, 4),
                    help="pixel-unshuffle factor in front of the diffusers U-Net (default: brainfusion's ModelConfig().patch_size)")
+    p.add_argument("--n-images", type=int, default=0,
+                   help="images per sampler in C (default 64); more gives a steadier quality metric")
     p.add_argument("--threads", type=int, default=0, help="torch threads in every measurement (default: torch's choice)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -775,6 +777,8 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     st = Settings(**(QUICK if args.quick else {}))
+    if args.n_images:
+        st = dataclasses.replace(st, n_images=args.n_images)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)

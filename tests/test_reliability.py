@@ -184,6 +184,10 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(slices_dir, 
             newest = latest_checkpoint(ckpts)
             start = load_checkpoint(newest).step if newest else 0
             if start == STEPS:
+                if f"trained to step {STEPS}" not in log.read_text():  # killed after its final checkpoint landed:
+                    stats["resumes"] += 1  # a resume finds the run complete and says so
+                    proc = _spawn(slices_dir, run, log, "--resume")
+                    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
                 break
             resume = ["--resume"] if newest else []
             stats["resumes"] += bool(newest)

@@ -93,6 +93,9 @@ class ModelConfig:
             )
 
 
+SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")  # reverse processes `diffusion.make_scheduler` builds
+
+
 @dataclass
 class DiffusionConfig:
     """The forward process and what the network predicts."""

@@ -1,9 +1,15 @@
 """The diffusion process: noise schedule, forward process q(x_t | x_0), training loss, samplers.
 
 The schedule and loss are ours (a few lines, and the tests check them against diffusers). The
-reverse-process samplers are diffusers' schedulers — DDPM (the seed's ancestral sampler), DDIM
-and DPM-Solver++(2M) — configured from the same `DiffusionConfig`, so one trained network can
-be sampled with any of them.
+reverse-process samplers are diffusers' schedulers — DDPM (the seed's ancestral sampler), DDIM,
+DPM-Solver++(2M) and its stochastic form SDE-DPM-Solver++(2M) — configured from the same
+`DiffusionConfig`, so one trained network can be sampled with any of them.
+
+The fast samplers run without x₀ clipping or dynamic thresholding: on the demo model both made
+the Fréchet distance worse (DPM-Solver++-20: 0.22 with thresholding, 0.16 without; DDIM-50 three
+times worse with clipping). "dpm++sde" injects fresh noise at every step like DDPM does, which
+corrects the network's errors instead of integrating them, and spaces its steps by Karras et
+al.'s σ rule; it reaches DDPM-1000's quality in 20–25 steps.
 """
 
 from __future__ import annotations
@@ -14,10 +20,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import DiffusionConfig
+from .config import SAMPLERS, DiffusionConfig
 from .errors import BrainfusionError
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
 
 
 class NoiseSchedule:
@@ -81,11 +86,12 @@ def make_scheduler(cfg: DiffusionConfig, sampler: str):
     if sampler == "ddpm":
         return DDPMScheduler(**common, clip_sample=True, variance_type="fixed_small")
     if sampler == "ddim":
-        return DDIMScheduler(**common, clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
     if sampler == "dpm++":
+        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing")
+    if sampler == "dpm++sde":
         return DPMSolverMultistepScheduler(
-            **common, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
-            thresholding=True, sample_max_value=1.0, dynamic_thresholding_ratio=0.995,
+            **common, algorithm_type="sde-dpmsolver++", solver_order=2, timestep_spacing="trailing", use_karras_sigmas=True
         )
     raise BrainfusionError(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
 

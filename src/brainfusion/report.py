@@ -174,6 +174,8 @@ def _markdown(results: dict, figs: dict[str, str]) -> str:
     div, mem = results.get("diversity", {}), results.get("memorization", {})
     hist = results.get("histogram", {})
     R = results.get("resolution")
+    whole_set = dom.get("KID_subset_size") == max(c.get("generated") or 0, c.get("real") or 0)
+    kid_spread = "" if whole_set else f" ± {_fmt(dom.get('KID_std'), 2)}"  # subsets that are the whole set do not vary
     lines = [
         "# brainfusion evaluation report",
         "",
@@ -194,7 +196,7 @@ def _markdown(results: dict, figs: dict[str, str]) -> str:
         "| metric | value | how to read it |",
         "|---|---|---|",
         f"| FD_domain | {_fmt(s.get('FD_domain'))} | Fréchet distance on {dom.get('feature_dim', '?')}-d `{dom.get('extractor', '?')}` features; lower is better; compare only at equal sample counts |",
-        f"| KID_domain | {_fmt(s.get('KID_domain'))} ± {_fmt(dom.get('KID_std'), 2)} | unbiased MMD², cubic kernel, {dom.get('KID_subsets', '?')} subsets of {dom.get('KID_subset_size', '?')}; ≈0 for same distribution |",
+        f"| KID_domain | {_fmt(s.get('KID_domain'))}{kid_spread} | unbiased MMD², cubic kernel, {dom.get('KID_subsets', '?')} subsets of {dom.get('KID_subset_size', '?')}; ≈0 for same distribution |",
         f"| FID_inception | {_fmt(s.get('FID_inception'))} | "
         + ("skipped (see notes)" if inc.get("skipped") else f"Inception-v3 pool3 (TF-FID weights) on {_fmt(c.get('inception_per_set'))} images per set; compare only at the same count")
         + " |",

@@ -340,7 +340,7 @@ def _preview(model, config: RunConfig, path: Path, device, dtype, n: int = 16) -
     model.eval()
     gen = torch.Generator().manual_seed(config.train.seed)
     size = config.model.image_size
-    images, _ = sample(network_fn(model, device, dtype), config.diffusion, (n, 1, size, size), "dpm++", 20, gen)
+    images, _ = sample(network_fn(model, device, dtype), config.diffusion, (n, 1, size, size), "dpm++sde", 25, gen)
     model.train(was)
     save_grid(to_uint8(images), path)
 
@@ -351,7 +351,7 @@ def _evaluate_during_training(model, config: RunConfig, real: np.ndarray, out_di
     model.eval()
     size = config.model.image_size
     gen = torch.Generator().manual_seed(config.train.seed + 1)
-    images, _ = sample(network_fn(model, device, dtype), config.diffusion, (64, 1, size, size), "dpm++", 20, gen)
+    images, _ = sample(network_fn(model, device, dtype), config.diffusion, (64, 1, size, size), "dpm++sde", 25, gen)
     rng = np.random.default_rng(0)
     reference = real[rng.choice(len(real), size=min(512, len(real)), replace=False)]
     metrics = quick_metrics(to_uint8(images), reference)
