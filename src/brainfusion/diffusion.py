@@ -24,7 +24,6 @@ from .config import SAMPLERS, DiffusionConfig
 from .errors import BrainfusionError
 
 
-
 class NoiseSchedule:
     """β_t and ᾱ_t for t = 0..T-1, and the forward process built on them."""
 
