@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import SAMPLERS, RunConfig, load_config
+from .config import FAST_SAMPLER, FAST_STEPS, SAMPLERS, RunConfig, load_config
 from .errors import BrainfusionError
 
 log = logging.getLogger("brainfusion")
@@ -196,7 +196,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         log.info("%s already holds a run; continuing it for another %.1f minutes", run_dir, args.minutes)
     result = train(config, resume=resume, progress=not args.quiet)
     samples = generate(SampleConfig(checkpoint=str(result.checkpoint), out_dir=str(run_dir / "samples" / "demo"),
-                                    n_images=64, batch_size=64, seed=args.seed, sampler="dpm++sde", steps=25),
+                                    n_images=64, batch_size=64, seed=args.seed, sampler=FAST_SAMPLER, steps=FAST_STEPS),
                        progress=not args.quiet)
     minutes = (time.monotonic() - t0) / 60
     print(f"\ndemo finished in {minutes:.1f} min (step {result.step}, {result.images_per_s:.1f} img/s at the end)")
@@ -263,8 +263,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", default="dpm++sde", choices=SAMPLERS)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--sampler", default=FAST_SAMPLER, choices=SAMPLERS)
+    p.add_argument("--steps", type=int, default=FAST_STEPS)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.set_defaults(func=cmd_evaluate, no_gif=True, no_ema=False)
 

@@ -94,6 +94,7 @@ class ModelConfig:
 
 
 SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")  # reverse processes `diffusion.make_scheduler` builds
+FAST_SAMPLER, FAST_STEPS = "dpm++sde", 25  # what demo, evaluate and training previews sample with (DDPM-1000 quality)
 
 
 @dataclass

@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 GRID_MAX = 256  # the grid shows the first 256 images (a 10,000-image FID run needs no 10,000-tile picture)
 
 
+def sample_path(images_dir: Path, index: int) -> Path:
+    """Where image `index` of a run goes: one name per global index, so ranks never clash."""
+    return images_dir / f"sample_{index:05d}.png"
+
+
 @dataclass
 class SampleConfig:
     checkpoint: str = "runs/demo"
@@ -85,7 +90,7 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
         x, frames = sample(fn, state.config.diffusion, (count, 1, size, size), cfg.sampler, steps, gen,
                            frames=cfg.gif_frames if want_gif else 0, progress=bar.update if bar else None)
         for i, image in enumerate(to_uint8(x)):
-            save_png(image, images_dir / f"sample_{b * cfg.batch_size + i:05d}.png")
+            save_png(image, sample_path(images_dir, b * cfg.batch_size + i))
         if want_gif:
             shown = min(16, count)
             pictures = [make_grid(to_uint8(f[:shown].clamp(-1, 1))) for f in frames]
@@ -97,7 +102,7 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
     result = {"out_dir": str(out_dir), "images": str(images_dir), "seconds": seconds,
               "seconds_per_image": seconds / max(1, sum(min(cfg.batch_size, cfg.n_images - b * cfg.batch_size) for b in mine))}
     if ctx.is_main:
-        files = [images_dir / f"sample_{i:05d}.png" for i in range(cfg.n_images)]
+        files = [sample_path(images_dir, i) for i in range(cfg.n_images)]
         missing = [f for f in files if not f.is_file()]
         if missing:
             raise BrainfusionError(

@@ -22,7 +22,7 @@ import torch
 
 from . import distributed as dist
 from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
-from .config import RunConfig
+from .config import FAST_SAMPLER, FAST_STEPS, RunConfig
 from .data import BatchStream, load_slices, to_uint8
 from .diffusion import NoiseSchedule, sample
 from .errors import BrainfusionError
@@ -340,7 +340,7 @@ def _preview(model, config: RunConfig, path: Path, device, dtype, n: int = 16) -
     model.eval()
     gen = torch.Generator().manual_seed(config.train.seed)
     size = config.model.image_size
-    images, _ = sample(network_fn(model, device, dtype), config.diffusion, (n, 1, size, size), "dpm++sde", 25, gen)
+    images, _ = sample(network_fn(model, device, dtype), config.diffusion, (n, 1, size, size), FAST_SAMPLER, FAST_STEPS, gen)
     model.train(was)
     save_grid(to_uint8(images), path)
 
@@ -351,7 +351,7 @@ def _evaluate_during_training(model, config: RunConfig, real: np.ndarray, out_di
     model.eval()
     size = config.model.image_size
     gen = torch.Generator().manual_seed(config.train.seed + 1)
-    images, _ = sample(network_fn(model, device, dtype), config.diffusion, (64, 1, size, size), "dpm++sde", 25, gen)
+    images, _ = sample(network_fn(model, device, dtype), config.diffusion, (64, 1, size, size), FAST_SAMPLER, FAST_STEPS, gen)
     rng = np.random.default_rng(0)
     reference = real[rng.choice(len(real), size=min(512, len(real)), replace=False)]
     metrics = quick_metrics(to_uint8(images), reference)
