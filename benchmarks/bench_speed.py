@@ -160,7 +160,7 @@ def cpu_flags() -> set[str]:
 
 
 def native_bf16() -> bool:
-    from brainfusion.train import cpu_has_fast_bf16
+    from brainfusion.runtime import cpu_has_fast_bf16
 
     return bool(cpu_has_fast_bf16())
 
@@ -607,7 +607,7 @@ def print_training_table(rows: list[dict], cuda: bool) -> list[dict]:
 
 
 def section_training(st: Settings, models: dict, roof: list[dict], fast_bf16: bool, threads: int) -> dict:
-    from brainfusion.train import choose_channels_last
+    from brainfusion.runtime import choose_channels_last
 
     print(f"## B. Training throughput on the CPU ({st.train_size}x{st.train_size})\n")
     print("Full step = forward, smooth-L1 noise loss, backward, Adam step; synthetic batch; flush-denormal on for both; "
@@ -642,7 +642,7 @@ def section_sampling(st: Settings, args) -> dict:
     from brainfusion.data import to_uint8
     from brainfusion.diffusion import sample
     from brainfusion.sample import load_model
-    from brainfusion.train import choose_precision, network_fn
+    from brainfusion.runtime import choose_precision, network_fn
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as `brainfusion sample` picks it
     model, state = load_model(Path(args.checkpoint), use_ema=True, device=device)

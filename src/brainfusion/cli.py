@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import FAST_SAMPLER, FAST_STEPS, SAMPLERS, RunConfig, load_config
+from .config import FAST_SAMPLER, FAST_STEPS, RECIPES, SAMPLERS, RunConfig, load_config, recipe_config
 from .errors import BrainfusionError
 
 log = logging.getLogger("brainfusion")
@@ -58,6 +58,7 @@ TRAIN_FLAGS = {
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="JSON or TOML file with data/model/diffusion/train sections")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe applied over the config (vp: the pre-EDM default)")
     for name, (_key, kind, help_text) in TRAIN_FLAGS.items():
         flag = "--" + name.replace("_", "-")
         if kind is None:
@@ -68,6 +69,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_run_config(args: argparse.Namespace) -> RunConfig:
     raw = load_config(args.config).to_dict() if args.config else RunConfig().to_dict()
+    if args.recipe:
+        raw = recipe_config(args.recipe, raw).to_dict()
     for name, (key, kind, _help) in TRAIN_FLAGS.items():
         value = getattr(args, name)
         if value is None:

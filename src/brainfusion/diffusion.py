@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import SAMPLERS, DiffusionConfig
+from .edm import EDM_SAMPLERS, EDMProcess
 from .errors import BrainfusionError
+from .seeding import randn
 
 
 class NoiseSchedule:
@@ -38,6 +40,10 @@ class NoiseSchedule:
             betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64)
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+
+    def draw_levels(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """The timesteps of one training batch, uniform over 0..T-1."""
+        return torch.randint(0, self.config.timesteps, (n,), generator=generator)
 
     def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         abar = self.alphas_cumprod.to(like.device)[t].to(torch.float32)
@@ -62,6 +68,22 @@ class NoiseSchedule:
             return (x_t - s * model_output) / a
         return a * x_t - s * model_output
 
+    def sigmas(self) -> torch.Tensor:
+        """σ_t = √((1 − ᾱ_t)/ᾱ_t): x_t/√ᾱ_t is x₀ plus noise of this σ, the EDM view of step t."""
+        return ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+
+    def denoiser(self, model: Callable):
+        """D(x, σ) = x̂₀ for x = x₀ + σ·n, at the timestep whose σ_t is nearest σ (for diagnostics)."""
+        sigmas = self.sigmas()
+
+        def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            t = int((sigmas - sigma).abs().argmin())
+            x_t = x / math.sqrt(1 + float(sigmas[t]) ** 2)
+            t_batch = torch.full((x.shape[0],), t, dtype=torch.long)
+            return self.predict_x0(model(x_t, t_batch), x_t, t_batch)
+
+        return denoise
+
     def loss(self, model: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The seed's loss: smooth-L1 (or MSE) between the target and the network's output."""
         prediction = model(self.q_sample(x0, t, noise), t).float()
@@ -71,9 +93,15 @@ class NoiseSchedule:
         return F.mse_loss(prediction, target)
 
 
+def make_process(cfg: DiffusionConfig):
+    """The training process of a config: `NoiseSchedule` (VP) or `EDMProcess`; both draw noise levels
+    and compute the loss with the same signatures, so the training step does not care which."""
+    return EDMProcess(cfg) if cfg.formulation == "edm" else NoiseSchedule(cfg)
+
+
 def make_scheduler(cfg: DiffusionConfig, sampler: str):
     """A diffusers scheduler for `sampler`, matching the training schedule exactly."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, HeunDiscreteScheduler
 
     common = dict(
         num_train_timesteps=cfg.timesteps,
@@ -92,6 +120,8 @@ def make_scheduler(cfg: DiffusionConfig, sampler: str):
         return DPMSolverMultistepScheduler(
             **common, algorithm_type="sde-dpmsolver++", solver_order=2, timestep_spacing="trailing", use_karras_sigmas=True
         )
+    if sampler == "heun":
+        return HeunDiscreteScheduler(**common, timestep_spacing="trailing", use_karras_sigmas=True)
     raise BrainfusionError(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
 
 
@@ -102,7 +132,7 @@ def sample(
     shape: tuple[int, ...],
     sampler: str = "ddpm",
     steps: int = 0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     frames: int = 0,
     progress: Callable | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -111,19 +141,39 @@ def sample(
     `model` maps (x_t, t) to the network output in float32; `steps` defaults to T for DDPM and
     50 for the fast samplers.
     """
-    scheduler = make_scheduler(cfg, sampler)
     steps = steps or (cfg.timesteps if sampler == "ddpm" else 50)
     if not 1 <= steps <= cfg.timesteps:
         raise BrainfusionError(f"--steps {steps} must be between 1 and {cfg.timesteps}.")
+    x = randn(shape, generator)
+    if cfg.formulation == "edm":
+        if sampler not in EDM_SAMPLERS:
+            raise BrainfusionError(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
+        process = EDMProcess(cfg)
+        sigmas = process.sigmas(steps)
+        x = x * sigmas[0].item()
+        trajectory = EDM_SAMPLERS[sampler](process.denoiser(model), x, sigmas, generator=generator)
+        return _run(x, trajectory, steps, frames, progress)
+    scheduler = make_scheduler(cfg, sampler)
     scheduler.set_timesteps(steps)
-    x = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
-    timesteps = scheduler.timesteps
-    keep = set(torch.linspace(0, len(timesteps) - 1, frames).round().long().tolist()) if frames else set()
+    x = x * scheduler.init_noise_sigma
+    noise = {} if sampler == "heun" else {"generator": generator}  # Heun is deterministic and takes none
+
+    def trajectory():
+        nonlocal x
+        for t in scheduler.timesteps:
+            t_batch = torch.full((shape[0],), int(t), dtype=torch.long)
+            output = model(scheduler.scale_model_input(x, t), t_batch)
+            x = scheduler.step(output, t, x, **noise).prev_sample
+            yield x
+
+    return _run(x, trajectory(), len(scheduler.timesteps), frames, progress)
+
+
+def _run(x: torch.Tensor, trajectory, n: int, frames: int, progress: Callable | None):
+    """Drain a sampler's trajectory of n states, keeping `frames` evenly spaced snapshots."""
+    keep = set(torch.linspace(0, n - 1, frames).round().long().tolist()) if frames else set()
     snapshots = [x.clone()] if frames else []
-    for i, t in enumerate(timesteps):
-        t_batch = torch.full((shape[0],), int(t), dtype=torch.long)
-        output = model(scheduler.scale_model_input(x, t), t_batch)
-        x = scheduler.step(output, t, x, generator=generator).prev_sample
+    for i, x in enumerate(trajectory):
         if i in keep:
             snapshots.append(x.clone())
         if progress is not None:

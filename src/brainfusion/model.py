@@ -119,7 +119,10 @@ class UNet(nn.Module):
         widths = [c0 * m for m in cfg.channel_mults]
         t_dim = 4 * c0
         self.time_mlp = nn.Sequential(nn.Linear(c0, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
-        pixels = cfg.in_channels * cfg.patch_size**2
+        k = cfg.pixel_channels if cfg.patch_size > 1 else 0
+        pixels = (k or cfg.in_channels) * cfg.patch_size**2
+        self.pixel_in = nn.Conv2d(cfg.in_channels, k, 3, padding=1) if k else nn.Identity()
+        self.pixel_out = nn.Sequential(nn.SiLU(), nn.Conv2d(k, cfg.in_channels, 3, padding=1)) if k else nn.Identity()
         self.stem = nn.Conv2d(pixels, c0, 3, padding=1)
         resolutions = [cfg.image_size // cfg.patch_size >> i for i in range(4)]
         self.encoder = nn.ModuleList()
@@ -140,7 +143,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t_emb = self.time_mlp(sinusoidal_embedding(t, self.config.base_channels))
         p = self.config.patch_size
-        h = self.stem(F.pixel_unshuffle(x, p) if p > 1 else x)
+        h = self.stem(F.pixel_unshuffle(self.pixel_in(x), p) if p > 1 else x)
         skips = []
         for block in self.encoder:
             skip, h = block(h, t_emb)
@@ -151,7 +154,7 @@ class UNet(nn.Module):
         for block in self.decoder:
             h = block(h, skips.pop(), t_emb)
         out = self.out(F.silu(self.out_norm(h)))
-        return F.pixel_shuffle(out, p) if p > 1 else out
+        return self.pixel_out(F.pixel_shuffle(out, p)) if p > 1 else out
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,8 +1,8 @@
 """Generate slices from a checkpoint: a grid PNG, the individual PNGs, and a GIF of the reverse process.
 
-Images are made in global batches of `batch_size`; batch b is seeded by (seed, b) and, under
-torchrun, handled by rank b mod W. The output therefore does not depend on the number of
-processes, and names (sample_<index>.png) never clash.
+The images come from `pipeline.Pipeline` (in memory); this module only writes them. Image i of a
+seed is the same in any batch size or process count (per-image noise); under torchrun, global
+batch b is handled by rank b mod W, and names (sample_<index>.png) never clash.
 """
 
 from __future__ import annotations
@@ -16,13 +16,9 @@ import numpy as np
 import torch
 
 from . import distributed as dist
-from .checkpoint import load_checkpoint, load_weights
-from .data import to_uint8
-from .diffusion import sample
 from .errors import BrainfusionError
 from .images import make_grid, save_gif, save_grid, save_png
-from .model import UNet
-from .train import choose_precision, network_fn
+from .pipeline import Pipeline, load_model
 
 log = logging.getLogger(__name__)
 
@@ -49,31 +45,18 @@ class SampleConfig:
     precision: str = "auto"
 
 
-def load_model(checkpoint: Path, use_ema: bool = True, device: torch.device | None = None):
-    """The checkpoint's network (EMA weights by default) in eval mode, and its run config."""
-    state = load_checkpoint(checkpoint, with_optimizer=False)
-    model = UNet(state.config.model)
-    load_weights(model, state.ema if use_ema and state.ema else state.model, state.path)
-    model.eval().to(device or torch.device("cpu"))
-    return model, state
-
-
 def generate(cfg: SampleConfig, progress: bool = True) -> dict:
-    """Sample cfg.n_images images; returns where the grid, PNGs and GIF went."""
+    """Sample cfg.n_images images into files; returns where the grid, PNGs and GIF went."""
     if cfg.n_images <= 0 or cfg.batch_size <= 0:
         raise BrainfusionError("--n and --batch-size must be positive.")
     torch.set_flush_denormal(True)
     ctx = dist.init()
     model, state = load_model(Path(cfg.checkpoint), cfg.use_ema, ctx.device)
-    dtype = choose_precision(cfg.precision, ctx.device)
-    if dtype is not None or ctx.device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    pipe = Pipeline(model, state.config, ctx.device, cfg.precision)
     steps = cfg.steps or (state.config.diffusion.timesteps if cfg.sampler == "ddpm" else 50)
     run_dir = state.path.parent.parent if state.path.parent.name == "checkpoints" else state.path.parent
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "samples" / f"{cfg.sampler}-{steps}"
     images_dir = out_dir / "images"
-    size = state.config.model.image_size
-    fn = network_fn(model, ctx.device, dtype)
     n_batches = -(-cfg.n_images // cfg.batch_size)
     mine = list(range(ctx.rank, n_batches, ctx.world))
     bar = None
@@ -83,37 +66,45 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
         bar = tqdm(total=len(mine) * steps, unit="step", desc=f"sampling {cfg.sampler}-{steps}", dynamic_ncols=True)
     t0 = time.monotonic()
     gif_path = None
+
+    def write_gif(start: int, frames: list[np.ndarray]) -> None:
+        nonlocal gif_path
+        gif_path = save_gif([make_grid(f[:16]) for f in frames], out_dir / "reverse_process.gif")
+
     for b in mine:
-        count = min(cfg.batch_size, cfg.n_images - b * cfg.batch_size)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + b)
+        start = b * cfg.batch_size
+        count = min(cfg.batch_size, cfg.n_images - start)
         want_gif = cfg.gif and b == 0
-        x, frames = sample(fn, state.config.diffusion, (count, 1, size, size), cfg.sampler, steps, gen,
-                           frames=cfg.gif_frames if want_gif else 0, progress=bar.update if bar else None)
-        for i, image in enumerate(to_uint8(x)):
-            save_png(image, sample_path(images_dir, b * cfg.batch_size + i))
-        if want_gif:
-            shown = min(16, count)
-            pictures = [make_grid(to_uint8(f[:shown].clamp(-1, 1))) for f in frames]
-            gif_path = save_gif(pictures, out_dir / "reverse_process.gif")
+        images = pipe(count, cfg.seed, cfg.sampler, steps, batch_size=count, first_index=start,
+                      frames=cfg.gif_frames if want_gif else 0, on_frames=write_gif if want_gif else None,
+                      progress=bar.update if bar else None)
+        for i, image in enumerate(images):
+            save_png(image, sample_path(images_dir, start + i))
     if bar is not None:
         bar.close()
     seconds = time.monotonic() - t0
     dist.barrier(ctx)
-    result = {"out_dir": str(out_dir), "images": str(images_dir), "seconds": seconds,
-              "seconds_per_image": seconds / max(1, sum(min(cfg.batch_size, cfg.n_images - b * cfg.batch_size) for b in mine))}
+    done = sum(min(cfg.batch_size, cfg.n_images - b * cfg.batch_size) for b in mine)
+    result = {"out_dir": str(out_dir), "images": str(images_dir), "seconds": seconds, "seconds_per_image": seconds / max(1, done)}
     if ctx.is_main:
-        files = [sample_path(images_dir, i) for i in range(cfg.n_images)]
-        missing = [f for f in files if not f.is_file()]
-        if missing:
-            raise BrainfusionError(
-                f"{len(missing)} of the {cfg.n_images} images (e.g. {missing[0]}) are missing after every process finished; "
-                "with several nodes, --out must be on a filesystem all of them share."
-            )
-        from PIL import Image
-
-        stack = np.stack([np.asarray(Image.open(f).convert("L")) for f in files[:GRID_MAX]])
-        result["grid"] = str(save_grid(stack, out_dir / "grid.png"))
-        if gif_path:
-            result["gif"] = str(gif_path)
+        result.update(_collect(cfg, images_dir, out_dir, gif_path))
     dist.shutdown(ctx)
+    return result
+
+
+def _collect(cfg: SampleConfig, images_dir: Path, out_dir: Path, gif_path: Path | None) -> dict:
+    """Check every process's images are there, and tile the first GRID_MAX into the grid."""
+    files = [sample_path(images_dir, i) for i in range(cfg.n_images)]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise BrainfusionError(
+            f"{len(missing)} of the {cfg.n_images} images (e.g. {missing[0]}) are missing after every process finished; "
+            "with several nodes, --out must be on a filesystem all of them share."
+        )
+    from PIL import Image
+
+    stack = np.stack([np.asarray(Image.open(f).convert("L")) for f in files[:GRID_MAX]])
+    result = {"grid": str(save_grid(stack, out_dir / "grid.png"))}
+    if gif_path:
+        result["gif"] = str(gif_path)
     return result

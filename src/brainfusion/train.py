@@ -24,39 +24,15 @@ from . import distributed as dist
 from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
 from .config import FAST_SAMPLER, FAST_STEPS, RunConfig
 from .data import BatchStream, load_slices, to_uint8
-from .diffusion import NoiseSchedule, sample
+from .diffusion import make_process, sample
 from .errors import BrainfusionError
 from .images import plot_loss_curve, save_grid
 from .model import UNet, count_parameters, training_flops_per_image
+from .runtime import choose_channels_last, choose_precision, network_fn
 
 log = logging.getLogger(__name__)
 
 LOG_FIELDS = ["step", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "nonfinite_skipped"]
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU computes bf16 natively (AMX or AVX-512 BF16); elsewhere bf16 is emulated and slow."""
-    cpu = getattr(torch, "cpu", None)
-    checks = [getattr(cpu, "_is_amx_tile_supported", None), getattr(cpu, "_is_avx512_bf16_supported", None)]
-    return any(check() for check in checks if check is not None)
-
-
-def choose_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`, or None for plain fp32."""
-    if precision == "fp32":
-        return None
-    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
-    if precision == "bf16" or fast:
-        if precision == "bf16" and not fast:
-            log.warning("bf16 requested but this %s has no native bf16; it will run slowly", device.type)
-        return torch.bfloat16
-    return None
-
-
-def choose_channels_last(setting: str, device: torch.device, dtype: torch.dtype | None) -> bool:
-    if setting != "auto":
-        return setting == "on"
-    return device.type == "cuda" or dtype is not None
 
 
 class EMA:
@@ -139,7 +115,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
     if tcfg.batch_size % ctx.world:
         raise BrainfusionError(f"--batch-size {tcfg.batch_size} is the global batch and must divide by the {ctx.world} processes.")
     stream = BatchStream(slices.images, tcfg.batch_size, tcfg.seed, config.data.hflip, ctx.rank, ctx.world)
-    schedule = NoiseSchedule(config.diffusion)
+    process = make_process(config.diffusion)
 
     torch.manual_seed(tcfg.seed)
     model = UNet(config.model)
@@ -213,14 +189,14 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
             torch.manual_seed(tcfg.seed * 1_000_003 + step)  # dropout, per step
             x0 = stream.batch(step).to(device, memory_format=memory_format)
             gen = torch.Generator().manual_seed(tcfg.seed * 1_000_003 + 7 * step + 2)
-            t_all = torch.randint(0, config.diffusion.timesteps, (tcfg.batch_size,), generator=gen)
+            t_all = process.draw_levels(tcfg.batch_size, gen)
             noise_all = torch.randn((tcfg.batch_size,) + tuple(x0.shape[1:]), generator=gen)
             lo, hi = ctx.rank * stream.per_rank, (ctx.rank + 1) * stream.per_rank
             t, noise = t_all[lo:hi].to(device), noise_all[lo:hi].to(device, memory_format=memory_format)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, tcfg)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = schedule.loss(forward, x0, t, noise)
+                loss = process.loss(forward, x0, t, noise)
             loss_mean = dist.mean(loss, ctx)  # the global batch's loss on every rank; non-finite if any rank's is
             finite = bool(torch.isfinite(loss_mean))
             optimizer.zero_grad(set_to_none=True)
@@ -322,17 +298,6 @@ def _append_log(path: Path, row: dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow(row)
-
-
-def network_fn(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None):
-    """Wrap a model as (x_t, t) → float32 output on CPU, under autocast, for the samplers."""
-    memory_format = torch.channels_last if dtype is not None or device.type == "cuda" else torch.contiguous_format
-
-    def fn(x, t):
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return model(x.to(device, memory_format=memory_format), t.to(device)).float().cpu()
-
-    return fn
 
 
 def _preview(model, config: RunConfig, path: Path, device, dtype, n: int = 16) -> None:

@@ -1,0 +1,174 @@
+"""Quality per CPU-minute: train recipes for fixed CPU budgets, evaluate each against held-out real slices.
+
+    python benchmarks/bench_quality.py --data ../shared/data/kaggle-alzheimer-mri-train \
+        --work runs/bench_quality --recipes vp,edm --budgets 5,20,60
+
+1. Split: in every class folder the files are ordered by the number in their name and the last
+   `--holdout` share is held out as one contiguous block (neighbouring numbers are likely the same
+   subject, so interleaved hold-outs would leak subjects into training). Symlink folders
+   `<work>/data/train` and `<work>/data/heldout`.
+2. Budgets are CPU minutes of this machine, turned into step counts by a timed calibration of each
+   recipe (`--steps-per-min` pins them instead, for a loaded machine). A recipe's budgets are one run
+   resumed from budget to budget (resume is bitwise exact, and no recipe here depends on the budget).
+3. Each checkpoint samples `--n` images (its recipe's fast sampler) and is scored against `--n`
+   held-out slices: Inception FID/KID, FD_domain, spectrum distance, MS-SSIM, near-copies of training
+   slices. The floor row is `--n` training slices scored the same way.
+
+Outputs in --work: results.json (filled as it goes; a rerun skips what is done), quality.md (the
+table) and fid_vs_minutes.png (one line per recipe, the floor dashed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from brainfusion.checkpoint import atomic_write_text, latest_checkpoint
+from brainfusion.config import FAST_SAMPLER, FAST_STEPS, RECIPES, DataConfig, recipe_config
+from brainfusion.data import load_slices
+from brainfusion.evaluate import EvalConfig, evaluate_images
+from brainfusion.pipeline import Pipeline
+
+METRICS = [("FID_inception", "FID", ".1f"), ("KID_inception", "KID×10³", ".1f"), ("FD_domain", "FD_domain", ".3f"),
+           ("spectrum_distance", "spectrum", ".3f"), ("msssim_gen", "MS-SSIM", ".3f"), ("memorization_share", "copies", ".1%")]
+
+
+def split_blocks(source: Path, out: Path, holdout: float) -> tuple[Path, Path]:
+    """Symlink the last `holdout` share of each class folder (by file number) into heldout/, the rest into train/."""
+    if (out / "train").is_dir() and (out / "heldout").is_dir():
+        return out / "train", out / "heldout"
+    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+        files = sorted((f for f in folder.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png")),
+                       key=lambda f: (int(re.findall(r"\d+", f.stem)[-1]) if re.findall(r"\d+", f.stem) else -1, f.name))
+        cut = len(files) - round(len(files) * holdout)
+        for split, part in (("train", files[:cut]), ("heldout", files[cut:])):
+            (out / split / folder.name).mkdir(parents=True, exist_ok=True)
+            for f in part:
+                (out / split / folder.name / f.name).symlink_to(f.resolve())
+    return out / "train", out / "heldout"
+
+
+def _train(config_path: Path, data: Path, run: Path, steps: int, extra: list[str] = ()) -> None:
+    cmd = [sys.executable, "-m", "brainfusion.cli", "--quiet", "train", "--config", str(config_path), "--data", str(data),
+           "--out-dir", str(run), "--max-steps", str(steps), "--sample-every", "0", "--keep-checkpoints", "20", *extra]
+    if latest_checkpoint(run / "checkpoints") is not None:
+        cmd.append("--resume")
+    subprocess.run(cmd, check=True)
+
+
+def calibrate(name: str, config_path: Path, data: Path, work: Path, steps: int = 60) -> float:
+    """Training steps per minute of a recipe, timed between its 20th and last logged step."""
+    run = work / "calibration" / name
+    if not (run / "train_log.csv").is_file():
+        _train(config_path, data, run, steps, ["--log-every", "10", "--checkpoint-every", str(steps)])
+    rows = [line.split(",") for line in (run / "train_log.csv").read_text().splitlines()[1:]]
+    by_step = {int(r[0]): float(r[5]) for r in rows}
+    return (steps - 20) / (by_step[steps] - by_step[20]) * 60
+
+
+def _checkpoint_at(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"ckpt_{step:08d}.safetensors"
+
+
+def evaluate_checkpoint(checkpoint: Path, real: np.ndarray, train: np.ndarray, n: int, sampler: str, steps: int) -> dict:
+    pipe = Pipeline.from_checkpoint(checkpoint)
+    t0 = time.monotonic()
+    generated = pipe(n, seed=12345, sampler=sampler, steps=steps)
+    seconds = time.monotonic() - t0
+    results = evaluate_images(generated, real, train, EvalConfig(inception=True, inception_samples=n, progress=False))
+    return {**results["summary"], "sampling_s": seconds, "images": generated[:64]}
+
+
+def write_outputs(results: dict, work: Path, budgets: list[float]) -> None:
+    atomic_write_text(work / "results.json", json.dumps({k: {m: v for m, v in r.items() if m != "images"}
+                                                         for k, r in results.items()}, indent=2))
+    lines = ["| recipe | CPU min | steps | " + " | ".join(label for _, label, _ in METRICS) + " |",
+             "|---" * (3 + len(METRICS)) + "|"]
+    for key, r in results.items():
+        cells = [format(r[m], fmt) if r.get(m) is not None else "–" for m, _, fmt in METRICS]
+        lines.append(f"| {r['recipe']} | {r.get('minutes', '–')} | {r.get('step', '–')} | " + " | ".join(cells) + " |")
+    atomic_write_text(work / "quality.md", "\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    for recipe in sorted({r["recipe"] for r in results.values() if r["recipe"] != "floor"}):
+        pts = sorted((r["minutes"], r["FID_inception"]) for r in results.values() if r["recipe"] == recipe)
+        ax.plot(*zip(*pts), marker="o", label=recipe)
+    if "floor" in results:
+        ax.axhline(results["floor"]["FID_inception"], ls="--", c="grey", label="training slices (floor)")
+    ax.set_xlabel("training budget, CPU minutes (2 cores)")
+    ax.set_ylabel(f"Inception FID vs held-out ({results[next(iter(results))].get('n', '')} vs same)")
+    ax.set_xticks(budgets)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(work / "fid_vs_minutes.png")
+    plt.close(fig)
+
+
+def _load(path: Path) -> np.ndarray:
+    return load_slices(DataConfig(path=str(path), split="train"), progress=False).images
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="folder of class folders of numbered slices")
+    p.add_argument("--work", type=Path, default=Path("runs/bench_quality"))
+    p.add_argument("--recipes", default="vp,edm",
+                   help=f"comma list of {', '.join(RECIPES)}, or NAME=FILE.json holding overrides on the defaults")
+    p.add_argument("--budgets", default="5,20,60", help="CPU minutes, comma list")
+    p.add_argument("--steps-per-min", default="", help="pin calibration, e.g. vp=272,edm=270")
+    p.add_argument("--holdout", type=float, default=0.2)
+    p.add_argument("--n", type=int, default=1000, help="generated and held-out images per evaluation")
+    p.add_argument("--sampler", default=FAST_SAMPLER)
+    p.add_argument("--steps", type=int, default=FAST_STEPS)
+    args = p.parse_args(argv)
+    budgets = sorted(float(b) for b in args.budgets.split(","))
+    pinned = {k: float(v) for k, v in (kv.split("=") for kv in args.steps_per_min.split(",") if kv)}
+    train_dir, held_dir = split_blocks(args.data, args.work / "data", args.holdout)
+    real, train = _load(held_dir), _load(train_dir)
+    rng = np.random.default_rng(0)
+    real = real[rng.choice(len(real), min(args.n, len(real)), replace=False)]
+    print(f"{len(train)} training slices, {len(real)} held-out slices used (blocks: last {args.holdout:.0%} of each class)")
+    done = json.loads((args.work / "results.json").read_text()) if (args.work / "results.json").is_file() else {}
+    results = {}
+    if "floor" not in done:
+        floor = train[rng.choice(len(train), len(real), replace=False)]
+        done["floor"] = {**evaluate_images(floor, real, train, EvalConfig(inception=True, inception_samples=len(real),
+                                                                             progress=False))["summary"], "recipe": "floor"}
+    results["floor"] = {**done["floor"], "n": len(real)}
+    for spec in args.recipes.split(","):
+        name, _, overrides = spec.partition("=")
+        if overrides:
+            RECIPES[name] = json.loads(Path(overrides).read_text())
+        config_path = args.work / "recipes" / f"{name}.json"
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(config_path, recipe_config(name).to_json())
+        rate = pinned.get(name) or calibrate(name, config_path, train_dir, args.work)
+        print(f"{name}: {rate:.1f} steps per CPU minute")
+        for minutes in budgets:
+            key, step = f"{name}@{minutes:g}", round(minutes * rate)
+            if key not in done:
+                run = args.work / "runs" / name
+                if not _checkpoint_at(run, step).is_file():
+                    _train(config_path, train_dir, run, step, ["--checkpoint-every", str(step)])
+                done[key] = evaluate_checkpoint(_checkpoint_at(run, step), real, train, len(real), args.sampler, args.steps)
+                done[key].pop("images")
+            results[key] = {**done[key], "recipe": name, "minutes": minutes, "step": step, "steps_per_min": rate, "n": len(real)}
+            write_outputs(results, args.work, budgets)
+            print(f"{key}: FID {results[key]['FID_inception']:.1f} (floor {results['floor']['FID_inception']:.1f})", flush=True)
+    print((args.work / "quality.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
