@@ -34,6 +34,7 @@ from brainfusion.checkpoint import atomic_write_text, latest_checkpoint
 from brainfusion.config import FAST_SAMPLER, FAST_STEPS, RECIPES, DataConfig, recipe_config
 from brainfusion.data import load_slices
 from brainfusion.evaluate import EvalConfig, evaluate_images
+from brainfusion.images import save_grid
 from brainfusion.pipeline import Pipeline
 
 METRICS = [("FID_inception", "FID", ".1f"), ("KID_inception", "KID×10³", ".1f"), ("FD_domain", "FD_domain", ".3f"),
@@ -86,9 +87,8 @@ def evaluate_checkpoint(checkpoint: Path, real: np.ndarray, train: np.ndarray, n
     return {**results["summary"], "sampling_s": seconds, "images": generated[:64]}
 
 
-def write_outputs(results: dict, work: Path, budgets: list[float]) -> None:
-    atomic_write_text(work / "results.json", json.dumps({k: {m: v for m, v in r.items() if m != "images"}
-                                                         for k, r in results.items()}, indent=2))
+def write_outputs(results: dict, work: Path) -> None:
+    atomic_write_text(work / "results.json", json.dumps(results, indent=2))
     lines = ["| recipe | CPU min | steps | " + " | ".join(label for _, label, _ in METRICS) + " |",
              "|---" * (3 + len(METRICS)) + "|"]
     for key, r in results.items():
@@ -107,8 +107,8 @@ def write_outputs(results: dict, work: Path, budgets: list[float]) -> None:
     if "floor" in results:
         ax.axhline(results["floor"]["FID_inception"], ls="--", c="grey", label="training slices (floor)")
     ax.set_xlabel("training budget, CPU minutes (2 cores)")
-    ax.set_ylabel(f"Inception FID vs held-out ({results[next(iter(results))].get('n', '')} vs same)")
-    ax.set_xticks(budgets)
+    ax.set_ylabel(f"Inception FID vs held-out slices (n = {results['floor']['n']})")
+    ax.set_xticks(sorted({r["minutes"] for r in results.values() if "minutes" in r}))
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -139,14 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     real, train = _load(held_dir), _load(train_dir)
     rng = np.random.default_rng(0)
     real = real[rng.choice(len(real), min(args.n, len(real)), replace=False)]
+    save_grid(real[:64], args.work / "grids" / "heldout.png")
     print(f"{len(train)} training slices, {len(real)} held-out slices used (blocks: last {args.holdout:.0%} of each class)")
     done = json.loads((args.work / "results.json").read_text()) if (args.work / "results.json").is_file() else {}
-    results = {}
     if "floor" not in done:
         floor = train[rng.choice(len(train), len(real), replace=False)]
-        done["floor"] = {**evaluate_images(floor, real, train, EvalConfig(inception=True, inception_samples=len(real),
-                                                                             progress=False))["summary"], "recipe": "floor"}
-    results["floor"] = {**done["floor"], "n": len(real)}
+        summary = evaluate_images(floor, real, train, EvalConfig(inception=True, inception_samples=len(real), progress=False))
+        done["floor"] = {**summary["summary"], "recipe": "floor", "n": len(real)}
     for spec in args.recipes.split(","):
         name, _, overrides = spec.partition("=")
         if overrides:
@@ -162,11 +161,11 @@ def main(argv: list[str] | None = None) -> None:
                 run = args.work / "runs" / name
                 if not _checkpoint_at(run, step).is_file():
                     _train(config_path, train_dir, run, step, ["--checkpoint-every", str(step)])
-                done[key] = evaluate_checkpoint(_checkpoint_at(run, step), real, train, len(real), args.sampler, args.steps)
-                done[key].pop("images")
-            results[key] = {**done[key], "recipe": name, "minutes": minutes, "step": step, "steps_per_min": rate, "n": len(real)}
-            write_outputs(results, args.work, budgets)
-            print(f"{key}: FID {results[key]['FID_inception']:.1f} (floor {results['floor']['FID_inception']:.1f})", flush=True)
+                scores = evaluate_checkpoint(_checkpoint_at(run, step), real, train, len(real), args.sampler, args.steps)
+                save_grid(scores.pop("images"), args.work / "grids" / f"{key}.png")
+                done[key] = {**scores, "recipe": name, "minutes": minutes, "step": step, "steps_per_min": rate, "n": len(real)}
+            write_outputs(done, args.work)
+            print(f"{key}: FID {done[key]['FID_inception']:.1f} (floor {done['floor']['FID_inception']:.1f})", flush=True)
     print((args.work / "quality.md").read_text())
 
 

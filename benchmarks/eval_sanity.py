@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from brainfusion.evaluate import EvalConfig, evaluate_images, nearest_pairs, write_report
+from brainfusion.evaluate import EvalConfig, evaluate_images, nearest_pairs
+from brainfusion.report import write_report
 from brainfusion.metrics.damage import DAMAGES, noise
 
 DEFAULT_DATA = Path("/work/shared/data/kaggle-alzheimer-mri-train")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +12,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from brainfusion.errors import BrainfusionError
-from brainfusion.evaluate import EvalConfig, evaluate_images, nearest_pairs, quick_metrics, write_report
+from brainfusion.evaluate import EvalConfig, evaluate_images, nearest_pairs, quick_metrics
+from brainfusion.report import write_report
 from brainfusion.metrics import distances as D
 from brainfusion.metrics.damage import blur, noise, patch_shuffle
 from brainfusion.metrics.features import CACHE, domain_weights, resolve_inception_weights, to_eval_tensor

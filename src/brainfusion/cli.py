@@ -150,7 +150,8 @@ def _load_set(path: str, split: str, size: int, on_bad_file: str):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import EvalConfig, evaluate_images, nearest_pairs, write_report
+    from .evaluate import EvalConfig, evaluate_images, nearest_pairs
+    from .report import write_report
 
     if bool(args.generated) == bool(args.checkpoint):
         raise BrainfusionError("give exactly one of --generated FOLDER or --checkpoint RUN to evaluate.")

@@ -24,6 +24,7 @@ from PIL import Image
 
 from .config import DataConfig
 from .errors import BrainfusionError
+from .fileio import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -265,17 +266,10 @@ def _warn_skipped(skipped: list[str], total: int, config: DataConfig, listed: in
 
 
 def _write_cache(path: Path, slices: SliceSet) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
+        with atomic_output(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, images=slices.images, sources=np.array(slices.sources), skipped=np.array(slices.skipped, dtype=str))
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            tmp.unlink(missing_ok=True)  # no half-written cache left behind (a full disk stays as full as it was)
-        except OSError:
-            pass
+    except OSError as exc:  # no half-written cache is left behind (a full disk stays as full as it was)
         log.warning("could not write the slice cache %s (%s); continuing without it", path, exc)
 
 

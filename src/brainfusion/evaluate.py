@@ -5,7 +5,7 @@ resized (antialiased bilinear) to `EvalConfig.resolution` (64) so numbers are co
 and native sizes. Nothing is downloaded.
 
     results = evaluate_images(generated, real, train, EvalConfig(inception=False))
-    write_report(results, generated, real, nearest_pairs(results, generated, train), Path("eval"))
+    report.write_report(results, generated, real, nearest_pairs(results, generated, train), Path("eval"))  # brainfusion.report
     quick_metrics(generated, real)  # cheap subset for --eval-every, a few seconds
 
 Metrics (the flat `results["summary"]` holds the headline numbers):
@@ -47,7 +47,7 @@ import dataclasses
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +69,7 @@ from .metrics.memorization import nearest_train, normalised_rows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalConfig", "evaluate_images", "quick_metrics", "nearest_pairs", "write_report", "versions"]
+__all__ = ["EvalConfig", "evaluate_images", "quick_metrics", "nearest_pairs", "versions"]
 
 
 @dataclass
@@ -426,10 +426,3 @@ def nearest_pairs(results: dict, generated: np.ndarray, train: np.ndarray | None
         (generated[p["generated_index"]], train[p["train_index"]], float(p["ssim"]), float(p["correlation"]))
         for p in mem["closest_pairs"][:k]
     ]
-
-
-def write_report(results: dict, generated: np.ndarray, real: np.ndarray, pairs, out_dir: Path) -> Path:
-    """Write metrics.json, report.md and PNG figures into `out_dir` (see `brainfusion.report`)."""
-    from .report import write_report as _write
-
-    return _write(results, generated, real, pairs, out_dir)

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .fileio import atomic_output
 
 
 def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
@@ -26,17 +27,10 @@ def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.n
     return grid
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-
-
 def save_png(image: np.ndarray, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
-    return path
+    with atomic_output(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+    return Path(path)
 
 
 def save_grid(images: np.ndarray, path: Path, nrow: int | None = None) -> Path:
@@ -45,14 +39,11 @@ def save_grid(images: np.ndarray, path: Path, nrow: int | None = None) -> Path:
 
 def save_gif(frames: list[np.ndarray], path: Path, duration_ms: int = 80, hold_last_ms: int = 1500) -> Path:
     """Animated GIF of uint8 frames; the last frame is held so the result can be seen."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
     pictures = [Image.fromarray(f) for f in frames]
     durations = [duration_ms] * (len(pictures) - 1) + [hold_last_ms]
-    pictures[0].save(tmp, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
-    os.replace(tmp, path)
-    return path
+    with atomic_output(path) as tmp:
+        pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+    return Path(path)
 
 
 def plot_loss_curve(log_csv: Path, path: Path) -> Path | None:
@@ -83,9 +74,16 @@ def plot_loss_curve(log_csv: Path, path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    tmp = _tmp(path)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path, **savefig) -> Path:
+    """Render a matplotlib figure to a PNG file atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png", **savefig)
+    finally:
+        plt.close(fig)
+    return Path(path)

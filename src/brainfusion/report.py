@@ -9,15 +9,16 @@ None / [] to leave the nearest-neighbour figure out).
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from .evaluate import versions
+from .fileio import atomic_write_bytes
+from .images import make_grid, save_figure
 
 FIGURES = {
     "samples": "samples.png",
@@ -25,25 +26,6 @@ FIGURES = {
     "spectrum": "power_spectrum.png",
     "histogram": "intensity_histogram.png",
 }
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write to a temporary file in the same folder, fsync, then os.replace onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; reports are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _jsonable(obj):
@@ -63,18 +45,6 @@ def _jsonable(obj):
     return obj
 
 
-def _mosaic(images: np.ndarray, n: int, cols: int) -> np.ndarray:
-    images = images[:n]
-    h, w = images.shape[1:3]
-    rows = math.ceil(len(images) / cols)
-    pad = 2
-    out = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad), np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, cols)
-        out[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = im
-    return out
-
-
 def _squeeze(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim == 4 and images.shape[1] == 1:
@@ -85,12 +55,7 @@ def _squeeze(images: np.ndarray) -> np.ndarray:
 
 
 def _save_fig(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def _figures(results: dict, generated, real, pairs, out_dir: Path) -> dict[str, str]:
@@ -104,7 +69,7 @@ def _figures(results: dict, generated, real, pairs, out_dir: Path) -> dict[str, 
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.4))
     for ax, ims, title in ((axes[0], generated, "Generated"), (axes[1], real, "Real (held-out)")):
-        ax.imshow(_mosaic(ims, 36, 6), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.imshow(make_grid(ims[:36], nrow=6), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         ax.set_title(f"{title} (first {min(36, len(ims))} of {len(ims)})")
         ax.axis("off")
     made["samples"] = _save_fig(fig, out_dir / FIGURES["samples"]).name
@@ -250,8 +215,6 @@ def write_report(results: dict, generated: np.ndarray, real: np.ndarray, pairs, 
     out_dir.mkdir(parents=True, exist_ok=True)
     results = dict(results)
     if "versions" not in results:
-        from .evaluate import versions
-
         results["versions"] = versions()
     figs = _figures(results, generated, real, pairs, out_dir)
     results["figures"] = figs

@@ -11,7 +11,6 @@ import copy
 import csv
 import logging
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from .config import FAST_SAMPLER, FAST_STEPS, RunConfig
 from .data import BatchStream, load_slices, to_uint8
 from .diffusion import make_process, sample
 from .errors import BrainfusionError
+from .fileio import atomic_output
 from .images import plot_loss_curve, save_grid
 from .model import UNet, count_parameters, training_flops_per_image
 from .runtime import choose_channels_last, choose_precision, network_fn
@@ -283,12 +283,10 @@ def _truncate_log(path: Path, last_step: int) -> None:
     if not kept:
         path.unlink()
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(kept)
-    os.replace(tmp, path)
 
 
 def _append_log(path: Path, row: dict) -> None:
