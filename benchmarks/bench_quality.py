@@ -88,6 +88,9 @@ def evaluate_checkpoint(checkpoint: Path, real: np.ndarray, train: np.ndarray, n
 
 
 def write_outputs(results: dict, work: Path) -> None:
+    """results.json (merged with what another bench process wrote meanwhile), quality.md, fid_vs_minutes.png."""
+    on_disk = json.loads((work / "results.json").read_text()) if (work / "results.json").is_file() else {}
+    results.update({k: v for k, v in on_disk.items() if k not in results})
     atomic_write_text(work / "results.json", json.dumps(results, indent=2))
     lines = ["| recipe | CPU min | steps | " + " | ".join(label for _, label, _ in METRICS) + " |",
              "|---" * (3 + len(METRICS)) + "|"]
@@ -146,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         floor = train[rng.choice(len(train), len(real), replace=False)]
         summary = evaluate_images(floor, real, train, EvalConfig(inception=True, inception_samples=len(real), progress=False))
         done["floor"] = {**summary["summary"], "recipe": "floor", "n": len(real)}
+        write_outputs(done, args.work)
     for spec in args.recipes.split(","):
         name, _, overrides = spec.partition("=")
         if overrides:

@@ -131,3 +131,30 @@ def test_recipes_apply_over_a_config_and_unknown_ones_are_refused():
     assert recipe_config("vp", base).train.lr == 1e-3
     with pytest.raises(BrainfusionError, match="recipe 'nope' is unknown"):
         recipe_config("nope")
+
+
+@pytest.mark.parametrize("formulation", ["vp", "edm"])
+def test_a_two_channel_model_trains_and_samples(formulation):
+    from brainfusion import distributed as dist
+    from brainfusion.data import BatchStream
+    from brainfusion.diffusion import make_process
+    from brainfusion.train import EMA, Session, training_step
+
+    config = RunConfig()
+    config.data.image_size = 16
+    config.model = ModelConfig(image_size=16, in_channels=2, base_channels=8, patch_size=1, attention_resolutions=())
+    config.diffusion.formulation = formulation
+    config.train.precision = "fp32"
+    images = np.random.default_rng(0).integers(0, 256, (12, 2, 16, 16), dtype=np.uint8)
+    torch.manual_seed(0)
+    model = UNet(config.model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    stream = BatchStream(images, 4, seed=0, hflip=True)
+    session = Session(config, dist.init(), stream, make_process(config.diffusion), model, model, EMA(model, 0.9), optimizer,
+                      None, torch.contiguous_format, 0, 3, None, 0, images)
+    before = [p.clone() for p in model.parameters()]
+    losses = [float(training_step(session, step)) for step in range(3)]
+    assert all(np.isfinite(losses))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    out = Pipeline(session.ema.shadow, config, precision="fp32")(3, steps=2, sampler="dpm++")
+    assert out.shape == (3, 2, 16, 16) and out.dtype == np.uint8

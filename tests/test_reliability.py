@@ -432,10 +432,10 @@ def nan_at(monkeypatch):
     def arm(bad):
         calls.clear()
 
-        def loss(self, model, x0, t, noise):
+        def loss(self, model, x0, t, noise, cond=None):
             k = calls["n"]
             calls["n"] += 1
-            value = real(self, model, x0, t, noise)
+            value = real(self, model, x0, t, noise, cond)
             return value * float("nan") if (k in bad if not callable(bad) else bad(k)) else value
 
         monkeypatch.setattr(NoiseSchedule, "loss", loss)

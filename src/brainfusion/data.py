@@ -25,6 +25,7 @@ from PIL import Image
 from .config import DataConfig
 from .errors import BrainfusionError
 from .fileio import atomic_output
+from .seeding import seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -274,13 +275,15 @@ def _write_cache(path: Path, slices: SliceSet) -> None:
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 → float in [-1, 1] with a channel axis."""
-    return images.float().div(127.5).sub(1.0).unsqueeze(1)
+    """uint8 0..255 (N,H,W) or (N,C,H,W) → float in [-1, 1] with a channel axis."""
+    x = images.float().div(127.5).sub(1.0)
+    return x.unsqueeze(1) if x.dim() == 3 else x
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Model-range tensor (N,1,H,W) → uint8 array (N,H,W)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].cpu().numpy()
+    """Model-range tensor (N,C,H,W) → uint8 array: (N,H,W) for one channel, else (N,C,H,W)."""
+    images = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    return images[:, 0] if images.shape[1] == 1 else images
 
 
 class BatchStream:
@@ -306,12 +309,16 @@ class BatchStream:
     def batch(self, step: int) -> torch.Tensor:
         epoch, position = divmod(step, self.steps_per_epoch)
         if epoch != self._perm_epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            gen = seeded_generator(self.seed, 0, epoch)
             self._perm, self._perm_epoch = torch.randperm(len(self.images), generator=gen), epoch
         start = position * self.global_batch + self.rank * self.per_rank
         x = to_model_range(self.images[self._perm[start : start + self.per_rank]])
         if self.hflip:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7 * step + 1)
+            gen = seeded_generator(self.seed, 1, step)
             flip = torch.rand(self.global_batch, generator=gen)[self.rank * self.per_rank :][: self.per_rank] < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x
+
+    def batch_with_cond(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Batch `step` and its conditions (None: this stream carries no labels)."""
+        return self.batch(step), None

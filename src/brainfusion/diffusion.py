@@ -84,9 +84,10 @@ class NoiseSchedule:
 
         return denoise
 
-    def loss(self, model: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def loss(self, model: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond=None) -> torch.Tensor:
         """The seed's loss: smooth-L1 (or MSE) between the target and the network's output."""
-        prediction = model(self.q_sample(x0, t, noise), t).float()
+        x_t = self.q_sample(x0, t, noise)
+        prediction = (model(x_t, t) if cond is None else model(x_t, t, cond)).float()
         target = self.target(x0, t, noise)
         if self.config.loss == "smooth_l1":
             return F.smooth_l1_loss(prediction, target)

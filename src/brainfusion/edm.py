@@ -51,11 +51,11 @@ class EDMProcess:
         shape = (-1,) + (1,) * (like.dim() - 1)
         return [c.view(shape) for c in (c_skip, c_out, c_in)] + [c_noise]
 
-    def loss(self, model: Callable, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def loss(self, model: Callable, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond=None) -> torch.Tensor:
         """EDM's weighted denoising loss, written as MSE (or smooth-L1) on F's target."""
         c_skip, c_out, c_in, c_noise = self._broadcast(sigma, x0)
         x = x0 + sigma.to(x0.device, torch.float32).view(c_in.shape) * noise
-        prediction = model(c_in * x, c_noise).float()
+        prediction = (model(c_in * x, c_noise) if cond is None else model(c_in * x, c_noise, cond)).float()
         target = (x0 - c_skip * x) / c_out
         if self.config.loss == "smooth_l1":
             return F.smooth_l1_loss(prediction, target)

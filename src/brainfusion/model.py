@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .errors import BrainfusionError
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -109,7 +110,10 @@ class DecoderBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """Noise (or v) predictor ε_θ(x_t, t) for 1-channel slices."""
+    """Noise (or v, or EDM's F) predictor of (x_t, t, cond) for slices of `in_channels` channels.
+
+    `cond` is the place for conditions (labels, slice level); this network takes none yet.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -140,7 +144,9 @@ class UNet(nn.Module):
         self.out_norm = make_norm(cfg.norm, c_prev, cfg.norm_groups)
         self.out = nn.Conv2d(c_prev, pixels, 1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is not None:
+            raise BrainfusionError("this network was built without condition inputs; sample it with no condition.")
         t_emb = self.time_mlp(sinusoidal_embedding(t, self.config.base_channels))
         p = self.config.patch_size
         h = self.stem(F.pixel_unshuffle(self.pixel_in(x), p) if p > 1 else x)

@@ -1,7 +1,9 @@
 """One way to turn a seed and a key into a random generator.
 
 Keys are mixed by NumPy's `SeedSequence` (a hash designed for this), so (seed, 1) and (seed + 1, 0)
-give unrelated streams, unlike `seed * C + k` arithmetic.
+give unrelated streams, unlike `seed * C + k` arithmetic. The training keys: (seed, 0, epoch) the
+data order, (seed, 1, step) the flips, (seed, 2, step) noise levels and noise, (seed, 3, step)
+dropout; sampling: (seed, image index).
 """
 
 from __future__ import annotations
@@ -10,10 +12,15 @@ import numpy as np
 import torch
 
 
+def derive_seed(seed: int, *key: int) -> int:
+    """A 63-bit integer seed determined by (seed, *key) alone."""
+    state = np.random.SeedSequence([int(seed), *map(int, key)]).generate_state(2, np.uint32)
+    return (int(state[0]) << 32 | int(state[1])) & (2**63 - 1)
+
+
 def seeded_generator(seed: int, *key: int) -> torch.Generator:
     """A CPU torch generator determined by (seed, *key) alone."""
-    state = np.random.SeedSequence([int(seed), *map(int, key)]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.Generator().manual_seed(derive_seed(seed, *key))
 
 
 def image_generators(seed: int, indices) -> list[torch.Generator]:

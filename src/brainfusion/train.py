@@ -1,14 +1,15 @@
-"""Training loop: Adam with warm-up, gradient clipping, EMA, bf16 where the hardware has it.
+"""Training: set-up first, then a short loop of named phases around one `training_step`.
 
-Every batch, noise draw and timestep is a pure function of (seed, step) — see `BatchStream` —
-so a run resumed from a checkpoint retraces the uninterrupted run exactly, and N processes
-(torchrun + DDP) each take their slice of the same global batch.
+The objective is passed in, as in EDM's training_loop.py: `make_process(config.diffusion)` draws
+the noise levels and computes the loss, VP or EDM alike. Every batch, noise draw and noise level is
+a pure function of (seed, step) (`seeding.seeded_generator`), so a run resumed from a checkpoint
+retraces the uninterrupted run exactly, and N processes (torchrun + DDP) each take their slice of
+the same global batch.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import logging
 import math
 import signal
@@ -25,14 +26,13 @@ from .config import FAST_SAMPLER, FAST_STEPS, RunConfig
 from .data import BatchStream, load_slices, to_uint8
 from .diffusion import make_process, sample
 from .errors import BrainfusionError
-from .fileio import atomic_output
 from .images import plot_loss_curve, save_grid
 from .model import UNet, count_parameters, training_flops_per_image
+from .runlog import RunLog
 from .runtime import choose_channels_last, choose_precision, network_fn
+from .seeding import derive_seed, seeded_generator
 
 log = logging.getLogger(__name__)
-
-LOG_FIELDS = ["step", "epoch", "loss", "lr", "images_per_s", "elapsed_s", "nonfinite_skipped"]
 
 
 class EMA:
@@ -87,36 +87,69 @@ def lr_at(step: int, cfg) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
 
 
-def train(config: RunConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train a model as `config` says, writing checkpoints, logs and pictures to train.out_dir."""
-    config.validate()
+@dataclass
+class Session:
+    """Everything the loop needs, decided once by `set_up`."""
+
+    config: RunConfig
+    ctx: dist.Context
+    stream: BatchStream
+    process: object  # NoiseSchedule or EDMProcess: draw_levels(n, generator), loss(net, x0, levels, noise, cond)
+    model: torch.nn.Module
+    forward: torch.nn.Module  # the model as the step calls it: DDP-wrapped and/or compiled
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    dtype: torch.dtype | None
+    memory_format: torch.memory_format
+    start_step: int
+    max_steps: int | None
+    deadline: float | None
+    skipped_total: int
+    real_for_eval: np.ndarray
+
+
+def _resume_state(config: RunConfig, resume: bool):
+    """The checkpoint to continue from (None for a fresh run), refusing mismatched or accidental reuse."""
+    ckpt_dir = Path(config.train.out_dir) / "checkpoints"
+    newest = latest_checkpoint(ckpt_dir)
+    if not resume:
+        if newest is not None:  # every rank refuses, so none is left waiting
+            raise BrainfusionError(f"{config.train.out_dir} already holds checkpoints; pass --resume to continue, or choose another --out-dir.")
+        return None
+    if newest is None:
+        raise BrainfusionError(f"--resume given but {ckpt_dir} holds no checkpoint; drop --resume to start fresh.")
+    state = load_checkpoint(newest)
+    if state.config.model != config.model or state.config.diffusion != config.diffusion:
+        raise BrainfusionError(
+            f"{newest} was trained with a different model or diffusion config; resume with the same config (see {newest.with_suffix('.json')})."
+        )
+    return state
+
+
+def _place(model, ema, optimizer, state, device, memory_format) -> None:
+    """Load a checkpoint's weights and optimizer state, then move everything to the device."""
+    if state is not None:
+        load_weights(model, state.model, state.path)
+        load_weights(ema.shadow, state.ema, state.path)
+        if state.optimizer is not None:
+            optimizer.load_state_dict(state.optimizer)
+    model.to(device, memory_format=memory_format)
+    ema.shadow.to(device, memory_format=memory_format)
+    for slot in optimizer.state.values():
+        for key, value in slot.items():
+            if torch.is_tensor(value) and key != "step":
+                slot[key] = value.to(device)
+
+
+def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
+    """Resume checks, data, model, optimizer, device, precision and budgets: every decision before step one."""
     tcfg = config.train
-    torch.set_flush_denormal(True)  # tiny Adam moments / zero-initialised layers otherwise hit slow denormal paths
     ctx = dist.init()
-    device = ctx.device
-    out_dir = Path(tcfg.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-
-    start_step, state = 0, None
-    if resume:
-        newest = latest_checkpoint(ckpt_dir)
-        if newest is None:
-            raise BrainfusionError(f"--resume given but {ckpt_dir} holds no checkpoint; drop --resume to start fresh.")
-        state = load_checkpoint(newest)
-        if state.config.model != config.model or state.config.diffusion != config.diffusion:
-            raise BrainfusionError(
-                f"{newest} was trained with a different model or diffusion config; resume with the same config (see {newest.with_suffix('.json')})."
-            )
-        start_step = state.step
-    elif latest_checkpoint(ckpt_dir) is not None:  # every rank refuses, so none is left waiting
-        raise BrainfusionError(f"{out_dir} already holds checkpoints; pass --resume to continue, or choose another --out-dir.")
-
+    state = _resume_state(config, resume)
     slices = load_slices(config.data, progress=progress and ctx.is_main)
     if tcfg.batch_size % ctx.world:
         raise BrainfusionError(f"--batch-size {tcfg.batch_size} is the global batch and must divide by the {ctx.world} processes.")
     stream = BatchStream(slices.images, tcfg.batch_size, tcfg.seed, config.data.hflip, ctx.rank, ctx.world)
-    process = make_process(config.diffusion)
-
     torch.manual_seed(tcfg.seed)
     model = UNet(config.model)
     if ctx.is_main:
@@ -124,201 +157,148 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
         log.info("model: %.2f M parameters, %.2f GFLOP per training image (forward+backward)", count_parameters(model) / 1e6, flops / 1e9)
     ema = EMA(model, tcfg.ema_decay)
     optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
-    if state is not None:
-        load_weights(model, state.model, state.path)
-        load_weights(ema.shadow, state.ema, state.path)
-        if state.optimizer is not None:
-            optimizer.load_state_dict(state.optimizer)
-    dtype = choose_precision(tcfg.precision, device)
-    channels_last = choose_channels_last(tcfg.channels_last, device, dtype)
+    dtype = choose_precision(tcfg.precision, ctx.device)
+    channels_last = choose_channels_last(tcfg.channels_last, ctx.device, dtype)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
-    ema.shadow.to(device, memory_format=memory_format)
-    for slot in optimizer.state.values():
-        for key, value in slot.items():
-            if torch.is_tensor(value) and key != "step":
-                slot[key] = value.to(device)
+    _place(model, ema, optimizer, state, ctx.device, memory_format)
     net = dist.wrap(model, ctx)
-    forward = torch.compile(net) if tcfg.compile else net
-
-    steps_per_epoch = stream.steps_per_epoch
-    budget_steps = [s for s in (tcfg.max_steps, math.ceil(tcfg.epochs * steps_per_epoch) if tcfg.epochs else 0) if s]
-    max_steps = min(budget_steps) if budget_steps else None
-    deadline = time.monotonic() + tcfg.time_budget_min * 60 if tcfg.time_budget_min else None
+    budget_steps = [s for s in (tcfg.max_steps, math.ceil(tcfg.epochs * stream.steps_per_epoch) if tcfg.epochs else 0) if s]
+    start_step = state.step if state is not None else 0
     if ctx.is_main:
         log.info(
             "training on %s (%s, %s), %d slices, global batch %d (%d per process × %d), lr %.1e, from step %d",
-            device, "bf16 autocast" if dtype else "fp32", "channels_last" if channels_last else "contiguous",
+            ctx.device, "bf16 autocast" if dtype else "fp32", "channels_last" if channels_last else "contiguous",
             len(slices), tcfg.batch_size, stream.per_rank, ctx.world, tcfg.lr, start_step,
         )
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.json", config.to_json())
+        Path(tcfg.out_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(tcfg.out_dir) / "config.json", config.to_json())
+    if slices.skipped and ctx.is_main:
+        log.warning("%d bad file(s) were skipped; see the warnings above", len(slices.skipped))
+    return Session(
+        config, ctx, stream, make_process(config.diffusion), model, torch.compile(net) if tcfg.compile else net, ema, optimizer,
+        dtype, memory_format, start_step, min(budget_steps) if budget_steps else None,
+        time.monotonic() + tcfg.time_budget_min * 60 if tcfg.time_budget_min else None,
+        int(state.extra.get("nonfinite_skipped", 0)) if state is not None else 0,  # the CSV column carries over a resume
+        slices.images,
+    )
 
-    real_for_eval = slices.images
-    log_path = out_dir / "train_log.csv"
-    if ctx.is_main:
-        _truncate_log(log_path, start_step)
-    step, nonfinite_run, skipped_total = start_step, 0, 0
-    if state is not None:  # the count of skipped steps carries over a resume, as the CSV column promises
-        skipped_total = int(state.extra.get("nonfinite_skipped", 0))
-    last_ckpt = latest_checkpoint(ckpt_dir) if resume else None
-    window_t, window_images = time.monotonic(), 0
-    images_per_s = 0.0
-    t_start = time.monotonic()
-    bar = None
-    if ctx.is_main and progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0)
+def training_step(s: Session, step: int) -> torch.Tensor:
+    """One optimizer step on global batch `step`; returns the global batch's mean loss (non-finite: skipped)."""
+    tcfg, ctx, device = s.config.train, s.ctx, s.ctx.device
+    torch.manual_seed(derive_seed(tcfg.seed, 3, step))  # dropout
+    images, cond = s.stream.batch_with_cond(step)
+    x0 = images.to(device, memory_format=s.memory_format)
+    gen = seeded_generator(tcfg.seed, 2, step)
+    levels = s.process.draw_levels(tcfg.batch_size, gen)
+    noise = torch.randn((tcfg.batch_size,) + tuple(x0.shape[1:]), generator=gen)
+    lo, hi = ctx.rank * s.stream.per_rank, (ctx.rank + 1) * s.stream.per_rank
+    levels, noise = levels[lo:hi].to(device), noise[lo:hi].to(device, memory_format=s.memory_format)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr_at(step, tcfg)
+    with torch.autocast(device.type, dtype=s.dtype or torch.float32, enabled=s.dtype is not None):
+        loss = s.process.loss(s.forward, x0, levels, noise, cond)
+    loss_mean = dist.mean(loss, ctx)  # the global batch's loss on every rank; non-finite if any rank's is
+    s.optimizer.zero_grad(set_to_none=True)
+    if torch.isfinite(loss_mean):
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), tcfg.grad_clip)
+        s.optimizer.step()
+        s.ema.update(s.model, step)
+    return loss_mean
+
+
+def train(config: RunConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train a model as `config` says, writing checkpoints, logs and pictures to train.out_dir."""
+    config.validate()
+    tcfg = config.train
+    torch.set_flush_denormal(True)  # tiny Adam moments / zero-initialised layers otherwise hit slow denormal paths
+    s = set_up(config, resume, progress)
+    ctx, out_dir = s.ctx, Path(tcfg.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    runlog = RunLog(out_dir / "train_log.csv", s.start_step, s.max_steps, s.deadline, s.stream.steps_per_epoch,
+                    show=ctx.is_main and progress, write=ctx.is_main)
+    step, nonfinite_run, last_ckpt = s.start_step, 0, latest_checkpoint(ckpt_dir) if resume else None
 
     def checkpoint_now() -> Path:
         return save_checkpoint(
-            ckpt_dir, step, config, model.state_dict(), ema.shadow.state_dict(), optimizer.state_dict(),
-            extra={"nonfinite_skipped": skipped_total}, keep=tcfg.keep_checkpoints,
+            ckpt_dir, step, config, s.model.state_dict(), s.ema.shadow.state_dict(), s.optimizer.state_dict(),
+            extra={"nonfinite_skipped": s.skipped_total}, keep=tcfg.keep_checkpoints,
         )
 
     interrupted = False
     with _StopSignal() as stop:
         while True:
-            over_time = deadline is not None and time.monotonic() >= deadline
-            if (max_steps is not None and step >= max_steps) or dist.any_flag(over_time, ctx):
+            if (s.max_steps is not None and step >= s.max_steps) or dist.any_flag(runlog.over_time(), ctx):
                 break
             if dist.any_flag(stop.received is not None, ctx):
                 interrupted = True
                 break
-            torch.manual_seed(tcfg.seed * 1_000_003 + step)  # dropout, per step
-            x0 = stream.batch(step).to(device, memory_format=memory_format)
-            gen = torch.Generator().manual_seed(tcfg.seed * 1_000_003 + 7 * step + 2)
-            t_all = process.draw_levels(tcfg.batch_size, gen)
-            noise_all = torch.randn((tcfg.batch_size,) + tuple(x0.shape[1:]), generator=gen)
-            lo, hi = ctx.rank * stream.per_rank, (ctx.rank + 1) * stream.per_rank
-            t, noise = t_all[lo:hi].to(device), noise_all[lo:hi].to(device, memory_format=memory_format)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, tcfg)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = process.loss(forward, x0, t, noise)
-            loss_mean = dist.mean(loss, ctx)  # the global batch's loss on every rank; non-finite if any rank's is
-            finite = bool(torch.isfinite(loss_mean))
-            optimizer.zero_grad(set_to_none=True)
-            if finite:
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-                optimizer.step()
-                ema.update(model, step)
-                nonfinite_run = 0
-            else:
-                nonfinite_run += 1
-                skipped_total += 1
-                log.warning("step %d: non-finite loss, step skipped (%d in a row)", step + 1, nonfinite_run)
-                if nonfinite_run >= tcfg.max_nonfinite:
-                    raise BrainfusionError(
-                        f"the loss was NaN/Inf for {nonfinite_run} steps in a row at step {step + 1}; lower --lr or check the data "
-                        f"(no checkpoint was written from the diverged weights; the last good one is {last_ckpt})."
-                    )
+            loss = training_step(s, step)
+            nonfinite_run = _count_nonfinite(loss, nonfinite_run, step, tcfg.max_nonfinite, last_ckpt)
+            s.skipped_total += nonfinite_run > 0
             step += 1
-            window_images += tcfg.batch_size
-            if ctx.is_main and (step % tcfg.log_every == 0 or step == max_steps):
-                now = time.monotonic()
-                images_per_s = window_images / max(now - window_t, 1e-9)
-                window_t, window_images = now, 0
-                loss_value = float(loss_mean) if finite else float("nan")
-                _append_log(log_path, dict(
-                    step=step, epoch=f"{step / steps_per_epoch:.3f}", loss=f"{loss_value:.6f}", lr=f"{lr_at(step - 1, tcfg):.3e}",
-                    images_per_s=f"{images_per_s:.2f}", elapsed_s=f"{now - t_start:.1f}", nonfinite_skipped=skipped_total,
-                ))
-                if bar is not None:
-                    left = _time_left(step, start_step, max_steps, deadline, now, t_start)
-                    bar.set_postfix_str(f"loss {loss_value:.4f} | {images_per_s:.1f} img/s | left {left}")
-            if bar is not None:
-                bar.update(1)
+            runlog.step(step, float(loss), lr_at(step - 1, tcfg), tcfg.batch_size, s.skipped_total, tcfg.log_every)
             if step % tcfg.checkpoint_every == 0:
                 # weights whose last loss was NaN/Inf may be the diverged ones: no checkpoint until a finite step
                 if ctx.is_main and nonfinite_run == 0:
                     last_ckpt = checkpoint_now()
-                    plot_loss_curve(log_path, out_dir / "loss.png")
+                    plot_loss_curve(runlog.path, out_dir / "loss.png")
                 elif ctx.is_main:
                     log.warning("step %d: checkpoint skipped after a non-finite loss; the last good one is %s", step, last_ckpt)
                 dist.barrier(ctx)
             if ctx.is_main and tcfg.sample_every and step % tcfg.sample_every == 0:
-                _preview(ema.shadow, config, out_dir / "samples" / f"step_{step:08d}.png", device, dtype)
+                _preview(s, out_dir / "samples" / f"step_{step:08d}.png")
             if ctx.is_main and tcfg.eval_every and step % tcfg.eval_every == 0:
-                _evaluate_during_training(ema.shadow, config, real_for_eval, out_dir, step, device, dtype)
-    if bar is not None:
-        bar.close()
+                _evaluate_during_training(s, out_dir, step)
+    runlog.close()
     if ctx.is_main and nonfinite_run == 0 and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}.safetensors")):
         last_ckpt = checkpoint_now()
     if ctx.is_main:
-        plot_loss_curve(log_path, out_dir / "loss.png")
-        if slices.skipped:
-            log.warning("%d bad file(s) were skipped; see the warnings above", len(slices.skipped))
+        plot_loss_curve(runlog.path, out_dir / "loss.png")
     dist.barrier(ctx)
     if interrupted and ctx.is_main:
         log.info("interrupted at step %d; newest checkpoint %s — continue with --resume", step, last_ckpt)
     dist.shutdown(ctx)
-    return TrainResult(out_dir, step, last_ckpt, interrupted, images_per_s)
+    return TrainResult(out_dir, step, last_ckpt, interrupted, runlog.images_per_s)
 
 
-def _time_left(step, start_step, max_steps, deadline, now, t_start) -> str:
-    rate = (step - start_step) / max(now - t_start, 1e-9)
-    left = []
-    if max_steps is not None and rate > 0:
-        left.append((max_steps - step) / rate)
-    if deadline is not None:
-        left.append(deadline - now)
-    if not left:
-        return "?"
-    seconds = max(0, int(min(left)))
-    return f"{seconds // 60}m{seconds % 60:02d}s"
+def _count_nonfinite(loss: torch.Tensor, run: int, step: int, limit: int, last_ckpt: Path | None) -> int:
+    """Non-finite losses in a row after this step; stops training after `limit` of them."""
+    if torch.isfinite(loss):
+        return 0
+    run += 1
+    log.warning("step %d: non-finite loss, step skipped (%d in a row)", step + 1, run)
+    if run >= limit:
+        raise BrainfusionError(
+            f"the loss was NaN/Inf for {run} steps in a row at step {step + 1}; lower --lr or check the data "
+            f"(no checkpoint was written from the diverged weights; the last good one is {last_ckpt})."
+        )
+    return run
 
 
-def _truncate_log(path: Path, last_step: int) -> None:
-    """Drop log rows past the checkpoint being resumed (all rows for a fresh run), so no step is logged twice."""
-    if not path.is_file():
-        return
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= last_step]
-    if len(kept) == len(rows):
-        return
-    if not kept:
-        path.unlink()
-        return
-    with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(kept)
-
-
-def _append_log(path: Path, row: dict) -> None:
-    new = not path.exists() or path.stat().st_size == 0  # a kill between creating the file and writing it leaves it empty
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-def _preview(model, config: RunConfig, path: Path, device, dtype, n: int = 16) -> None:
+def _sample_ema(s: Session, n: int, seed: int) -> np.ndarray:
+    model = s.ema.shadow
     was = model.training
     model.eval()
-    gen = torch.Generator().manual_seed(config.train.seed)
-    size = config.model.image_size
-    images, _ = sample(network_fn(model, device, dtype), config.diffusion, (n, 1, size, size), FAST_SAMPLER, FAST_STEPS, gen)
+    size, channels = s.config.model.image_size, s.config.model.in_channels
+    images, _ = sample(network_fn(model, s.ctx.device, s.dtype, s.config.train.channels_last), s.config.diffusion,
+                       (n, channels, size, size), FAST_SAMPLER, FAST_STEPS, torch.Generator().manual_seed(seed))
     model.train(was)
-    save_grid(to_uint8(images), path)
+    return to_uint8(images)
 
 
-def _evaluate_during_training(model, config: RunConfig, real: np.ndarray, out_dir: Path, step: int, device, dtype) -> None:
+def _preview(s: Session, path: Path, n: int = 16) -> None:
+    save_grid(_sample_ema(s, n, s.config.train.seed), path)
+
+
+def _evaluate_during_training(s: Session, out_dir: Path, step: int) -> None:
     from .evaluate import quick_metrics
 
-    model.eval()
-    size = config.model.image_size
-    gen = torch.Generator().manual_seed(config.train.seed + 1)
-    images, _ = sample(network_fn(model, device, dtype), config.diffusion, (64, 1, size, size), FAST_SAMPLER, FAST_STEPS, gen)
+    images = _sample_ema(s, 64, s.config.train.seed + 1)
     rng = np.random.default_rng(0)
-    reference = real[rng.choice(len(real), size=min(512, len(real)), replace=False)]
-    metrics = quick_metrics(to_uint8(images), reference)
+    reference = s.real_for_eval[rng.choice(len(s.real_for_eval), size=min(512, len(s.real_for_eval)), replace=False)]
+    metrics = quick_metrics(images, reference)
     row = {"step": step, **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in metrics.items()}}
-    _append_log(out_dir / "eval_log.csv", row)
+    RunLog.append(out_dir / "eval_log.csv", row)
     log.info("step %d quality: %s", step, ", ".join(f"{k}={v}" for k, v in row.items() if k != "step"))
-    model.train()
