@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from brainfusion.checkpoint import atomic_write_text, latest_checkpoint
+from brainfusion.checkpoint import latest_checkpoint
+from brainfusion.fileio import atomic_write_text
 from brainfusion.config import FAST_SAMPLER, FAST_STEPS, RECIPES, DataConfig, recipe_config
 from brainfusion.data import load_slices
 from brainfusion.evaluate import EvalConfig, evaluate_images
@@ -95,7 +96,7 @@ def write_outputs(results: dict, work: Path) -> None:
     lines = ["| recipe | CPU min | steps | " + " | ".join(label for _, label, _ in METRICS) + " |",
              "|---" * (3 + len(METRICS)) + "|"]
     for key, r in results.items():
-        cells = [format(r[m], fmt) if r.get(m) is not None else "–" for m, _, fmt in METRICS]
+        cells = [format(r[m] * (1000 if m == "KID_inception" else 1), fmt) if r.get(m) is not None else "–" for m, _, fmt in METRICS]
         lines.append(f"| {r['recipe']} | {r.get('minutes', '–')} | {r.get('step', '–')} | " + " | ".join(cells) + " |")
     atomic_write_text(work / "quality.md", "\n".join(lines) + "\n")
     import matplotlib

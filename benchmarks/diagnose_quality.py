@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brainfusion.checkpoint import atomic_write_text
+from brainfusion.fileio import atomic_write_text
 from brainfusion.config import DataConfig
 from brainfusion.data import load_slices, to_model_range
 from brainfusion.diffusion import make_process

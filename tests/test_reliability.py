@@ -43,11 +43,13 @@ TRAIN = [
     "--log-every", "1", "--seed", str(SEED), "--sample-every", "0",
 ]
 # SIGKILLs in the kill test, by where they are aimed: during start-up (imports, data cache, log truncation),
-# at a random moment once the process is training, and inside a checkpoint write (the signal tests add three more)
-KILL_PLAN = {"startup": 7, "training": 8, "write": 7}
+# at a random moment once the process is training, and at fault-injection points where the process waits to
+# be killed (checkpoint.fault_injection_point): temporary file written, sidecar written, inside rotation, and
+# after the final checkpoint. Those land exactly where aimed on every run, however loaded the machine.
+KILL_PLAN = {"startup": 6, "training": 7, "written": 3, "sidecar": 3, "rotation": 2, "final": 1}
 KILLS = sum(KILL_PLAN.values())
 KILL_SEED = 20240611
-SLOW_WRITE_S = 0.6  # BRAINFUSION_SLOW_CHECKPOINT_WRITE for the kills aimed inside a checkpoint write
+WAIT_S = 300.0  # a child that has not reached its point by then is hung, not slow
 TMP = re.compile(r"^\.ckpt_\d{8}\.(safetensors|json)\.(\d+)\.tmp$")
 
 
@@ -114,7 +116,16 @@ def _spawn(data: Path, run: Path, log: Path, *extra: str, env: dict | None = Non
         return subprocess.Popen(command, env=environment, stdout=out, stderr=subprocess.STDOUT)
 
 
-def _wait_for(condition, proc: subprocess.Popen, timeout: float = 90.0) -> bool:
+def _pause_at(phase: str, marker: Path) -> dict:
+    """Environment that makes a child wait at `phase` after writing `marker` (see fault_injection_point)."""
+    return {"BRAINFUSION_PAUSE_AT": phase, "BRAINFUSION_PAUSE_MARKER": str(marker)}
+
+
+def _release(marker: Path) -> None:
+    marker.with_name(marker.name + ".go").write_text("")
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = WAIT_S) -> bool:
     """Poll until condition() holds (True) or the process ends (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -187,17 +198,18 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(slices_dir, 
                 if f"trained to step {STEPS}" not in log.read_text():  # killed after its final checkpoint landed:
                     stats["resumes"] += 1  # a resume finds the run complete and says so
                     proc = _spawn(slices_dir, run, log, "--resume")
-                    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+                    assert proc.wait(timeout=WAIT_S) == 0, log.read_text()[-3000:]
                 break
             resume = ["--resume"] if newest else []
             stats["resumes"] += bool(newest)
             if stats["kills"] >= KILLS:  # enough kills: let it finish
                 proc = _spawn(slices_dir, run, log, *resume)
-                assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+                assert proc.wait(timeout=WAIT_S) == 0, log.read_text()[-3000:]
                 continue
             mode = plan[stats["kills"]]
             spawned_ns = time.time_ns()
-            env = {"BRAINFUSION_SLOW_CHECKPOINT_WRITE": str(SLOW_WRITE_S)} if mode == "write" else None
+            marker = tmp_path / f"paused{stats['kills']}"
+            env = _pause_at(mode, marker) if mode not in ("startup", "training") else None
             proc = _spawn(slices_dir, run, log, *resume, env=env)
             if mode == "startup":  # anywhere from interpreter start to the first steps
                 time.sleep(rng.uniform(0.1, 3.0))
@@ -206,10 +218,8 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(slices_dir, 
                 alive = _wait_for(lambda: _stepping(run, spawned_ns, start), proc)
                 time.sleep(rng.uniform(0.0, 1.5))
                 alive = alive and proc.poll() is None
-            else:  # inside a checkpoint write: temporary file written, sidecar pending or written, not renamed
-                alive = _wait_for(lambda: bool(_own_temp_files(ckpts, proc.pid)), proc)
-                time.sleep(rng.uniform(0.0, SLOW_WRITE_S * 0.9))
-                alive = alive and proc.poll() is None
+            else:  # waiting at its fault-injection point (or finished without reaching it)
+                alive = _wait_for(marker.exists, proc)
             if not alive:  # it finished before the kill was due
                 assert proc.wait() == 0, log.read_text()[-3000:]
                 continue
@@ -245,12 +255,50 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(slices_dir, 
         runs_done += 1
     print(
         f"\nkill test: {stats['kills']} SIGKILLs ({stats['kills_startup']} at start-up, {stats['kills_training']} while "
-        f"training, {stats['kills_write']} aimed at a checkpoint write, {stats['kills_inside_a_checkpoint_write']} landed "
-        f"inside one, {stats['of_which_after_the_sidecar']} of them after the sidecar), {stats['resumes']} resumes, {runs_done} run(s) of {STEPS} steps, max steps lost {max_lost} "
+        f"training, {stats['kills_inside_a_checkpoint_write']} inside a checkpoint write, {stats['of_which_after_the_sidecar']} "
+        f"of them after the sidecar, {stats['kills_rotation']} inside rotation, {stats['kills_final']} after the final "
+        f"checkpoint), {stats['resumes']} resumes, {runs_done} run(s) of {STEPS} steps, max steps lost {max_lost} "
         f"(interval {EVERY}); final model+EMA+Adam state and per-step loss bitwise equal to the uninterrupted run; "
         f"{time.monotonic() - t0:.0f} s"
     )
     assert stats["kills_inside_a_checkpoint_write"] >= 3
+
+
+def test_a_kill_inside_the_last_rotation_is_tidied_by_the_resume_that_finds_the_run_complete(slices_dir, reference, tmp_path):
+    """The window of issue 9: SIGKILL after rotation deleted an old checkpoint's weights and before its
+    sidecar, at the final checkpoint; the resume has nothing to train and must still sweep the orphan."""
+    from brainfusion.cli import main
+
+    run, log, marker = tmp_path / "run", tmp_path / "train.out", tmp_path / "paused"
+    ckpts = run / "checkpoints"
+    assert main(["--quiet", "train", "--data", str(slices_dir), "--out-dir", str(run), *TRAIN, "--max-steps", str(STEPS - EVERY)]) == 0
+    proc = _spawn(slices_dir, run, log, "--resume", env=_pause_at("rotation", marker))
+    assert _wait_for(marker.exists, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    orphan = ckpts / f"ckpt_{STEPS - 3 * EVERY:08d}.json"
+    assert orphan.exists() and not orphan.with_suffix(".safetensors").exists()
+    assert load_checkpoint(latest_checkpoint(ckpts)).step == STEPS
+    assert main(["--quiet", "train", "--data", str(slices_dir), "--out-dir", str(run), "--max-steps", str(STEPS), *TRAIN, "--resume"]) == 0
+    _assert_tidy(ckpts)
+    _assert_same_state(load_checkpoint(ckpts / f"ckpt_{STEPS:08d}.safetensors"), reference[0])
+
+
+def test_tidy_run_folder_removes_strays_orphans_and_extra_checkpoints(tmp_path):
+    from brainfusion.checkpoint import tidy_run_folder
+    from conftest import write_tiny_checkpoint
+
+    ckpts = tmp_path / "checkpoints"
+    for step in (4, 6, 8):
+        write_tiny_checkpoint(ckpts, step=step)
+    (ckpts / "ckpt_00000008.safetensors").rename(ckpts / ".ckpt_00000010.safetensors.4242.tmp")  # a dead writer's file
+    (ckpts / ".ckpt_00000010.json.4242.tmp").write_text("{")
+    (ckpts / "ckpt_00000002.json").write_text((ckpts / "ckpt_00000004.json").read_text())  # a kill inside rotation
+    (ckpts / "notes.txt").write_text("mine")  # not ours: left alone
+    removed = tidy_run_folder(ckpts, keep=1)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt_00000006.json", "ckpt_00000006.safetensors", "notes.txt"]
+    assert set(removed) >= {"ckpt_00000002.json", "ckpt_00000008.json", ".ckpt_00000010.json.4242.tmp", "ckpt_00000004.safetensors"}
+    assert tidy_run_folder(ckpts, keep=1) == []  # nothing left to do
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,15 +313,15 @@ def test_sigterm_and_sigint_write_a_final_checkpoint_and_exit_130(how, slices_di
     run, log = tmp_path / "run", tmp_path / "train.out"
     ckpts = run / "checkpoints"
     during_write = how.endswith("write")
-    proc = _spawn(slices_dir, run, log, env={"BRAINFUSION_SLOW_CHECKPOINT_WRITE": "1.0"} if during_write else None)
+    target = random.Random(how).randint(3, 9)
+    marker = tmp_path / "paused"
+    proc = _spawn(slices_dir, run, log, env=_pause_at("sidecar" if during_write else f"step:{target}", marker))
+    assert _wait_for(marker.exists, proc)  # the child waits there until released
     if during_write:
-        assert _wait_for(lambda: bool(_own_temp_files(ckpts, proc.pid)), proc)
         writing = int(_own_temp_files(ckpts, proc.pid)[0].name[6:14])
-    else:
-        target = random.Random(how).randint(3, 9)
-        assert _wait_for(lambda: _row_count(run) >= target, proc)
     proc.send_signal(signal.SIGINT if how == "SIGINT" else signal.SIGTERM)
-    assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    _release(marker)
+    assert proc.wait(timeout=WAIT_S) == 130, log.read_text()[-3000:]
     out = log.read_text()
     step = int(re.search(r"trained to step (\d+)", out).group(1))
     assert 0 < step < STEPS
@@ -283,6 +331,8 @@ def test_sigterm_and_sigint_write_a_final_checkpoint_and_exit_130(how, slices_di
     assert state.step == step and state.optimizer is not None
     if during_write:
         assert step == writing  # the write under way was finished, not torn
+    else:
+        assert step == target
     assert not list(ckpts.glob("*.tmp"))
 
     assert main(["--quiet", "train", "--data", str(slices_dir), "--out-dir", str(run), "--max-steps", str(STEPS),

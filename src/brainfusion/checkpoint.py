@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import RunConfig
 from .errors import BrainfusionError
+from .fileio import atomic_write_text, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +39,6 @@ class Checkpoint:
     ema: dict[str, torch.Tensor]
     optimizer: dict | None
     extra: dict
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(Path(path), text.encode())
 
 
 def _optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], list]:
@@ -93,15 +78,15 @@ def save_checkpoint(
         tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
     header = {"format": FORMAT, "step": step, "config": config.to_dict(), "optimizer_groups": groups, "extra": extra or {}}
     metadata = {"brainfusion": json.dumps(header, sort_keys=True)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp), metadata=metadata)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        _fault_injection_pause()
+        fault_injection_point("written")
         atomic_write_text(path.with_suffix(".json"), json.dumps(header, indent=2, sort_keys=True))
-        _fault_injection_pause()
+        fault_injection_point("sidecar")
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -112,34 +97,71 @@ def save_checkpoint(
         raise BrainfusionError(
             f"could not write checkpoint {path} ({exc.strerror or exc}); free disk space or choose a writable --out-dir{kept}."
         ) from None
-    _rotate(out_dir, keep)
+    tidy_run_folder(out_dir, keep)
     return path
 
 
-def _fault_injection_pause() -> None:
-    """Test hook: BRAINFUSION_SLOW_CHECKPOINT_WRITE=<seconds> stretches the two windows of a write
-    (temporary file written → sidecar written → rename) so the kill tests can land a SIGKILL inside them."""
-    delay = os.environ.get("BRAINFUSION_SLOW_CHECKPOINT_WRITE")
-    if delay:
-        try:
-            time.sleep(float(delay) / 2)
-        except ValueError:
-            pass
+_PAUSED: set[str] = set()
+
+
+def fault_injection_point(phase: str) -> None:
+    """Test hook, so kill tests land exactly where they aim instead of racing a timer.
+
+    With BRAINFUSION_PAUSE_AT=<phase> and BRAINFUSION_PAUSE_MARKER=<file>, the first time this
+    process reaches `phase` it writes <file> and waits (up to 10 minutes) until <file>.go exists.
+    Phases: "written" (temporary checkpoint written, sidecar not), "sidecar" (sidecar written, not
+    renamed), "rotation" (an old checkpoint's weights deleted, its sidecar not yet), "final" (the
+    final checkpoint written, the process not yet done) and "step:<n>" (step n finished).
+    """
+    if os.environ.get("BRAINFUSION_PAUSE_AT") != phase or phase in _PAUSED:
+        return
+    _PAUSED.add(phase)
+    marker = Path(os.environ["BRAINFUSION_PAUSE_MARKER"])
+    atomic_write_text(marker, str(os.getpid()))
+    release, deadline = marker.with_name(marker.name + ".go"), time.monotonic() + 600
+    while not release.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _is_stray(path: Path) -> bool:
+    """A killed writer's temporary file, or a sidecar whose checkpoint is gone (or never landed)."""
+    if path.name.startswith(".ckpt_") and path.name.endswith(".tmp"):
+        return True
+    weights = path.with_suffix(".safetensors")
+    return path.suffix == ".json" and bool(NAME.match(weights.name)) and not weights.exists()
 
 
 def _rotate(out_dir: Path, keep: int) -> None:
-    # left by a writer killed mid-write (SIGKILL, power cut): a temporary file, or a sidecar whose rename never
-    # came; after our own write succeeded every such file is stale (one writer per run folder)
-    for stray in out_dir.iterdir():
-        if stray.name.startswith(".ckpt_") and stray.name.endswith(".tmp"):
-            stray.unlink(missing_ok=True)
-        elif stray.suffix == ".json" and NAME.match(stray.with_suffix(".safetensors").name) and not stray.with_suffix(".safetensors").exists():
-            stray.unlink(missing_ok=True)
+    """Drop all but the newest `keep` checkpoints: weights first, then the sidecar, so a kill in
+    between leaves at worst a sidecar without weights (a stray the next takeover removes), never
+    weights without their sidecar."""
     if keep <= 0:
         return
     for old in list_checkpoints(out_dir)[:-keep]:
         old.unlink(missing_ok=True)
+        fault_injection_point("rotation")
         old.with_suffix(".json").unlink(missing_ok=True)
+
+
+def tidy_run_folder(out_dir: Path, keep: int) -> list[str]:
+    """Remove what killed processes left in a checkpoint folder: temporary files, sidecars without
+    their checkpoint, checkpoints beyond `keep`. Called whenever a process takes a run over (start,
+    resume, a resume that finds the run complete) and after every write; one writer per folder.
+    Returns the names removed."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    removed = []
+    for stray in sorted(out_dir.iterdir()):
+        if _is_stray(stray):
+            stray.unlink(missing_ok=True)
+            removed.append(stray.name)
+    before = {p.name for p in out_dir.iterdir()}
+    _rotate(out_dir, keep)
+    removed += sorted(before - {p.name for p in out_dir.iterdir()})
+    if removed:
+        log.info("tidied %s: removed %s", out_dir, ", ".join(removed))
+    return removed
 
 
 def list_checkpoints(out_dir: Path) -> list[Path]:

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from . import distributed as dist
-from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint
+from .checkpoint import fault_injection_point, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, tidy_run_folder
 from .config import FAST_SAMPLER, FAST_STEPS, RunConfig
 from .data import BatchStream, load_slices, to_uint8
 from .diffusion import make_process, sample
 from .errors import BrainfusionError
+from .fileio import atomic_write_text
 from .images import plot_loss_curve, save_grid
 from .model import UNet, count_parameters, training_flops_per_image
 from .runlog import RunLog
@@ -146,6 +147,8 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
     tcfg = config.train
     ctx = dist.init()
     state = _resume_state(config, resume)
+    if ctx.is_main:  # what killed processes left behind goes before anything is written
+        tidy_run_folder(Path(tcfg.out_dir) / "checkpoints", tcfg.keep_checkpoints)
     slices = load_slices(config.data, progress=progress and ctx.is_main)
     if tcfg.batch_size % ctx.world:
         raise BrainfusionError(f"--batch-size {tcfg.batch_size} is the global batch and must divide by the {ctx.world} processes.")
@@ -239,6 +242,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
             s.skipped_total += nonfinite_run > 0
             step += 1
             runlog.step(step, float(loss), lr_at(step - 1, tcfg), tcfg.batch_size, s.skipped_total, tcfg.log_every)
+            fault_injection_point(f"step:{step}")
             if step % tcfg.checkpoint_every == 0:
                 # weights whose last loss was NaN/Inf may be the diverged ones: no checkpoint until a finite step
                 if ctx.is_main and nonfinite_run == 0:
@@ -255,6 +259,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
     if ctx.is_main and nonfinite_run == 0 and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}.safetensors")):
         last_ckpt = checkpoint_now()
     if ctx.is_main:
+        fault_injection_point("final")
         plot_loss_curve(runlog.path, out_dir / "loss.png")
     dist.barrier(ctx)
     if interrupted and ctx.is_main:
