@@ -135,7 +135,7 @@ def _run(sampler, seed, steps=4, frames=0, shape=(3, 1, 16, 16), calls=None, pre
         return torch.zeros_like(x)
 
     gen = torch.Generator().manual_seed(seed)
-    return sample(zeros, DiffusionConfig(prediction=prediction), shape, sampler, steps, gen, frames=frames)
+    return sample(zeros, DiffusionConfig(formulation="vp", prediction=prediction), shape, sampler, steps, gen, frames=frames)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
@@ -166,7 +166,7 @@ def test_sampler_with_v_prediction_stays_in_range(sampler):
 def test_reverse_process_frames():
     ticks = []
     gen = torch.Generator().manual_seed(5)
-    x, frames = sample(lambda x, t: torch.zeros_like(x), DiffusionConfig(), (2, 1, 16, 16), "ddim", 6, gen,
+    x, frames = sample(lambda x, t: torch.zeros_like(x), DiffusionConfig(formulation="vp"), (2, 1, 16, 16), "ddim", 6, gen,
                        frames=3, progress=ticks.append)
     # the starting noise, then `frames` snapshots spread over the steps, the last being the result
     assert len(frames) == 4

@@ -96,17 +96,6 @@ def _row_count(run: Path) -> int:
     return max(0, len(path.read_text().splitlines()) - 1) if path.is_file() else 0
 
 
-def _stepping(run: Path, since_ns: int, start: int) -> bool:
-    """True once a process started after `since_ns` has logged a step past `start` (a resumed process first
-    drops the rows a killed one logged past its checkpoint, so old rows must not count)."""
-    try:
-        if (run / "train_log.csv").stat().st_mtime_ns <= since_ns:
-            return False
-    except FileNotFoundError:
-        return False
-    return max(_log_rows(run), default=0) > start
-
-
 def _spawn(data: Path, run: Path, log: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     """`brainfusion train` as a real child process, one torch thread like this test process."""
     environment = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED="1", **(env or {}))
@@ -207,15 +196,16 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(slices_dir, 
                 assert proc.wait(timeout=WAIT_S) == 0, log.read_text()[-3000:]
                 continue
             mode = plan[stats["kills"]]
-            spawned_ns = time.time_ns()
             marker = tmp_path / f"paused{stats['kills']}"
-            env = _pause_at(mode, marker) if mode not in ("startup", "training") else None
+            # "training": its first step finished (it says so by a marker, not through the log's mtime)
+            env = {"startup": None, "training": _pause_at(f"step:{start + 1}", marker)}.get(mode, _pause_at(mode, marker))
             proc = _spawn(slices_dir, run, log, *resume, env=env)
             if mode == "startup":  # anywhere from interpreter start to the first steps
                 time.sleep(rng.uniform(0.1, 3.0))
                 alive = proc.poll() is None
             elif mode == "training":  # at a random moment once this process is stepping
-                alive = _wait_for(lambda: _stepping(run, spawned_ns, start), proc)
+                alive = _wait_for(marker.exists, proc)
+                _release(marker)
                 time.sleep(rng.uniform(0.0, 1.5))
                 alive = alive and proc.poll() is None
             else:  # waiting at its fault-injection point (or finished without reaching it)
@@ -474,9 +464,11 @@ def _user_error(cli, *args) -> str:
 @pytest.fixture
 def nan_at(monkeypatch):
     """nan_at({k, ...}): the k-th loss computed from now on (0-based, per process) is NaN."""
-    from brainfusion.diffusion import NoiseSchedule
+    from brainfusion.config import DiffusionConfig
+    from brainfusion.diffusion import make_process
 
-    real = NoiseSchedule.loss
+    process = type(make_process(DiffusionConfig()))  # the default formulation's loss
+    real = process.loss
     calls = Counter()
 
     def arm(bad):
@@ -488,7 +480,7 @@ def nan_at(monkeypatch):
             value = real(self, model, x0, t, noise, cond)
             return value * float("nan") if (k in bad if not callable(bad) else bad(k)) else value
 
-        monkeypatch.setattr(NoiseSchedule, "loss", loss)
+        monkeypatch.setattr(process, "loss", loss)
 
     return arm
 

@@ -3,7 +3,9 @@
 Nothing is ever unpickled. The run config and step are embedded in the safetensors metadata
 (the source of truth) and copied to a readable `.json`; a JSON that disagrees with the embedded
 copy marks a tampered checkpoint and is refused. Files are written to a temporary name and
-renamed, so a kill at any moment leaves the previous checkpoint whole.
+renamed, so a kill at any moment leaves the previous checkpoint whole; what such a kill leaves
+behind (temporary files, a sidecar without its weights) is removed by the next process that takes
+the run over (`tidy_run_folder`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +25,13 @@ from safetensors.torch import load_file, save_file
 
 from .config import RunConfig
 from .errors import BrainfusionError
-from .fileio import atomic_write_text, temp_path
+from .fileio import TEMP_SUFFIX, atomic_write_text, temp_path
 
 log = logging.getLogger(__name__)
 
 FORMAT = "brainfusion-checkpoint-v1"
 NAME = re.compile(r"^ckpt_(\d{8})\.safetensors$")
+TEMP = re.compile(r"^\..+\.(\d+)" + re.escape(TEMP_SUFFIX) + "$")  # fileio.temp_path: .NAME.PID.tmp
 
 
 @dataclass
@@ -67,7 +71,13 @@ def save_checkpoint(
     extra: dict | None = None,
     keep: int = 3,
 ) -> Path:
-    """Write ckpt_<step>.safetensors + .json atomically, then drop all but the newest `keep`."""
+    """Write ckpt_<step>.safetensors + .json atomically, then drop all but the newest `keep`.
+
+    safetensors writes through a randomly named temporary file beside its target (`.tmpXXXXXX`),
+    which a kill would strand under a name no tidy can tell from someone else's; so its target is
+    inside a staging folder of this process, `.ckpt_<step>.safetensors.<pid>.tmp/`, one stray as a
+    whole. The sidecar lands before the weights are renamed in: weights never lack their sidecar.
+    """
     out_dir = Path(out_dir)
     path = out_dir / f"ckpt_{step:08d}.safetensors"
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.items()}
@@ -78,18 +88,19 @@ def save_checkpoint(
         tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
     header = {"format": FORMAT, "step": step, "config": config.to_dict(), "optimizer_groups": groups, "extra": extra or {}}
     metadata = {"brainfusion": json.dumps(header, sort_keys=True)}
-    tmp = temp_path(path)
+    staging = temp_path(path)
+    staged = staging / path.name
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as fh:
+        staging.mkdir(exist_ok=True)
+        save_file(tensors, str(staged), metadata=metadata)
+        with open(staged, "rb") as fh:
             os.fsync(fh.fileno())
         fault_injection_point("written")
         atomic_write_text(path.with_suffix(".json"), json.dumps(header, indent=2, sort_keys=True))
         fault_injection_point("sidecar")
-        os.replace(tmp, path)
+        os.replace(staged, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         if not path.exists():  # a sidecar already written must not outlive the failed write
             path.with_suffix(".json").unlink(missing_ok=True)
         previous = latest_checkpoint(out_dir)
@@ -97,7 +108,9 @@ def save_checkpoint(
         raise BrainfusionError(
             f"could not write checkpoint {path} ({exc.strerror or exc}); free disk space or choose a writable --out-dir{kept}."
         ) from None
-    tidy_run_folder(out_dir, keep)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    tidy_checkpoints(out_dir, keep)
     return path
 
 
@@ -124,11 +137,25 @@ def fault_injection_point(phase: str) -> None:
 
 
 def _is_stray(path: Path) -> bool:
-    """A killed writer's temporary file, or a sidecar whose checkpoint is gone (or never landed)."""
-    if path.name.startswith(".ckpt_") and path.name.endswith(".tmp"):
+    """A killed writer's temporary file or staging folder, or a sidecar whose checkpoint is gone (or never landed)."""
+    if path.name.startswith(".ckpt_") and path.name.endswith(TEMP_SUFFIX):
         return True
     weights = path.with_suffix(".safetensors")
     return path.suffix == ".json" and bool(NAME.match(weights.name)) and not weights.exists()
+
+
+def _remove(path: Path) -> bool:
+    """Delete a file or a staging folder. A failure (a read-only folder) is logged, not raised: the
+    files are harmless, and the write that follows reports an unwritable folder in its own words."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        return True
+    except OSError as exc:
+        log.warning("could not remove %s (%s)", path, exc.strerror or exc)
+        return False
 
 
 def _rotate(out_dir: Path, keep: int) -> None:
@@ -138,29 +165,54 @@ def _rotate(out_dir: Path, keep: int) -> None:
     if keep <= 0:
         return
     for old in list_checkpoints(out_dir)[:-keep]:
-        old.unlink(missing_ok=True)
-        fault_injection_point("rotation")
-        old.with_suffix(".json").unlink(missing_ok=True)
+        if _remove(old):
+            fault_injection_point("rotation")
+            _remove(old.with_suffix(".json"))
 
 
-def tidy_run_folder(out_dir: Path, keep: int) -> list[str]:
-    """Remove what killed processes left in a checkpoint folder: temporary files, sidecars without
-    their checkpoint, checkpoints beyond `keep`. Called whenever a process takes a run over (start,
-    resume, a resume that finds the run complete) and after every write; one writer per folder.
-    Returns the names removed."""
+def tidy_checkpoints(out_dir: Path, keep: int) -> list[str]:
+    """Remove what killed writers left in a checkpoint folder: temporary files and staging folders,
+    sidecars without their checkpoint, checkpoints beyond `keep`. One writer per folder, so at a
+    takeover or after this process's own write every such file is stale. Returns the names removed."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []
-    removed = []
-    for stray in sorted(out_dir.iterdir()):
-        if _is_stray(stray):
-            stray.unlink(missing_ok=True)
-            removed.append(stray.name)
+    removed = [stray.name for stray in sorted(out_dir.iterdir()) if _is_stray(stray) and _remove(stray)]
     before = {p.name for p in out_dir.iterdir()}
     _rotate(out_dir, keep)
-    removed += sorted(before - {p.name for p in out_dir.iterdir()})
+    return removed + sorted(before - {p.name for p in out_dir.iterdir()})
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs; an id owned by another user counts, and so does any id where
+    there is no harmless probe (os.kill(pid, 0) terminates the process on Windows)."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True
+    return True
+
+
+def tidy_run_folder(run_dir: Path, keep: int) -> list[str]:
+    """Tidy a run folder when a process takes it over (start, --resume, and a resume that finds the
+    run complete, which writes no checkpoint and so never reaches the tidy after a write): all that
+    tidy_checkpoints removes from checkpoints/, plus the temporary files (`.NAME.PID.tmp`) that dead
+    writers left beside the log, config and previews. Other programs may write there at the same
+    time (`brainfusion sample` into samples/), so only files of processes no longer running go.
+    Returns the paths removed, relative to `run_dir`."""
+    run_dir = Path(run_dir)
+    removed = [f"checkpoints/{name}" for name in tidy_checkpoints(run_dir / "checkpoints", keep)]
+    for folder in (run_dir, run_dir / "samples"):
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            match = TEMP.match(path.name)
+            if match and path.is_file() and not _alive(int(match.group(1))) and _remove(path):
+                removed.append(path.relative_to(run_dir).as_posix())
     if removed:
-        log.info("tidied %s: removed %s", out_dir, ", ".join(removed))
+        log.info("tidied %s: removed what killed processes left, %s", run_dir, ", ".join(removed))
     return removed
 
 

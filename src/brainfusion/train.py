@@ -148,7 +148,7 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
     ctx = dist.init()
     state = _resume_state(config, resume)
     if ctx.is_main:  # what killed processes left behind goes before anything is written
-        tidy_run_folder(Path(tcfg.out_dir) / "checkpoints", tcfg.keep_checkpoints)
+        tidy_run_folder(Path(tcfg.out_dir), tcfg.keep_checkpoints)
     slices = load_slices(config.data, progress=progress and ctx.is_main)
     if tcfg.batch_size % ctx.world:
         raise BrainfusionError(f"--batch-size {tcfg.batch_size} is the global batch and must divide by the {ctx.world} processes.")
