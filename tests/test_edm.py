@@ -158,3 +158,20 @@ def test_a_two_channel_model_trains_and_samples(formulation):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     out = Pipeline(session.ema.shadow, config, precision="fp32")(3, steps=2, sampler="dpm++")
     assert out.shape == (3, 2, 16, 16) and out.dtype == np.uint8
+
+
+def test_a_checkpoint_from_before_the_edm_formulation_loads_as_vp(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from brainfusion.checkpoint import load_checkpoint
+    from conftest import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path / "ckpts")
+    header = json.loads(path.with_suffix(".json").read_text())
+    del header["config"]["diffusion"]["formulation"]  # what every checkpoint written before EDM looks like
+    save_file(load_file(str(path)), str(path), metadata={"brainfusion": json.dumps(header, sort_keys=True)})
+    path.with_suffix(".json").write_text(json.dumps(header, indent=2, sort_keys=True))
+    assert load_checkpoint(path).config.diffusion.formulation == "vp"
+    assert RunConfig().diffusion.formulation == "edm"

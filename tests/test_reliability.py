@@ -50,6 +50,7 @@ KILL_PLAN = {"startup": 6, "training": 7, "written": 3, "sidecar": 3, "rotation"
 KILLS = sum(KILL_PLAN.values())
 KILL_SEED = 20240611
 WAIT_S = 300.0  # a child that has not reached its point by then is hung, not slow
+DEAD_PID = 2**22 + 1  # above Linux's largest possible process id: a writer certainly dead
 TMP = re.compile(r"^\.ckpt_\d{8}\.(safetensors|json)\.(\d+)\.tmp$")
 
 
@@ -269,8 +270,10 @@ def test_a_kill_inside_the_last_rotation_is_tidied_by_the_resume_that_finds_the_
     orphan = ckpts / f"ckpt_{STEPS - 3 * EVERY:08d}.json"
     assert orphan.exists() and not orphan.with_suffix(".safetensors").exists()
     assert load_checkpoint(latest_checkpoint(ckpts)).step == STEPS
+    (run / f".loss.png.{DEAD_PID}.tmp").write_bytes(b"half a picture")  # and a dead writer's file beside the log
     assert main(["--quiet", "train", "--data", str(slices_dir), "--out-dir", str(run), "--max-steps", str(STEPS), *TRAIN, "--resume"]) == 0
     _assert_tidy(ckpts)
+    assert not list(run.glob("*.tmp"))
     _assert_same_state(load_checkpoint(ckpts / f"ckpt_{STEPS:08d}.safetensors"), reference[0])
 
 
@@ -278,17 +281,60 @@ def test_tidy_run_folder_removes_strays_orphans_and_extra_checkpoints(tmp_path):
     from brainfusion.checkpoint import tidy_run_folder
     from conftest import write_tiny_checkpoint
 
-    ckpts = tmp_path / "checkpoints"
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
     for step in (4, 6, 8):
         write_tiny_checkpoint(ckpts, step=step)
-    (ckpts / "ckpt_00000008.safetensors").rename(ckpts / ".ckpt_00000010.safetensors.4242.tmp")  # a dead writer's file
-    (ckpts / ".ckpt_00000010.json.4242.tmp").write_text("{")
+    staging = ckpts / ".ckpt_00000010.safetensors.4242.tmp"  # a writer killed inside safetensors' own write
+    staging.mkdir()
+    (ckpts / "ckpt_00000008.safetensors").rename(staging / ".tmpqir2fZ")
+    (ckpts / ".ckpt_00000010.json.4242.tmp").write_text("{")  # ... or inside the sidecar's
     (ckpts / "ckpt_00000002.json").write_text((ckpts / "ckpt_00000004.json").read_text())  # a kill inside rotation
     (ckpts / "notes.txt").write_text("mine")  # not ours: left alone
-    removed = tidy_run_folder(ckpts, keep=1)
+    (run / "samples").mkdir()
+    for folder, name in ((run, "loss.png"), (run, "train_log.csv"), (run / "samples", "step_00000008.png")):
+        (folder / f".{name}.{DEAD_PID}.tmp").write_bytes(b"half")  # dead writers' files beside the checkpoints
+    (run / "samples" / f".grid.png.{os.getpid()}.tmp").write_bytes(b"half")  # a live writer's: left alone
+    removed = tidy_run_folder(run, keep=1)
     assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt_00000006.json", "ckpt_00000006.safetensors", "notes.txt"]
-    assert set(removed) >= {"ckpt_00000002.json", "ckpt_00000008.json", ".ckpt_00000010.json.4242.tmp", "ckpt_00000004.safetensors"}
-    assert tidy_run_folder(ckpts, keep=1) == []  # nothing left to do
+    assert sorted(removed) == sorted([
+        "checkpoints/.ckpt_00000010.json.4242.tmp", "checkpoints/.ckpt_00000010.safetensors.4242.tmp",
+        "checkpoints/ckpt_00000002.json", "checkpoints/ckpt_00000008.json",
+        "checkpoints/ckpt_00000004.json", "checkpoints/ckpt_00000004.safetensors",
+        f".loss.png.{DEAD_PID}.tmp", f".train_log.csv.{DEAD_PID}.tmp", f"samples/.step_00000008.png.{DEAD_PID}.tmp",
+    ])
+    assert [p.name for p in run.rglob("*.tmp")] == [f".grid.png.{os.getpid()}.tmp"]
+    assert tidy_run_folder(run, keep=1) == []  # nothing left to do
+    assert tidy_run_folder(tmp_path / "no such run", keep=1) == []
+
+
+def test_a_kill_inside_the_safetensors_write_leaves_only_what_the_tidy_removes(tmp_path):
+    """safetensors writes through a `.tmpXXXXXX` file beside its target and renames it, so a SIGKILL in
+    between strands that file. The child does the same up to that point, then SIGKILLs itself."""
+    from brainfusion.checkpoint import tidy_run_folder
+    from conftest import write_tiny_checkpoint
+
+    run = tmp_path / "run"
+    write_tiny_checkpoint(run / "checkpoints", step=2)
+    child = f"""if True:
+        import os, signal, sys
+        from pathlib import Path
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import brainfusion.checkpoint as checkpoint
+        from conftest import write_tiny_checkpoint
+
+        def killed_inside_save_file(tensors, filename, metadata=None):
+            Path(filename).with_name(".tmpqir2fZ").write_bytes(b"half a checkpoint")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpoint.save_file = killed_inside_save_file
+        write_tiny_checkpoint(Path({str(run / "checkpoints")!r}), step=4)
+    """
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=WAIT_S)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert [p.name for p in (run / "checkpoints").rglob(".tmpqir2fZ")], "the child did not get as far as save_file"
+    assert tidy_run_folder(run, keep=3)
+    _assert_tidy(run / "checkpoints", keep=1)
 
 
 # --------------------------------------------------------------------------------------------

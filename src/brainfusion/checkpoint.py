@@ -245,6 +245,14 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
+def _upgrade(raw: dict) -> dict:
+    """A checkpoint stores every config field; one without `diffusion.formulation` predates the EDM
+    formulation and was trained with the VP process, whatever today's default is."""
+    if isinstance(raw, dict) and isinstance(raw.get("diffusion"), dict) and "formulation" not in raw["diffusion"]:
+        raw = {**raw, "diffusion": {**raw["diffusion"], "formulation": "vp"}}
+    return raw
+
+
 def load_checkpoint(path: Path, with_optimizer: bool = True) -> Checkpoint:
     """Read a checkpoint without unpickling; refuse foreign or tampered files."""
     path = resolve_checkpoint(path)
@@ -273,7 +281,7 @@ def load_checkpoint(path: Path, with_optimizer: bool = True) -> Checkpoint:
             raise BrainfusionError(
                 f"{sidecar} does not match the config embedded in {path.name}; the checkpoint was edited or mixed up, restore the original pair."
             ) from None
-    config = RunConfig.from_dict(header["config"], source=f"{path} (embedded config)")
+    config = RunConfig.from_dict(_upgrade(header["config"]), source=f"{path} (embedded config)")
     model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     optimizer = None
