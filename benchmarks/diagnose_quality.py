@@ -43,6 +43,12 @@ def denoising_error(pipe: Pipeline, images: np.ndarray, sigma: float, batch: int
     return float((sum(err) / x0.numel()).sqrt())
 
 
+def _label(ckpt: Path) -> str:
+    """run-folder/step, e.g. edm/1360, for checkpoints of several runs."""
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return f"{run.name}/{int(ckpt.stem[5:])}" if ckpt.stem.startswith("ckpt_") else ckpt.name
+
+
 def levels(args, real: np.ndarray, train: np.ndarray) -> dict:
     import matplotlib
 
@@ -56,8 +62,9 @@ def levels(args, real: np.ndarray, train: np.ndarray) -> dict:
         held = [denoising_error(pipe, real, s) for s in LEVELS]
         seen = [denoising_error(pipe, train, s) for s in LEVELS]
         out[ckpt] = {"sigma": LEVELS.tolist(), "heldout_rms": held, "train_rms": seen}
-        line, = ax.plot(LEVELS, held, marker="o", label=f"{Path(ckpt).name} held-out")
-        ax.plot(LEVELS, seen, ls=":", c=line.get_color(), label=f"{Path(ckpt).name} training")
+        name = _label(Path(ckpt))
+        line, = ax.plot(LEVELS, held, marker="o", label=f"{name} held-out")
+        ax.plot(LEVELS, seen, ls=":", c=line.get_color(), label=f"{name} training")
         print(ckpt, " ".join(f"σ={s:.3g}:{h:.4f}/{t:.4f}" for s, h, t in zip(LEVELS, held, seen)), flush=True)
     ax.set_xscale("log")
     ax.set_yscale("log")

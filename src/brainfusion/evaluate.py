@@ -265,6 +265,53 @@ def _finite(v):
     return None if v is None or (isinstance(v, float) and not np.isfinite(v)) else v
 
 
+def _domain(generated, real, t_gen, t_real, config: EvalConfig) -> dict:
+    """FD and KID on the download-free domain features."""
+    f_gen = _domain_features(generated, t_gen, config, "domain features (generated)")
+    f_real = _domain_features(real, t_real, config, "domain features (real)")
+    kid, kid_std, m = D.kernel_inception_distance(f_gen, f_real, config.kid_subsets, config.kid_subset_size, config.seed)
+    return {
+        "extractor": DOMAIN_EXTRACTOR,
+        "feature_dim": int(f_gen.shape[1]),
+        "FD": D.frechet_distance(f_gen, f_real),
+        "KID_mean": kid,
+        "KID_std": kid_std,
+        "KID_subset_size": m,
+        "KID_subsets": config.kid_subsets,
+    }
+
+
+def _diversity_both(generated, real, t_gen, t_real, config: EvalConfig) -> dict:
+    dg, dg_std, npairs = _diversity(generated, t_gen, config)
+    dr, dr_std, _ = _diversity(real, t_real, config)
+    return {
+        "ms_ssim_gen_mean": dg,
+        "ms_ssim_gen_std": dg_std,
+        "ms_ssim_real_mean": dr,
+        "ms_ssim_real_std": dr_std,
+        "pairs_per_set": npairs,
+        "scales": D.MS_SSIM_SCALES,
+        "window": D.SSIM_WINDOW,
+        "sigma": D.SSIM_SIGMA,
+    }
+
+
+def _spectrum_and_histogram(t_gen, t_real, config: EvalConfig) -> tuple[dict, dict]:
+    radii, p_gen = D.radial_power_spectrum(t_gen)
+    _, p_real = D.radial_power_spectrum(t_real)
+    spectrum = {
+        "distance": D.spectrum_distance(p_gen, p_real),
+        "radius_cycles_per_image": radii.tolist(),
+        "log10_power_gen": np.log10(p_gen + 1e-12).tolist(),
+        "log10_power_real": np.log10(p_real + 1e-12).tolist(),
+    }
+    h_gen, h_real = D.intensity_histogram(t_gen), D.intensity_histogram(t_real)
+    histogram = D.histogram_distance(h_gen, h_real, config.foreground_threshold)
+    histogram["counts_gen"] = h_gen.tolist()
+    histogram["counts_real"] = h_real.tolist()
+    return spectrum, histogram
+
+
 def evaluate_images(generated: np.ndarray, real: np.ndarray, train: np.ndarray | None = None, config: EvalConfig | None = None) -> dict:
     """All metrics for `generated` against held-out `real` (and `train` for memorisation); JSON-ready dict."""
     config = config or EvalConfig()
@@ -286,18 +333,7 @@ def evaluate_images(generated: np.ndarray, real: np.ndarray, train: np.ndarray |
     t_train = to_eval_tensor(train, R) if train is not None else None
     t0 = tick("resize", t0)
 
-    f_gen = _domain_features(generated, t_gen, config, "domain features (generated)")
-    f_real = _domain_features(real, t_real, config, "domain features (real)")
-    kid, kid_std, m = D.kernel_inception_distance(f_gen, f_real, config.kid_subsets, config.kid_subset_size, config.seed)
-    domain = {
-        "extractor": DOMAIN_EXTRACTOR,
-        "feature_dim": int(f_gen.shape[1]),
-        "FD": D.frechet_distance(f_gen, f_real),
-        "KID_mean": kid,
-        "KID_std": kid_std,
-        "KID_subset_size": m,
-        "KID_subsets": config.kid_subsets,
-    }
+    domain = _domain(generated, real, t_gen, t_real, config)
     t0 = tick("domain", t0)
 
     if config.inception:
@@ -306,32 +342,11 @@ def evaluate_images(generated: np.ndarray, real: np.ndarray, train: np.ndarray |
         inception = {"skipped": True, "reason": "Inception FID/KID was not requested (EvalConfig.inception=False)."}
     t0 = tick("inception", t0)
 
-    dg, dg_std, npairs = _diversity(generated, t_gen, config)
-    dr, dr_std, _ = _diversity(real, t_real, config)
-    diversity = {
-        "ms_ssim_gen_mean": dg,
-        "ms_ssim_gen_std": dg_std,
-        "ms_ssim_real_mean": dr,
-        "ms_ssim_real_std": dr_std,
-        "pairs_per_set": npairs,
-        "scales": D.MS_SSIM_SCALES,
-        "window": D.SSIM_WINDOW,
-        "sigma": D.SSIM_SIGMA,
-    }
+    diversity = _diversity_both(generated, real, t_gen, t_real, config)
+    dg, dr, npairs = diversity["ms_ssim_gen_mean"], diversity["ms_ssim_real_mean"], diversity["pairs_per_set"]
     t0 = tick("diversity", t0)
 
-    radii, p_gen = D.radial_power_spectrum(t_gen)
-    _, p_real = D.radial_power_spectrum(t_real)
-    spectrum = {
-        "distance": D.spectrum_distance(p_gen, p_real),
-        "radius_cycles_per_image": radii.tolist(),
-        "log10_power_gen": np.log10(p_gen + 1e-12).tolist(),
-        "log10_power_real": np.log10(p_real + 1e-12).tolist(),
-    }
-    h_gen, h_real = D.intensity_histogram(t_gen), D.intensity_histogram(t_real)
-    histogram = D.histogram_distance(h_gen, h_real, config.foreground_threshold)
-    histogram["counts_gen"] = h_gen.tolist()
-    histogram["counts_real"] = h_real.tolist()
+    spectrum, histogram = _spectrum_and_histogram(t_gen, t_real, config)
     t0 = tick("spectrum_histogram", t0)
 
     if t_train is None:
