@@ -37,6 +37,15 @@ def test_output_shape_equals_input_shape(size, variant):
     assert torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("mults", [(1,), (1, 2, 2), (1, 2, 2, 4, 4)])
+def test_level_count_follows_the_config(mults):
+    cfg = ModelConfig(image_size=64, base_channels=8, channel_mults=mults)
+    model = UNet(cfg)
+    assert len(model.encoder) == len(model.decoder) == len(mults)
+    x = torch.randn(2, 1, 64, 64)
+    assert model(x, torch.tensor([3, 700])).shape == x.shape
+
+
 def test_default_parameter_count_is_stable():
     model = UNet(ModelConfig())
     assert count_parameters(model) == DEFAULT_PARAMETERS
@@ -122,7 +131,8 @@ def test_network_output_depends_on_t():
     "bad",
     [
         {"base_channels": 9, "norm": "batch"},
-        {"channel_mults": (1, 2, 3)},
+        {"channel_mults": ()},  # no level at all
+        {"channel_mults": (1, 2, 2, 4, 4), "image_size": 32},  # 5 halvings of a 32 px image at patch size 2
         {"blocks_per_level": 0},
         {"base_channels": 10, "norm": "batch", "image_size": 32, "patch_size": 1, "channel_mults": (1, 2, 3, 4)},  # 30-wide attention at 8 px, 4 heads
         {"image_size": 40},

@@ -41,7 +41,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The seed's U-Net: four ResNet encoder levels with skips, a ResNet bottleneck, four decoder levels."""
+    """The seed's U-Net: ResNet encoder levels with skips, a ResNet bottleneck, decoder levels.
+
+    One level per `channel_mults` entry (the seed's four by default); each halves the resolution.
+    """
 
     image_size: int = 64
     in_channels: int = 1
@@ -59,16 +62,17 @@ class ModelConfig:
     norm_groups: int = 8
 
     def validate(self) -> None:
-        if len(self.channel_mults) != 4:
+        if not 1 <= len(self.channel_mults) <= 6:
             raise BrainfusionError(
-                f"model.channel_mults has {len(self.channel_mults)} entries; the U-Net has four levels, give four."
+                f"model.channel_mults has {len(self.channel_mults)} entries; give one per U-Net level, 1 to 6 (e.g. 1,2,2,4)."
             )
         if self.patch_size not in (1, 2, 4):
             raise BrainfusionError(f"model.patch_size is {self.patch_size}; choose 1, 2 or 4.")
-        if self.image_size % (16 * self.patch_size):
+        factor = self.patch_size << len(self.channel_mults)
+        if self.image_size % factor:
             raise BrainfusionError(
-                f"model.image_size {self.image_size} is not a multiple of 16 x patch_size ({16 * self.patch_size}); "
-                "use e.g. 64, 128 or 256, or a smaller patch_size."
+                f"model.image_size {self.image_size} is not a multiple of patch_size x 2^levels ({factor}); "
+                "use e.g. 64, 128 or 256, a smaller patch_size or fewer channel_mults."
             )
         _check_choice("model.norm", self.norm, ("group", "batch"))
         if self.pixel_channels < 0:
@@ -88,7 +92,7 @@ class ModelConfig:
                 f"model widths {widths} are not divisible by norm_groups={self.norm_groups}; change base_channels or norm_groups."
             )
         # attention runs at the listed resolutions and, if any are listed, at the bottleneck (the last width)
-        levels = [self.image_size // self.patch_size >> i for i in range(4)]
+        levels = [self.image_size // self.patch_size >> i for i in range(len(widths))]
         attended = [w for w, r in zip(widths, levels) if r in self.attention_resolutions]
         attended += widths[-1:] if self.attention_resolutions else []
         if self.attention_heads < 1 or any(w % self.attention_heads for w in attended):

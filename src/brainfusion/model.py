@@ -1,7 +1,8 @@
 """The seed's U-Net: ResNet encoder blocks with skip outputs, a ResNet bottleneck, decoder blocks
 that fuse the skips, sinusoidal time embeddings through an MLP, and a normalised 1×1-conv output.
 
-Four levels, each halving the resolution (64 → 32 → 16 → 8 → bottleneck at 4 for 64×64 input).
+One level per `channel_mults` entry, each halving the resolution (the default four at patch size 2:
+32 → 16 → 8 → 4 → bottleneck at 2 for 64×64 input).
 Attention runs only at the low resolutions named in the config, where it is cheap.
 """
 
@@ -128,7 +129,7 @@ class UNet(nn.Module):
         self.pixel_in = nn.Conv2d(cfg.in_channels, k, 3, padding=1) if k else nn.Identity()
         self.pixel_out = nn.Sequential(nn.SiLU(), nn.Conv2d(k, cfg.in_channels, 3, padding=1)) if k else nn.Identity()
         self.stem = nn.Conv2d(pixels, c0, 3, padding=1)
-        resolutions = [cfg.image_size // cfg.patch_size >> i for i in range(4)]
+        resolutions = [cfg.image_size // cfg.patch_size >> i for i in range(len(widths))]
         self.encoder = nn.ModuleList()
         c_prev = c0
         for width, res in zip(widths, resolutions):
