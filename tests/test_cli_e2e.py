@@ -101,3 +101,20 @@ def test_demo_data_then_inspect(cli, tmp_path):
 
     status, out, _ = cli("data", "inspect", "--data", tmp_path / "demo", "--image-size", "32", "--split", "validate", "--montage", montage)
     assert status == 0 and out.startswith(f"{summary['counts']['validate']} slices")
+
+
+def test_fp16_training_scales_the_loss_and_resumes_exactly(cli, tmp_path, make_oasis_root):
+    """fp16 runs through torch.amp.GradScaler (the CPU path torch supports); its state rides in the checkpoint."""
+    data = make_oasis_root(tmp_path / "oasis", n_train=8, n_test=4, n_validate=2)
+    flags = [*TRAIN, "--precision", "fp16"]
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    assert cli("train", "--data", data, "--out-dir", run, "--max-steps", "2", *flags)[0] == 0
+    scaler = load_checkpoint(run / "checkpoints" / "ckpt_00000002.safetensors").extra["grad_scaler"]
+    assert scaler["scale"] > 0 and "_growth_tracker" in scaler
+    assert cli("train", "--data", data, "--out-dir", run, "--max-steps", "4", "--resume", *flags)[0] == 0
+    assert cli("train", "--data", data, "--out-dir", straight, "--max-steps", "4", *flags)[0] == 0
+    resumed = load_checkpoint(run / "checkpoints" / "ckpt_00000004.safetensors")
+    uninterrupted = load_checkpoint(straight / "checkpoints" / "ckpt_00000004.safetensors")
+    assert resumed.extra["grad_scaler"] == uninterrupted.extra["grad_scaler"]
+    for key, value in uninterrupted.model.items():
+        assert torch.equal(resumed.model[key], value), key

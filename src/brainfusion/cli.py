@@ -43,7 +43,7 @@ TRAIN_FLAGS = {
     "epochs": ("train.epochs", float, "epochs budget"),
     "max_steps": ("train.max_steps", int, "step budget"),
     "time_budget_min": ("train.time_budget_min", float, "wall-clock budget in minutes"),
-    "precision": ("train.precision", str, "auto, fp32 or bf16"),
+    "precision": ("train.precision", str, "auto, fp32, bf16 or fp16"),
     "channels_last": ("train.channels_last", str, "auto, on or off"),
     "checkpoint_every": ("train.checkpoint_every", int, "steps between checkpoints"),
     "keep_checkpoints": ("train.keep_checkpoints", int, "checkpoints kept"),
@@ -248,7 +248,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=0, help="default: 1000 for ddpm, 50 otherwise")
     p.add_argument("--no-gif", action="store_true")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="quality, diversity and memorisation of generated slices vs real ones")
@@ -269,7 +269,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", default=FAST_SAMPLER, choices=SAMPLERS)
     p.add_argument("--steps", type=int, default=FAST_STEPS)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.set_defaults(func=cmd_evaluate, no_gif=True, no_ema=False)
 
     p = sub.add_parser("demo", help="the main job: demo data → train ~10 min → sample grid and GIF")

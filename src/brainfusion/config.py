@@ -164,7 +164,7 @@ class TrainConfig:
     epochs: float = 0.0  # 0 = not used; the first budget reached ends training
     max_steps: int = 0
     time_budget_min: float = 0.0
-    precision: str = "auto"  # "auto" picks bf16 where the hardware has it, else fp32
+    precision: str = "auto"  # "auto": bf16 where the hardware has it, else fp16 on GPUs (with a loss scaler), fp32 on CPUs
     channels_last: str = "auto"
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
@@ -177,7 +177,7 @@ class TrainConfig:
     compile: bool = False
 
     def validate(self) -> None:
-        _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _check_choice("train.channels_last", self.channels_last, ("auto", "on", "off"))
         if self.batch_size <= 0:
             raise BrainfusionError(f"train.batch_size must be positive, got {self.batch_size}.")

@@ -21,15 +21,30 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def choose_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`, or None for plain fp32."""
+    """The autocast dtype for `precision` on `device`, or None for plain fp32.
+
+    "auto" takes bf16 where the hardware computes it natively; a GPU without it (T4, V100) gets fp16,
+    which training pairs with a gradient scaler (`make_grad_scaler`); a CPU without it stays fp32.
+    """
     if precision == "fp32":
         return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            log.warning("fp16 requested on %s; CPUs compute fp16 slowly, bf16 or fp32 is faster", device.type)
+        return torch.float16
     fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
     if precision == "bf16" or fast:
         if precision == "bf16" and not fast:
             log.warning("bf16 requested but this %s has no native bf16; it will run slowly", device.type)
         return torch.bfloat16
-    return None
+    return torch.float16 if device.type == "cuda" else None
+
+
+def make_grad_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
+    """A loss scaler for fp16 training (its 5-bit exponent underflows small gradients); None otherwise."""
+    if dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 def choose_channels_last(setting: str, device: torch.device, dtype: torch.dtype | None) -> bool:

@@ -30,7 +30,7 @@ from .fileio import atomic_write_text
 from .images import plot_loss_curve, save_grid
 from .model import UNet, count_parameters, training_flops_per_image
 from .runlog import RunLog
-from .runtime import choose_channels_last, choose_precision, network_fn
+from .runtime import choose_channels_last, choose_precision, make_grad_scaler, network_fn
 from .seeding import derive_seed, seeded_generator
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ class Session:
     deadline: float | None
     skipped_total: int
     real_for_eval: np.ndarray
+    scaler: torch.amp.GradScaler | None = None  # fp16 only; its state is checkpointed so resume stays exact
 
 
 def _resume_state(config: RunConfig, resume: bool):
@@ -164,13 +165,16 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
     channels_last = choose_channels_last(tcfg.channels_last, ctx.device, dtype)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     _place(model, ema, optimizer, state, ctx.device, memory_format)
+    scaler = make_grad_scaler(dtype, ctx.device)
+    if scaler is not None and state is not None and "grad_scaler" in state.extra:
+        scaler.load_state_dict(state.extra["grad_scaler"])
     net = dist.wrap(model, ctx)
     budget_steps = [s for s in (tcfg.max_steps, math.ceil(tcfg.epochs * stream.steps_per_epoch) if tcfg.epochs else 0) if s]
     start_step = state.step if state is not None else 0
     if ctx.is_main:
         log.info(
             "training on %s (%s, %s), %d slices, global batch %d (%d per process × %d), lr %.1e, from step %d",
-            ctx.device, "bf16 autocast" if dtype else "fp32", "channels_last" if channels_last else "contiguous",
+            ctx.device, f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "fp32", "channels_last" if channels_last else "contiguous",
             len(slices), tcfg.batch_size, stream.per_rank, ctx.world, tcfg.lr, start_step,
         )
         Path(tcfg.out_dir).mkdir(parents=True, exist_ok=True)
@@ -182,7 +186,7 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
         dtype, memory_format, start_step, min(budget_steps) if budget_steps else None,
         time.monotonic() + tcfg.time_budget_min * 60 if tcfg.time_budget_min else None,
         int(state.extra.get("nonfinite_skipped", 0)) if state is not None else 0,  # the CSV column carries over a resume
-        slices.images,
+        slices.images, scaler,
     )
 
 
@@ -204,9 +208,16 @@ def training_step(s: Session, step: int) -> torch.Tensor:
     loss_mean = dist.mean(loss, ctx)  # the global batch's loss on every rank; non-finite if any rank's is
     s.optimizer.zero_grad(set_to_none=True)
     if torch.isfinite(loss_mean):
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(s.model.parameters(), tcfg.grad_clip)
-        s.optimizer.step()
+        if s.scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(s.model.parameters(), tcfg.grad_clip)
+            s.optimizer.step()
+        else:  # the scaler skips the step (and lowers its scale) when a gradient overflowed
+            s.scaler.scale(loss).backward()
+            s.scaler.unscale_(s.optimizer)
+            torch.nn.utils.clip_grad_norm_(s.model.parameters(), tcfg.grad_clip)
+            s.scaler.step(s.optimizer)
+            s.scaler.update()
         s.ema.update(s.model, step)
     return loss_mean
 
@@ -226,7 +237,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
     def checkpoint_now() -> Path:
         return save_checkpoint(
             ckpt_dir, step, config, s.model.state_dict(), s.ema.shadow.state_dict(), s.optimizer.state_dict(),
-            extra={"nonfinite_skipped": s.skipped_total}, keep=tcfg.keep_checkpoints,
+            extra={"nonfinite_skipped": s.skipped_total, **({"grad_scaler": s.scaler.state_dict()} if s.scaler else {})},
+            keep=tcfg.keep_checkpoints,
         )
 
     interrupted = False

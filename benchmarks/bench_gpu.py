@@ -1,0 +1,154 @@
+"""GPU checks in one short run: training speed per precision, and quality per 5 GPU-minutes at 64² and 128².
+
+On the GPU machine (a folder of training slices, e.g. bench_quality's train split copied as files):
+
+    python benchmarks/bench_gpu.py run --data gpu/train --out $OUT --minutes 5
+
+1. Speed: the default recipe at 64×64 for `--speed-steps` steps in fp32, bf16 and fp16 (the last with
+   torch.amp's gradient scaler), one after another with the GPU to itself; img/s between the first
+   logged window and the end (warm-up excluded). Written to speed.json.
+2. Quality: the default recipe at 64×64 and 128×128, both at once (one process each, sharing the GPU)
+   for `--minutes` wall minutes each; then 1,000 samples of each EMA model with the fast sampler and
+   the benchmark's seed, saved as samples_<size>.npz with the run's log, plus a grid.
+
+Then, anywhere (the Inception weights need not travel to the GPU machine):
+
+    python benchmarks/bench_gpu.py score --samples gpu_out --data ../shared/data/kaggle-alzheimer-mri-train \
+        --work runs/bench_quality
+
+scores each samples file against the held-out block at its size with bench_quality's evaluation, and
+the floor (training slices against the same held-out slices) at that size; it prints a markdown table
+and adds the rows to <work>/gpu_results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+SEED = 12345  # bench_quality's sampling seed
+
+
+def _train(data: Path, run: Path, size: int, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "brainfusion.cli", "--quiet", "train", "--data", str(data), "--out-dir", str(run),
+           "--image-size", str(size), "--sample-every", "0", "--checkpoint-every", "1000000", "--log-every", "50", *extra]
+    return subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _log_rows(run: Path) -> list[dict]:
+    with open(run / "train_log.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _rate(run: Path, batch: int = 32) -> dict:
+    rows = _log_rows(run) if (run / "train_log.csv").is_file() else []
+    if len(rows) < 2:
+        return {"steps": int(rows[-1]["step"]) if rows else 0}
+    first, last = rows[0], rows[-1]
+    steps = int(last["step"]) - int(first["step"])
+    seconds = float(last["elapsed_s"]) - float(first["elapsed_s"])
+    return {"steps": int(last["step"]), "img_per_s": steps * batch / seconds, "steps_per_s": steps / seconds}
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    out = Path(args.out)
+    work = Path(args.work)
+    speed = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+    for precision in args.precisions.split(","):
+        run_dir = work / f"speed_{precision}"
+        _train(args.data, run_dir, 64, ["--max-steps", str(args.speed_steps), "--precision", precision]).wait()
+        speed[precision] = _rate(run_dir)
+        print(f"speed {precision}: {speed[precision]}", flush=True)
+        (out / "speed.json").write_text(json.dumps(speed, indent=2))
+    sizes = [int(s) for s in args.sizes.split(",")]
+    procs = {size: _train(args.data, work / f"q{size}", size, ["--time-budget-min", str(args.minutes)]) for size in sizes}
+    for size, proc in procs.items():
+        if proc.wait() != 0:
+            raise SystemExit(f"training at {size}x{size} failed")
+    from brainfusion.checkpoint import latest_checkpoint
+    from brainfusion.config import FAST_SAMPLER, FAST_STEPS
+    from brainfusion.images import save_grid
+    from brainfusion.pipeline import Pipeline
+
+    for size in sizes:
+        run_dir = work / f"q{size}"
+        ckpt = latest_checkpoint(run_dir / "checkpoints")
+        t0 = time.monotonic()
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        images = Pipeline.from_checkpoint(ckpt, device=device)(args.n, seed=SEED, sampler=FAST_SAMPLER, steps=FAST_STEPS, batch_size=250)
+        info = {**_rate(run_dir), "steps": int(ckpt.stem.split("_")[-1]), "size": size, "minutes": args.minutes, "sampling_s": time.monotonic() - t0,
+                "sampler": f"{FAST_SAMPLER}-{FAST_STEPS}", "concurrent_runs": len(sizes), **{k: speed[k] for k in ("device", "torch")}}
+        np.savez_compressed(out / f"samples_{size}.npz", images=images, info=json.dumps(info))
+        save_grid(images[:64], out / f"grid_{size}.png")
+        print(f"{size}: {info}", flush=True)
+
+
+def score(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(BENCH_DIR))
+    from bench_quality import split_blocks
+
+    from brainfusion.config import DataConfig
+    from brainfusion.data import load_slices
+    from brainfusion.evaluate import EvalConfig, evaluate_images
+    from brainfusion.fileio import atomic_write_text
+
+    train_dir, held_dir = split_blocks(args.data, Path(args.work) / "data", 0.2)
+    path = Path(args.work) / "gpu_results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    for file in sorted(Path(args.samples).glob("samples_*.npz")):
+        with np.load(file) as z:
+            images, info = z["images"], json.loads(str(z["info"]))
+        size = info["size"]
+        load = lambda d: load_slices(DataConfig(path=str(d), split="train", image_size=size), progress=False).images  # noqa: E731
+        real, train = load(held_dir), load(train_dir)
+        rng = np.random.default_rng(0)
+        real = real[rng.choice(len(real), min(len(images), len(real)), replace=False)]
+        cfg = EvalConfig(inception=True, inception_samples=len(real), progress=False)
+        if f"floor@{size}" not in results:
+            floor = train[rng.choice(len(train), len(real), replace=False)]
+            results[f"floor@{size}"] = {**evaluate_images(floor, real, train, cfg)["summary"], "size": size, "n": len(real)}
+        results[f"gpu@{size}"] = {**evaluate_images(images, real, train, cfg)["summary"], **info, "n": len(real)}
+        atomic_write_text(path, json.dumps(results, indent=2))
+    print("| size | run | steps | FID | KID×10³ | FD_domain | spectrum | MS-SSIM | copies |\n|---|---|---|---|---|---|---|---|---|")
+    for key, r in sorted(results.items(), key=lambda kv: (kv[1]["size"], kv[0])):
+        print(f"| {r['size']} | {key.split('@')[0]} | {r.get('steps', '–')} | {r['FID_inception']:.1f} | {r['KID_inception'] * 1e3:.1f} | "
+              f"{r['FD_domain']:.3f} | {r['spectrum_distance']:.3f} | {r['msssim_gen']:.3f} | {r['memorization_share']:.1%} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="on the GPU machine")
+    r.add_argument("--data", type=Path, required=True)
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--work", type=Path, default=Path("/tmp/bench_gpu"))
+    r.add_argument("--minutes", type=float, default=5.0)
+    r.add_argument("--sizes", default="64,128")
+    r.add_argument("--n", type=int, default=1000)
+    r.add_argument("--speed-steps", type=int, default=400)
+    r.add_argument("--precisions", default="fp32,bf16,fp16")
+    s = sub.add_parser("score", help="anywhere: FID etc. of the returned samples against held-out slices")
+    s.add_argument("--samples", type=Path, required=True)
+    s.add_argument("--data", type=Path, required=True)
+    s.add_argument("--work", type=Path, default=Path("runs/bench_quality"))
+    args = p.parse_args(argv)
+    if args.command == "run":
+        args.out.mkdir(parents=True, exist_ok=True)
+        run(args)
+    else:
+        score(args)
+
+
+if __name__ == "__main__":
+    main()
