@@ -49,7 +49,7 @@ def built(tmp_path_factory):
 def test_layout_and_counts(built):
     out, summary = built
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["README.txt"] + [f"keras_png_slices_{s}" for s in SPLITS] + [f"keras_png_slices_seg_{s}" for s in SPLITS]
+        ["README.txt", "labels.csv"] + [f"keras_png_slices_{s}" for s in SPLITS] + [f"keras_png_slices_seg_{s}" for s in SPLITS]
     )
     assert not list(out.parent.glob("*.tmp-*")), "temporary build folder left behind"
     cases: dict[str, set[str]] = {}
