@@ -73,7 +73,7 @@ def test_image_size_not_a_multiple_of_16(assert_user_error, good_pngs):
         (["--on-bad-file", "maybe"], "data.on_bad_file"),
         (["--norm", "layer"], "model.norm"),
         (["--norm", "batch", "--base-channels", "9"], "model.base_channels"),
-        (["--channel-mults", "1,2,3"], "model.channel_mults"),
+        (["--channel-mults", "1,2,2,2,2,2,2"], "model.channel_mults"),  # 7 levels: more than a U-Net here takes
         (["--checkpoint-every", "0"], "train.checkpoint_every"),
         (["--max-steps", "-3"], "train.max_steps"),
         (["--lr", "fast"], None),  # argparse's own error, also status 2

@@ -49,7 +49,7 @@ def built(tmp_path_factory):
 def test_layout_and_counts(built):
     out, summary = built
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["README.txt"] + [f"keras_png_slices_{s}" for s in SPLITS] + [f"keras_png_slices_seg_{s}" for s in SPLITS]
+        ["README.txt", "labels.csv"] + [f"keras_png_slices_{s}" for s in SPLITS] + [f"keras_png_slices_seg_{s}" for s in SPLITS]
     )
     assert not list(out.parent.glob("*.tmp-*")), "temporary build folder left behind"
     cases: dict[str, set[str]] = {}
@@ -175,3 +175,29 @@ def test_missing_nilearn_is_a_user_error(monkeypatch):
     )
     with pytest.raises(BrainfusionError, match="pip install nilearn"):
         demo_data._nilearn_data_dir()
+
+
+@needs_nilearn
+def test_labels_csv_describes_every_slice_and_trains_a_conditional_run(built):
+    import csv
+
+    from brainfusion.conditions import label_slices
+    from brainfusion.config import RunConfig
+    from brainfusion.data import load_slices
+
+    out, summary = built
+    with open(summary["paths"]["labels"], newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["file"] for r in rows) == sorted(str(p.relative_to(out)) for p in out.glob("keras_png_slices_[tv]*/case_*.png"))
+    for row in rows:
+        assert row["ventricles"] in ("low", "mid", "high") and 0 <= float(row["ventricle_gain"]) <= 0.4
+        assert float(row["slice_level"]) == int(NAME.search(row["file"]).group(2)) / (TINY.slices_per_subject - 1)
+        assert len({(r["ventricles"], r["atrophy"]) for r in rows if r["subject"] == row["subject"]}) == 1
+    config = RunConfig()
+    config.data.path, config.data.image_size, config.train.max_steps = str(out), 32, 1
+    config.condition.labels, config.condition.label_columns = summary["paths"]["labels"], ("ventricles",)
+    config.condition.continuous_columns, config.condition.slice_level = ("atrophy",), True
+    config.validate()
+    images, cond = label_slices(config, load_slices(config.data, progress=False))
+    assert cond.shape == (len(images), 3) and not np.isnan(cond).any()
+    assert config.condition.names() == (("ventricles",), ("atrophy", "level"))

@@ -53,6 +53,13 @@ TRAIN_FLAGS = {
     "seed": ("train.seed", int, "random seed"),
     "max_nonfinite": ("train.max_nonfinite", int, "stop after this many NaN/Inf losses in a row"),
     "compile": ("train.compile", None, "torch.compile the model"),
+    "labels": ("condition.labels", str, "condition on labels: 'folders' (class = first folder under --data) or a CSV/TSV table"),
+    "label_columns": ("condition.label_columns", str, "categorical columns of the --labels table, e.g. CDR,M/F"),
+    "continuous_columns": ("condition.continuous_columns", str, "numeric columns of the --labels table, e.g. Age,MMSE"),
+    "key_column": ("condition.key_column", str, "--labels table column naming the file or subject (default: its first)"),
+    "slice_level": ("condition.slice_level", None, "condition on the normalised axial slice level too"),
+    "on_missing_label": ("condition.on_missing_label", str, "fail (default) or skip files without a label"),
+    "label_dropout": ("condition.label_dropout", float, "share of training conditions dropped, for guidance (default 0.1)"),
 }
 
 
@@ -129,8 +136,18 @@ def _sample_config(args: argparse.Namespace, out_dir: str = ""):
     return SampleConfig(
         checkpoint=args.checkpoint, out_dir=out_dir or args.out or "", n_images=args.n, batch_size=args.batch_size,
         seed=args.seed, sampler=args.sampler, steps=args.steps, gif=not args.no_gif, use_ema=not args.no_ema,
-        precision=args.precision,
+        precision=args.precision, condition=_parse_condition(args.condition), guidance=args.guidance,
     )
+
+
+def _parse_condition(pairs: list[str] | None) -> dict[str, str] | None:
+    """--condition class=ModerateDemented level=0.6 → {"class": "ModerateDemented", "level": "0.6"}."""
+    if not pairs:
+        return None
+    bad = [p for p in pairs if "=" not in p or not p.split("=", 1)[0]]
+    if bad:
+        raise BrainfusionError(f"--condition {bad[0]!r} is not NAME=VALUE; write e.g. --condition class=ModerateDemented level=0.6.")
+    return dict(p.split("=", 1) for p in pairs)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -249,6 +266,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gif", action="store_true")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--condition", nargs="+", metavar="NAME=VALUE",
+                   help="conditional models: e.g. class=ModerateDemented level=0.6 (names left out are not conditioned on)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale: 1 plain conditional (default), 0 unconditional, >1 stronger")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="quality, diversity and memorisation of generated slices vs real ones")
@@ -270,7 +291,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=FAST_SAMPLER, choices=SAMPLERS)
     p.add_argument("--steps", type=int, default=FAST_STEPS)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.set_defaults(func=cmd_evaluate, no_gif=True, no_ema=False)
+    p.set_defaults(func=cmd_evaluate, no_gif=True, no_ema=False, condition=None, guidance=1.0)
 
     p = sub.add_parser("demo", help="the main job: demo data → train ~10 min → sample grid and GIF")
     p.add_argument("--data", default="data/demo")

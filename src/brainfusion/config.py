@@ -1,6 +1,6 @@
 """Typed configuration for every stage, saved as JSON beside each checkpoint.
 
-A run is fully described by a `RunConfig` (data, model, diffusion, training). The CLI and
+A run is fully described by a `RunConfig` (data, conditions, model, diffusion, training). The CLI and
 config files (JSON or TOML) map onto these dataclasses; unknown keys and wrong types are user
 errors, reported with the file, the key and the valid choices.
 """
@@ -60,6 +60,10 @@ class ModelConfig:
     dropout: float = 0.0
     norm: str = "group"  # "group" (default) or "batch" (the seed's)
     norm_groups: int = 8
+    # condition inputs (conditions.py): classes per categorical condition and the number of continuous
+    # ones; () and 0 build the unconditional network. A run's are set from its condition vocabulary.
+    class_counts: tuple[int, ...] = ()
+    continuous_inputs: int = 0
 
     def validate(self) -> None:
         if not 1 <= len(self.channel_mults) <= 6:
@@ -86,6 +90,11 @@ class ModelConfig:
             raise BrainfusionError(f"model.channel_mults {self.channel_mults} must all be positive, e.g. 1,2,3,4.")
         if self.blocks_per_level < 1:
             raise BrainfusionError(f"model.blocks_per_level is {self.blocks_per_level}; it must be 1 or more.")
+        if any(n < 1 for n in self.class_counts) or self.continuous_inputs < 0:
+            raise BrainfusionError(
+                f"model.class_counts {self.class_counts} and continuous_inputs {self.continuous_inputs} must be positive "
+                "class counts and a count of 0 or more; they come from the condition vocabulary, leave them to it."
+            )
         widths = [self.base_channels * m for m in self.channel_mults]
         if self.norm == "group" and any(w % self.norm_groups for w in widths):
             raise BrainfusionError(
@@ -99,6 +108,70 @@ class ModelConfig:
             raise BrainfusionError(
                 f"model widths with attention {sorted(set(attended))} are not divisible by attention_heads={self.attention_heads}; "
                 "change base_channels, attention_heads or attention_resolutions."
+            )
+
+
+FOLDER_LABELS = "folders"  # condition.labels value: the class is the first folder under the data path
+FOLDER_COLUMN = "class"  # the name of that categorical condition
+LEVEL_COLUMN = "level"  # the name of the slice-level condition
+
+
+@dataclass
+class ConditionConfig:
+    """What the network is conditioned on, and the vocabulary that maps user values to its inputs.
+
+    `labels`: "" (no labels), "folders" (the class is each file's first folder under the data
+    path) or a CSV/TSV table with one row per file or subject (conditions.py says how rows are
+    matched). `classes` and `stats` are filled from the training data when a run starts and saved in
+    every checkpoint, so sampling maps `class=ModerateDemented` or `Age=75` to the same inputs.
+    """
+
+    labels: str = ""
+    label_columns: tuple[str, ...] = ()  # categorical columns of the table, e.g. CDR,M/F
+    continuous_columns: tuple[str, ...] = ()  # numeric columns of the table, e.g. Age,MMSE
+    key_column: str = ""  # the table column naming the file or subject; "" = its first column
+    slice_level: bool = False  # also condition on the normalised axial level (0 inferior .. 1 superior)
+    on_missing_label: str = "fail"  # "fail" stops at the first file without a label; "skip" leaves such files out
+    label_dropout: float = 0.1  # share of training conditions replaced by the null token (Ho & Salimans 2022)
+    classes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # categorical name → class names (index order)
+    stats: dict[str, tuple[float, ...]] = field(default_factory=dict)  # continuous name → (mean, std) of the training data
+
+    @property
+    def active(self) -> bool:
+        return bool(self.labels or self.slice_level)
+
+    def names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The categorical and the continuous condition names, in the order of the network's inputs."""
+        categorical = (FOLDER_COLUMN,) if self.labels == FOLDER_LABELS else self.label_columns
+        return categorical, self.continuous_columns + ((LEVEL_COLUMN,) if self.slice_level else ())
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.classes or self.stats)
+
+    def validate(self) -> None:
+        _check_choice("condition.on_missing_label", self.on_missing_label, ("fail", "skip"))
+        if not 0 <= self.label_dropout < 1:
+            raise BrainfusionError(f"condition.label_dropout is {self.label_dropout}; use a probability in [0, 1), e.g. 0.1.")
+        if (self.label_columns or self.continuous_columns) and self.labels in ("", FOLDER_LABELS):
+            raise BrainfusionError(
+                f"condition.label_columns {self.label_columns} and continuous_columns {self.continuous_columns} name table "
+                "columns, but condition.labels names no table; set it to a CSV/TSV file."
+            )
+        if self.labels not in ("", FOLDER_LABELS) and not (self.label_columns or self.continuous_columns):
+            raise BrainfusionError(
+                f"condition.labels is the table {self.labels} but no column of it is chosen; set condition.label_columns "
+                "and/or condition.continuous_columns."
+            )
+        categorical, continuous = self.names()
+        names = categorical + continuous
+        if len(set(names)) != len(names) or not all(names):
+            raise BrainfusionError(f"the condition names {names} must be distinct and non-empty; rename or drop a column.")
+        if self.fitted and (set(self.classes) != set(categorical) or set(self.stats) != set(continuous)
+                            or not all(self.classes.values()) or any(len(v) != 2 or v[1] <= 0 for v in self.stats.values())):
+            raise BrainfusionError(
+                f"the condition vocabulary (classes for {sorted(self.classes)}, stats for {sorted(self.stats)}) does not fit "
+                f"the conditions {names}; clear condition.classes and condition.stats to fit them from the data again."
             )
 
 
@@ -201,9 +274,15 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    condition: ConditionConfig = field(default_factory=ConditionConfig)
 
     def validate(self) -> None:
         self.model.image_size = self.data.image_size
+        self.condition.validate()
+        if self.condition.fitted:  # the network's condition inputs follow the vocabulary
+            categorical, continuous = self.condition.names()
+            self.model.class_counts = tuple(len(self.condition.classes[name]) for name in categorical)
+            self.model.continuous_inputs = len(continuous)
         for part in (self.data, self.model, self.diffusion, self.train):
             part.validate()
 
@@ -248,7 +327,7 @@ def load_config(path: Path) -> RunConfig:
     except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BrainfusionError(f"config file {path} is not valid {path.suffix[1:].upper() or 'JSON'} ({exc}); fix its syntax.") from None
     if not isinstance(raw, dict):
-        raise BrainfusionError(f"config file {path} must hold an object with sections data/model/diffusion/train.")
+        raise BrainfusionError(f"config file {path} must hold an object with sections data/model/diffusion/train/condition.")
     return RunConfig.from_dict(raw, source=str(path))
 
 
@@ -280,6 +359,11 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
 def _coerce(hint: Any, value: Any, name: str, source: str) -> Any:
     origin = typing.get_origin(hint)
     try:
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            (_key_type, value_type) = typing.get_args(hint)
+            return {str(k): _coerce(value_type, v, f"{name}.{k}", source) for k, v in value.items()}
         if origin is tuple:
             (item_type, _ellipsis) = typing.get_args(hint)
             if isinstance(value, str):

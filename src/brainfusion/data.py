@@ -38,7 +38,7 @@ OASIS_SPLITS = {
 }
 MAX_SIDE = 8192  # larger "slices" are refused before decoding (decompression bombs, wrong files)
 MAX_VOXELS = 512**3  # larger volumes are refused before their voxels are read (corrupt headers, memory bombs)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the cache holds the volume slices' levels
 
 
 def _suffix(path: Path) -> str:
@@ -130,6 +130,12 @@ def _robust_uint8(values: np.ndarray) -> np.ndarray:
 
 def read_volume_slices(path: Path, size: int, min_brain_fraction: float) -> np.ndarray:
     """Load a NIfTI/Analyze volume, reorient to RAS+, normalise, and cut axial slices."""
+    return _volume_slices(path, size, min_brain_fraction)[0]
+
+
+def _volume_slices(path: Path, size: int, min_brain_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The axial slices of a volume and their levels k/(n−1) in the RAS+ volume (0 inferior, 1 superior),
+    which slice-level conditioning needs (the dropped near-empty slices leave gaps in k)."""
     import nibabel as nib
 
     image = nib.load(str(path))
@@ -142,14 +148,15 @@ def read_volume_slices(path: Path, size: int, min_brain_fraction: float) -> np.n
         raise ValueError(f"its shape {tuple(image.shape)} is outside 1..{MAX_SIDE} voxels per axis")
     image = nib.as_closest_canonical(image)
     volume = _robust_uint8(np.asarray(image.get_fdata(dtype=np.float32)))
-    slices = []
+    slices, levels = [], []
     for k in range(volume.shape[2]):
         axial = np.rot90(volume[:, :, k])  # rows: anterior at the top; columns: left→right
         if (axial > 12).mean() >= min_brain_fraction:
             slices.append(_fit_square(np.ascontiguousarray(axial), size))
+            levels.append(k / max(volume.shape[2] - 1, 1))
     if not slices:
         raise ValueError("none of its axial slices has enough non-background voxels")
-    return np.stack(slices)
+    return np.stack(slices), np.array(levels, dtype=np.float32)
 
 
 def _check_volume_header(image) -> None:
@@ -188,6 +195,7 @@ class SliceSet:
     images: np.ndarray
     sources: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    levels: np.ndarray | None = None  # axial level of each volume slice (NaN for 2-D files), for conditioning
 
     def __len__(self) -> int:
         return len(self.images)
@@ -221,22 +229,23 @@ def load_slices(config: DataConfig, progress: bool = True) -> SliceSet:
     if cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as stored:
-                cached = SliceSet(stored["images"], list(stored["sources"]), list(stored["skipped"]))
-            if cached.images.dtype != np.uint8 or cached.images.shape[1:] != (config.image_size,) * 2 or len(cached.sources) != len(cached.images):
+                cached = SliceSet(stored["images"], list(stored["sources"]), list(stored["skipped"]), stored["levels"])
+            if cached.images.dtype != np.uint8 or cached.images.shape[1:] != (config.image_size,) * 2 or not (
+                    len(cached.sources) == len(cached.images) == len(cached.levels)):
                 raise ValueError("its contents do not fit this data source")
             _warn_skipped(cached.skipped, len(files), config)  # the per-file warnings were logged when it was built
             return cached
         except (OSError, ValueError, KeyError):
             log.warning("cache %s is unreadable; rebuilding it", cache)
-    images, sources, skipped = [], [], []
+    images, sources, skipped, levels = [], [], [], []
     for path in tqdm(files, desc="decoding slices", unit="file", disable=not progress, leave=False):
         try:
             if not path.is_file():  # a FIFO or device would block or stream forever; a dangling link has no data
                 raise ValueError("it is not a regular file")
             if _suffix(path) in VOLUME_SUFFIXES:
-                stack = read_volume_slices(path, config.image_size, config.min_brain_fraction)
+                stack, level = _volume_slices(path, config.image_size, config.min_brain_fraction)
             else:
-                stack = read_slice(path, config.image_size)[None]
+                stack, level = read_slice(path, config.image_size)[None], np.full(1, np.nan, np.float32)
         except BrainfusionError:
             raise
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
@@ -249,11 +258,12 @@ def load_slices(config: DataConfig, progress: bool = True) -> SliceSet:
             skipped.append(f"{path}: {reason}")
             continue
         images.append(stack)
+        levels.append(level)
         sources.extend([str(path)] * len(stack))
     if not images:
         raise BrainfusionError(f"none of the {len(files)} files under {config.path} could be read; check the data.")
     _warn_skipped(skipped, len(files), config)
-    result = SliceSet(np.concatenate(images), sources, skipped)
+    result = SliceSet(np.concatenate(images), sources, skipped, np.concatenate(levels))
     _write_cache(cache, result)
     return result
 
@@ -269,7 +279,8 @@ def _warn_skipped(skipped: list[str], total: int, config: DataConfig, listed: in
 def _write_cache(path: Path, slices: SliceSet) -> None:
     try:
         with atomic_output(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, images=slices.images, sources=np.array(slices.sources), skipped=np.array(slices.skipped, dtype=str))
+            np.savez(fh, images=slices.images, sources=np.array(slices.sources), skipped=np.array(slices.skipped, dtype=str),
+                     levels=slices.levels)
     except OSError as exc:  # no half-written cache is left behind (a full disk stays as full as it was)
         log.warning("could not write the slice cache %s (%s); continuing without it", path, exc)
 
@@ -291,28 +302,37 @@ class BatchStream:
 
     Batch `step` depends only on (seed, step): the epoch permutation is seeded by the epoch and
     the flips by the step, so a resumed run sees exactly the batches an uninterrupted one would,
-    and rank r of W processes takes its own slice of the same global batch.
+    and rank r of W processes takes its own slice of the same global batch. `cond` (N, K) holds
+    each slice's encoded conditions (conditions.py), drawn with the same indices as the images.
     """
 
-    def __init__(self, images: np.ndarray, global_batch: int, seed: int, hflip: bool, rank: int = 0, world: int = 1):
+    def __init__(self, images: np.ndarray, global_batch: int, seed: int, hflip: bool, rank: int = 0, world: int = 1,
+                 cond: np.ndarray | torch.Tensor | None = None):
         if len(images) < global_batch:
             raise BrainfusionError(
                 f"the data holds {len(images)} slices, fewer than one global batch of {global_batch}; lower --batch-size or add data."
             )
         self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.cond = None if cond is None else torch.as_tensor(cond, dtype=torch.float32)
+        if self.cond is not None and (self.cond.dim() != 2 or len(self.cond) != len(images)):
+            raise BrainfusionError(f"the conditions have shape {tuple(self.cond.shape)}; give one row per slice ({len(images)}).")
         self.global_batch, self.seed, self.hflip = global_batch, seed, hflip
         self.rank, self.world = rank, world
         self.per_rank = global_batch // world
         self.steps_per_epoch = len(images) // global_batch
         self._perm_epoch, self._perm = -1, None
 
-    def batch(self, step: int) -> torch.Tensor:
+    def _indices(self, step: int) -> torch.Tensor:
+        """The slice indices of this rank's part of global batch `step`."""
         epoch, position = divmod(step, self.steps_per_epoch)
         if epoch != self._perm_epoch:
             gen = seeded_generator(self.seed, 0, epoch)
             self._perm, self._perm_epoch = torch.randperm(len(self.images), generator=gen), epoch
         start = position * self.global_batch + self.rank * self.per_rank
-        x = to_model_range(self.images[self._perm[start : start + self.per_rank]])
+        return self._perm[start : start + self.per_rank]
+
+    def batch(self, step: int) -> torch.Tensor:
+        x = to_model_range(self.images[self._indices(step)])
         if self.hflip:
             gen = seeded_generator(self.seed, 1, step)
             flip = torch.rand(self.global_batch, generator=gen)[self.rank * self.per_rank :][: self.per_rank] < 0.5
@@ -320,5 +340,7 @@ class BatchStream:
         return x
 
     def batch_with_cond(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Batch `step` and its conditions (None: this stream carries no labels)."""
-        return self.batch(step), None
+        """Batch `step` and the conditions of the same slices (None: this stream carries no labels).
+        A horizontal flip keeps a slice's conditions: class and level do not depend on it."""
+        images = self.batch(step)
+        return images, None if self.cond is None else self.cond[self._indices(step)]

@@ -17,6 +17,7 @@ The output mirrors the OASIS "keras_png_slices" layout::
       keras_png_slices_seg_train/  seg_001_slice_0.nii.png ...    (0 bg, 85 CSF, 170 GM, 255 WM)
       keras_png_slices_seg_validate/
       keras_png_slices_seg_test/
+      labels.csv                   file,subject,split,ventricles,ventricle_gain,atrophy,slice_level
 
 Subject ``i`` uses ``numpy.random.default_rng([seed, i])`` only, so a subject's slices do not
 depend on how many other subjects are built or in which order.
@@ -57,6 +58,10 @@ _T1_CSF, _T1_GM, _T1_WM = 68.0, 166.0, 222.0
 
 # Area (fraction of the square field of view) a slice's brain must cover to be kept.
 _MIN_BRAIN_FRACTION = 0.15
+# labels.csv's "ventricles" class: the terciles of the ventricle gain's distribution (0.4 · Beta(1.3, 3)),
+# so the three classes are about equally common and a subject's class does not depend on the others.
+_VENTRICLE_CLASSES = ((0.0726, "low"), (0.1492, "mid"), (math.inf, "high"))
+LABELS_FILE = "labels.csv"
 # Coarse grid used to find each subject's axial brain extent.
 _SCOUT_SIZE = 32
 _SCOUT_STEP_MM = 2.0
@@ -524,6 +529,11 @@ Files
                             K = 0 (inferior) .. {config.slices_per_subject - 1} (superior)
   seg_NNN_slice_K.nii.png   tissue labels of the same slice: 0 background, 85 CSF, 170 grey
                             matter, 255 white matter
+  labels.csv                one row per slice: file (relative path), subject, split, ventricles
+                            (low/mid/high ventricle enlargement), ventricle_gain, atrophy (the
+                            subject's drawn deformation) and slice_level (K scaled to 0..1), for
+                            conditional training (train --labels <this folder>/labels.csv
+                            --label-columns ventricles --continuous-columns atrophy)
   Subjects are split whole: no subject appears in two splits.
 
 Splits
@@ -543,6 +553,17 @@ Template licence
   patients resulting from the use or misuse of this software package.
   Reference: V. Fonov et al., NeuroImage 54(1), 2011; NeuroImage 47 S102, 2009.
 """
+
+
+def _label_rows(split: str, case: str, subject: _Subject, n: int) -> list[str]:
+    """labels.csv rows of one subject's slices: what its deformation drew, as labels to condition on
+    (issue 12): ventricle-enlargement class and gain, cortical atrophy, and the slice level k/(n−1)."""
+    ventricles = next(name for limit, name in _VENTRICLE_CLASSES if subject.ventricle_gain < limit)
+    return [
+        f"{_image_dir(split)}/case_{case}_slice_{k}.nii.png,case_{case},{split},{ventricles},"
+        f"{subject.ventricle_gain:.6f},{subject.atrophy:.6f},{k / (n - 1) if n > 1 else 0.5:.6f}"
+        for k in range(n)
+    ]
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -587,6 +608,7 @@ def build_demo_dataset(out_dir: Path, config: DemoDataConfig = DemoDataConfig(),
             (tmp / _image_dir(s)).mkdir(parents=True)
             (tmp / _seg_dir(s)).mkdir(parents=True)
         counts = {s: 0 for s in SPLITS}
+        labels = ["file,subject,split,ventricles,ventricle_gain,atrophy,slice_level"]
         with tqdm(total=config.n_subjects, desc="demo data", unit="subject", disable=not progress) as bar:
             for i in range(config.n_subjects):
                 rng = np.random.default_rng([config.seed, i])
@@ -601,8 +623,10 @@ def build_demo_dataset(out_dir: Path, config: DemoDataConfig = DemoDataConfig(),
                     )
                     Image.fromarray(segs[k]).save(tmp / _seg_dir(split) / f"seg_{case}_slice_{k}.nii.png")
                 counts[split] += len(zs)
+                labels += _label_rows(split, case, subject, len(zs))
                 bar.update(1)
         (tmp / "README.txt").write_text(_readme(config, subjects, counts), encoding="utf-8")
+        (tmp / LABELS_FILE).write_text("\n".join(labels) + "\n", encoding="utf-8")
         _check_out_dir(out_dir)  # someone may have filled it meanwhile
         if out_dir.exists():
             out_dir.rmdir()  # empty folder: replace it
@@ -616,6 +640,7 @@ def build_demo_dataset(out_dir: Path, config: DemoDataConfig = DemoDataConfig(),
         paths[s] = str(out_dir / _image_dir(s))
         paths[f"seg_{s}"] = str(out_dir / _seg_dir(s))
     paths["readme"] = str(out_dir / "README.txt")
+    paths["labels"] = str(out_dir / LABELS_FILE)
     return {
         "out_dir": str(out_dir),
         "counts": counts,

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .conditions import NULL
 from .config import SAMPLERS, DiffusionConfig
 from .edm import EDM_SAMPLERS, EDMProcess
 from .errors import BrainfusionError
@@ -126,6 +127,31 @@ def make_scheduler(cfg: DiffusionConfig, sampler: str):
     raise BrainfusionError(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
 
 
+def classifier_free_guidance(model: Callable, cond: torch.Tensor, scale: float) -> Callable:
+    """The network function (x, t) → output of classifier-free guidance (Ho & Salimans 2022), in
+    diffusers' convention: out = out_uncond + s·(out_cond − out_uncond), the unconditional output
+    being the network's with every condition NULL. s = 1 is the plain conditional model and s = 0
+    exactly the unconditional one; each takes one network pass, any other s one pass of the cond
+    and uncond halves batched together.
+
+    Guiding the network output guides every sampler of both formulations alike: at fixed x and
+    noise level, EDM's D = c_skip·x + c_out·F and the VP x̂₀ from ε or v are affine in the output,
+    so mixing outputs is mixing denoised images, D_uncond + s·(D_cond − D_uncond).
+    """
+    null = torch.full_like(cond, NULL)
+    if scale == 1:
+        return lambda x, t: model(x, t, cond)
+    if scale == 0:
+        return lambda x, t: model(x, t, null)
+    both = torch.cat([cond, null])
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        conditional, unconditional = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return unconditional + scale * (conditional - unconditional)
+
+    return guided
+
+
 @torch.no_grad()
 def sample(
     model: Callable,
@@ -136,12 +162,17 @@ def sample(
     generator: torch.Generator | list[torch.Generator] | None = None,
     frames: int = 0,
     progress: Callable | None = None,
+    cond: torch.Tensor | None = None,
+    guidance: float = 1.0,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run the reverse process from pure noise; returns the images and `frames` snapshots of x_t.
 
-    `model` maps (x_t, t) to the network output in float32; `steps` defaults to T for DDPM and
-    50 for the fast samplers.
+    `model` maps (x_t, t) — or (x_t, t, cond) when `cond` (N, K, conditions.py) is given — to the
+    network output in float32; `guidance` is the classifier-free guidance scale applied with
+    `cond`. `steps` defaults to T for DDPM and 50 for the fast samplers.
     """
+    if cond is not None:
+        model = classifier_free_guidance(model, cond, guidance)
     steps = steps or (cfg.timesteps if sampler == "ddpm" else 50)
     if not 1 <= steps <= cfg.timesteps:
         raise BrainfusionError(f"--steps {steps} must be between 1 and {cfg.timesteps}.")

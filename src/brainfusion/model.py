@@ -110,10 +110,56 @@ class DecoderBlock(nn.Module):
         return self.attention(x)
 
 
+class ConditionEmbedding(nn.Module):
+    """Conditions → one vector added to the time embedding, as class labels enter ADM's U-Net.
+
+    `cond` is (N, K) float: the first len(class_counts) columns hold class indices, the rest
+    normalised continuous values; NaN means unknown or dropped (conditions.NULL). A categorical
+    condition is an `nn.Embedding(n + 1)` whose last row is its null token; a continuous one a
+    small MLP of the value, with a learned null vector in its place. Classifier-free guidance (Ho &
+    Salimans 2022) needs exactly this: the same network, with every condition null, is the
+    unconditional model. Last layers start at zero, so a new conditional network starts unconditional.
+    """
+
+    def __init__(self, class_counts: tuple[int, ...], continuous: int, dim: int):
+        super().__init__()
+        self.tables = nn.ModuleList(nn.Embedding(n + 1, dim) for n in class_counts)
+        for table in self.tables:
+            nn.init.zeros_(table.weight)
+        self.values = nn.ModuleList(nn.Sequential(nn.Linear(1, dim), nn.SiLU(), nn.Linear(dim, dim)) for _ in range(continuous))
+        for mlp in self.values:
+            nn.init.zeros_(mlp[2].weight)
+            nn.init.zeros_(mlp[2].bias)
+        self.value_null = nn.Parameter(torch.zeros(continuous, dim))
+        self.width = len(class_counts) + continuous
+
+    def forward(self, cond: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+        if cond is None:  # no condition given: the unconditional model
+            cond = torch.full((n, self.width), float("nan"), device=device)
+        if cond.dim() != 2 or cond.shape[1] != self.width:
+            raise BrainfusionError(
+                f"the condition tensor has shape {tuple(cond.shape)}; this network takes (N, {self.width}), "
+                "encode conditions with conditions.encode_request."
+            )
+        cond = cond.to(device, torch.float32)
+        known = ~cond.isnan()
+        values = torch.where(known, cond, 0.0)  # no NaN reaches a layer, so none reaches a gradient
+        out = 0.0
+        for j, table in enumerate(self.tables):
+            null = table.num_embeddings - 1
+            out = out + table(torch.where(known[:, j], values[:, j].long(), null))
+        offset = len(self.tables)
+        for j, mlp in enumerate(self.values):
+            embedded = mlp(values[:, offset + j, None])
+            out = out + torch.where(known[:, offset + j, None], embedded, self.value_null[j])
+        return out
+
+
 class UNet(nn.Module):
     """Noise (or v, or EDM's F) predictor of (x_t, t, cond) for slices of `in_channels` channels.
 
-    `cond` is the place for conditions (labels, slice level); this network takes none yet.
+    `cond` carries the conditions (labels, slice level; `ConditionEmbedding`) of a network whose
+    config has `class_counts` or `continuous_inputs`; an unconditional network takes none.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -144,11 +190,16 @@ class UNet(nn.Module):
             c_prev = width
         self.out_norm = make_norm(cfg.norm, c_prev, cfg.norm_groups)
         self.out = nn.Conv2d(c_prev, pixels, 1)
+        # built last, and only for a conditional config: an unconditional network keeps its parameters and outputs
+        conditional = bool(cfg.class_counts or cfg.continuous_inputs)
+        self.condition = ConditionEmbedding(cfg.class_counts, cfg.continuous_inputs, t_dim) if conditional else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        if cond is not None:
+        if cond is not None and self.condition is None:
             raise BrainfusionError("this network was built without condition inputs; sample it with no condition.")
         t_emb = self.time_mlp(sinusoidal_embedding(t, self.config.base_channels))
+        if self.condition is not None:
+            t_emb = t_emb + self.condition(cond, x.shape[0], x.device)
         p = self.config.patch_size
         h = self.stem(F.pixel_unshuffle(self.pixel_in(x), p) if p > 1 else x)
         skips = []

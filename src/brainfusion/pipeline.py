@@ -7,6 +7,7 @@ i of a seed gets its own noise generator, so it comes out the same in any batch 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, load_weights
+from .conditions import Request, encode_request
 from .config import FAST_SAMPLER, FAST_STEPS, RunConfig
 from .data import to_uint8
 from .diffusion import sample
@@ -59,15 +61,27 @@ class Pipeline:
     def __call__(self, n: int, seed: int = 0, sampler: str = FAST_SAMPLER, steps: int = FAST_STEPS,
                  batch_size: int = 64, first_index: int = 0, frames: int = 0,
                  on_frames: Callable[[int, list[np.ndarray]], None] | None = None,
-                 progress: Callable[[int], None] | None = None, cancel: Callable[[], bool] | None = None) -> np.ndarray:
+                 progress: Callable[[int], None] | None = None, cancel: Callable[[], bool] | None = None,
+                 condition: Request | None = None, guidance: float = 1.0) -> np.ndarray:
         """Images first_index .. first_index+n-1 of `seed` as uint8 (n, H, W).
 
+        `condition` (a conditional model only): {name: value} for all n images, e.g.
+        {"class": "ModerateDemented", "level": 0.6}, a list of n such dicts, or an encoded (n, K)
+        tensor; names left out are not conditioned on, and no condition samples the unconditional
+        model. `guidance` is the classifier-free guidance scale s (diffusion.classifier_free_guidance):
+        1 plain conditional, 0 unconditional, > 1 stronger. Image i of a seed gets the same noise
+        whatever the condition, so a condition's effect can be seen image by image.
         `on_frames(batch_start, frames)` receives `frames` uint8 snapshots of each batch's reverse
         process; `progress(k)` is called after every network step; `cancel()` returning True stops
         the call with `Cancelled`.
         """
         if n <= 0 or batch_size <= 0:
             raise BrainfusionError(f"the image count ({n}) and batch size ({batch_size}) must be positive.")
+        if not math.isfinite(guidance):
+            raise BrainfusionError(f"the guidance scale is {guidance}; give a finite number, e.g. 2.")
+        if guidance != 1 and condition is None:
+            raise BrainfusionError(f"a guidance scale of {guidance} needs a condition to guide towards; give one, or leave guidance at 1.")
+        cond = encode_request(self.config.condition, condition, n)
         size, channels = self.config.model.image_size, self.config.model.in_channels
 
         def tick(k: int) -> None:
@@ -80,8 +94,9 @@ class Pipeline:
         for start in range(first_index, first_index + n, batch_size):
             count = min(batch_size, first_index + n - start)
             gens = image_generators(seed, range(start, start + count))
+            rows = None if cond is None else cond[start - first_index : start - first_index + count]
             x, snaps = sample(self._fn, self.config.diffusion, (count, channels, size, size), sampler, steps, gens,
-                              frames=frames if on_frames else 0, progress=tick)
+                              frames=frames if on_frames else 0, progress=tick, cond=rows, guidance=guidance)
             if on_frames is not None:
                 on_frames(start, [to_uint8(f.clamp(-1, 1)) for f in snaps])
             out.append(to_uint8(x))

@@ -55,12 +55,13 @@ def choose_channels_last(setting: str, device: torch.device, dtype: torch.dtype 
 
 
 def network_fn(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None, channels_last: str = "auto"):
-    """Wrap a model as (x_t, t) → float32 output on CPU, under autocast, for the samplers."""
+    """Wrap a model as (x_t, t[, cond]) → float32 output on CPU, under autocast, for the samplers."""
     use = choose_channels_last(channels_last, device, dtype)
     memory_format = torch.channels_last if use else torch.contiguous_format
 
-    def fn(x, t):
+    def fn(x, t, cond=None):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return model(x.to(device, memory_format=memory_format), t.to(device)).float().cpu()
+            inputs = (x.to(device, memory_format=memory_format), t.to(device))
+            return (model(*inputs) if cond is None else model(*inputs, cond.to(device))).float().cpu()
 
     return fn

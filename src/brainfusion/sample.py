@@ -8,6 +8,7 @@ batch b is handled by rank b mod W, and names (sample_<index>.png) never clash.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ class SampleConfig:
     gif_frames: int = 60
     use_ema: bool = True
     precision: str = "auto"
+    condition: dict[str, str] | None = None  # conditional models: {name: value}, see Pipeline.__call__
+    guidance: float = 1.0  # classifier-free guidance scale
 
 
 def generate(cfg: SampleConfig, progress: bool = True) -> dict:
@@ -55,7 +58,7 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
     pipe = Pipeline(model, state.config, ctx.device, cfg.precision)
     steps = cfg.steps or (state.config.diffusion.timesteps if cfg.sampler == "ddpm" else 50)
     run_dir = state.path.parent.parent if state.path.parent.name == "checkpoints" else state.path.parent
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "samples" / f"{cfg.sampler}-{steps}"
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "samples" / (f"{cfg.sampler}-{steps}" + _condition_suffix(cfg))
     images_dir = out_dir / "images"
     n_batches = -(-cfg.n_images // cfg.batch_size)
     mine = list(range(ctx.rank, n_batches, ctx.world))
@@ -77,7 +80,7 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
         want_gif = cfg.gif and b == 0
         images = pipe(count, cfg.seed, cfg.sampler, steps, batch_size=count, first_index=start,
                       frames=cfg.gif_frames if want_gif else 0, on_frames=write_gif if want_gif else None,
-                      progress=bar.update if bar else None)
+                      progress=bar.update if bar else None, condition=cfg.condition, guidance=cfg.guidance)
         for i, image in enumerate(images):
             save_png(image, sample_path(images_dir, start + i))
     if bar is not None:
@@ -90,6 +93,13 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
         result.update(_collect(cfg, images_dir, out_dir, gif_path))
     dist.shutdown(ctx)
     return result
+
+
+def _condition_suffix(cfg: SampleConfig) -> str:
+    """Default folder name part of a conditional request (`-class=ModerateDemented-g2`), so samples of
+    different conditions and guidance scales do not overwrite each other."""
+    parts = [f"{k}={v}" for k, v in (cfg.condition or {}).items()] + ([f"g{cfg.guidance:g}"] if cfg.guidance != 1 else [])
+    return "".join("-" + re.sub(r"[^A-Za-z0-9._=+-]", "_", part) for part in parts)
 
 
 def _collect(cfg: SampleConfig, images_dir: Path, out_dir: Path, gif_path: Path | None) -> dict:

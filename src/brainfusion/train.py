@@ -22,6 +22,7 @@ import torch
 
 from . import distributed as dist
 from .checkpoint import fault_injection_point, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, tidy_run_folder
+from .conditions import drop_labels, inherit_vocabulary, label_slices
 from .config import FAST_SAMPLER, FAST_STEPS, RunConfig
 from .data import BatchStream, load_slices, to_uint8
 from .diffusion import make_process, sample
@@ -121,6 +122,7 @@ def _resume_state(config: RunConfig, resume: bool):
     if newest is None:
         raise BrainfusionError(f"--resume given but {ckpt_dir} holds no checkpoint; drop --resume to start fresh.")
     state = load_checkpoint(newest)
+    inherit_vocabulary(config, state.config, newest)  # a resumed run keeps the condition vocabulary it was trained with
     if state.config.model != config.model or state.config.diffusion != config.diffusion:
         raise BrainfusionError(
             f"{newest} was trained with a different model or diffusion config; resume with the same config (see {newest.with_suffix('.json')})."
@@ -153,7 +155,8 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
     slices = load_slices(config.data, progress=progress and ctx.is_main)
     if tcfg.batch_size % ctx.world:
         raise BrainfusionError(f"--batch-size {tcfg.batch_size} is the global batch and must divide by the {ctx.world} processes.")
-    stream = BatchStream(slices.images, tcfg.batch_size, tcfg.seed, config.data.hflip, ctx.rank, ctx.world)
+    images, cond = label_slices(config, slices)  # (images, None) for an unconditional run; fits the vocabulary
+    stream = BatchStream(images, tcfg.batch_size, tcfg.seed, config.data.hflip, ctx.rank, ctx.world, cond=cond)
     torch.manual_seed(tcfg.seed)
     model = UNet(config.model)
     if ctx.is_main:
@@ -201,6 +204,8 @@ def training_step(s: Session, step: int) -> torch.Tensor:
     noise = torch.randn((tcfg.batch_size,) + tuple(x0.shape[1:]), generator=gen)
     lo, hi = ctx.rank * s.stream.per_rank, (ctx.rank + 1) * s.stream.per_rank
     levels, noise = levels[lo:hi].to(device), noise[lo:hi].to(device, memory_format=s.memory_format)
+    if cond is not None:  # label dropout, drawn from its own key so it never shares a stream with the network's dropout
+        cond = drop_labels(cond, s.config.condition.label_dropout, seeded_generator(tcfg.seed, 3, step, 1), tcfg.batch_size, lo).to(device)
     for group in s.optimizer.param_groups:
         group["lr"] = lr_at(step, tcfg)
     with torch.autocast(device.type, dtype=s.dtype or torch.float32, enabled=s.dtype is not None):
