@@ -54,9 +54,9 @@ def test_samplers_use_the_training_schedule(schedule, sampler):
 def test_unknown_sampler_and_bad_step_counts_are_user_errors():
     cfg = DiffusionConfig(timesteps=50)
     zeros = lambda x, t: torch.zeros_like(x)  # noqa: E731
-    with pytest.raises(BrainfusionError, match="--sampler"):
+    with pytest.raises(BrainfusionError, match="sampler="):
         make_scheduler(cfg, "euler")
-    with pytest.raises(BrainfusionError, match="--steps 51"):
+    with pytest.raises(BrainfusionError, match="steps=51"):
         sample(zeros, cfg, (1, 1, 16, 16), "ddim", steps=51)
 
 

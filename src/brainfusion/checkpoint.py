@@ -106,7 +106,7 @@ def save_checkpoint(
         previous = latest_checkpoint(out_dir)
         kept = f"; the previous checkpoint {previous} is intact" if previous else ""
         raise BrainfusionError(
-            f"could not write checkpoint {path} ({exc.strerror or exc}); free disk space or choose a writable --out-dir{kept}."
+            f"could not write checkpoint {path} ({exc.strerror or exc}); free disk space or choose a writable train.out_dir{kept}."
         ) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

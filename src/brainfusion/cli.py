@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -302,6 +303,24 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_ARGUMENT_FLAGS = {"sampler": "--sampler", "steps": "--steps", "n_images": "--n", "batch_size": "--batch-size"}
+
+
+def in_cli_terms(message: str) -> str:
+    """A library message in this CLI's words: `train.lr` → `--lr (train.lr)`, `data.on_bad_file=skip` →
+    `--on-bad-file skip`, `steps=51` → `--steps 51`, `resume=True`/`False` → `--resume`/`without --resume`."""
+    flags = {key: "--" + name.replace("_", "-") for name, (key, _kind, _help) in TRAIN_FLAGS.items()}
+    keys = "|".join(re.escape(k) for k in sorted(flags, key=len, reverse=True))
+
+    def config_key(m: re.Match) -> str:
+        key, value = m.group(1), m.group(2)
+        return f"{flags[key]} {value}" if value is not None else f"{flags[key]} ({key})"
+
+    message = re.sub(rf"(?<![\w.])({keys})(?:=(\S+?(?=[,;)]|\.?\s|\.?$)))?(?![\w])", config_key, message)
+    message = re.sub(r"(?<![\w.])(sampler|steps|n_images|batch_size)=", lambda m: _ARGUMENT_FLAGS[m.group(1)] + " ", message)
+    return message.replace("resume=True", "--resume").replace("resume=False", "without --resume")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("PIL").setLevel(logging.WARNING)
@@ -310,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except BrainfusionError as exc:
-        print(f"brainfusion: error: {exc}", file=sys.stderr)
+        print(f"brainfusion: error: {in_cli_terms(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("brainfusion: interrupted", file=sys.stderr)

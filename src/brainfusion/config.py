@@ -262,7 +262,7 @@ class TrainConfig:
                 raise BrainfusionError(f"train.{name} must not be negative, got {getattr(self, name)}.")
         if not (self.epochs or self.max_steps or self.time_budget_min):
             raise BrainfusionError(
-                "no training budget set; give --epochs, --max-steps or --time-budget-min."
+                "no training budget set; give train.epochs, train.max_steps or train.time_budget_min."
             )
 
 

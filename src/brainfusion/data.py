@@ -55,8 +55,8 @@ def discover_files(config: DataConfig) -> list[Path]:
     root = Path(config.path)
     if not root.exists():
         raise BrainfusionError(
-            f"data path {root} does not exist; point --data at a folder of slices or volumes "
-            f"(or run `brainfusion data demo --out {root}` to build the demo set)."
+            f"data path {root} does not exist; point data.path at a folder of slices or volumes "
+            f"(or build the demo set there with `brainfusion data demo`)."
         )
     if root.is_file():
         if _suffix(root) not in IMAGE_SUFFIXES + VOLUME_SUFFIXES + (".img",):
@@ -252,7 +252,7 @@ def load_slices(config: DataConfig, progress: bool = True) -> SliceSet:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if config.on_bad_file == "fail":
                 raise BrainfusionError(
-                    f"{path} could not be read ({reason}); delete or replace it, or pass --on-bad-file skip."
+                    f"{path} could not be read ({reason}); delete or replace it, or skip such files (data.on_bad_file=skip)."
                 ) from None
             log.warning("skipping %s: %s", path, reason)
             skipped.append(f"{path}: {reason}")
@@ -310,7 +310,7 @@ class BatchStream:
                  cond: np.ndarray | torch.Tensor | None = None):
         if len(images) < global_batch:
             raise BrainfusionError(
-                f"the data holds {len(images)} slices, fewer than one global batch of {global_batch}; lower --batch-size or add data."
+                f"the data holds {len(images)} slices, fewer than one global batch of {global_batch}; lower train.batch_size or add data."
             )
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.cond = None if cond is None else torch.as_tensor(cond, dtype=torch.float32)

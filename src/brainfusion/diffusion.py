@@ -124,7 +124,7 @@ def make_scheduler(cfg: DiffusionConfig, sampler: str):
         )
     if sampler == "heun":
         return HeunDiscreteScheduler(**common, timestep_spacing="trailing", use_karras_sigmas=True)
-    raise BrainfusionError(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
+    raise BrainfusionError(f"sampler={sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
 
 
 def classifier_free_guidance(model: Callable, cond: torch.Tensor, scale: float) -> Callable:
@@ -175,11 +175,11 @@ def sample(
         model = classifier_free_guidance(model, cond, guidance)
     steps = steps or (cfg.timesteps if sampler == "ddpm" else 50)
     if not 1 <= steps <= cfg.timesteps:
-        raise BrainfusionError(f"--steps {steps} must be between 1 and {cfg.timesteps}.")
+        raise BrainfusionError(f"steps={steps} must be between 1 and {cfg.timesteps}.")
     x = randn(shape, generator)
     if cfg.formulation == "edm":
         if sampler not in EDM_SAMPLERS:
-            raise BrainfusionError(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
+            raise BrainfusionError(f"sampler={sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
         process = EDMProcess(cfg)
         sigmas = process.sigmas(steps)
         x = x * sigmas[0].item()

@@ -98,7 +98,7 @@ def wrap(model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
     elif has_bn and ctx.is_main:
         log.warning(
             "BatchNorm under %d CPU processes normalises over each process's share of the batch (PyTorch's "
-            "SyncBatchNorm needs GPUs), so the loss curve will differ from a one-process run; use --norm group to avoid this.",
+            "SyncBatchNorm needs GPUs), so the loss curve will differ from a one-process run; use model.norm=group to avoid this.",
             ctx.world,
         )
     # broadcast_buffers (the default) copies rank 0's BatchNorm running statistics to every rank each forward

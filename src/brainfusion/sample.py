@@ -51,7 +51,7 @@ class SampleConfig:
 def generate(cfg: SampleConfig, progress: bool = True) -> dict:
     """Sample cfg.n_images images into files; returns where the grid, PNGs and GIF went."""
     if cfg.n_images <= 0 or cfg.batch_size <= 0:
-        raise BrainfusionError("--n and --batch-size must be positive.")
+        raise BrainfusionError(f"n_images={cfg.n_images} and batch_size={cfg.batch_size} must both be positive.")
     torch.set_flush_denormal(True)
     ctx = dist.init()
     model, state = load_model(Path(cfg.checkpoint), cfg.use_ema, ctx.device)
@@ -109,7 +109,7 @@ def _collect(cfg: SampleConfig, images_dir: Path, out_dir: Path, gif_path: Path 
     if missing:
         raise BrainfusionError(
             f"{len(missing)} of the {cfg.n_images} images (e.g. {missing[0]}) are missing after every process finished; "
-            "with several nodes, --out must be on a filesystem all of them share."
+            "with several nodes, the output folder must be on a filesystem all of them share."
         )
     from PIL import Image
 

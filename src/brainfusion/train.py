@@ -117,10 +117,10 @@ def _resume_state(config: RunConfig, resume: bool):
     newest = latest_checkpoint(ckpt_dir)
     if not resume:
         if newest is not None:  # every rank refuses, so none is left waiting
-            raise BrainfusionError(f"{config.train.out_dir} already holds checkpoints; pass --resume to continue, or choose another --out-dir.")
+            raise BrainfusionError(f"{config.train.out_dir} already holds checkpoints; continue it (resume=True) or choose another train.out_dir.")
         return None
     if newest is None:
-        raise BrainfusionError(f"--resume given but {ckpt_dir} holds no checkpoint; drop --resume to start fresh.")
+        raise BrainfusionError(f"{ckpt_dir} holds no checkpoint to resume from; start fresh (resume=False).")
     state = load_checkpoint(newest)
     inherit_vocabulary(config, state.config, newest)  # a resumed run keeps the condition vocabulary it was trained with
     if state.config.model != config.model or state.config.diffusion != config.diffusion:
@@ -154,7 +154,7 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
         tidy_run_folder(Path(tcfg.out_dir), tcfg.keep_checkpoints)
     slices = load_slices(config.data, progress=progress and ctx.is_main)
     if tcfg.batch_size % ctx.world:
-        raise BrainfusionError(f"--batch-size {tcfg.batch_size} is the global batch and must divide by the {ctx.world} processes.")
+        raise BrainfusionError(f"train.batch_size={tcfg.batch_size} is the global batch and must divide by the {ctx.world} processes.")
     images, cond = label_slices(config, slices)  # (images, None) for an unconditional run; fits the vocabulary
     stream = BatchStream(images, tcfg.batch_size, tcfg.seed, config.data.hflip, ctx.rank, ctx.world, cond=cond)
     torch.manual_seed(tcfg.seed)
@@ -280,7 +280,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
         plot_loss_curve(runlog.path, out_dir / "loss.png")
     dist.barrier(ctx)
     if interrupted and ctx.is_main:
-        log.info("interrupted at step %d; newest checkpoint %s — continue with --resume", step, last_ckpt)
+        log.info("interrupted at step %d; newest checkpoint %s — continue it (resume=True)", step, last_ckpt)
     dist.shutdown(ctx)
     return TrainResult(out_dir, step, last_ckpt, interrupted, runlog.images_per_s)
 
@@ -293,7 +293,7 @@ def _count_nonfinite(loss: torch.Tensor, run: int, step: int, limit: int, last_c
     log.warning("step %d: non-finite loss, step skipped (%d in a row)", step + 1, run)
     if run >= limit:
         raise BrainfusionError(
-            f"the loss was NaN/Inf for {run} steps in a row at step {step + 1}; lower --lr or check the data "
+            f"the loss was NaN/Inf for {run} steps in a row at step {step + 1}; lower train.lr or check the data "
             f"(no checkpoint was written from the diverged weights; the last good one is {last_ckpt})."
         )
     return run
