@@ -52,6 +52,12 @@ from bench_quality import split_blocks  # noqa: E402 - the one definition of the
 ARMS = ("real", "real-sampler", "balanced", "generated")
 
 
+def arm_label(arm: str, generator: str) -> str:
+    generator = "real copies" if generator == "real-copies" else "generated"
+    return {"real": "real, as is", "real-sampler": "real, class-balanced sampling",
+            "balanced": f"real + {generator} to balance", "generated": f"{generator} only"}[arm]
+
+
 def load_labelled(folder: Path, size: int, class_names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Slices of `folder`'s class sub-folders at size×size, their class indices, and the sorted class names."""
     slices = load_slices(DataConfig(path=str(folder), split="train", image_size=size), progress=False)
@@ -78,7 +84,7 @@ def checkpoint_generator(checkpoint: str, guidance: float, class_names: list[str
 def generated_set(args, train: np.ndarray, labels: np.ndarray, names: list[str], counts: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """counts[c] generated slices of each class c, cached in <work>/generated/ by generator and counts."""
     tag = "real-copies" if args.generator == "real-copies" else f"{Path(args.checkpoint).resolve()}|{args.guidance}"
-    key = hashlib.sha256(json.dumps([tag, args.gen_seed, args.size, sorted(counts.items())]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([tag, str(args.data.resolve()), args.holdout, args.gen_seed, args.size, sorted(counts.items())]).encode()).hexdigest()[:12]
     path = args.work / "generated" / f"{key}.npz"
     if path.is_file():
         with np.load(path) as stored:
@@ -136,7 +142,7 @@ def markdown(results: dict, names: list[str], args) -> str:
     for arm, r in results["arms"].items():
         s = r["summary"]
         cells = " | ".join(f"{v:.2f}" for v in r["recall_per_class_mean"])
-        lines.append(f"| {arm} | {r['n_train']} | {s['balanced_accuracy'][0]:.3f} ± {s['balanced_accuracy'][1]:.3f} | "
+        lines.append(f"| {arm_label(arm, results['generator'])} | {r['n_train']} | {s['balanced_accuracy'][0]:.3f} ± {s['balanced_accuracy'][1]:.3f} | "
                      f"{s['macro_f1'][0]:.3f} ± {s['macro_f1'][1]:.3f} | {cells} | {s['train_seconds'][0]:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -161,10 +167,10 @@ def plot_confusions(results: dict, names: list[str], path: Path) -> Path:
         ax.set_xticks(range(len(names)), short, rotation=30, fontsize=8)
         ax.set_yticks(range(len(names)), short, fontsize=8)
         ax.set_xlabel("predicted")
-        ax.set_title(f"{arm}\nbal. acc {r['summary']['balanced_accuracy'][0]:.2f}", fontsize=9)
+        ax.set_title(f"{arm_label(arm, results['generator'])}\nbalanced accuracy {r['summary']['balanced_accuracy'][0]:.2f}", fontsize=9)
     axes[0][0].set_ylabel("true (held-out real)")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def run_checks(args, train, labels, held, held_labels, names) -> None:

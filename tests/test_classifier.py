@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -149,3 +151,33 @@ def test_conditional_checks_refuse_a_generator_that_miscounts():
     model = train_classifier(x, y, 2, seed=0, **{**FAST, "steps": 2})
     with pytest.raises(BrainfusionError, match="not the 4 asked for"):
         check_conditional(lambda n, c: x[: n - 1], model, x, y, ["a", "b"], n_per_class=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The augmentation benchmark, end to end on a tiny class-folder set
+# ----------------------------------------------------------------------------------------------
+
+
+def test_bench_augment_runs_end_to_end(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from conftest import brain_slice, write_png
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_augment
+
+    for name, count, value in (("Bright", 12, 220), ("Dark", 6, 90)):
+        for i in range(count):
+            write_png(tmp_path / "data" / name / f"slice{i}.png", brain_slice(i, 16, 16, value=value))
+    work = tmp_path / "work"
+    bench_augment.main(["--data", str(tmp_path / "data"), "--work", str(work), "--generator", "real-copies", "--size", "16",
+                        "--arms", "real,real-sampler,balanced,generated", "--seeds", "0,1", "--steps", "3",
+                        "--holdout", "0.34", "--checks", "3"])
+    results = json.loads((work / "results.json").read_text())
+    assert results["class_names"] == ["Bright", "Dark"] and results["heldout_class_counts"] == [4, 2]
+    assert results["arms"]["balanced"]["train_class_counts"] == [8, 8]
+    assert results["arms"]["generated"]["train_class_counts"] == [8, 8]
+    assert len(results["arms"]["real"]["runs"]) == 2
+    assert (work / "confusion.png").stat().st_size > 0 and "real copies only" in (work / "augment.md").read_text()
+    assert "mean over classes" in (work / "conditional.md").read_text()
