@@ -22,6 +22,13 @@
    `--checks N` also runs `conditional_checks` (N slices per class) with the first seed's
    `real-sampler` classifier (trained first if that arm was not asked for).
 
+Measured (real-copies, 64x64, 600 steps, seeds 0-2, OMP_NUM_THREADS=1 on the shared 2-core box, 8 min
+in all, 38-44 s per training; 1,023 held-out slices): balanced accuracy / macro-F1 real as is
+0.309 ± 0.019 / 0.291 ± 0.029; class-balanced sampling 0.457 ± 0.010 / 0.494 ± 0.013; real + copies
+to balance 0.429 ± 0.035 / 0.467 ± 0.043; copies only 0.457 ± 0.023 / 0.491 ± 0.021. Balancing is
+worth +0.15 and copying is the same as balanced sampling within the spread: that is the bar a
+generator has to clear.
+
 Outputs in --work: results.json, augment.md (the table), confusion.png (mean row-normalised confusion
 matrix of each arm), classifiers/<arm>.safetensors (the first seed's), conditional.md with --checks.
 """
