@@ -88,18 +88,45 @@ def checkpoint_generator(checkpoint: str, guidance: float, class_names: list[str
     return generate
 
 
+def stored_sets(folder: Path) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """{"g2": (images (classes, n, H, W), class names)} from `bench_gpu.py conditional`'s files in `folder`."""
+    sets: dict[str, list] = {}
+    for file in sorted(folder.glob("cond_g*_*.npz")):
+        with np.load(file) as z:
+            entry = sets.setdefault(file.stem.split("_")[1], [[], []])
+            entry[0].append(z["images"])
+            entry[1] += [str(c) for c in z["classes"]]
+    if (folder / "cond_curve.npz").is_file():
+        with np.load(folder / "cond_curve.npz") as z:
+            for key in (k for k in z.files if k.startswith("g")):
+                sets[key] = [[z[key]], [str(c) for c in z["classes"]]]
+    if not sets:
+        raise SystemExit(f"{folder} holds no cond_g*.npz sets; make them with `bench_gpu.py conditional`.")
+    return {k: (np.concatenate(v[0]), v[1]) for k, v in sets.items()}
+
+
+def stored_generator(images: np.ndarray, stored_names: list[str], class_names: list[str]) -> Generator:
+    """`generate(n, c)`: the first n stored slices of class c (image i is image i of the class's seed)."""
+
+    def generate(n: int, class_index: int) -> np.ndarray:
+        stock = images[stored_names.index(class_names[class_index])]
+        if n > len(stock):
+            raise SystemExit(f"the stored set holds {len(stock)} slices of {class_names[class_index]}, {n} asked for.")
+        return stock[:n]
+
+    return generate
+
+
 def generated_set(args, train: np.ndarray, labels: np.ndarray, names: list[str], counts: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """counts[c] generated slices of each class c, cached in <work>/generated/ by generator and counts."""
-    tag = "real-copies" if args.generator == "real-copies" else f"{Path(args.checkpoint).resolve()}|{args.guidance}"
+    tag = {"real-copies": "real-copies", "stored": f"{args.stored}|{args.guidance}"}.get(
+        args.generator, f"{Path(str(args.checkpoint)).resolve()}|{args.guidance}")
     key = hashlib.sha256(json.dumps([tag, str(args.data.resolve()), args.holdout, args.gen_seed, args.size, sorted(counts.items())]).encode()).hexdigest()[:12]
     path = args.work / "generated" / f"{key}.npz"
     if path.is_file():
         with np.load(path) as stored:
             return stored["images"], stored["labels"]
-    if args.generator == "real-copies":
-        generate = resampling_generator(train, labels, seed=args.gen_seed)
-    else:
-        generate = checkpoint_generator(args.checkpoint, args.guidance, names, args.gen_seed)
+    generate = make_generator(args, train, labels, names)
     t0 = time.perf_counter()
     parts = [(generate(n, c), np.full(n, c)) for c, n in counts.items() if n > 0]
     images = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, args.size, args.size), np.uint8)
@@ -187,23 +214,36 @@ def run_checks(args, train, labels, held, held_labels, names) -> None:
     path = args.work / "classifiers" / "real-sampler.safetensors"
     model = load_classifier(path) if path.is_file() else train_classifier(train, labels, len(names), seed=args.seeds[0],
                                                                           resolution=args.size, steps=args.steps)
-    generate = (resampling_generator(train, labels, args.gen_seed) if args.generator == "real-copies"
-                else checkpoint_generator(args.checkpoint, args.guidance, names, args.gen_seed))
-    report = check_conditional({results_name(args): generate}, model, held, held_labels, names, args.checks, train, labels)
+    if args.generator == "stored":  # every stored guidance scale, side by side
+        generators = {f"guidance {k[1:]}": stored_generator(x, stored, names) for k, (x, stored) in sorted(stored_sets(args.stored).items())}
+    else:
+        generators = {results_name(args): make_generator(args, train, labels, names)}
+    report = check_conditional(generators, model, held, held_labels, names, args.checks, train, labels)
     atomic_write_text(args.work / "conditional.json", json.dumps(report, indent=2))
     atomic_write_text(args.work / "conditional.md", conditional_table(report))
     print(conditional_table(report))
 
 
+def make_generator(args, train: np.ndarray, labels: np.ndarray, names: list[str]) -> Generator:
+    if args.generator == "real-copies":
+        return resampling_generator(train, labels, seed=args.gen_seed)
+    if args.generator == "stored":
+        images, stored = stored_sets(args.stored)[f"g{args.guidance:g}"]
+        return stored_generator(images, stored, names)
+    return checkpoint_generator(args.checkpoint, args.guidance, names, args.gen_seed)
+
+
 def results_name(args) -> str:
-    return "real-copies" if args.generator == "real-copies" else f"{args.checkpoint} (guidance {args.guidance:g})"
+    source = {"real-copies": "real-copies", "stored": f"stored sets in {args.stored}"}.get(args.generator, str(args.checkpoint))
+    return source if args.generator == "real-copies" else f"{source} (guidance {args.guidance:g})"
 
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, required=True, help="folder of class folders of numbered slices")
     p.add_argument("--work", type=Path, default=Path("runs/bench_augment"))
-    p.add_argument("--generator", choices=("checkpoint", "real-copies"), default="checkpoint")
+    p.add_argument("--generator", choices=("checkpoint", "real-copies", "stored"), default="checkpoint")
+    p.add_argument("--stored", type=Path, help="with --generator stored: a folder of `bench_gpu.py conditional` sets")
     p.add_argument("--checkpoint", help="a conditional run folder or ckpt_*.safetensors (with --generator checkpoint)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     p.add_argument("--arms", default="real,balanced,generated", help=f"comma list of {', '.join(ARMS)}")

@@ -94,6 +94,48 @@ def run(args: argparse.Namespace) -> None:
         print(f"{size}: {info}", flush=True)
 
 
+def conditional(args: argparse.Namespace) -> None:
+    """A class-conditional model (labels = class folders) for `--minutes`, then per-class sets for bench_augment.
+
+    cond_g<G>_<part>.npz hold images (classes, n, H, W) and class names (small sets: cond_curve.npz, key g<G>); image i of class c is image i
+    of seed derive_seed(seed, c), as bench_augment's checkpoint generator draws them.
+    """
+    import torch
+
+    from brainfusion.checkpoint import latest_checkpoint
+    from brainfusion.images import save_grid
+    from brainfusion.pipeline import Pipeline
+    from brainfusion.seeding import derive_seed
+
+    out, run_dir = Path(args.out), Path(args.work) / "conditional"
+    extra = ["--labels", "folders", "--time-budget-min", str(args.minutes), "--precision", args.precision,
+             "--batch-size", str(args.batch_size), "--lr", str(args.lr)]
+    if _train(args.data, run_dir, args.size, extra).wait() != 0:
+        raise SystemExit("conditional training failed")
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = Pipeline.from_checkpoint(ckpt, device=device)
+    names = pipe.config.condition.classes["class"]
+    info = {**_rate(run_dir, args.batch_size), "steps": int(ckpt.stem.split("_")[-1]), "minutes": args.minutes,
+            "batch_size": args.batch_size, "lr": args.lr, "precision": args.precision, "classes": list(names)}
+    (out / "conditional.json").write_text(json.dumps(info, indent=2))
+    curve = {}
+    for spec in args.sets.split(","):
+        guidance, n = (float(v) for v in spec.split(":"))
+        t0 = time.monotonic()
+        images = np.stack([pipe(int(n), seed=derive_seed(SEED, c), condition={"class": name}, guidance=guidance,
+                                batch_size=512) for c, name in enumerate(names)])
+        print(f"guidance {guidance:g}: {images.shape} in {time.monotonic() - t0:.0f} s", flush=True)
+        if n < 512:  # small sets share one file; large ones go two classes a file (16 MB a file comes back)
+            curve[f"g{guidance:g}"] = images
+            continue
+        save_grid(images[:, :8].reshape(-1, *images.shape[2:]), out / f"cond_rows_g{guidance:g}.png", nrow=8)
+        for part in range(0, len(names), 2):
+            np.savez_compressed(out / f"cond_g{guidance:g}_{part // 2}.npz", images=images[part:part + 2],
+                                classes=np.array(names[part:part + 2]), info=json.dumps(info))
+    np.savez_compressed(out / "cond_curve.npz", classes=np.array(names), info=json.dumps(info), **curve)
+
+
 def score(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(BENCH_DIR))
     from bench_quality import split_blocks
@@ -138,14 +180,24 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--n", type=int, default=1000)
     r.add_argument("--speed-steps", type=int, default=400)
     r.add_argument("--precisions", default="fp32,bf16,fp16")
+    c = sub.add_parser("conditional", help="on the GPU machine: a class-conditional model and per-class sets")
+    c.add_argument("--data", type=Path, required=True)
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--work", type=Path, default=Path("/tmp/bench_gpu"))
+    c.add_argument("--minutes", type=float, default=3.0)
+    c.add_argument("--size", type=int, default=64)
+    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--lr", type=float, default=5e-4)
+    c.add_argument("--precision", default="fp32")
+    c.add_argument("--sets", default="2:2048,0:128,1:128,4:128", help="guidance:images per class, comma list")
     s = sub.add_parser("score", help="anywhere: FID etc. of the returned samples against held-out slices")
     s.add_argument("--samples", type=Path, required=True)
     s.add_argument("--data", type=Path, required=True)
     s.add_argument("--work", type=Path, default=Path("runs/bench_quality"))
     args = p.parse_args(argv)
-    if args.command == "run":
+    if args.command in ("run", "conditional"):
         args.out.mkdir(parents=True, exist_ok=True)
-        run(args)
+        run(args) if args.command == "run" else conditional(args)
     else:
         score(args)
 

@@ -35,7 +35,7 @@ LEVELS = np.geomspace(0.01, 80, 12)
 
 @torch.no_grad()
 def denoising_error(pipe: Pipeline, images: np.ndarray, sigma: float, batch: int = 128) -> float:
-    denoise = make_process(pipe.config.diffusion).denoiser(pipe._fn)
+    denoise = make_process(pipe.config.diffusion).denoiser(pipe.network)
     x0 = to_model_range(torch.from_numpy(images))
     noise = torch.randn(x0.shape, generator=seeded_generator(0, int(sigma * 1000)))
     err = [(denoise(x0[i:i + batch] + sigma * noise[i:i + batch], sigma) - x0[i:i + batch]).square().sum()

@@ -238,8 +238,8 @@ def test_guidance_mixes_the_conditional_and_unconditional_outputs():
     pipe = _conditional_pipeline("edm")
     x, t = torch.randn(2, 1, 32, 32), torch.tensor([100.0, 700.0])
     cond = encode_request(pipe.config.condition, [{"class": "a"}, {"class": "c", "level": 0.1}], 2)
-    c, u = pipe._fn(x, t, cond), pipe._fn(x, t, torch.full_like(cond, float("nan")))
-    assert torch.allclose(classifier_free_guidance(pipe._fn, cond, 2.5)(x, t), u + 2.5 * (c - u), atol=1e-5)
+    c, u = pipe.network(x, t, cond), pipe.network(x, t, torch.full_like(cond, float("nan")))
+    assert torch.allclose(classifier_free_guidance(pipe.network, cond, 2.5)(x, t), u + 2.5 * (c - u), atol=1e-5)
     with pytest.raises(BrainfusionError, match="needs a condition"):
         pipe(1, guidance=2.0)
 

@@ -153,6 +153,11 @@ def classifier_free_guidance(model: Callable, cond: torch.Tensor, scale: float) 
 
 
 @torch.no_grad()
+def default_steps(cfg: DiffusionConfig, sampler: str) -> int:
+    """Network steps when none are given: the full chain for DDPM (the seed's sampler), 50 for the others."""
+    return cfg.timesteps if sampler == "ddpm" else 50
+
+
 def sample(
     model: Callable,
     cfg: DiffusionConfig,
@@ -173,7 +178,7 @@ def sample(
     """
     if cond is not None:
         model = classifier_free_guidance(model, cond, guidance)
-    steps = steps or (cfg.timesteps if sampler == "ddpm" else 50)
+    steps = steps or default_steps(cfg, sampler)
     if not 1 <= steps <= cfg.timesteps:
         raise BrainfusionError(f"steps={steps} must be between 1 and {cfg.timesteps}.")
     x = randn(shape, generator)

@@ -48,7 +48,8 @@ class Pipeline:
         use_cl = choose_channels_last(channels_last, self.device, self.dtype)
         self.model = model.eval().to(self.device, memory_format=torch.channels_last if use_cl else torch.contiguous_format)
         self.config = config
-        self._fn = network_fn(self.model, self.device, self.dtype, channels_last)
+        # (x_t, t[, cond]) → float32 output on the CPU: what samplers and diagnostics call
+        self.network = network_fn(self.model, self.device, self.dtype, channels_last)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Path | str, use_ema: bool = True, device: torch.device | None = None,
@@ -95,7 +96,7 @@ class Pipeline:
             count = min(batch_size, first_index + n - start)
             gens = image_generators(seed, range(start, start + count))
             rows = None if cond is None else cond[start - first_index : start - first_index + count]
-            x, snaps = sample(self._fn, self.config.diffusion, (count, channels, size, size), sampler, steps, gens,
+            x, snaps = sample(self.network, self.config.diffusion, (count, channels, size, size), sampler, steps, gens,
                               frames=frames if on_frames else 0, progress=tick, cond=rows, guidance=guidance)
             if on_frames is not None:
                 on_frames(start, [to_uint8(f.clamp(-1, 1)) for f in snaps])

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist
+from .diffusion import default_steps
 from .errors import BrainfusionError
 from .images import make_grid, save_gif, save_grid, save_png
 from .pipeline import Pipeline, load_model
@@ -56,7 +57,7 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
     ctx = dist.init()
     model, state = load_model(Path(cfg.checkpoint), cfg.use_ema, ctx.device)
     pipe = Pipeline(model, state.config, ctx.device, cfg.precision)
-    steps = cfg.steps or (state.config.diffusion.timesteps if cfg.sampler == "ddpm" else 50)
+    steps = cfg.steps or default_steps(state.config.diffusion, cfg.sampler)
     run_dir = state.path.parent.parent if state.path.parent.name == "checkpoints" else state.path.parent
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "samples" / (f"{cfg.sampler}-{steps}" + _condition_suffix(cfg))
     images_dir = out_dir / "images"

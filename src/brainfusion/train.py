@@ -23,15 +23,16 @@ import torch
 from . import distributed as dist
 from .checkpoint import fault_injection_point, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, tidy_run_folder
 from .conditions import drop_labels, inherit_vocabulary, label_slices
-from .config import FAST_SAMPLER, FAST_STEPS, RunConfig
-from .data import BatchStream, load_slices, to_uint8
-from .diffusion import make_process, sample
+from .config import RunConfig
+from .data import BatchStream, load_slices
+from .diffusion import make_process
 from .errors import BrainfusionError
 from .fileio import atomic_write_text
 from .images import plot_loss_curve, save_grid
 from .model import UNet, count_parameters, training_flops_per_image
+from .pipeline import Pipeline
 from .runlog import RunLog
-from .runtime import choose_channels_last, choose_precision, make_grad_scaler, network_fn
+from .runtime import choose_channels_last, choose_precision, make_grad_scaler
 from .seeding import derive_seed, seeded_generator
 
 log = logging.getLogger(__name__)
@@ -300,14 +301,12 @@ def _count_nonfinite(loss: torch.Tensor, run: int, step: int, limit: int, last_c
 
 
 def _sample_ema(s: Session, n: int, seed: int) -> np.ndarray:
+    """n preview images of the EMA network: image i of `seed` is the one `brainfusion sample` would draw."""
     model = s.ema.shadow
     was = model.training
-    model.eval()
-    size, channels = s.config.model.image_size, s.config.model.in_channels
-    images, _ = sample(network_fn(model, s.ctx.device, s.dtype, s.config.train.channels_last), s.config.diffusion,
-                       (n, channels, size, size), FAST_SAMPLER, FAST_STEPS, torch.Generator().manual_seed(seed))
+    images = Pipeline(model, s.config, s.ctx.device, s.config.train.precision, s.config.train.channels_last)(n, seed=seed)
     model.train(was)
-    return to_uint8(images)
+    return images
 
 
 def _preview(s: Session, path: Path, n: int = 16) -> None:
