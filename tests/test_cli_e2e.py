@@ -118,3 +118,22 @@ def test_fp16_training_scales_the_loss_and_resumes_exactly(cli, tmp_path, make_o
     assert resumed.extra["grad_scaler"] == uninterrupted.extra["grad_scaler"]
     for key, value in uninterrupted.model.items():
         assert torch.equal(resumed.model[key], value), key
+
+
+def test_tensorboard_logger_writes_scalars_and_previews_that_tensorboard_reads(cli, tmp_path, make_oasis_root):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = make_oasis_root(tmp_path / "oasis", n_train=8, n_test=4, n_validate=2)
+    run = tmp_path / "run"
+    status, _, err = cli("train", "--data", data, "--out-dir", run, "--max-steps", "4", "--logger", "tensorboard",
+                         "--sample-every", "2", "--eval-every", "4", *TRAIN)
+    assert status == 0, err
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    tags = events.Tags()
+    for name in ("loss", "lr", "images_per_s", "nonfinite_skipped"):
+        assert [e.step for e in events.Scalars(f"train/{name}")] == [1, 2, 3, 4]
+    losses = [float(row["loss"]) for row in csv.DictReader(open(run / "train_log.csv"))]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses, rel=1e-5)
+    assert [e.step for e in events.Images("samples")] == [2, 4]
+    assert any(t.startswith("eval/") for t in tags["scalars"])

@@ -54,6 +54,7 @@ TRAIN_FLAGS = {
     "seed": ("train.seed", int, "random seed"),
     "max_nonfinite": ("train.max_nonfinite", int, "stop after this many NaN/Inf losses in a row"),
     "compile": ("train.compile", None, "torch.compile the model"),
+    "logger": ("train.logger", str, "csv (default), or tensorboard: also TensorBoard events in <out-dir>/tensorboard"),
     "labels": ("condition.labels", str, "condition on labels: 'folders' (class = first folder under --data) or a CSV/TSV table"),
     "label_columns": ("condition.label_columns", str, "categorical columns of the --labels table, e.g. CDR,M/F"),
     "continuous_columns": ("condition.continuous_columns", str, "numeric columns of the --labels table, e.g. Age,MMSE"),

@@ -248,10 +248,12 @@ class TrainConfig:
     seed: int = 0
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
     compile: bool = False
+    logger: str = "csv"  # "tensorboard": also TensorBoard events in <out_dir>/tensorboard (pip install brainfusion[tensorboard])
 
     def validate(self) -> None:
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _check_choice("train.channels_last", self.channels_last, ("auto", "on", "off"))
+        _check_choice("train.logger", self.logger, ("csv", "tensorboard"))
         if self.batch_size <= 0:
             raise BrainfusionError(f"train.batch_size must be positive, got {self.batch_size}.")
         for name in ("checkpoint_every", "log_every"):

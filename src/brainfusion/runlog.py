@@ -1,7 +1,7 @@
-"""The training run's log: CSV rows, the progress bar with loss, img/s and time left.
+"""The training run's log: CSV rows, the progress bar with loss, img/s and time left, and optionally TensorBoard.
 
 One object so the training loop says `runlog.step(...)` once a step; a resumed run first drops
-the rows past its checkpoint, so no step is logged twice.
+the rows past its checkpoint (and TensorBoard's events, through `purge_step`), so no step is logged twice.
 """
 
 from __future__ import annotations
@@ -11,12 +11,26 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
+
+from .errors import BrainfusionError
 from .fileio import atomic_output
+
+
+def tensorboard_writer(folder: Path, start_step: int):
+    """A SummaryWriter that first drops events past `start_step` (a resume), flushing every 10 s."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise BrainfusionError(
+            f"train.logger is 'tensorboard' but TensorBoard cannot be imported ({exc}); pip install tensorboard, or log to csv."
+        ) from None
+    return SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None, flush_secs=10)
 
 
 class RunLog:
     def __init__(self, path: Path, start_step: int, max_steps: int | None, deadline: float | None, steps_per_epoch: int,
-                 show: bool = True, write: bool = True):
+                 show: bool = True, write: bool = True, tensorboard: Path | None = None):
         self.path, self.start_step, self.max_steps, self.deadline = Path(path), start_step, max_steps, deadline
         self.steps_per_epoch, self.write = steps_per_epoch, write
         if write:
@@ -24,6 +38,7 @@ class RunLog:
         self.t_start = self.window_t = time.monotonic()
         self.window_images, self.images_per_s = 0, 0.0
         self.bar = None
+        self.tensorboard = tensorboard_writer(tensorboard, start_step) if tensorboard is not None and write else None
         if show:
             from tqdm.auto import tqdm
 
@@ -44,6 +59,7 @@ class RunLog:
                 step=step, epoch=f"{step / self.steps_per_epoch:.3f}", loss=f"{loss:.6f}", lr=f"{lr:.3e}",
                 images_per_s=f"{self.images_per_s:.2f}", elapsed_s=f"{now - self.t_start:.1f}", nonfinite_skipped=skipped,
             ))
+            self.scalars(step, {"loss": loss, "lr": lr, "images_per_s": self.images_per_s, "nonfinite_skipped": skipped}, "train")
             if self.bar is not None:
                 self.bar.set_postfix_str(f"loss {loss:.4f} | {self.images_per_s:.1f} img/s | left {self.time_left(step, now)}")
         if self.bar is not None:
@@ -61,9 +77,23 @@ class RunLog:
         seconds = max(0, int(min(left)))
         return f"{seconds // 60}m{seconds % 60:02d}s"
 
+    def scalars(self, step: int, values: dict, prefix: str) -> None:
+        """TensorBoard scalars `prefix/name` (numbers only; a no-op without TensorBoard)."""
+        if self.tensorboard is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(f"{prefix}/{name}", value, step)
+
+    def image(self, step: int, tag: str, grid: np.ndarray) -> None:
+        """A uint8 grid (H, W) or (C, H, W) as a TensorBoard image."""
+        if self.tensorboard is not None:
+            self.tensorboard.add_image(tag, grid if grid.ndim == 3 else grid[None], step, dataformats="CHW")
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     @staticmethod
     def append(path: Path, row: dict) -> None:

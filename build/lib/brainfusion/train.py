@@ -1,0 +1,329 @@
+"""Training: set-up first, then a short loop of named phases around one `training_step`.
+
+The objective is passed in, as in EDM's training_loop.py: `make_process(config.diffusion)` draws
+the noise levels and computes the loss, VP or EDM alike. Every batch, noise draw and noise level is
+a pure function of (seed, step) (`seeding.seeded_generator`), so a run resumed from a checkpoint
+retraces the uninterrupted run exactly, and N processes (torchrun + DDP) each take their slice of
+the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed as dist
+from .checkpoint import fault_injection_point, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, tidy_run_folder
+from .conditions import drop_labels, inherit_vocabulary, label_slices
+from .config import RunConfig
+from .data import BatchStream, load_slices
+from .diffusion import make_process
+from .errors import BrainfusionError
+from .fileio import atomic_write_text
+from .images import make_grid, plot_loss_curve, save_grid
+from .model import UNet, count_parameters, training_flops_per_image
+from .pipeline import Pipeline
+from .runlog import RunLog
+from .runtime import choose_channels_last, choose_precision, make_grad_scaler
+from .seeding import derive_seed, seeded_generator
+
+log = logging.getLogger(__name__)
+
+
+class EMA:
+    """Exponential moving average of the weights, with the usual warm-up of the decay."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for ema_p, p in zip(self.shadow.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1 - decay)
+        for ema_b, b in zip(self.shadow.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int
+    checkpoint: Path | None
+    interrupted: bool
+    images_per_s: float
+
+
+class _StopSignal:
+    """Turns SIGINT/SIGTERM into a flag so the loop can write a final checkpoint and exit."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def lr_at(step: int, cfg) -> float:
+    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+
+
+@dataclass
+class Session:
+    """Everything the loop needs, decided once by `set_up`."""
+
+    config: RunConfig
+    ctx: dist.Context
+    stream: BatchStream
+    process: object  # NoiseSchedule or EDMProcess: draw_levels(n, generator), loss(net, x0, levels, noise, cond)
+    model: torch.nn.Module
+    forward: torch.nn.Module  # the model as the step calls it: DDP-wrapped and/or compiled
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    dtype: torch.dtype | None
+    memory_format: torch.memory_format
+    start_step: int
+    max_steps: int | None
+    deadline: float | None
+    skipped_total: int
+    real_for_eval: np.ndarray
+    scaler: torch.amp.GradScaler | None = None  # fp16 only; its state is checkpointed so resume stays exact
+
+
+def _resume_state(config: RunConfig, resume: bool):
+    """The checkpoint to continue from (None for a fresh run), refusing mismatched or accidental reuse."""
+    ckpt_dir = Path(config.train.out_dir) / "checkpoints"
+    newest = latest_checkpoint(ckpt_dir)
+    if not resume:
+        if newest is not None:  # every rank refuses, so none is left waiting
+            raise BrainfusionError(f"{config.train.out_dir} already holds checkpoints; continue it (resume=True) or choose another train.out_dir.")
+        return None
+    if newest is None:
+        raise BrainfusionError(f"{ckpt_dir} holds no checkpoint to resume from; start fresh (resume=False).")
+    state = load_checkpoint(newest)
+    inherit_vocabulary(config, state.config, newest)  # a resumed run keeps the condition vocabulary it was trained with
+    if state.config.model != config.model or state.config.diffusion != config.diffusion:
+        raise BrainfusionError(
+            f"{newest} was trained with a different model or diffusion config; resume with the same config (see {newest.with_suffix('.json')})."
+        )
+    return state
+
+
+def _place(model, ema, optimizer, state, device, memory_format) -> None:
+    """Load a checkpoint's weights and optimizer state, then move everything to the device."""
+    if state is not None:
+        load_weights(model, state.model, state.path)
+        load_weights(ema.shadow, state.ema, state.path)
+        if state.optimizer is not None:
+            optimizer.load_state_dict(state.optimizer)
+    model.to(device, memory_format=memory_format)
+    ema.shadow.to(device, memory_format=memory_format)
+    for slot in optimizer.state.values():
+        for key, value in slot.items():
+            if torch.is_tensor(value) and key != "step":
+                slot[key] = value.to(device)
+
+
+def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
+    """Resume checks, data, model, optimizer, device, precision and budgets: every decision before step one."""
+    tcfg = config.train
+    ctx = dist.init()
+    state = _resume_state(config, resume)
+    if ctx.is_main:  # what killed processes left behind goes before anything is written
+        tidy_run_folder(Path(tcfg.out_dir), tcfg.keep_checkpoints)
+    slices = load_slices(config.data, progress=progress and ctx.is_main)
+    if tcfg.batch_size % ctx.world:
+        raise BrainfusionError(f"train.batch_size={tcfg.batch_size} is the global batch and must divide by the {ctx.world} processes.")
+    images, cond = label_slices(config, slices)  # (images, None) for an unconditional run; fits the vocabulary
+    stream = BatchStream(images, tcfg.batch_size, tcfg.seed, config.data.hflip, ctx.rank, ctx.world, cond=cond)
+    torch.manual_seed(tcfg.seed)
+    model = UNet(config.model)
+    if ctx.is_main:
+        flops = training_flops_per_image(model, config.model.image_size, config.model.in_channels)
+        log.info("model: %.2f M parameters, %.2f GFLOP per training image (forward+backward)", count_parameters(model) / 1e6, flops / 1e9)
+    ema = EMA(model, tcfg.ema_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
+    dtype = choose_precision(tcfg.precision, ctx.device)
+    channels_last = choose_channels_last(tcfg.channels_last, ctx.device, dtype)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    _place(model, ema, optimizer, state, ctx.device, memory_format)
+    scaler = make_grad_scaler(dtype, ctx.device)
+    if scaler is not None and state is not None and "grad_scaler" in state.extra:
+        scaler.load_state_dict(state.extra["grad_scaler"])
+    net = dist.wrap(model, ctx)
+    budget_steps = [s for s in (tcfg.max_steps, math.ceil(tcfg.epochs * stream.steps_per_epoch) if tcfg.epochs else 0) if s]
+    start_step = state.step if state is not None else 0
+    if ctx.is_main:
+        log.info(
+            "training on %s (%s, %s), %d slices, global batch %d (%d per process × %d), lr %.1e, from step %d",
+            ctx.device, f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "fp32", "channels_last" if channels_last else "contiguous",
+            len(slices), tcfg.batch_size, stream.per_rank, ctx.world, tcfg.lr, start_step,
+        )
+        Path(tcfg.out_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(tcfg.out_dir) / "config.json", config.to_json())
+    if slices.skipped and ctx.is_main:
+        log.warning("%d bad file(s) were skipped; see the warnings above", len(slices.skipped))
+    return Session(
+        config, ctx, stream, make_process(config.diffusion), model, torch.compile(net) if tcfg.compile else net, ema, optimizer,
+        dtype, memory_format, start_step, min(budget_steps) if budget_steps else None,
+        time.monotonic() + tcfg.time_budget_min * 60 if tcfg.time_budget_min else None,
+        int(state.extra.get("nonfinite_skipped", 0)) if state is not None else 0,  # the CSV column carries over a resume
+        slices.images, scaler,
+    )
+
+
+def training_step(s: Session, step: int) -> torch.Tensor:
+    """One optimizer step on global batch `step`; returns the global batch's mean loss (non-finite: skipped)."""
+    tcfg, ctx, device = s.config.train, s.ctx, s.ctx.device
+    torch.manual_seed(derive_seed(tcfg.seed, 3, step))  # dropout
+    images, cond = s.stream.batch_with_cond(step)
+    x0 = images.to(device, memory_format=s.memory_format)
+    gen = seeded_generator(tcfg.seed, 2, step)
+    levels = s.process.draw_levels(tcfg.batch_size, gen)
+    noise = torch.randn((tcfg.batch_size,) + tuple(x0.shape[1:]), generator=gen)
+    lo, hi = ctx.rank * s.stream.per_rank, (ctx.rank + 1) * s.stream.per_rank
+    levels, noise = levels[lo:hi].to(device), noise[lo:hi].to(device, memory_format=s.memory_format)
+    if cond is not None:  # label dropout, drawn from its own key so it never shares a stream with the network's dropout
+        cond = drop_labels(cond, s.config.condition.label_dropout, seeded_generator(tcfg.seed, 3, step, 1), tcfg.batch_size, lo).to(device)
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr_at(step, tcfg)
+    with torch.autocast(device.type, dtype=s.dtype or torch.float32, enabled=s.dtype is not None):
+        loss = s.process.loss(s.forward, x0, levels, noise, cond)
+    loss_mean = dist.mean(loss, ctx)  # the global batch's loss on every rank; non-finite if any rank's is
+    s.optimizer.zero_grad(set_to_none=True)
+    if torch.isfinite(loss_mean):
+        if s.scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(s.model.parameters(), tcfg.grad_clip)
+            s.optimizer.step()
+        else:  # the scaler skips the step (and lowers its scale) when a gradient overflowed
+            s.scaler.scale(loss).backward()
+            s.scaler.unscale_(s.optimizer)
+            torch.nn.utils.clip_grad_norm_(s.model.parameters(), tcfg.grad_clip)
+            s.scaler.step(s.optimizer)
+            s.scaler.update()
+        s.ema.update(s.model, step)
+    return loss_mean
+
+
+def train(config: RunConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train a model as `config` says, writing checkpoints, logs and pictures to train.out_dir."""
+    config.validate()
+    tcfg = config.train
+    torch.set_flush_denormal(True)  # tiny Adam moments / zero-initialised layers otherwise hit slow denormal paths
+    s = set_up(config, resume, progress)
+    ctx, out_dir = s.ctx, Path(tcfg.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    runlog = RunLog(out_dir / "train_log.csv", s.start_step, s.max_steps, s.deadline, s.stream.steps_per_epoch,
+                    show=ctx.is_main and progress, write=ctx.is_main,
+                    tensorboard=out_dir / "tensorboard" if tcfg.logger == "tensorboard" else None)
+    step, nonfinite_run, last_ckpt = s.start_step, 0, latest_checkpoint(ckpt_dir) if resume else None
+
+    def checkpoint_now() -> Path:
+        return save_checkpoint(
+            ckpt_dir, step, config, s.model.state_dict(), s.ema.shadow.state_dict(), s.optimizer.state_dict(),
+            extra={"nonfinite_skipped": s.skipped_total, **({"grad_scaler": s.scaler.state_dict()} if s.scaler else {})},
+            keep=tcfg.keep_checkpoints,
+        )
+
+    interrupted = False
+    with _StopSignal() as stop, contextlib.closing(runlog):  # the TensorBoard writer is closed on every exit
+        while True:
+            if (s.max_steps is not None and step >= s.max_steps) or dist.any_flag(runlog.over_time(), ctx):
+                break
+            if dist.any_flag(stop.received is not None, ctx):
+                interrupted = True
+                break
+            loss = training_step(s, step)
+            nonfinite_run = _count_nonfinite(loss, nonfinite_run, step, tcfg.max_nonfinite, last_ckpt)
+            s.skipped_total += nonfinite_run > 0
+            step += 1
+            runlog.step(step, float(loss), lr_at(step - 1, tcfg), tcfg.batch_size, s.skipped_total, tcfg.log_every)
+            fault_injection_point(f"step:{step}")
+            if step % tcfg.checkpoint_every == 0:
+                # weights whose last loss was NaN/Inf may be the diverged ones: no checkpoint until a finite step
+                if ctx.is_main and nonfinite_run == 0:
+                    last_ckpt = checkpoint_now()
+                    plot_loss_curve(runlog.path, out_dir / "loss.png")
+                elif ctx.is_main:
+                    log.warning("step %d: checkpoint skipped after a non-finite loss; the last good one is %s", step, last_ckpt)
+                dist.barrier(ctx)
+            if ctx.is_main and tcfg.sample_every and step % tcfg.sample_every == 0:
+                _preview(s, out_dir / "samples" / f"step_{step:08d}.png", runlog, step)
+            if ctx.is_main and tcfg.eval_every and step % tcfg.eval_every == 0:
+                _evaluate_during_training(s, out_dir, step, runlog)
+    if ctx.is_main and nonfinite_run == 0 and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}.safetensors")):
+        last_ckpt = checkpoint_now()
+    if ctx.is_main:
+        fault_injection_point("final")
+        plot_loss_curve(runlog.path, out_dir / "loss.png")
+    dist.barrier(ctx)
+    if interrupted and ctx.is_main:
+        log.info("interrupted at step %d; newest checkpoint %s — continue it (resume=True)", step, last_ckpt)
+    dist.shutdown(ctx)
+    return TrainResult(out_dir, step, last_ckpt, interrupted, runlog.images_per_s)
+
+
+def _count_nonfinite(loss: torch.Tensor, run: int, step: int, limit: int, last_ckpt: Path | None) -> int:
+    """Non-finite losses in a row after this step; stops training after `limit` of them."""
+    if torch.isfinite(loss):
+        return 0
+    run += 1
+    log.warning("step %d: non-finite loss, step skipped (%d in a row)", step + 1, run)
+    if run >= limit:
+        raise BrainfusionError(
+            f"the loss was NaN/Inf for {run} steps in a row at step {step + 1}; lower train.lr or check the data "
+            f"(no checkpoint was written from the diverged weights; the last good one is {last_ckpt})."
+        )
+    return run
+
+
+def _sample_ema(s: Session, n: int, seed: int) -> np.ndarray:
+    """n preview images of the EMA network: image i of `seed` is the one `brainfusion sample` would draw."""
+    model = s.ema.shadow
+    was = model.training
+    images = Pipeline(model, s.config, s.ctx.device, s.config.train.precision, s.config.train.channels_last)(n, seed=seed)
+    model.train(was)
+    return images
+
+
+def _preview(s: Session, path: Path, runlog: RunLog, step: int, n: int = 16) -> None:
+    images = _sample_ema(s, n, s.config.train.seed)
+    save_grid(images, path)
+    runlog.image(step, "samples", make_grid(images))
+
+
+def _evaluate_during_training(s: Session, out_dir: Path, step: int, runlog: RunLog) -> None:
+    from .evaluate import quick_metrics
+
+    images = _sample_ema(s, 64, s.config.train.seed + 1)
+    rng = np.random.default_rng(0)
+    reference = s.real_for_eval[rng.choice(len(s.real_for_eval), size=min(512, len(s.real_for_eval)), replace=False)]
+    metrics = quick_metrics(images, reference)
+    row = {"step": step, **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in metrics.items()}}
+    RunLog.append(out_dir / "eval_log.csv", row)
+    runlog.scalars(step, metrics, "eval")
+    log.info("step %d quality: %s", step, ", ".join(f"{k}={v}" for k, v in row.items() if k != "step"))
