@@ -192,6 +192,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"evaluated {len(generated)} generated vs {len(real)} real slices: FD_domain {domain.get('FD', float('nan')):.4g}; report {report}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .hub import export_run
+
+    out = export_run(args.run, args.out, Path(args.metrics) if args.metrics else None)
+    print(f"exported to {out} (diffusers layout, model card {out / 'README.md'})")
+    if args.push_to_hub:
+        from huggingface_hub import upload_folder
+
+        upload_folder(repo_id=args.push_to_hub, folder_path=str(out))
+        print(f"pushed to https://huggingface.co/{args.push_to_hub}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .data import is_oasis_layout
     from .demo_data import DemoDataConfig, build_demo_dataset
@@ -221,12 +233,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     samples = generate(SampleConfig(checkpoint=str(result.checkpoint), out_dir=str(run_dir / "samples" / "demo"),
                                     n_images=64, batch_size=64, seed=args.seed, sampler=FAST_SAMPLER, steps=FAST_STEPS),
                        progress=not args.quiet)
+    from .hub import export_run
+
+    export = export_run(result.checkpoint, run_dir / "export",
+                        run_dir / "eval" / "metrics.json" if (run_dir / "eval" / "metrics.json").is_file() else None)
     minutes = (time.monotonic() - t0) / 60
     print(f"\ndemo finished in {minutes:.1f} min (step {result.step}, {result.images_per_s:.1f} img/s at the end)")
     print(f"  sample grid : {samples['grid']}")
     print(f"  reverse GIF : {samples.get('gif')}")
     print(f"  loss curve  : {run_dir / 'loss.png'}")
     print(f"  checkpoint  : {result.checkpoint}")
+    print(f"  diffusers   : {export} (model card {export / 'README.md'})")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -294,6 +311,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=FAST_STEPS)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.set_defaults(func=cmd_evaluate, no_gif=True, no_ema=False, condition=None, guidance=1.0)
+
+    p = sub.add_parser("export", help="a run as a diffusers folder (safetensors) with a model card")
+    p.add_argument("run", help="run folder or ckpt_*.safetensors")
+    p.add_argument("--out", required=True, help="folder to write (replaced whole)")
+    p.add_argument("--metrics", help="an evaluation's metrics.json for the model card")
+    p.add_argument("--push-to-hub", metavar="REPO", help="also upload to the Hugging Face Hub (online users; needs a login)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job: demo data → train ~10 min → sample grid and GIF")
     p.add_argument("--data", default="data/demo")

@@ -1,0 +1,168 @@
+"""brainfusion models in diffusers' own format: `save_pretrained` / `from_pretrained`, a pipeline, a model card.
+
+An export folder is what diffusers writes for a pipeline: `model_index.json`, `unet/` (config.json and
+diffusion_pytorch_model.safetensors) and `scheduler/` (scheduler_config.json), plus this module's
+`brainfusion_export.json` (a SHA-256 of every file, so a changed or missing file is refused before
+anything loads) and a model card `README.md`. The network is brainfusion's own U-Net made native
+(`BrainfusionUNet`, a diffusers ModelMixin + ConfigMixin), not converted to another architecture.
+The scheduler is diffusers' own: `EDMEulerScheduler` for the EDM formulation (its preconditioning
+is EDM's Table 1, the same as `edm.EDMProcess`; only the noise input differs, 0.25·ln σ there and
+ln σ scaled onto 0..1000 here, which the model maps), `DDIMScheduler` with v-prediction for VP.
+Both are the deterministic "ddim" sampler of `brainfusion sample`, and a test checks the two give
+the same images for the same seed.
+
+    from brainfusion.hub import BrainfusionPipeline
+    pipe = BrainfusionPipeline.from_pretrained("runs/demo/export")
+    images = pipe(num_images=16, seed=0, num_inference_steps=50).images   # uint8 (16, 64, 64)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, EDMEulerScheduler
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 - diffusers finds loadable bases here
+from diffusers.utils import BaseOutput
+
+from .config import RunConfig
+from .data import to_uint8
+from .diffusion import make_scheduler
+from .errors import BrainfusionError
+from .model import UNet
+from .seeding import image_generators, randn
+
+MANIFEST = "brainfusion_export.json"
+
+
+class BrainfusionUNet(ModelMixin, ConfigMixin):
+    """brainfusion's U-Net as a diffusers model; `timestep` follows the scheduler's convention."""
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, model: dict | None = None, formulation: str = "edm", sigma_min: float = 0.002, sigma_max: float = 80.0):
+        super().__init__()
+        self.net = UNet(RunConfig.from_dict({"model": model or {}}, source="unet/config.json").model)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1).expand(sample.shape[0])
+        if self.config.formulation == "edm":  # diffusers' c_noise = 0.25 ln σ → ours, ln σ mapped onto 0..1000
+            lo, hi = math.log(self.config.sigma_min), math.log(self.config.sigma_max)
+            t = (4 * t - lo) / (hi - lo) * 1000
+        return self.net(sample, t, cond)
+
+
+@dataclass
+class BrainfusionOutput(BaseOutput):
+    images: np.ndarray  # uint8 (N, H, W) or (N, C, H, W)
+
+
+class BrainfusionPipeline(DiffusionPipeline):
+    """Unconditional sampling of an exported model; image i of a seed matches `brainfusion sample`'s."""
+
+    def __init__(self, unet: BrainfusionUNet, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "BrainfusionPipeline":
+        folder = Path(pretrained_model_name_or_path)
+        if folder.is_dir():
+            verify_export(folder)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @torch.no_grad()
+    def __call__(self, num_images: int = 16, seed: int = 0, num_inference_steps: int = 50, first_index: int = 0,
+                 output_type: str = "uint8") -> BrainfusionOutput:
+        """`output_type` "uint8" (default) or "pt" (float tensor in [-1, 1], before quantisation)."""
+        model = self.unet.config.model
+        shape = (num_images, model.get("in_channels", 1), model.get("image_size", 64), model.get("image_size", 64))
+        x = randn(shape, image_generators(seed, range(first_index, first_index + num_images))).to(self.unet.device)
+        self.scheduler.set_timesteps(num_inference_steps)
+        sigmas = getattr(self.scheduler, "sigmas", None)
+        x = x * (float(sigmas[0]) if isinstance(self.scheduler, EDMEulerScheduler) else self.scheduler.init_noise_sigma)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            out = self.unet(self.scheduler.scale_model_input(x, t), t)
+            x = self.scheduler.step(out, t, x).prev_sample
+        x = x.clamp(-1, 1).cpu()
+        return BrainfusionOutput(images=x if output_type == "pt" else to_uint8(x))
+
+
+def make_export_pipeline(model: UNet, config: RunConfig) -> BrainfusionPipeline:
+    """The diffusers pipeline of a trained unconditional network and its run config."""
+    if config.model.class_counts or config.model.continuous_inputs:
+        raise BrainfusionError("this model is conditional; the diffusers export covers unconditional models for now.")
+    d = config.diffusion
+    unet = BrainfusionUNet(model=RunConfig().to_dict()["model"] | _plain(config.model), formulation=d.formulation,
+                           sigma_min=d.sigma_min, sigma_max=d.sigma_max)
+    unet.net.load_state_dict(model.state_dict())
+    if d.formulation == "edm":
+        scheduler = EDMEulerScheduler(sigma_min=d.sigma_min, sigma_max=d.sigma_max, sigma_data=d.sigma_data, rho=d.rho,
+                                      prediction_type="epsilon", sigma_schedule="karras", final_sigmas_type="zero")
+    else:
+        scheduler = make_scheduler(d, "ddim")
+    assert isinstance(scheduler, (EDMEulerScheduler, DDIMScheduler))
+    return BrainfusionPipeline(unet=unet.eval(), scheduler=scheduler)
+
+
+def _plain(cfg) -> dict:
+    return json.loads(json.dumps(cfg.__dict__))
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, "README.md"))
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def verify_export(folder: Path) -> None:
+    """Refuse an export whose files were changed, removed or added after `export_run` wrote them."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise BrainfusionError(f"{folder} has no {MANIFEST}; it is not a brainfusion export (write one with `brainfusion export`).")
+    expected, found = json.loads(manifest.read_text())["sha256"], _digests(folder)
+    for name, digest in expected.items():
+        if name not in found:
+            raise BrainfusionError(f"{folder / name} is missing from the export; export the run again.")
+        if found[name] != digest:
+            raise BrainfusionError(f"{folder / name} was changed after export (its SHA-256 differs); export the run again.")
+    if extra := sorted(set(found) - set(expected)):
+        raise BrainfusionError(f"{folder / extra[0]} was added after export; remove it or export the run again.")
+
+
+def export_run(checkpoint: Path | str, out: Path | str, metrics: Path | None = None) -> Path:
+    """Write `checkpoint`'s EMA network as a diffusers folder at `out` (replaced whole, atomically), with its model card."""
+    from .checkpoint import latest_checkpoint
+    from .modelcard import model_card
+    from .pipeline import load_model
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        found = latest_checkpoint(checkpoint / "checkpoints") or latest_checkpoint(checkpoint)
+        if found is None:
+            raise BrainfusionError(f"{checkpoint} holds no checkpoint; give a run folder or a ckpt_*.safetensors file.")
+        checkpoint = found
+    model, state = load_model(checkpoint)
+    run_dir = state.path.parent.parent if state.path.parent.name == "checkpoints" else state.path.parent
+    card = model_card(state.config, state.step, run_dir, str(out), metrics)
+    pipe = make_export_pipeline(model, state.config)
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(staging, safe_serialization=True)
+    (staging / MANIFEST).write_text(json.dumps({"checkpoint": str(state.path), "step": state.step, "sha256": _digests(staging)}, indent=2))
+    (staging / "README.md").write_text(card)
+    old = out.with_name(f".{out.name}.old")
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out

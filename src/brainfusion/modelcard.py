@@ -1,0 +1,81 @@
+"""The model card of an export: Hugging Face YAML metadata, then what a reader needs to use the model well.
+
+Published brain-MRI generators are criticised in their trackers for weights without a card; this one
+says where the data came from, how long it trained on what, what the evaluation measured against
+which reference set (with n), whether it copies training slices, and what it must not be used for.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from .config import RunConfig
+
+LOAD = """```python
+from brainfusion.hub import BrainfusionPipeline   # pip install brainfusion
+
+pipe = BrainfusionPipeline.from_pretrained("{folder}")
+images = pipe(num_images=16, seed=0, num_inference_steps=50).images   # uint8 (16, {size}, {size})
+```"""
+
+
+def _training(run_dir: Path, step: int) -> str:
+    rows = list(csv.DictReader(open(run_dir / "train_log.csv"))) if (run_dir / "train_log.csv").is_file() else []
+    if not rows:
+        return f"{step:,} optimizer steps."
+    last = rows[-1]
+    return (f"{step:,} optimizer steps; the log's last window ran at {float(last['images_per_s']):.0f} images/s "
+            f"({float(last['elapsed_s']) / 60:.1f} minutes in the last session of the run).")
+
+
+def _evaluation(metrics_path: Path | None) -> str:
+    if metrics_path is None or not metrics_path.is_file():
+        return "Not evaluated: run `brainfusion evaluate --checkpoint RUN --real HELD_OUT --train TRAIN --out EVAL` and export with `--metrics EVAL/metrics.json`."
+    m = json.loads(metrics_path.read_text())
+    s, counts, mem = m["summary"], m["counts"], m.get("memorization", {})
+    lines = [f"From `{metrics_path}`: {counts['generated']:,} generated slices against {counts['real']:,} real held-out slices "
+             f"at {m['resolution']}×{m['resolution']} (Inception on {counts.get('inception_per_set', '?')} per set).", "",
+             "| metric | value |", "|---|---|"]
+    for key, label in (("FID_inception", "Inception FID"), ("KID_inception", "Inception KID"), ("FD_domain", "FD_domain (download-free)"),
+                       ("spectrum_distance", "power-spectrum distance"), ("msssim_gen", "MS-SSIM within generated"),
+                       ("msssim_real", "MS-SSIM within real")):
+        if s.get(key) is not None:
+            lines.append(f"| {label} | {s[key]:.4g} |")
+    if "share_near_copies" in mem:
+        lines += ["", f"Memorisation: {mem['share_near_copies']:.1%} of generated slices are near-copies of a training slice "
+                      f"({mem.get('expected_share_without_copying', 0):.1%} expected without copying; {mem.get('n_train', '?')} training slices checked)."]
+    return "\n".join(lines)
+
+
+def model_card(config: RunConfig, step: int, run_dir: Path, folder: str, metrics_path: Path | None = None) -> str:
+    m, d, data = config.model, config.diffusion, config.data
+    yaml = "\n".join(["---", "license: mit", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
+                      "tags:", "- brainfusion", "- diffusion", "- mri", "- brain", "- medical-imaging", "- synthetic-data", "---", ""])
+    return yaml + f"""# brainfusion model: synthetic {m.image_size}×{m.image_size} axial T1 brain MRI slices
+
+A denoising diffusion model ({d.formulation.upper()} formulation) trained with brainfusion on `{data.path}`.
+
+## Data and preprocessing
+Slices read from `{data.path}` (split `{data.split}`), resized to {m.image_size}×{m.image_size}, scaled to [−1, 1],
+{"flipped left-right at random" if data.hflip else "not flipped"} during training. See the data source's own licence and
+consent terms before sharing anything generated from it.
+
+## Training
+U-Net of {len(m.channel_mults)} levels (base width {m.base_channels}, multipliers {list(m.channel_mults)}, patch size {m.patch_size}),
+batch {config.train.batch_size}, learning rate {config.train.lr}, EMA {config.train.ema_decay}, precision `{config.train.precision}`.
+{_training(run_dir, step)}
+
+## Evaluation
+{_evaluation(metrics_path)}
+
+## Intended use and limitations
+- Synthetic research data: method development, teaching, data augmentation experiments.
+- **Not for diagnosis or any clinical decision.** Generated slices are not scans of any person.
+- It reproduces its training distribution, biases included: scanner, population and preprocessing of `{data.path}`.
+- Quality numbers above hold for the reference set named there, not for other scanners or populations.
+
+## How to load it
+{LOAD.format(folder=folder, size=m.image_size)}
+"""
