@@ -334,7 +334,7 @@ def check(source: Path, made: list[Made], ignored: list[Path]) -> None:
     if bad or len(loaded_maybe) < len(maybe):
         assert result is None and error, "on_bad_file=fail loaded a source with a bad file"
         assert any(str(m.path) in error for m in bad + maybe), error
-        assert "--on-bad-file skip" in error or "not a supported file" in error, error
+        assert "data.on_bad_file=skip" in error or "not a supported file" in error, error  # library terms (the CLI says --on-bad-file skip)
     else:
         assert result is not None, error
         assert len(result.images) == expected

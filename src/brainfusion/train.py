@@ -282,7 +282,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
         plot_loss_curve(runlog.path, out_dir / "loss.png")
     dist.barrier(ctx)
     if interrupted and ctx.is_main:
-        log.info("interrupted at step %d; newest checkpoint %s — continue it (resume=True)", step, last_ckpt)
+        log.info("interrupted at step %d; newest checkpoint %s — continue with --resume", step, last_ckpt)
     dist.shutdown(ctx)
     return TrainResult(out_dir, step, last_ckpt, interrupted, runlog.images_per_s)
 
