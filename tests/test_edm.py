@@ -175,3 +175,13 @@ def test_a_checkpoint_from_before_the_edm_formulation_loads_as_vp(tmp_path):
     path.with_suffix(".json").write_text(json.dumps(header, indent=2, sort_keys=True))
     assert load_checkpoint(path).config.diffusion.formulation == "vp"
     assert RunConfig().diffusion.formulation == "edm"
+
+
+@pytest.mark.parametrize("formulation", ["vp", "edm"])
+def test_sampling_builds_no_autograd_graph(formulation):
+    """Sampling under autograd would keep every step's activations (a patch-1 model ran out of 24 GB that way)."""
+    from brainfusion.diffusion import sample
+
+    pipe = _tiny_pipeline(formulation)
+    x, _ = sample(pipe.network, pipe.config.diffusion, (2, 1, 32, 32), "dpm++sde", 3, torch.Generator().manual_seed(0))
+    assert not x.requires_grad and x.grad_fn is None

@@ -152,12 +152,12 @@ def classifier_free_guidance(model: Callable, cond: torch.Tensor, scale: float) 
     return guided
 
 
-@torch.no_grad()
 def default_steps(cfg: DiffusionConfig, sampler: str) -> int:
     """Network steps when none are given: the full chain for DDPM (the seed's sampler), 50 for the others."""
     return cfg.timesteps if sampler == "ddpm" else 50
 
 
+@torch.no_grad()
 def sample(
     model: Callable,
     cfg: DiffusionConfig,
