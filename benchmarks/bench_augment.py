@@ -46,7 +46,8 @@ import numpy as np
 
 from brainfusion.classifier import ClassifierConfig, predict, save_classifier, train_classifier
 from brainfusion.conditional_checks import Generator, check_conditional, conditional_table, resampling_generator
-from brainfusion.config import DataConfig
+from brainfusion.conditions import read_labels
+from brainfusion.config import FOLDER_COLUMN, FOLDER_LABELS, ConditionConfig, DataConfig
 from brainfusion.data import load_slices
 from brainfusion.fileio import atomic_output, atomic_write_text
 from brainfusion.images import save_figure
@@ -68,10 +69,10 @@ def arm_label(arm: str, generator: str) -> str:
 def load_labelled(folder: Path, size: int, class_names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Slices of `folder`'s class sub-folders at size×size, their class indices, and the sorted class names."""
     slices = load_slices(DataConfig(path=str(folder), split="train", image_size=size), progress=False)
-    parts = [Path(s).relative_to(folder).parts for s in slices.sources]
-    if any(len(p) < 2 for p in parts):
-        raise SystemExit(f"{folder} holds slices outside class folders; put every slice in a folder named after its class.")
-    found = [p[0] for p in parts]
+    labels = read_labels(ConditionConfig(labels=FOLDER_LABELS), folder, slices.sources)  # class = first folder, as training reads it
+    if problem := next((p for p in labels.problems if p), None):
+        raise SystemExit(f"a slice {problem}; put every slice in a folder named after its class.")
+    found = labels.categorical[FOLDER_COLUMN]
     class_names = class_names or sorted(set(found))
     return slices.images, np.array([class_names.index(f) for f in found]), class_names
 

@@ -228,6 +228,11 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def run_folder(checkpoint: Path) -> Path:
+    """The run folder a checkpoint belongs to: the parent of its `checkpoints/` folder, else its own folder."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
 def resolve_checkpoint(path: Path) -> Path:
     """Accept a checkpoint file or a run folder (→ its newest checkpoint)."""
     path = Path(path)

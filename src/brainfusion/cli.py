@@ -235,8 +235,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
                        progress=not args.quiet)
     from .hub import export_run
 
-    export = export_run(result.checkpoint, run_dir / "export",
-                        run_dir / "eval" / "metrics.json" if (run_dir / "eval" / "metrics.json").is_file() else None)
+    export = export_run(result.checkpoint, run_dir / "export", run_dir / "eval" / "metrics.json")  # the card says if absent
     minutes = (time.monotonic() - t0) / 60
     print(f"\ndemo finished in {minutes:.1f} min (step {result.step}, {result.images_per_s:.1f} img/s at the end)")
     print(f"  sample grid : {samples['grid']}")

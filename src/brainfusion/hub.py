@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, EDMEulerScheduler
+from diffusers import DiffusionPipeline, EDMEulerScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 - diffusers finds loadable bases here
@@ -85,11 +85,11 @@ class BrainfusionPipeline(DiffusionPipeline):
                  output_type: str = "uint8") -> BrainfusionOutput:
         """`output_type` "uint8" (default) or "pt" (float tensor in [-1, 1], before quantisation)."""
         model = self.unet.config.model
-        shape = (num_images, model.get("in_channels", 1), model.get("image_size", 64), model.get("image_size", 64))
+        shape = (num_images, model["in_channels"], model["image_size"], model["image_size"])
         x = randn(shape, image_generators(seed, range(first_index, first_index + num_images))).to(self.unet.device)
         self.scheduler.set_timesteps(num_inference_steps)
-        sigmas = getattr(self.scheduler, "sigmas", None)
-        x = x * (float(sigmas[0]) if isinstance(self.scheduler, EDMEulerScheduler) else self.scheduler.init_noise_sigma)
+        # EDM starts at σ_max, not diffusers' init_noise_sigma √(σ_max² + 1)
+        x = x * (float(self.scheduler.sigmas[0]) if isinstance(self.scheduler, EDMEulerScheduler) else self.scheduler.init_noise_sigma)
         for t in self.progress_bar(self.scheduler.timesteps):
             out = self.unet(self.scheduler.scale_model_input(x, t), t)
             x = self.scheduler.step(out, t, x).prev_sample
@@ -102,7 +102,7 @@ def make_export_pipeline(model: UNet, config: RunConfig) -> BrainfusionPipeline:
     if config.model.class_counts or config.model.continuous_inputs:
         raise BrainfusionError("this model is conditional; the diffusers export covers unconditional models for now.")
     d = config.diffusion
-    unet = BrainfusionUNet(model=RunConfig().to_dict()["model"] | _plain(config.model), formulation=d.formulation,
+    unet = BrainfusionUNet(model=config.to_dict()["model"], formulation=d.formulation,
                            sigma_min=d.sigma_min, sigma_max=d.sigma_max)
     unet.net.load_state_dict(model.state_dict())
     if d.formulation == "edm":
@@ -110,12 +110,7 @@ def make_export_pipeline(model: UNet, config: RunConfig) -> BrainfusionPipeline:
                                       prediction_type="epsilon", sigma_schedule="karras", final_sigmas_type="zero")
     else:
         scheduler = make_scheduler(d, "ddim")
-    assert isinstance(scheduler, (EDMEulerScheduler, DDIMScheduler))
     return BrainfusionPipeline(unet=unet.eval(), scheduler=scheduler)
-
-
-def _plain(cfg) -> dict:
-    return json.loads(json.dumps(cfg.__dict__))
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -140,19 +135,12 @@ def verify_export(folder: Path) -> None:
 
 def export_run(checkpoint: Path | str, out: Path | str, metrics: Path | None = None) -> Path:
     """Write `checkpoint`'s EMA network as a diffusers folder at `out` (replaced whole, atomically), with its model card."""
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import run_folder
     from .modelcard import model_card
     from .pipeline import load_model
 
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        found = latest_checkpoint(checkpoint / "checkpoints") or latest_checkpoint(checkpoint)
-        if found is None:
-            raise BrainfusionError(f"{checkpoint} holds no checkpoint; give a run folder or a ckpt_*.safetensors file.")
-        checkpoint = found
-    model, state = load_model(checkpoint)
-    run_dir = state.path.parent.parent if state.path.parent.name == "checkpoints" else state.path.parent
-    card = model_card(state.config, state.step, run_dir, str(out), metrics)
+    model, state = load_model(Path(checkpoint))  # a run folder resolves to its newest checkpoint
+    card = model_card(state.config, state.step, run_folder(state.path), str(out), metrics)
     pipe = make_export_pipeline(model, state.config)
     out = Path(out)
     staging = out.with_name(f".{out.name}.staging")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist
+from .checkpoint import run_folder
 from .diffusion import default_steps
 from .errors import BrainfusionError
 from .images import make_grid, save_gif, save_grid, save_png
@@ -58,7 +59,7 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
     model, state = load_model(Path(cfg.checkpoint), cfg.use_ema, ctx.device)
     pipe = Pipeline(model, state.config, ctx.device, cfg.precision)
     steps = cfg.steps or default_steps(state.config.diffusion, cfg.sampler)
-    run_dir = state.path.parent.parent if state.path.parent.name == "checkpoints" else state.path.parent
+    run_dir = run_folder(state.path)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "samples" / (f"{cfg.sampler}-{steps}" + _condition_suffix(cfg))
     images_dir = out_dir / "images"
     n_batches = -(-cfg.n_images // cfg.batch_size)

@@ -29,7 +29,7 @@ from .data import BatchStream, load_slices
 from .diffusion import make_process
 from .errors import BrainfusionError
 from .fileio import atomic_write_text
-from .images import make_grid, plot_loss_curve, save_grid
+from .images import make_grid, plot_loss_curve, save_png
 from .model import UNet, count_parameters, training_flops_per_image
 from .pipeline import Pipeline
 from .runlog import RunLog
@@ -311,9 +311,9 @@ def _sample_ema(s: Session, n: int, seed: int) -> np.ndarray:
 
 
 def _preview(s: Session, path: Path, runlog: RunLog, step: int, n: int = 16) -> None:
-    images = _sample_ema(s, n, s.config.train.seed)
-    save_grid(images, path)
-    runlog.image(step, "samples", make_grid(images))
+    grid = make_grid(_sample_ema(s, n, s.config.train.seed))
+    save_png(grid, path)
+    runlog.image(step, "samples", grid)
 
 
 def _evaluate_during_training(s: Session, out_dir: Path, step: int, runlog: RunLog) -> None:
