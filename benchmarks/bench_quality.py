@@ -128,10 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, required=True, help="folder of class folders of numbered slices")
     p.add_argument("--work", type=Path, default=Path("runs/bench_quality"))
-    p.add_argument("--recipes", default="vp,edm",
+    p.add_argument("--recipes", default="edm-p2,edm",
                    help=f"comma list of {', '.join(RECIPES)}, or NAME=FILE.json holding overrides on the defaults")
     p.add_argument("--budgets", default="5,20,60", help="CPU minutes, comma list")
-    p.add_argument("--steps-per-min", default="", help="pin calibration, e.g. vp=272,edm=270")
+    p.add_argument("--steps-per-min", default="", help="pin calibration, e.g. edm-p2=272,edm=86")
     p.add_argument("--holdout", type=float, default=0.2)
     p.add_argument("--n", type=int, default=1000, help="generated and held-out images per evaluation")
     p.add_argument("--sampler", default=FAST_SAMPLER)

@@ -126,6 +126,8 @@ def test_seeded_generators_depend_on_every_part_of_the_key():
 def test_recipes_apply_over_a_config_and_unknown_ones_are_refused():
     assert recipe_config("vp").diffusion.formulation == "vp"
     assert recipe_config("edm").diffusion.formulation == "edm"
+    assert recipe_config("edm").model == RunConfig().model  # the default recipe
+    assert recipe_config("edm-p2").model.patch_size == recipe_config("vp").model.patch_size == 2  # earlier defaults
     base = RunConfig().to_dict()
     base["train"]["lr"] = 1e-3
     assert recipe_config("vp", base).train.lr == 1e-3

@@ -26,7 +26,7 @@ TRAIN_FLAGS = {
     "split": ("data.split", str, "OASIS layout split: train (train+test), validate or all"),
     "on_bad_file": ("data.on_bad_file", str, "fail (default) or skip unreadable files"),
     "no_flip": ("data.hflip", None, "disable random horizontal flips"),
-    "patch_size": ("model.patch_size", int, "1, 2 or 4: pixel-unshuffle factor before the U-Net (2 is ~3x faster)"),
+    "patch_size": ("model.patch_size", int, "1 (default), 2 or 4: pixel-unshuffle factor before the U-Net (2 is ~3x cheaper a step, worse per CPU minute)"),
     "base_channels": ("model.base_channels", int, "U-Net width of the first level"),
     "channel_mults": ("model.channel_mults", str, "four width multipliers, e.g. 1,2,3,4"),
     "blocks_per_level": ("model.blocks_per_level", int, "ResNet units per level"),
@@ -67,7 +67,7 @@ TRAIN_FLAGS = {
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="JSON or TOML file with data/model/diffusion/train sections")
-    parser.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe applied over the config (vp: the pre-EDM default)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe applied over the config (edm: the default; edm-p2 and vp: the earlier defaults)")
     for name, (_key, kind, help_text) in TRAIN_FLAGS.items():
         flag = "--" + name.replace("_", "-")
         if kind is None:
