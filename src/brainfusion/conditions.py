@@ -246,7 +246,7 @@ def encode_labels(cc: ConditionConfig, labels: SliceLabels) -> np.ndarray:
     return np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((len(labels.sources), 0), np.float32)
 
 
-def _keep_labelled(cc: ConditionConfig, labels: SliceLabels, total_files: int) -> np.ndarray:
+def keep_labelled(cc: ConditionConfig, labels: SliceLabels, total_files: int) -> np.ndarray:
     """Which slices have every label; refuses the first one that has not unless `on_missing_label` is skip."""
     bad = [i for i, problem in enumerate(labels.problems) if problem]
     if bad and cc.on_missing_label == "fail":
@@ -276,7 +276,7 @@ def label_slices(config: RunConfig, slices) -> tuple[np.ndarray, np.ndarray | No
     if not cc.active:
         return slices.images, None
     labels = read_labels(cc, config.data.path, slices.sources, slices.levels)
-    keep = _keep_labelled(cc, labels, len(set(slices.sources)))
+    keep = keep_labelled(cc, labels, len(set(slices.sources)))
     labels = labels.subset(keep)
     if not cc.fitted:
         fit_vocabulary(cc, labels)
