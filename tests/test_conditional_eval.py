@@ -50,6 +50,10 @@ def test_evaluate_conditional_writes_one_generator_per_guidance_scale(cli, tmp_p
     table = (out / "conditional.md").read_text()
     assert "| guidance 1 | Dark |" in table and "mean over classes" in table and "regressor on held-out real" in table
     assert "| guidance 0 | Bright |" in stdout and not (out / "metrics.json").exists()  # --n 0: the conditional checks alone
+    status, _, err = cli("export", run, "--out", tmp_path / "export", "--metrics", out / "metrics.json")
+    assert status == 0, err
+    card = (tmp_path / "export" / "README.md").read_text()  # the card shows the checks found beside --metrics
+    assert "Does it make what it is asked for?" in card and "| guidance 1 | Dark |" in card
 
 
 @pytest.mark.parametrize("case, extra, names", [

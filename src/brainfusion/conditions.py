@@ -324,6 +324,16 @@ def encode_request(cc: ConditionConfig, condition: Request | None, n: int) -> to
     return torch.from_numpy(out.astype(np.float32))
 
 
+def encode_guided_request(cc: ConditionConfig, condition: Request | None, n: int, guidance: float) -> torch.Tensor | None:
+    """`encode_request` behind the checks every sampling front end needs (brainfusion's Pipeline, the
+    diffusers export): a finite guidance scale, and one other than 1 only with a condition to guide towards."""
+    if not math.isfinite(guidance):
+        raise BrainfusionError(f"the guidance scale is {guidance}; give a finite number, e.g. 2.")
+    if guidance != 1 and condition is None:
+        raise BrainfusionError(f"a guidance scale of {guidance} needs a condition to guide towards; give one, or leave guidance at 1.")
+    return encode_request(cc, condition, n)
+
+
 def _encode_one(cc: ConditionConfig, request: Mapping[str, object], names: tuple[str, ...], n_categorical: int) -> np.ndarray:
     row = np.full(len(names), NULL)
     for name, value in request.items():
