@@ -45,14 +45,13 @@ from pathlib import Path
 import numpy as np
 
 from brainfusion.classifier import ClassifierConfig, predict, save_classifier, train_classifier
-from brainfusion.conditional_checks import Generator, check_conditional, conditional_table, resampling_generator
+from brainfusion.conditional_checks import Generator, check_conditional, class_generator, conditional_table, resampling_generator
 from brainfusion.conditions import read_labels
 from brainfusion.config import FOLDER_COLUMN, FOLDER_LABELS, ConditionConfig, DataConfig
 from brainfusion.data import load_slices
 from brainfusion.fileio import atomic_output, atomic_write_text
 from brainfusion.images import save_figure
 from brainfusion.metrics.classification import classification_scores
-from brainfusion.seeding import derive_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import split_blocks  # noqa: E402 - the one definition of the subject-block split
@@ -78,15 +77,10 @@ def load_labelled(folder: Path, size: int, class_names: list[str] | None = None)
 
 
 def checkpoint_generator(checkpoint: str, guidance: float, class_names: list[str], seed: int) -> Generator:
-    """`generate(n, c)` from a conditional checkpoint: the one place that knows the pipeline's conditional call."""
+    """`generate(n, c)` from a conditional checkpoint (conditional_checks.class_generator)."""
     from brainfusion.pipeline import Pipeline
 
-    pipe = Pipeline.from_checkpoint(checkpoint)
-
-    def generate(n: int, class_index: int) -> np.ndarray:
-        return pipe(n, seed=derive_seed(seed, class_index), condition={"class": class_names[class_index]}, guidance=guidance)
-
-    return generate
+    return class_generator(Pipeline.from_checkpoint(checkpoint), FOLDER_COLUMN, class_names, guidance, seed)
 
 
 def stored_sets(folder: Path) -> dict[str, tuple[np.ndarray, list[str]]]:

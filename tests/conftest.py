@@ -62,6 +62,16 @@ def make_oasis(root: Path, n_train: int = 16, n_test: int = 8, n_validate: int =
     return root
 
 
+def make_class_slices(root: Path, subjects=(0, 1), classes: dict[str, int] | None = None, size: int = 16) -> Path:
+    """Class folders (the Kaggle layout) of `subj<s>_slice_<k>.png` slices, 3 per subject, so each slice has a
+    class (its folder) and a slice level (its name); every slice of class c has brightness classes[c]."""
+    for name, value in (classes or {"Bright": 220, "Dark": 90}).items():
+        for s in subjects:
+            for k in range(3):
+                write_png(root / name / f"subj{s}_slice_{k}.png", brain_slice(100 * s + k, size, size, value=value))
+    return root
+
+
 def phantom_volume(shape=(24, 20, 10), empty=(0, 1, 8, 9)) -> np.ndarray:
     """A float volume (x, y, z) with a blob in every axial slice except the `empty` ones, and a
     bright marker in the right-anterior corner so orientation mistakes show."""

@@ -161,20 +161,27 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _load_set(path: str, split: str, size: int, on_bad_file: str):
-    from .config import DataConfig
-    from .data import is_oasis_layout, load_slices
+    from .data import load_set
 
-    split = split if is_oasis_layout(Path(path)) else "train"
-    return load_slices(DataConfig(path=path, image_size=size, split=split, on_bad_file=on_bad_file), progress=False).images
+    return load_set(path, split, size, on_bad_file).images
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    if bool(args.generated) == bool(args.checkpoint):
+        raise BrainfusionError("give exactly one of --generated FOLDER or --checkpoint RUN to evaluate.")
+    if args.conditional and not (args.checkpoint and args.train):
+        raise BrainfusionError("--conditional samples a --checkpoint RUN and trains its judges on real training slices; give both "
+                               "--checkpoint and --train.")
+    if args.n or not args.conditional:  # --n 0 --conditional: the conditional checks alone
+        _evaluate_set(args, Path(args.out))
+    if args.conditional:
+        _evaluate_conditional(args, Path(args.out))
+
+
+def _evaluate_set(args: argparse.Namespace, out: Path) -> None:
     from .evaluate import EvalConfig, evaluate_images, nearest_pairs
     from .report import write_report
 
-    if bool(args.generated) == bool(args.checkpoint):
-        raise BrainfusionError("give exactly one of --generated FOLDER or --checkpoint RUN to evaluate.")
-    out = Path(args.out)
     if args.checkpoint:
         from .sample import generate
 
@@ -190,6 +197,30 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     report = write_report(results, generated, real, nearest_pairs(results, generated, train), out)
     domain = results.get("domain", {})
     print(f"evaluated {len(generated)} generated vs {len(real)} real slices: FD_domain {domain.get('FD', float('nan')):.4g}; report {report}")
+
+
+def _evaluate_conditional(args: argparse.Namespace, out: Path) -> None:
+    import torch
+
+    from .conditional_eval import ConditionalEvalConfig, LabelledData, conditional_markdown, evaluate_conditional, write_conditional
+    from .pipeline import Pipeline
+
+    try:
+        scales = tuple(float(g) for g in args.guidance_scales.split(","))
+    except ValueError:
+        raise BrainfusionError(f"--guidance {args.guidance_scales!r} is not a comma list of numbers; write e.g. --guidance 0,1,2.") from None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = ConditionalEvalConfig(guidance_scales=scales, n_per_class=args.n_per_class, class_column=args.class_column,
+                                   judge_steps=args.judge_steps, seed=args.seed, sampler=args.sampler, steps=args.steps,
+                                   batch_size=args.batch_size, image_size=args.image_size, on_bad_file=args.on_bad_file, device=device)
+    pipe = Pipeline.from_checkpoint(args.checkpoint, device=torch.device(device), precision=args.precision)
+    if args.on_missing_label:
+        pipe.config.condition.on_missing_label = args.on_missing_label
+    report = evaluate_conditional(pipe, LabelledData(args.train, args.train_split, args.train_labels or ""),
+                                  LabelledData(args.real, args.real_split, args.real_labels or ""), config)
+    json_path, _ = write_conditional(report, out)
+    print(conditional_markdown(report))
+    print(f"conditional checks: {json_path} and {json_path.with_suffix('.md')}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -309,6 +340,16 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=FAST_SAMPLER, choices=SAMPLERS)
     p.add_argument("--steps", type=int, default=FAST_STEPS)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    c = p.add_argument_group("conditional checks (a conditional --checkpoint; --n 0 skips the unconditional evaluation)")
+    c.add_argument("--conditional", action="store_true",
+                   help="judge per class (and slice level) whether samples are what was asked for: conditional.json/.md in --out")
+    c.add_argument("--guidance", dest="guidance_scales", default="0,1,2", help="guidance scales to check, a comma list (default 0,1,2)")
+    c.add_argument("--n-per-class", type=int, default=100, help="generated slices per class (and per requested level) and scale")
+    c.add_argument("--class-column", default="", help="the categorical condition to judge (default: the model's first)")
+    c.add_argument("--real-labels", help="label table of the --real set (default: the run's own --labels table)")
+    c.add_argument("--train-labels", help="label table of the --train set (default: the run's own --labels table)")
+    c.add_argument("--on-missing-label", choices=["fail", "skip"], help="slices without a label: fail, or skip them (default: the run's)")
+    c.add_argument("--judge-steps", type=int, default=600, help="training steps of the judge classifier and regressor")
     p.set_defaults(func=cmd_evaluate, no_gif=True, no_ema=False, condition=None, guidance=1.0)
 
     p = sub.add_parser("export", help="a run as a diffusers folder (safetensors) with a model card")
@@ -327,7 +368,9 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_ARGUMENT_FLAGS = {"sampler": "--sampler", "steps": "--steps", "n_images": "--n", "batch_size": "--batch-size"}
+_ARGUMENT_FLAGS = {"sampler": "--sampler", "steps": "--steps", "n_images": "--n", "batch_size": "--batch-size",
+                   "guidance_scales": "--guidance", "n_per_class": "--n-per-class", "class_column": "--class-column",
+                   "real_labels": "--real-labels", "train_labels": "--train-labels", "judge_steps": "--judge-steps"}
 
 
 def in_cli_terms(message: str) -> str:
@@ -341,7 +384,8 @@ def in_cli_terms(message: str) -> str:
         return f"{flags[key]} {value}" if value is not None else f"{flags[key]} ({key})"
 
     message = re.sub(rf"(?<![\w.])({keys})(?:=(\S+?(?=[,;)]|\.?\s|\.?$)))?(?![\w])", config_key, message)
-    message = re.sub(r"(?<![\w.])(sampler|steps|n_images|batch_size)=", lambda m: _ARGUMENT_FLAGS[m.group(1)] + " ", message)
+    arguments = "|".join(sorted(_ARGUMENT_FLAGS, key=len, reverse=True))
+    message = re.sub(rf"(?<![\w.])({arguments})=", lambda m: _ARGUMENT_FLAGS[m.group(1)] + " ", message)
     return message.replace("resume=True", "--resume").replace("resume=False", "without --resume")
 
 

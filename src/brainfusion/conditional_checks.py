@@ -23,6 +23,8 @@ and reports:
   rare class has few held-out slices (10 ModerateDemented at a 20 % hold-out), so compare a class's
   FD only with its own floor, never across classes.
 
+`class_generator` makes a generator of a conditional `pipeline.Pipeline` at one guidance scale
+(`conditional_eval` runs these checks on a checkpoint for `brainfusion evaluate --conditional`).
 `resampling_generator` stands in for a conditional model (it draws real slices of the class asked
 for), so the checks can be tested and run before one exists, and it is the "balance by copying"
 baseline of `benchmarks/bench_augment.py`.
@@ -55,6 +57,18 @@ def resampling_generator(images: np.ndarray, labels, seed: int = 0) -> Generator
             raise BrainfusionError(f"there are no real slices of class {class_index} to resample; pass a set holding that class.")
         rng = np.random.default_rng(derive_seed(seed, class_index))
         return images[rng.choice(pool, n, replace=True)]
+
+    return generate
+
+
+def class_generator(pipe: Callable[..., np.ndarray], column: str, class_names: Sequence[str], guidance: float, seed: int = 0,
+                    **sampling) -> Generator:
+    """`generate(n, c)` of a conditional `pipeline.Pipeline`: n slices asked for class c of condition `column` at
+    guidance scale `guidance`. Class c draws its noise from seed (seed, c), the same at every scale, so the scales
+    are compared image by image; `sampling` goes to the pipeline (sampler, steps, batch_size)."""
+
+    def generate(n: int, class_index: int) -> np.ndarray:
+        return pipe(n, seed=derive_seed(seed, class_index), condition={column: class_names[class_index]}, guidance=guidance, **sampling)
 
     return generate
 

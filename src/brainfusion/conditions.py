@@ -246,7 +246,7 @@ def encode_labels(cc: ConditionConfig, labels: SliceLabels) -> np.ndarray:
     return np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((len(labels.sources), 0), np.float32)
 
 
-def _keep_labelled(cc: ConditionConfig, labels: SliceLabels, total_files: int) -> np.ndarray:
+def keep_labelled(cc: ConditionConfig, labels: SliceLabels, total_files: int) -> np.ndarray:
     """Which slices have every label; refuses the first one that has not unless `on_missing_label` is skip."""
     bad = [i for i, problem in enumerate(labels.problems) if problem]
     if bad and cc.on_missing_label == "fail":
@@ -276,7 +276,7 @@ def label_slices(config: RunConfig, slices) -> tuple[np.ndarray, np.ndarray | No
     if not cc.active:
         return slices.images, None
     labels = read_labels(cc, config.data.path, slices.sources, slices.levels)
-    keep = _keep_labelled(cc, labels, len(set(slices.sources)))
+    keep = keep_labelled(cc, labels, len(set(slices.sources)))
     labels = labels.subset(keep)
     if not cc.fitted:
         fit_vocabulary(cc, labels)
@@ -322,6 +322,16 @@ def encode_request(cc: ConditionConfig, condition: Request | None, n: int) -> to
             encoded[key] = _encode_one(cc, request, names, len(categorical))
         out[i] = encoded[key]
     return torch.from_numpy(out.astype(np.float32))
+
+
+def encode_guided_request(cc: ConditionConfig, condition: Request | None, n: int, guidance: float) -> torch.Tensor | None:
+    """`encode_request` behind the checks every sampling front end needs (brainfusion's Pipeline, the
+    diffusers export): a finite guidance scale, and one other than 1 only with a condition to guide towards."""
+    if not math.isfinite(guidance):
+        raise BrainfusionError(f"the guidance scale is {guidance}; give a finite number, e.g. 2.")
+    if guidance != 1 and condition is None:
+        raise BrainfusionError(f"a guidance scale of {guidance} needs a condition to guide towards; give one, or leave guidance at 1.")
+    return encode_request(cc, condition, n)
 
 
 def _encode_one(cc: ConditionConfig, request: Mapping[str, object], names: tuple[str, ...], n_categorical: int) -> np.ndarray:

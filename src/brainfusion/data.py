@@ -268,6 +268,12 @@ def load_slices(config: DataConfig, progress: bool = True) -> SliceSet:
     return result
 
 
+def load_set(path: str | Path, split: str, image_size: int, on_bad_file: str = "fail") -> SliceSet:
+    """A set to evaluate or judge with: `split` picks an OASIS layout's split; any other source is read whole."""
+    split = split if is_oasis_layout(Path(path)) else "train"
+    return load_slices(DataConfig(path=str(path), image_size=image_size, split=split, on_bad_file=on_bad_file), progress=False)
+
+
 def _warn_skipped(skipped: list[str], total: int, config: DataConfig, listed: int = 20) -> None:
     """One summary naming every skipped file (the first `listed`, then a count) and why."""
     if not skipped:

@@ -11,9 +11,14 @@ ln σ scaled onto 0..1000 here, which the model maps), `DDIMScheduler` with v-pr
 Both are the deterministic "ddim" sampler of `brainfusion sample`, and a test checks the two give
 the same images for the same seed.
 
+A conditional model keeps its condition vocabulary (class names, each continuous condition's
+training mean and std: the run's `ConditionConfig`) in `unet/config.json`, so a request is encoded
+by `conditions.encode_request` as in brainfusion, and guided by `diffusion.classifier_free_guidance`.
+
     from brainfusion.hub import BrainfusionPipeline
     pipe = BrainfusionPipeline.from_pretrained("runs/demo/export")
     images = pipe(num_images=16, seed=0, num_inference_steps=50).images   # uint8 (16, 64, 64)
+    pipe(num_images=16, condition={"class": "ModerateDemented"}, guidance_scale=2.0)  # a conditional export
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 - diffusers finds loadable bases here
 from diffusers.utils import BaseOutput
 
+from .conditions import Request, encode_guided_request
 from .config import RunConfig
 from .data import to_uint8
-from .diffusion import make_scheduler
+from .diffusion import classifier_free_guidance, make_scheduler
 from .errors import BrainfusionError
 from .model import UNet
 from .seeding import image_generators, randn
@@ -44,14 +50,19 @@ MANIFEST = "brainfusion_export.json"
 
 
 class BrainfusionUNet(ModelMixin, ConfigMixin):
-    """brainfusion's U-Net as a diffusers model; `timestep` follows the scheduler's convention."""
+    """brainfusion's U-Net as a diffusers model; `timestep` follows the scheduler's convention. `condition` is
+    the run's condition section (config.ConditionConfig, vocabulary included) for a conditional network."""
 
     config_name = "config.json"
 
     @register_to_config
-    def __init__(self, model: dict | None = None, formulation: str = "edm", sigma_min: float = 0.002, sigma_max: float = 80.0):
+    def __init__(self, model: dict | None = None, formulation: str = "edm", sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 condition: dict | None = None):
         super().__init__()
-        self.net = UNet(RunConfig.from_dict({"model": model or {}}, source="unet/config.json").model)
+        run = RunConfig.from_dict({"model": model or {}, "condition": condition or {}}, source="unet/config.json")
+        run.condition.validate()
+        self.net = UNet(run.model)
+        self.conditions = run.condition  # what encode_request maps {"class": "Mild"} with
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1).expand(sample.shape[0])
@@ -67,7 +78,7 @@ class BrainfusionOutput(BaseOutput):
 
 
 class BrainfusionPipeline(DiffusionPipeline):
-    """Unconditional sampling of an exported model; image i of a seed matches `brainfusion sample`'s."""
+    """Sampling of an exported model, conditional or not; image i of a seed matches `brainfusion sample`'s."""
 
     def __init__(self, unet: BrainfusionUNet, scheduler: SchedulerMixin):
         super().__init__()
@@ -82,8 +93,16 @@ class BrainfusionPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, num_images: int = 16, seed: int = 0, num_inference_steps: int = 50, first_index: int = 0,
-                 output_type: str = "uint8") -> BrainfusionOutput:
-        """`output_type` "uint8" (default) or "pt" (float tensor in [-1, 1], before quantisation)."""
+                 output_type: str = "uint8", condition: Request | None = None, guidance_scale: float = 1.0) -> BrainfusionOutput:
+        """`output_type` "uint8" (default) or "pt" (float tensor in [-1, 1], before quantisation).
+
+        `condition` (a conditional export) is what brainfusion's `Pipeline` takes: {name: value} for every image,
+        e.g. {"class": "ModerateDemented", "level": 0.6}, a list of one per image, or an encoded tensor; names
+        left out are not conditioned on. `guidance_scale`: classifier-free guidance, 1 the plain conditional
+        model, 0 the unconditional one, above 1 stronger.
+        """
+        cond = encode_guided_request(self.unet.conditions, condition, num_images, guidance_scale)
+        network = self.unet if cond is None else classifier_free_guidance(self.unet, cond.to(self.unet.device), guidance_scale)
         model = self.unet.config.model
         shape = (num_images, model["in_channels"], model["image_size"], model["image_size"])
         x = randn(shape, image_generators(seed, range(first_index, first_index + num_images))).to(self.unet.device)
@@ -91,19 +110,18 @@ class BrainfusionPipeline(DiffusionPipeline):
         # EDM starts at σ_max, not diffusers' init_noise_sigma √(σ_max² + 1)
         x = x * (float(self.scheduler.sigmas[0]) if isinstance(self.scheduler, EDMEulerScheduler) else self.scheduler.init_noise_sigma)
         for t in self.progress_bar(self.scheduler.timesteps):
-            out = self.unet(self.scheduler.scale_model_input(x, t), t)
+            out = network(self.scheduler.scale_model_input(x, t), t.reshape(1).expand(num_images))
             x = self.scheduler.step(out, t, x).prev_sample
         x = x.clamp(-1, 1).cpu()
         return BrainfusionOutput(images=x if output_type == "pt" else to_uint8(x))
 
 
 def make_export_pipeline(model: UNet, config: RunConfig) -> BrainfusionPipeline:
-    """The diffusers pipeline of a trained unconditional network and its run config."""
-    if config.model.class_counts or config.model.continuous_inputs:
-        raise BrainfusionError("this model is conditional; the diffusers export covers unconditional models for now.")
-    d = config.diffusion
-    unet = BrainfusionUNet(model=config.to_dict()["model"], formulation=d.formulation,
-                           sigma_min=d.sigma_min, sigma_max=d.sigma_max)
+    """The diffusers pipeline of a trained network and its run config (the condition vocabulary travels in the unet's)."""
+    d, raw = config.diffusion, config.to_dict()
+    conditional = bool(config.model.class_counts or config.model.continuous_inputs)
+    unet = BrainfusionUNet(model=raw["model"], formulation=d.formulation, sigma_min=d.sigma_min, sigma_max=d.sigma_max,
+                           condition=raw["condition"] if conditional else None)
     unet.net.load_state_dict(model.state_dict())
     if d.formulation == "edm":
         scheduler = EDMEulerScheduler(sigma_min=d.sigma_min, sigma_max=d.sigma_max, sigma_data=d.sigma_data, rho=d.rho,

@@ -11,13 +11,13 @@ import csv
 import json
 from pathlib import Path
 
-from .config import RunConfig
+from .config import FOLDER_LABELS, LEVEL_COLUMN, RunConfig
 
 LOAD = """```python
 from brainfusion.hub import BrainfusionPipeline   # pip install brainfusion
 
 pipe = BrainfusionPipeline.from_pretrained("{folder}")
-images = pipe(num_images=16, seed=0, num_inference_steps=50).images   # uint8 (16, {size}, {size})
+images = pipe(num_images=16, seed=0, num_inference_steps=50{request}).images   # uint8 (16, {size}, {size})
 ```"""
 
 
@@ -49,10 +49,51 @@ def _evaluation(metrics_path: Path | None) -> str:
     return "\n".join(lines)
 
 
+def _conditional_evaluation(metrics_path: Path | None) -> str:
+    """The tables of `brainfusion evaluate --conditional` (conditional.md beside the metrics), if that ran."""
+    checks = None if metrics_path is None else Path(metrics_path).parent / "conditional.md"
+    if checks is None or not checks.is_file():
+        return ""
+    return f"\n\n### Does it make what it is asked for?\nFrom `{checks}`: {checks.read_text().strip()}"
+
+
+def _example_request(config: RunConfig) -> str:
+    """The load snippet's condition: the first class of the first categorical condition, else mid-range values."""
+    cc = config.condition
+    if not cc.fitted:
+        return ""
+    categorical, continuous = cc.names()
+    request = {categorical[0]: cc.classes[categorical[0]][0]} if categorical else {
+        name: 0.5 if name == LEVEL_COLUMN else round(cc.stats[name][0], 3) for name in continuous}
+    return f",\n              condition={request!r}, guidance_scale=2.0"
+
+
+def _conditions(config: RunConfig) -> str:
+    """The card's section on what the model can be asked for and how guidance works; empty for an unconditional model."""
+    cc = config.condition
+    if not cc.fitted:
+        return ""
+    categorical, continuous = cc.names()
+    source = "class folders under the data path" if cc.labels == FOLDER_LABELS else f"the label table `{cc.labels}`"
+    lines = ["## Conditions", f"Conditional on {len(categorical) + len(continuous)} condition(s), labels from {source}:", ""]
+    lines += [f"- `{name}` (categorical): {', '.join(f'`{c}`' for c in cc.classes[name])}" for name in categorical]
+    for name in continuous:
+        what = "axial slice level, 0 at the lowest slice and 1 at the highest" if name == LEVEL_COLUMN else "numeric"
+        mean, std = cc.stats[name]
+        lines.append(f"- `{name}` ({what}; training mean {mean:.4g}, s.d. {std:.4g})")
+    lines += ["", ("Pass `condition={name: value}` (any subset; names left out are not conditioned on) and `guidance_scale`: "
+                   "classifier-free guidance (Ho & Salimans 2022), 1 the plain conditional model, 0 the unconditional one, above 1 "
+                   f"stronger (e.g. 2). Training dropped each slice's conditions with probability {cc.label_dropout} so one "
+                   "network learned both."), ""]
+    return "\n".join(lines) + "\n"
+
+
 def model_card(config: RunConfig, step: int, run_dir: Path, folder: str, metrics_path: Path | None = None) -> str:
     m, d, data = config.model, config.diffusion, config.data
+    tags = ["- brainfusion", "- diffusion", "- mri", "- brain", "- medical-imaging", "- synthetic-data"]
+    tags += ["- class-conditional"] if config.condition.fitted else []
     yaml = "\n".join(["---", "license: mit", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
-                      "tags:", "- brainfusion", "- diffusion", "- mri", "- brain", "- medical-imaging", "- synthetic-data", "---", ""])
+                      "tags:", *tags, "---", ""])
     return yaml + f"""# brainfusion model: synthetic {m.image_size}×{m.image_size} axial T1 brain MRI slices
 
 A denoising diffusion model ({d.formulation.upper()} formulation) trained with brainfusion on `{data.path}`.
@@ -67,8 +108,8 @@ U-Net of {len(m.channel_mults)} levels (base width {m.base_channels}, multiplier
 batch {config.train.batch_size}, learning rate {config.train.lr}, EMA {config.train.ema_decay}, precision `{config.train.precision}`.
 {_training(run_dir, step)}
 
-## Evaluation
-{_evaluation(metrics_path)}
+{_conditions(config)}## Evaluation
+{_evaluation(metrics_path)}{_conditional_evaluation(metrics_path)}
 
 ## Intended use and limitations
 - Synthetic research data: method development, teaching, data augmentation experiments.
@@ -77,5 +118,5 @@ batch {config.train.batch_size}, learning rate {config.train.lr}, EMA {config.tr
 - Quality numbers above hold for the reference set named there, not for other scanners or populations.
 
 ## How to load it
-{LOAD.format(folder=folder, size=m.image_size)}
+{LOAD.format(folder=folder, size=m.image_size, request=_example_request(config))}
 """

@@ -7,7 +7,6 @@ i of a seed gets its own noise generator, so it comes out the same in any batch 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, load_weights
-from .conditions import Request, encode_request
+from .conditions import Request, encode_guided_request
 from .config import FAST_SAMPLER, FAST_STEPS, RunConfig
 from .data import to_uint8
 from .diffusion import sample
@@ -78,11 +77,7 @@ class Pipeline:
         """
         if n <= 0 or batch_size <= 0:
             raise BrainfusionError(f"the image count ({n}) and batch size ({batch_size}) must be positive.")
-        if not math.isfinite(guidance):
-            raise BrainfusionError(f"the guidance scale is {guidance}; give a finite number, e.g. 2.")
-        if guidance != 1 and condition is None:
-            raise BrainfusionError(f"a guidance scale of {guidance} needs a condition to guide towards; give one, or leave guidance at 1.")
-        cond = encode_request(self.config.condition, condition, n)
+        cond = encode_guided_request(self.config.condition, condition, n, guidance)
         size, channels = self.config.model.image_size, self.config.model.in_channels
 
         def tick(k: int) -> None:
