@@ -1,7 +1,7 @@
 """Quality per CPU-minute: train recipes for fixed CPU budgets, evaluate each against held-out real slices.
 
     python benchmarks/bench_quality.py --data ../shared/data/kaggle-alzheimer-mri-train \
-        --work runs/bench_quality --recipes vp,edm --budgets 5,20,60
+        --work runs/bench_quality --recipes edm-p2,edm --budgets 5,20,60
 
 1. Split: in every class folder the files are ordered by the number in their name and the last
    `--holdout` share is held out as one contiguous block (neighbouring numbers are likely the same

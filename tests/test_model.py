@@ -132,7 +132,7 @@ def test_network_output_depends_on_t():
     [
         {"base_channels": 9, "norm": "batch"},
         {"channel_mults": ()},  # no level at all
-        {"channel_mults": (1, 2, 2, 4, 4), "image_size": 32},  # 5 halvings of a 32 px image at patch size 2
+        {"channel_mults": (1, 2, 2, 4, 4), "image_size": 32, "patch_size": 2},  # 5 halvings of a 32 px image at patch size 2
         {"blocks_per_level": 0},
         {"base_channels": 10, "norm": "batch", "image_size": 32, "patch_size": 1, "channel_mults": (1, 2, 3, 4)},  # 30-wide attention at 8 px, 4 heads
         {"image_size": 40},

@@ -46,7 +46,7 @@ TRAIN = [
 # at a random moment once the process is training, and at fault-injection points where the process waits to
 # be killed (checkpoint.fault_injection_point): temporary file written, sidecar written, inside rotation, and
 # after the final checkpoint. Those land exactly where aimed on every run, however loaded the machine.
-KILL_PLAN = {"startup": 6, "training": 7, "written": 3, "sidecar": 3, "rotation": 2, "final": 1}
+KILL_PLAN = {"startup": 4, "training": 5, "written": 3, "sidecar": 3, "rotation": 2, "final": 1}
 KILLS = sum(KILL_PLAN.values())
 KILL_SEED = 20240611
 WAIT_S = 300.0  # a child that has not reached its point by then is hung, not slow

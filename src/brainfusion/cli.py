@@ -235,6 +235,9 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"pushed to https://huggingface.co/{args.push_to_hub}")
 
 
+DEMO_RECIPE = "edm-p2"
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .data import is_oasis_layout
     from .demo_data import DemoDataConfig, build_demo_dataset
@@ -247,7 +250,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
         log.info("building the demo data set from the MNI ICBM152 template into %s", data)
         build_demo_dataset(data, DemoDataConfig(seed=args.seed), progress=not args.quiet)
     run_dir = Path(args.out)
-    config = RunConfig()
+    # 8 minutes are 670 steps of the full-resolution default: FID 169 on unseen demo subjects against 104 for the
+    # patch stem's 2,120 steps, although on real slices the default is level at 5 minutes and ahead from 20 (README)
+    config = recipe_config(DEMO_RECIPE)
     config.data.path = str(data)
     config.train.out_dir = str(run_dir)
     config.train.time_budget_min = args.minutes

@@ -1,0 +1,45 @@
+"""Real slices beside generated ones, for the README: the first k tiles of two grids, 2x zoom.
+
+    python benchmarks/compare_grids.py runs/bench_quality/grids/heldout.png runs/bench_quality/grids/edm@60.png \
+        --out docs/images/kaggle_samples.png
+
+Reads grids written by `images.save_grid` (square tiles, 2-pixel padding), so a picture in the
+README is cut from the exact images a benchmark scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from brainfusion.images import make_grid, save_png
+
+
+def tiles(grid_png: Path, tile: int, pad: int = 2) -> np.ndarray:
+    """The (N, tile, tile) images of a `make_grid` picture, row by row."""
+    grid = np.asarray(Image.open(grid_png).convert("L"))
+    rows, cols = ((s - pad) // (tile + pad) for s in grid.shape)
+    return np.stack([grid[pad + r * (tile + pad): pad + r * (tile + pad) + tile, pad + c * (tile + pad): pad + c * (tile + pad) + tile]
+                     for r in range(rows) for c in range(cols)])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("left", type=Path)
+    p.add_argument("right", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tile", type=int, default=64, help="tile size in the grids, pixels")
+    p.add_argument("--k", type=int, default=16, help="tiles from each grid (a square number)")
+    p.add_argument("--zoom", type=int, default=2)
+    args = p.parse_args(argv)
+    halves = [make_grid(tiles(path, args.tile)[: args.k]).repeat(args.zoom, 0).repeat(args.zoom, 1) for path in (args.left, args.right)]
+    gap = np.full((halves[0].shape[0], 16), 255, np.uint8)
+    save_png(np.concatenate([halves[0], gap, halves[1]], axis=1), args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
