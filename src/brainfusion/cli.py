@@ -40,6 +40,7 @@ TRAIN_FLAGS = {
     "batch_size": ("train.batch_size", int, "global batch size"),
     "lr": ("train.lr", float, "peak learning rate"),
     "warmup_steps": ("train.warmup_steps", int, "linear warm-up steps"),
+    "lr_schedule": ("train.lr_schedule", str, "constant (default) or cosine: decay to 0 at --max-steps"),
     "ema_decay": ("train.ema_decay", float, "EMA decay"),
     "epochs": ("train.epochs", float, "epochs budget"),
     "max_steps": ("train.max_steps", int, "step budget"),

@@ -238,6 +238,8 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 5e-4
     warmup_steps: int = 200
+    # "constant" (default) after the warm-up, or "cosine": decay to 0 at train.max_steps, for a step budget known in advance
+    lr_schedule: str = "constant"
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     epochs: float = 0.0  # 0 = not used; the first budget reached ends training
@@ -260,6 +262,9 @@ class TrainConfig:
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _check_choice("train.channels_last", self.channels_last, ("auto", "on", "off"))
         _check_choice("train.logger", self.logger, ("csv", "tensorboard"))
+        _check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        if self.lr_schedule == "cosine" and self.max_steps < 1:
+            raise BrainfusionError("train.lr_schedule=cosine decays to the end of train.max_steps; set train.max_steps too.")
         if self.batch_size <= 0:
             raise BrainfusionError(f"train.batch_size must be positive, got {self.batch_size}.")
         for name in ("checkpoint_every", "log_every"):

@@ -88,7 +88,11 @@ class _StopSignal:
 
 
 def lr_at(step: int, cfg) -> float:
-    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    """Linear warm-up, then constant or (lr_schedule "cosine", Loshchilov & Hutter 2017) a half cosine to 0 at max_steps."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    if cfg.lr_schedule == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / cfg.max_steps)))
+    return lr
 
 
 @dataclass
