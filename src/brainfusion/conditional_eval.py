@@ -32,7 +32,7 @@ import numpy as np
 
 from .classifier import ClassifierConfig, predict, train_classifier, train_regressor
 from .conditional_checks import check_conditional, class_generator, conditional_table
-from .conditions import SliceLabels, keep_labelled, read_labels
+from .conditions import SliceLabels, labelled_subset
 from .config import FAST_SAMPLER, FAST_STEPS, FOLDER_LABELS, LEVEL_COLUMN, ConditionConfig
 from .data import load_set
 from .errors import BrainfusionError
@@ -100,9 +100,8 @@ def labelled_set(cc: ConditionConfig, data: LabelledData, role: str, image_size:
         raise BrainfusionError(f"the run's label table {cc.labels} does not exist here; give the table of the {role} set "
                                f"{data.path} with {role}_labels=FILE.")
     slices = load_set(data.path, data.split, image_size, on_bad_file)
-    labels = read_labels(cc, data.path, slices.sources, slices.levels)
-    keep = keep_labelled(cc, labels, len(set(slices.sources)))
-    return LabelledSet(slices.images[keep], labels.subset(keep), str(data.path))
+    keep, labels = labelled_subset(cc, data.path, slices)
+    return LabelledSet(slices.images[keep], labels, str(data.path))
 
 
 def class_indices(cc: ConditionConfig, column: str, data: LabelledSet) -> np.ndarray:

@@ -246,7 +246,7 @@ def encode_labels(cc: ConditionConfig, labels: SliceLabels) -> np.ndarray:
     return np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((len(labels.sources), 0), np.float32)
 
 
-def keep_labelled(cc: ConditionConfig, labels: SliceLabels, total_files: int) -> np.ndarray:
+def _keep_labelled(cc: ConditionConfig, labels: SliceLabels, total_files: int) -> np.ndarray:
     """Which slices have every label; refuses the first one that has not unless `on_missing_label` is skip."""
     bad = [i for i, problem in enumerate(labels.problems) if problem]
     if bad and cc.on_missing_label == "fail":
@@ -266,6 +266,13 @@ def keep_labelled(cc: ConditionConfig, labels: SliceLabels, total_files: int) ->
     return keep
 
 
+def labelled_subset(cc: ConditionConfig, data_path: str | Path, slices) -> tuple[np.ndarray, SliceLabels]:
+    """Which slices of a `data.SliceSet` keep their labels (`_keep_labelled`), and those slices' labels."""
+    labels = read_labels(cc, data_path, slices.sources, slices.levels)
+    keep = _keep_labelled(cc, labels, len(set(slices.sources)))
+    return keep, labels.subset(keep)
+
+
 def label_slices(config: RunConfig, slices) -> tuple[np.ndarray, np.ndarray | None]:
     """The training images and their encoded conditions (None for an unconditional run).
 
@@ -275,9 +282,7 @@ def label_slices(config: RunConfig, slices) -> tuple[np.ndarray, np.ndarray | No
     cc = config.condition
     if not cc.active:
         return slices.images, None
-    labels = read_labels(cc, config.data.path, slices.sources, slices.levels)
-    keep = keep_labelled(cc, labels, len(set(slices.sources)))
-    labels = labels.subset(keep)
+    keep, labels = labelled_subset(cc, config.data.path, slices)
     if not cc.fitted:
         fit_vocabulary(cc, labels)
         config.validate()  # the network's condition inputs follow the new vocabulary

@@ -119,9 +119,8 @@ class BrainfusionPipeline(DiffusionPipeline):
 def make_export_pipeline(model: UNet, config: RunConfig) -> BrainfusionPipeline:
     """The diffusers pipeline of a trained network and its run config (the condition vocabulary travels in the unet's)."""
     d, raw = config.diffusion, config.to_dict()
-    conditional = bool(config.model.class_counts or config.model.continuous_inputs)
     unet = BrainfusionUNet(model=raw["model"], formulation=d.formulation, sigma_min=d.sigma_min, sigma_max=d.sigma_max,
-                           condition=raw["condition"] if conditional else None)
+                           condition=raw["condition"] if config.condition.fitted else None)
     unet.net.load_state_dict(model.state_dict())
     if d.formulation == "edm":
         scheduler = EDMEulerScheduler(sigma_min=d.sigma_min, sigma_max=d.sigma_max, sigma_data=d.sigma_data, rho=d.rho,

@@ -22,7 +22,8 @@ images = pipe(num_images=16, seed=0, num_inference_steps=50{request}).images   #
 
 
 def _training(run_dir: Path, step: int) -> str:
-    rows = list(csv.DictReader(open(run_dir / "train_log.csv"))) if (run_dir / "train_log.csv").is_file() else []
+    log_csv = run_dir / "train_log.csv"
+    rows = list(csv.DictReader(log_csv.read_text().splitlines())) if log_csv.is_file() else []
     if not rows:
         return f"{step:,} optimizer steps."
     last = rows[-1]
