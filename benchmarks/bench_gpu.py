@@ -94,6 +94,51 @@ def run(args: argparse.Namespace) -> None:
         print(f"{size}: {info}", flush=True)
 
 
+def latent(args: argparse.Namespace) -> None:
+    """Issue 18's GPU check: the 64² step before/after (batch 32 eager against a large compiled batch), then
+    both stages at 256² (autoencoder, then latent diffusion) and 1,000 samples in parts that come back."""
+    import torch
+
+    from brainfusion.checkpoint import latest_checkpoint
+    from brainfusion.config import FAST_SAMPLER, FAST_STEPS
+    from brainfusion.images import save_grid
+    from brainfusion.pipeline import Pipeline
+
+    out, work = Path(args.out), Path(args.work)
+    speed = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+    for name, batch, extra in (("batch32_eager", 32, []), (f"batch{args.big_batch}_compiled", args.big_batch, ["--compile"])):
+        run_dir = work / f"speed_{name}"
+        _train(args.data, run_dir, 64, ["--max-steps", str(args.speed_steps), "--batch-size", str(batch), *extra]).wait()
+        speed[name] = _rate(run_dir, batch)
+        print(f"speed {name}: {speed[name]}", flush=True)
+        (out / "speed.json").write_text(json.dumps(speed, indent=2))
+    t0 = time.monotonic()
+    ae_cmd = [sys.executable, "-m", "brainfusion.cli", "--quiet", "train-autoencoder", "--data", str(args.data), "--out-dir",
+              str(work / "ae"), "--image-size", "256", "--crop-size", "0", "--batch-size", "16", "--time-budget-min",
+              str(args.ae_minutes), "--checkpoint-every", "1000000", "--sample-every", "0", "--log-every", "50", "--no-rfid",
+              "--adv-start", str(args.adv_start), *(["--heldout", str(args.heldout)] if args.heldout else [])]
+    if subprocess.run(ae_cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode:
+        raise SystemExit("autoencoder training failed")
+    ae_s = time.monotonic() - t0
+    (out / "ae.json").write_text(json.dumps({"seconds": ae_s, **_rate(work / "ae", 16), **(
+        json.loads((work / "ae" / "ae_metrics.json").read_text()) if (work / "ae" / "ae_metrics.json").is_file() else {})}, indent=2))
+    run_dir = work / "latent256"
+    if _train(args.data, run_dir, 256, ["--autoencoder", str(work / "ae"), "--time-budget-min", str(args.minutes),
+                                        "--batch-size", str(args.big_batch)]).wait():
+        raise SystemExit("latent training failed")
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.monotonic()
+    images = Pipeline.from_checkpoint(ckpt, device=device)(args.n, seed=SEED, sampler=FAST_SAMPLER, steps=FAST_STEPS, batch_size=250)
+    info = {**_rate(run_dir, args.big_batch), "steps": int(ckpt.stem.split("_")[-1]), "size": 256, "minutes": args.minutes,
+            "ae_minutes": ae_s / 60, "sampling_s": time.monotonic() - t0, "sampler": f"{FAST_SAMPLER}-{FAST_STEPS}",
+            "batch_size": args.big_batch, **{k: speed[k] for k in ("device", "torch")}}
+    for part in range(0, len(images), 250):  # 16 MB a file comes back
+        np.savez_compressed(out / f"samples_latent256_part{part // 250}.npz", images=images[part:part + 250], info=json.dumps(info))
+    save_grid(images[:16], out / "grid_latent256.png", nrow=4)
+    print(f"latent 256: {info}", flush=True)
+
+
 def conditional(args: argparse.Namespace) -> None:
     """A class-conditional model (labels = class folders) for `--minutes`, then per-class sets for bench_augment.
 
@@ -148,9 +193,12 @@ def score(args: argparse.Namespace) -> None:
     train_dir, held_dir = split_blocks(args.data, Path(args.work) / "data", 0.2)
     path = Path(args.work) / "gpu_results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
-    for file in sorted(Path(args.samples).glob("samples_*.npz")):
-        with np.load(file) as z:
-            images, info = z["images"], json.loads(str(z["info"]))
+    parts: dict[str, list[Path]] = {}
+    for file in sorted(Path(args.samples).glob("samples_*.npz")):  # samples_<name>[_part<k>].npz: the parts of one set
+        parts.setdefault(file.stem.split("_part")[0], []).append(file)
+    for name, files in parts.items():
+        loaded = [np.load(f) for f in files]
+        images, info = np.concatenate([z["images"] for z in loaded]), json.loads(str(loaded[0]["info"]))
         size = info["size"]
         load = lambda d: load_slices(DataConfig(path=str(d), split="train", image_size=size), progress=False).images  # noqa: E731
         real, train = load(held_dir), load(train_dir)
@@ -160,7 +208,8 @@ def score(args: argparse.Namespace) -> None:
         if f"floor@{size}" not in results:
             floor = train[rng.choice(len(train), len(real), replace=False)]
             results[f"floor@{size}"] = {**evaluate_images(floor, real, train, cfg)["summary"], "size": size, "n": len(real)}
-        results[f"gpu@{size}"] = {**evaluate_images(images, real, train, cfg)["summary"], **info, "n": len(real)}
+        key = f"gpu@{size}" if name == f"samples_{size}" else f"{name.removeprefix('samples_')}@{size}"
+        results[key] = {**evaluate_images(images, real, train, cfg)["summary"], **info, "n": len(real)}
         atomic_write_text(path, json.dumps(results, indent=2))
     print("| size | run | steps | FID | KID×10³ | FD_domain | spectrum | MS-SSIM | copies |\n|---|---|---|---|---|---|---|---|---|")
     for key, r in sorted(results.items(), key=lambda kv: (kv[1]["size"], kv[0])):
@@ -190,14 +239,25 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--lr", type=float, default=5e-4)
     c.add_argument("--precision", default="fp32")
     c.add_argument("--sets", default="2:2048,0:128,1:128,4:128", help="guidance:images per class, comma list")
+    lt = sub.add_parser("latent", help="on the GPU machine: the 64² step before/after, then both 256² stages")
+    lt.add_argument("--data", type=Path, required=True)
+    lt.add_argument("--heldout", type=Path, help="held-out slices the autoencoder scores itself on")
+    lt.add_argument("--out", type=Path, required=True)
+    lt.add_argument("--work", type=Path, default=Path("/tmp/bench_gpu"))
+    lt.add_argument("--ae-minutes", type=float, default=2.5)
+    lt.add_argument("--adv-start", type=int, default=1000)
+    lt.add_argument("--minutes", type=float, default=3.0)
+    lt.add_argument("--big-batch", type=int, default=128)
+    lt.add_argument("--speed-steps", type=int, default=300)
+    lt.add_argument("--n", type=int, default=1000)
     s = sub.add_parser("score", help="anywhere: FID etc. of the returned samples against held-out slices")
     s.add_argument("--samples", type=Path, required=True)
     s.add_argument("--data", type=Path, required=True)
     s.add_argument("--work", type=Path, default=Path("runs/bench_quality"))
     args = p.parse_args(argv)
-    if args.command in ("run", "conditional"):
+    if args.command in ("run", "conditional", "latent"):
         args.out.mkdir(parents=True, exist_ok=True)
-        run(args) if args.command == "run" else conditional(args)
+        {"run": run, "conditional": conditional, "latent": latent}[args.command](args)
     else:
         score(args)
 

@@ -14,6 +14,15 @@
    held-out slices: Inception FID/KID, FD_domain, spectrum distance, MS-SSIM, near-copies of training
    slices. The floor row is `--n` training slices scored the same way.
 
+At `--image-size 256` (issue 18) two more kinds of recipe compete at equal total CPU minutes:
+`latent` trains an autoencoder for `--ae-share` of the budget (`brainfusion train-autoencoder`) and the
+default U-Net on its latents for the rest (`train --autoencoder`), one pair of runs per budget;
+`up64:RECIPE` trains RECIPE at 64² and upsamples its samples bicubically to the image size (what a
+user had before the latent route). The floor is training slices at the image size.
+
+    python benchmarks/bench_quality.py --data ../shared/data/kaggle-alzheimer-mri-train --image-size 256 \
+        --work runs/bench_quality_256 --recipes latent,edm-p4-shift,up64:edm --budgets 20
+
 Outputs in --work: results.json (filled as it goes; a rerun skips what is done), quality.md (the
 table) and fid_vs_minutes.png (one line per recipe, the floor dashed).
 """
@@ -57,19 +66,21 @@ def split_blocks(source: Path, out: Path, holdout: float) -> tuple[Path, Path]:
     return out / "train", out / "heldout"
 
 
-def _train(config_path: Path, data: Path, run: Path, steps: int, extra: list[str] = ()) -> None:
-    cmd = [sys.executable, "-m", "brainfusion.cli", "--quiet", "train", "--config", str(config_path), "--data", str(data),
+def _train(config_path: Path | None, data: Path, run: Path, steps: int, extra: list[str] = (), command: str = "train") -> None:
+    config = ["--config", str(config_path)] if config_path else []
+    cmd = [sys.executable, "-m", "brainfusion.cli", "--quiet", command, *config, "--data", str(data),
            "--out-dir", str(run), "--max-steps", str(steps), "--sample-every", "0", "--keep-checkpoints", "20", *extra]
     if latest_checkpoint(run / "checkpoints") is not None:
         cmd.append("--resume")
     subprocess.run(cmd, check=True)
 
 
-def calibrate(name: str, config_path: Path, data: Path, work: Path, steps: int = 60) -> float:
+def calibrate(name: str, config_path: Path | None, data: Path, work: Path, steps: int = 60, extra: list[str] = (),
+              command: str = "train") -> float:
     """Training steps per minute of a recipe, timed between its 20th and last logged step."""
     run = work / "calibration" / name
     if not (run / "train_log.csv").is_file():
-        _train(config_path, data, run, steps, ["--log-every", "10", "--checkpoint-every", str(steps)])
+        _train(config_path, data, run, steps, ["--log-every", "10", "--checkpoint-every", str(steps), *extra], command)
     rows = [line.split(",") for line in (run / "train_log.csv").read_text().splitlines()[1:]]
     by_step = {int(r[0]): float(r[5]) for r in rows}
     return (steps - 20) / (by_step[steps] - by_step[20]) * 60
@@ -79,12 +90,23 @@ def _checkpoint_at(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"ckpt_{step:08d}.safetensors"
 
 
+def upsample(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 slices resized bicubically to size×size (PIL's filter, as a user's image viewer would)."""
+    from PIL import Image
+
+    resized = [np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC)) for im in images]
+    return np.stack(resized)
+
+
 def evaluate_checkpoint(checkpoint: Path, real: np.ndarray, train: np.ndarray, n: int, sampler: str, steps: int) -> dict:
     pipe = Pipeline.from_checkpoint(checkpoint)
     t0 = time.monotonic()
     generated = pipe(n, seed=12345, sampler=sampler, steps=steps)
     seconds = time.monotonic() - t0
-    results = evaluate_images(generated, real, train, EvalConfig(inception=True, inception_samples=n, progress=False))
+    size = real.shape[-1]
+    if generated.shape[-1] != size:
+        generated = upsample(generated, size)
+    results = evaluate_images(generated, real, train, EvalConfig(resolution=size, inception=True, inception_samples=n, progress=False))
     return {**results["summary"], "sampling_s": seconds, "images": generated[:64]}
 
 
@@ -120,8 +142,48 @@ def write_outputs(results: dict, work: Path) -> None:
     plt.close(fig)
 
 
-def _load(path: Path) -> np.ndarray:
-    return load_slices(DataConfig(path=str(path), split="train"), progress=False).images
+def _load(path: Path, size: int = 64) -> np.ndarray:
+    return load_slices(DataConfig(path=str(path), split="train", image_size=size), progress=False).images
+
+
+def train_budget(name: str, minutes: float, rates: dict, work: Path, train_dir: Path, size: int, ae_share: float) -> tuple[Path, int]:
+    """Train recipe `name` for `minutes` CPU minutes (steps from `rates`); returns its checkpoint and step."""
+    if name == "latent":  # the autoencoder's minutes count: a pair of runs per budget
+        ae_run, ae_steps = work / "runs" / f"ae@{minutes:g}", round(ae_share * minutes * rates["autoencoder"])
+        if not _checkpoint_at(ae_run, ae_steps).is_file():
+            _train(None, train_dir, ae_run, ae_steps, ["--image-size", str(size), "--crop-size", "0", "--no-rfid",
+                                                       "--checkpoint-every", str(ae_steps)], "train-autoencoder")
+        run, step = work / "runs" / f"latent@{minutes:g}", round((1 - ae_share) * minutes * rates["latent"])
+        extra = ["--image-size", str(size), "--autoencoder", str(ae_run)]
+        config_path = None
+    else:
+        recipe = name.removeprefix("up64:")
+        run, step = work / "runs" / name.replace(":", "_"), round(minutes * rates[name])
+        extra = ["--image-size", str(64 if name.startswith("up64:") else size)]
+        config_path = work / "recipes" / f"{recipe}.json"
+    if not _checkpoint_at(run, step).is_file():
+        _train(config_path, train_dir, run, step, ["--checkpoint-every", str(step), *extra])
+    return _checkpoint_at(run, step), step
+
+
+def calibrate_all(names: list[str], pinned: dict, work: Path, train_dir: Path, size: int) -> dict:
+    """Steps per CPU minute of every run kind the recipes need (pinned ones are not timed)."""
+    rates = {}
+    for name in names:
+        for kind in (("autoencoder", "latent") if name == "latent" else (name,)):
+            if kind in pinned:
+                rates[kind] = pinned[kind]
+            elif kind == "autoencoder":
+                rates[kind] = calibrate(kind, None, train_dir, work, 30, ["--image-size", str(size), "--crop-size", "0", "--no-rfid"],
+                                        "train-autoencoder")
+            elif kind == "latent":  # the default U-Net on the latent grid costs what it costs on pixels of that size
+                rates[kind] = calibrate("latent-grid", work / "recipes" / "edm.json", train_dir, work, 60,
+                                        ["--image-size", str(size // 4)])
+            else:
+                rates[kind] = calibrate(kind, work / "recipes" / f"{kind.removeprefix('up64:')}.json", train_dir, work, 60,
+                                        ["--image-size", str(64 if kind.startswith("up64:") else size)])
+            print(f"{kind}: {rates[kind]:.1f} steps per CPU minute", flush=True)
+    return rates
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,11 +198,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=1000, help="generated and held-out images per evaluation")
     p.add_argument("--sampler", default=FAST_SAMPLER)
     p.add_argument("--steps", type=int, default=FAST_STEPS)
+    p.add_argument("--image-size", type=int, default=64, help="train and score at this size (256: the latent and up64: recipes)")
+    p.add_argument("--ae-share", type=float, default=0.5, help="share of a latent budget spent on the autoencoder")
     args = p.parse_args(argv)
     budgets = sorted(float(b) for b in args.budgets.split(","))
     pinned = {k: float(v) for k, v in (kv.split("=") for kv in args.steps_per_min.split(",") if kv)}
     train_dir, held_dir = split_blocks(args.data, args.work / "data", args.holdout)
-    real, train = _load(held_dir), _load(train_dir)
+    size = args.image_size
+    real, train = _load(held_dir, size), _load(train_dir, size)
     rng = np.random.default_rng(0)
     real = real[rng.choice(len(real), min(args.n, len(real)), replace=False)]
     save_grid(real[:64], args.work / "grids" / "heldout.png")
@@ -148,27 +213,27 @@ def main(argv: list[str] | None = None) -> None:
     done = json.loads((args.work / "results.json").read_text()) if (args.work / "results.json").is_file() else {}
     if "floor" not in done:
         floor = train[rng.choice(len(train), len(real), replace=False)]
-        summary = evaluate_images(floor, real, train, EvalConfig(inception=True, inception_samples=len(real), progress=False))
-        done["floor"] = {**summary["summary"], "recipe": "floor", "n": len(real)}
+        config = EvalConfig(resolution=size, inception=True, inception_samples=len(real), progress=False)
+        done["floor"] = {**evaluate_images(floor, real, train, config)["summary"], "recipe": "floor", "n": len(real)}
         write_outputs(done, args.work)
+    names = []
     for spec in args.recipes.split(","):
         name, _, overrides = spec.partition("=")
         if overrides:
             RECIPES[name] = json.loads(Path(overrides).read_text())
-        config_path = args.work / "recipes" / f"{name}.json"
-        config_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(config_path, recipe_config(name).to_json())
-        rate = pinned.get(name) or calibrate(name, config_path, train_dir, args.work)
-        print(f"{name}: {rate:.1f} steps per CPU minute")
+        recipe = "edm" if name == "latent" else name.removeprefix("up64:")
+        atomic_write_text(args.work / "recipes" / f"{recipe}.json", recipe_config(recipe).to_json())
+        names.append(name)
+    rates = calibrate_all(names, pinned, args.work, train_dir, size)
+    for name in names:
         for minutes in budgets:
-            key, step = f"{name}@{minutes:g}", round(minutes * rate)
+            key = f"{name}@{minutes:g}"
             if key not in done:
-                run = args.work / "runs" / name
-                if not _checkpoint_at(run, step).is_file():
-                    _train(config_path, train_dir, run, step, ["--checkpoint-every", str(step)])
-                scores = evaluate_checkpoint(_checkpoint_at(run, step), real, train, len(real), args.sampler, args.steps)
-                save_grid(scores.pop("images"), args.work / "grids" / f"{key}.png")
-                done[key] = {**scores, "recipe": name, "minutes": minutes, "step": step, "steps_per_min": rate, "n": len(real)}
+                checkpoint, step = train_budget(name, minutes, rates, args.work, train_dir, size, args.ae_share)
+                scores = evaluate_checkpoint(checkpoint, real, train, len(real), args.sampler, args.steps)
+                save_grid(scores.pop("images"), args.work / "grids" / f"{key.replace(':', '_')}.png")
+                done[key] = {**scores, "recipe": name, "minutes": minutes, "step": step, "n": len(real), "size": size,
+                             "steps_per_min": {k: v for k, v in rates.items() if k in (name, "autoencoder", "latent")}}
             write_outputs(done, args.work)
             print(f"{key}: FID {done[key]['FID_inception']:.1f} (floor {done['floor']['FID_inception']:.1f})", flush=True)
     print((args.work / "quality.md").read_text())

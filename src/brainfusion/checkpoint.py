@@ -23,13 +23,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import RunConfig
+from .config import AutoencoderRunConfig, RunConfig
 from .errors import BrainfusionError
 from .fileio import TEMP_SUFFIX, atomic_write_text, temp_path
 
 log = logging.getLogger(__name__)
 
 FORMAT = "brainfusion-checkpoint-v1"
+DIFFUSION, AUTOENCODER = "diffusion", "autoencoder"  # header "kind"; absent = diffusion (every checkpoint before the autoencoder)
 NAME = re.compile(r"^ckpt_(\d{8})\.safetensors$")
 TEMP = re.compile(r"^\..+\.(\d+)" + re.escape(TEMP_SUFFIX) + "$")  # fileio.temp_path: .NAME.PID.tmp
 
@@ -38,7 +39,7 @@ TEMP = re.compile(r"^\..+\.(\d+)" + re.escape(TEMP_SUFFIX) + "$")  # fileio.temp
 class Checkpoint:
     path: Path
     step: int
-    config: RunConfig
+    config: RunConfig | AutoencoderRunConfig
     model: dict[str, torch.Tensor]
     ema: dict[str, torch.Tensor]
     optimizer: dict | None
@@ -64,7 +65,7 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], groups: list) -> dict:
 def save_checkpoint(
     out_dir: Path,
     step: int,
-    config: RunConfig,
+    config: RunConfig | AutoencoderRunConfig,
     model: dict[str, torch.Tensor],
     ema: dict[str, torch.Tensor],
     optimizer: dict | None,
@@ -87,6 +88,8 @@ def save_checkpoint(
         opt_tensors, groups = _optimizer_tensors(optimizer)
         tensors.update({k: v.detach().cpu().contiguous() for k, v in opt_tensors.items()})
     header = {"format": FORMAT, "step": step, "config": config.to_dict(), "optimizer_groups": groups, "extra": extra or {}}
+    if isinstance(config, AutoencoderRunConfig):
+        header["kind"] = AUTOENCODER
     metadata = {"brainfusion": json.dumps(header, sort_keys=True)}
     staging = temp_path(path)
     staged = staging / path.name
@@ -258,8 +261,8 @@ def _upgrade(raw: dict) -> dict:
     return raw
 
 
-def load_checkpoint(path: Path, with_optimizer: bool = True) -> Checkpoint:
-    """Read a checkpoint without unpickling; refuse foreign or tampered files."""
+def load_checkpoint(path: Path, with_optimizer: bool = True, kind: str = DIFFUSION) -> Checkpoint:
+    """Read a checkpoint of `kind` (diffusion or autoencoder) without unpickling; refuse foreign or tampered files."""
     path = resolve_checkpoint(path)
     try:
         from safetensors import safe_open
@@ -286,7 +289,12 @@ def load_checkpoint(path: Path, with_optimizer: bool = True) -> Checkpoint:
             raise BrainfusionError(
                 f"{sidecar} does not match the config embedded in {path.name}; the checkpoint was edited or mixed up, restore the original pair."
             ) from None
-    config = RunConfig.from_dict(_upgrade(header["config"]), source=f"{path} (embedded config)")
+    found = header.get("kind", DIFFUSION)
+    if found != kind:
+        use = "give it as the autoencoder of a latent run (autoencoder=...)" if found == AUTOENCODER else "give an autoencoder run"
+        raise BrainfusionError(f"{path} is a {found} checkpoint, not a {kind} one; {use}.")
+    config_type = AutoencoderRunConfig if kind == AUTOENCODER else RunConfig
+    config = config_type.from_dict(_upgrade(header["config"]), source=f"{path} (embedded config)")
     model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     optimizer = None

@@ -63,13 +63,64 @@ TRAIN_FLAGS = {
     "slice_level": ("condition.slice_level", None, "condition on the normalised axial slice level too"),
     "on_missing_label": ("condition.on_missing_label", str, "fail (default) or skip files without a label"),
     "label_dropout": ("condition.label_dropout", float, "share of training conditions dropped, for guidance (default 0.1)"),
+    "autoencoder": ("latent.autoencoder", str, "latent diffusion through this autoencoder run (brainfusion train-autoencoder)"),
 }
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="JSON or TOML file with data/model/diffusion/train sections")
-    parser.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe applied over the config (edm: the default; edm-p2 and vp: the earlier defaults)")
-    for name, (_key, kind, help_text) in TRAIN_FLAGS.items():
+_SHARED = ("data", "image_size", "split", "on_bad_file", "no_flip", "out_dir", "batch_size", "lr", "warmup_steps", "epochs",
+           "max_steps", "time_budget_min", "precision", "channels_last", "checkpoint_every", "keep_checkpoints",
+           "sample_every", "log_every", "seed", "max_nonfinite", "logger")
+AUTOENCODER_FLAGS = {
+    **{name: TRAIN_FLAGS[name] for name in _SHARED},
+    "image_size": ("data.image_size", int, "square slice size, divisible by the compression (default 256)"),
+    "sample_every": ("train.sample_every", int, "steps between reconstruction previews (0: never)"),
+    "latent_channels": ("autoencoder.latent_channels", int, "channels of the latent (default 4)"),
+    "ae_channels": ("autoencoder.channels", str, "widths per level; 3 levels compress 4x per side (default 16,32,64)"),
+    "crop_size": ("autoencoder.crop_size", int, "train on random crops of this size (default 0: whole slices)"),
+    "kl_weight": ("autoencoder.kl_weight", float, "KL weight (default 1e-6)"),
+    "ssim_weight": ("autoencoder.ssim_weight", float, "SSIM loss weight (default 0.5)"),
+    "adv_weight": ("autoencoder.adv_weight", float, "patch adversarial loss weight (default 0.01; 0: none)"),
+    "adv_start": ("autoencoder.adv_start", int, "steps before the adversarial loss joins (default 2000)"),
+    "disc_layers": ("autoencoder.disc_layers", int, "layers of the patch discriminator (default 3; crops of 2^(layers+2) px at least)"),
+    "heldout": ("score.heldout", str, "held-out slices scored at the end (default: an OASIS layout's validate split)"),
+    "score_n": ("score.n", int, "held-out slices scored at the end (default 500)"),
+    "no_rfid": ("score.inception", None, "skip rFID (the Inception network is slow on CPUs)"),
+}
+
+
+def _apply_flags(raw: dict, args: argparse.Namespace, flags: dict) -> None:
+    """Set each given flag's config key in `raw`; a `no_*` switch sets its key to False."""
+    for name, (key, _kind, _help) in flags.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        section, field = key.split(".")
+        raw[section][field] = False if name.startswith("no_") else value
+
+
+def build_autoencoder_config(args: argparse.Namespace):
+    from .config import AutoencoderRunConfig
+
+    raw = AutoencoderRunConfig().to_dict()
+    _apply_flags(raw, args, AUTOENCODER_FLAGS)
+    config = AutoencoderRunConfig.from_dict(raw, source="the command line")
+    config.validate()
+    return config
+
+
+def cmd_train_autoencoder(args: argparse.Namespace) -> None:
+    from .train_autoencoder import train_autoencoder
+
+    result = train_autoencoder(build_autoencoder_config(args), resume=args.resume, progress=not args.quiet)
+    metrics = result.out_dir / "ae_metrics.json"
+    print(f"trained to step {result.step}; checkpoint {result.checkpoint}; reconstructions {result.out_dir / 'reconstructions.png'}"
+          + (f"; held-out scores {metrics}" if metrics.is_file() else ""))
+    if result.interrupted:
+        sys.exit(130)
+
+
+def _add_flags(parser: argparse.ArgumentParser, flags: dict) -> None:
+    for name, (_key, kind, help_text) in flags.items():
         flag = "--" + name.replace("_", "-")
         if kind is None:
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
@@ -77,18 +128,17 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=None, help=help_text)
 
 
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="JSON or TOML file with data/model/diffusion/train sections")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe applied over the config (edm: the default; edm-p2 and vp: the earlier defaults)")
+    _add_flags(parser, TRAIN_FLAGS)
+
+
 def build_run_config(args: argparse.Namespace) -> RunConfig:
     raw = load_config(args.config).to_dict() if args.config else RunConfig().to_dict()
     if args.recipe:
         raw = recipe_config(args.recipe, raw).to_dict()
-    for name, (key, kind, _help) in TRAIN_FLAGS.items():
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if name == "no_flip":
-            value = False
-        section, field = key.split(".")
-        raw[section][field] = value
+    _apply_flags(raw, args, TRAIN_FLAGS)
     config = RunConfig.from_dict(raw, source="the command line")
     config.validate()
     return config
@@ -308,6 +358,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("train-autoencoder", help="train the autoencoder of latent diffusion (then: train --autoencoder RUN)")
+    _add_flags(p, AUTOENCODER_FLAGS)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
+    p.set_defaults(func=cmd_train_autoencoder)
+
     p = sub.add_parser("sample", help="generate slices from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a ckpt_*.safetensors file or a run folder")
     p.add_argument("--out", help="output folder (default: <run>/samples/<sampler>-<steps>)")
@@ -382,7 +437,7 @@ _ARGUMENT_FLAGS = {"sampler": "--sampler", "steps": "--steps", "n_images": "--n"
 def in_cli_terms(message: str) -> str:
     """A library message in this CLI's words: `train.lr` → `--lr (train.lr)`, `data.on_bad_file=skip` →
     `--on-bad-file skip`, `steps=51` → `--steps 51`, `resume=True`/`False` → `--resume`/`without --resume`."""
-    flags = {key: "--" + name.replace("_", "-") for name, (key, _kind, _help) in TRAIN_FLAGS.items()}
+    flags = {key: "--" + name.replace("_", "-") for name, (key, _kind, _help) in {**AUTOENCODER_FLAGS, **TRAIN_FLAGS}.items()}
     keys = "|".join(re.escape(k) for k in sorted(flags, key=len, reverse=True))
 
     def config_key(m: re.Match) -> str:

@@ -308,17 +308,20 @@ class BatchStream:
 
     Batch `step` depends only on (seed, step): the epoch permutation is seeded by the epoch and
     the flips by the step, so a resumed run sees exactly the batches an uninterrupted one would,
-    and rank r of W processes takes its own slice of the same global batch. `cond` (N, K) holds
+    and rank r of W processes takes its own slice of the same global batch. Latents (float, N×C×h×w)
+    come with `flipped`, the latents of the mirrored slices, since a flipped latent is not the latent
+    of a flipped slice. `cond` (N, K) holds
     each slice's encoded conditions (conditions.py), drawn with the same indices as the images.
     """
 
     def __init__(self, images: np.ndarray, global_batch: int, seed: int, hflip: bool, rank: int = 0, world: int = 1,
-                 cond: np.ndarray | torch.Tensor | None = None):
+                 cond: np.ndarray | torch.Tensor | None = None, flipped: np.ndarray | None = None):
         if len(images) < global_batch:
             raise BrainfusionError(
                 f"the data holds {len(images)} slices, fewer than one global batch of {global_batch}; lower train.batch_size or add data."
             )
         self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.flipped = None if flipped is None else torch.from_numpy(np.ascontiguousarray(flipped))
         self.cond = None if cond is None else torch.as_tensor(cond, dtype=torch.float32)
         if self.cond is not None and (self.cond.dim() != 2 or len(self.cond) != len(images)):
             raise BrainfusionError(f"the conditions have shape {tuple(self.cond.shape)}; give one row per slice ({len(images)}).")
@@ -338,11 +341,14 @@ class BatchStream:
         return self._perm[start : start + self.per_rank]
 
     def batch(self, step: int) -> torch.Tensor:
-        x = to_model_range(self.images[self._indices(step)])
+        """uint8 slices in the model's range, or float latents as they are (their flips are encoded copies)."""
+        indices = self._indices(step)
+        x = to_model_range(self.images[indices]) if self.images.dtype == torch.uint8 else self.images[indices].float()
         if self.hflip:
             gen = seeded_generator(self.seed, 1, step)
             flip = torch.rand(self.global_batch, generator=gen)[self.rank * self.per_rank :][: self.per_rank] < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            mirrored = x.flip(-1) if self.flipped is None else self.flipped[indices].float()
+            x = torch.where(flip[:, None, None, None], mirrored, x)
         return x
 
     def batch_with_cond(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -169,12 +169,14 @@ def sample(
     progress: Callable | None = None,
     cond: torch.Tensor | None = None,
     guidance: float = 1.0,
+    clamp: bool = True,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run the reverse process from pure noise; returns the images and `frames` snapshots of x_t.
 
     `model` maps (x_t, t) — or (x_t, t, cond) when `cond` (N, K, conditions.py) is given — to the
     network output in float32; `guidance` is the classifier-free guidance scale applied with
-    `cond`. `steps` defaults to T for DDPM and 50 for the fast samplers.
+    `cond`. `steps` defaults to T for DDPM and 50 for the fast samplers. `clamp` keeps the result in
+    [-1, 1], the range of slices; latents (latent.py) have no such range.
     """
     if cond is not None:
         model = classifier_free_guidance(model, cond, guidance)
@@ -189,7 +191,7 @@ def sample(
         sigmas = process.sigmas(steps)
         x = x * sigmas[0].item()
         trajectory = EDM_SAMPLERS[sampler](process.denoiser(model), x, sigmas, generator=generator)
-        return _run(x, trajectory, steps, frames, progress)
+        return _run(x, trajectory, steps, frames, progress, clamp)
     scheduler = make_scheduler(cfg, sampler)
     scheduler.set_timesteps(steps)
     x = x * scheduler.init_noise_sigma
@@ -203,10 +205,10 @@ def sample(
             x = scheduler.step(output, t, x, **noise).prev_sample
             yield x
 
-    return _run(x, trajectory(), len(scheduler.timesteps), frames, progress)
+    return _run(x, trajectory(), len(scheduler.timesteps), frames, progress, clamp)
 
 
-def _run(x: torch.Tensor, trajectory, n: int, frames: int, progress: Callable | None):
+def _run(x: torch.Tensor, trajectory, n: int, frames: int, progress: Callable | None, clamp: bool = True):
     """Drain a sampler's trajectory of n states, keeping `frames` evenly spaced snapshots."""
     keep = set(torch.linspace(0, n - 1, frames).round().long().tolist()) if frames else set()
     snapshots = [x.clone()] if frames else []
@@ -215,4 +217,4 @@ def _run(x: torch.Tensor, trajectory, n: int, frames: int, progress: Callable | 
             snapshots.append(x.clone())
         if progress is not None:
             progress(1)
-    return x.clamp(-1, 1), snapshots
+    return (x.clamp(-1, 1) if clamp else x), snapshots

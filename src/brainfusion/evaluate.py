@@ -69,7 +69,7 @@ from .metrics.memorization import nearest_train, normalised_rows
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalConfig", "evaluate_images", "quick_metrics", "nearest_pairs", "versions"]
+__all__ = ["EvalConfig", "evaluate_images", "inception_distance", "quick_metrics", "nearest_pairs", "versions"]
 
 
 @dataclass
@@ -199,6 +199,12 @@ def _inception(gen_raw, real_raw, t_gen, t_real, config: EvalConfig) -> dict:
         seconds=time.perf_counter() - t0,
     )
     return info
+
+
+def inception_distance(generated: np.ndarray, real: np.ndarray, config: EvalConfig) -> dict:
+    """Inception FID/KID of two uint8 sets alone (e.g. rFID: reconstructions against their originals)."""
+    t_gen, t_real = to_eval_tensor(generated, config.resolution), to_eval_tensor(real, config.resolution)
+    return _inception(generated, real, t_gen, t_real, config)
 
 
 def _memorization(t_gen, t_real, t_train, config: EvalConfig) -> dict:

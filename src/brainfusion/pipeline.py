@@ -17,6 +17,7 @@ from .checkpoint import load_checkpoint, load_weights
 from .conditions import Request, encode_guided_request
 from .config import FAST_SAMPLER, FAST_STEPS, RunConfig
 from .data import to_uint8
+from .latent import LatentDecoder
 from .diffusion import sample
 from .errors import BrainfusionError
 from .model import UNet
@@ -41,7 +42,7 @@ class Pipeline:
     """A trained network with its run config, ready to sample on its device."""
 
     def __init__(self, model: torch.nn.Module, config: RunConfig, device: torch.device | None = None,
-                 precision: str = "auto", channels_last: str = "auto"):
+                 precision: str = "auto", channels_last: str = "auto", decoder: LatentDecoder | None = None):
         self.device = device or torch.device("cpu")
         self.dtype = choose_precision(precision, self.device)
         use_cl = choose_channels_last(channels_last, self.device, self.dtype)
@@ -49,6 +50,8 @@ class Pipeline:
         self.config = config
         # (x_t, t[, cond]) → float32 output on the CPU: what samplers and diagnostics call
         self.network = network_fn(self.model, self.device, self.dtype, channels_last)
+        # latent runs: the autoencoder's decoder, checked against the SHA-256 the run recorded
+        self.decoder = decoder or (LatentDecoder.load(config, self.device, self.dtype) if config.latent.active else None)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Path | str, use_ema: bool = True, device: torch.device | None = None,
@@ -92,7 +95,10 @@ class Pipeline:
             gens = image_generators(seed, range(start, start + count))
             rows = None if cond is None else cond[start - first_index : start - first_index + count]
             x, snaps = sample(self.network, self.config.diffusion, (count, channels, size, size), sampler, steps, gens,
-                              frames=frames if on_frames else 0, progress=tick, cond=rows, guidance=guidance)
+                              frames=frames if on_frames else 0, progress=tick, cond=rows, guidance=guidance,
+                              clamp=self.decoder is None)
+            if self.decoder is not None:
+                x, snaps = self.decoder(x), [self.decoder(f) for f in snaps]
             if on_frames is not None:
                 on_frames(start, [to_uint8(f.clamp(-1, 1)) for f in snaps])
             out.append(to_uint8(x))

