@@ -19,6 +19,10 @@ Sections (all printed as markdown tables, everything also written to --out as JS
      quality via brainfusion.evaluate.quick_metrics against --real-data (skipped if missing).
   D  CUDA only: the training table at 64x64 and 256x256 with bf16, channels_last, torch.compile
      and fused Adam.
+  E  256² (issue 18): seconds to sample 64 slices (SDE-DPM-Solver++ 25, one batch, in a fresh subprocess
+     each, with its peak memory) through --latent-run (latents + one decoder pass) and --pixel-run (the
+     4×4 patch stem at 256²), against 64 slices at 64² from --checkpoint; training img/s of each run (and
+     of the latent run's autoencoder) as its train_log.csv recorded them.
 
 bf16 on a CPU without native bf16 (no AVX-512 BF16 / AMX) is emulated and very slow; those rows
 are still measured -- it is the honest finding -- but with very few iterations (see the settings
@@ -412,6 +416,20 @@ def worker_train(spec: dict) -> dict:
     return result
 
 
+def worker_sample(spec: dict) -> dict:
+    """Sample spec["n"] images from a checkpoint in one batch; seconds (after loading) and peak memory."""
+    from brainfusion.pipeline import Pipeline
+
+    torch.set_num_threads(spec["threads"] or torch.get_num_threads())
+    rss_before = rss_bytes()
+    pipe = Pipeline.from_checkpoint(spec["checkpoint"])
+    t0 = time.perf_counter()
+    images = pipe(spec["n"], seed=0, sampler="dpm++sde", steps=25, batch_size=spec["n"])
+    seconds = time.perf_counter() - t0
+    return dict(seconds=seconds, size=int(images.shape[-1]), n=len(images), peak_rss_mib=peak_rss_bytes() / 2**20,
+                rss_before_mib=rss_before / 2**20, threads=torch.get_num_threads())
+
+
 def run_worker(spec: dict, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     t0 = time.perf_counter()
@@ -724,6 +742,51 @@ def section_sampling(st: Settings, args) -> dict:
                 metric_note=metric_note, rows=rows)
 
 
+def _logged_rate(run: Path) -> float | None:
+    """Median img/s a run's train_log.csv recorded (None without a log)."""
+    import csv
+
+    log = Path(run) / "train_log.csv"
+    if not log.is_file():
+        return None
+    with open(log) as fh:
+        rates = [float(r["images_per_s"]) for r in csv.DictReader(fh) if r.get("images_per_s")]
+    return statistics.median(rates) if rates else None
+
+
+def section_256(args, threads: int) -> dict:
+    """E: sampling 64 slices at 256² through each route against 64 at 64², and each run's training img/s."""
+    from brainfusion.checkpoint import resolve_checkpoint, run_folder
+    from brainfusion.pipeline import load_model
+
+    routes = [("64² default (reference)", args.checkpoint), ("256² latent", args.latent_run), ("256² pixel, patch 4", args.pixel_run)]
+    rows, out = [], {}
+    for name, path in routes:
+        if not path:
+            continue
+        checkpoint = resolve_checkpoint(Path(path) / "checkpoints" if (Path(path) / "checkpoints").is_dir() else Path(path))
+        _, state = load_model(checkpoint)
+        r = run_worker(dict(kind="sample", checkpoint=str(checkpoint), n=64, threads=threads), timeout=3600)
+        run = run_folder(checkpoint)
+        r["train_images_per_s"] = _logged_rate(run)
+        if state.config.latent.active:
+            r["autoencoder_train_images_per_s"] = _logged_rate(Path(state.config.latent.autoencoder))
+        out[name] = r
+        rows.append([name, r.get("size"), f"{r['seconds']:.1f}" if "seconds" in r else r.get("error"),
+                     f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else "–",
+                     f"{r['train_images_per_s']:.1f}" if r.get("train_images_per_s") else "–",
+                     f"{r['autoencoder_train_images_per_s']:.1f}" if r.get("autoencoder_train_images_per_s") else "–"])
+    reference = out.get("64² default (reference)", {}).get("seconds")
+    for name, r in out.items():
+        if reference and "seconds" in r:
+            r["sampling_vs_64"] = r["seconds"] / reference
+    print("## E. 256² routes (64 slices, SDE-DPM-Solver++ 25, one batch)\n")
+    print(md_table(["route", "size", "sampling s", "peak RSS MiB", "train img/s", "autoencoder train img/s"], rows))
+    if reference:
+        print("\n" + ", ".join(f"{k}: {r['sampling_vs_64']:.2f}× the 64² time" for k, r in out.items() if "sampling_vs_64" in r) + "\n")
+    return out
+
+
 def section_cuda(st: Settings, models: dict, roof: list[dict], threads: int) -> dict:
     print("## D. CUDA training throughput (bf16 autocast, channels_last, torch.compile, fused Adam)\n")
     flops, specs = {}, []
@@ -764,13 +827,15 @@ def main(argv=None) -> int:
     p.add_argument("--n-images", type=int, default=0,
                    help="images per sampler in C (default 64); more gives a steadier quality metric")
     p.add_argument("--threads", type=int, default=0, help="torch threads in every measurement (default: torch's choice)")
+    p.add_argument("--latent-run", help="a 256² latent run (train --autoencoder) for section E")
+    p.add_argument("--pixel-run", help="a 256² pixel run (recipe edm-p4-shift) for section E")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # tables and stderr progress stay in order when piped
 
     if args.worker:
         spec = json.loads(args.worker)
-        print("RESULT " + json.dumps(worker_train(spec)), flush=True)
+        print("RESULT " + json.dumps(worker_sample(spec) if spec.get("kind") == "sample" else worker_train(spec)), flush=True)
         return 0
 
     import logging
@@ -816,6 +881,9 @@ def main(argv=None) -> int:
             results["training_cuda"] = section_cuda(st, results["models"], roof, args.threads)
         else:
             print("## D. CUDA\n\nskipped: no CUDA device.\n")
+        save()
+    if "E" in sections:
+        results["routes_256"] = section_256(args, args.threads)
         save()
     results["header"]["load_average_end"] = list(os.getloadavg())
     results["header"]["total_s"] = time.perf_counter() - t_start
