@@ -22,16 +22,22 @@ from .errors import BrainfusionError
 from .fileio import file_digest
 
 
-def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
-    """MONAI AutoencoderKL for 1-channel slices, without attention (CPU cost; no gain measured at 4x)."""
-    from monai.networks.nets import AutoencoderKL
-
+def autoencoder_arguments(cfg: AutoencoderConfig) -> dict:
+    """MONAI AutoencoderKL's constructor arguments for 1-channel slices, without attention (CPU cost; no gain
+    measured at 4x); an export's `vae/config.json` records them, so diffusers rebuilds the same network."""
     levels = len(cfg.channels)
-    return AutoencoderKL(
+    return dict(
         spatial_dims=2, in_channels=1, out_channels=1, channels=tuple(cfg.channels), latent_channels=cfg.latent_channels,
         num_res_blocks=(cfg.res_blocks,) * levels, norm_num_groups=cfg.norm_groups, attention_levels=(False,) * levels,
         with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
     )
+
+
+def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
+    """MONAI AutoencoderKL as `autoencoder_arguments` describes it."""
+    from monai.networks.nets import AutoencoderKL
+
+    return AutoencoderKL(**autoencoder_arguments(cfg))
 
 
 def build_discriminator(cfg: AutoencoderConfig) -> nn.Module:

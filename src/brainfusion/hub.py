@@ -1,21 +1,28 @@
-"""brainfusion models in diffusers' own format: `save_pretrained` / `from_pretrained`, a pipeline, a model card.
+"""brainfusion models in diffusers' own format: an export folder that plain diffusers loads, with a model card.
 
 An export folder is what diffusers writes for a pipeline: `model_index.json`, `unet/` (config.json and
-diffusion_pytorch_model.safetensors) and `scheduler/` (scheduler_config.json), plus this module's
-`brainfusion_export.json` (a SHA-256 of every file, so a changed or missing file is refused before
-anything loads) and a model card `README.md`. The network is brainfusion's own U-Net made native
+diffusion_pytorch_model.safetensors), `scheduler/` (scheduler_config.json) and, for a latent run, `vae/` (the
+autoencoder's constructor arguments and latent statistics, and its weights), plus this module's
+`brainfusion_export.json` (a SHA-256 of every file, so a changed or missing file is refused before anything
+loads) and a model card `README.md`. The classes are `hub_pipeline`'s: brainfusion's own U-Net made native
 (`BrainfusionUNet`, a diffusers ModelMixin + ConfigMixin), not converted to another architecture.
-The scheduler is diffusers' own: `EDMEulerScheduler` for the EDM formulation (its preconditioning
-is EDM's Table 1, the same as `edm.EDMProcess`; only the noise input differs, 0.25·ln σ there and
-ln σ scaled onto 0..1000 here, which the model maps), `DDIMScheduler` with v-prediction for VP.
-Both are the deterministic "ddim" sampler of `brainfusion sample`, and a test checks the two give
-the same images for the same seed.
 
-A conditional model keeps its condition vocabulary (class names, each continuous condition's
-training mean and std: the run's `ConditionConfig`) in `unet/config.json`, so a request is encoded
-by `conditions.encode_request` as in brainfusion, and guided by `diffusion.classifier_free_guidance`.
+The folder also carries its own code, so diffusers needs no brainfusion to load it. This is diffusers' custom
+pipeline and custom component mechanism ("Community pipelines and components",
+https://huggingface.co/docs/diffusers/using-diffusers/custom_pipeline_overview): `custom_pipeline=FOLDER` makes
+`DiffusionPipeline.from_pretrained` import FOLDER/pipeline.py and take its one DiffusionPipeline subclass
+(pipelines/pipeline_loading_utils._get_custom_pipeline_class → utils/dynamic_modules_utils
+.get_class_from_dynamic_module), and a component listed in model_index.json as ["brainfusion_hub", "BrainfusionUNet"]
+is imported from unet/brainfusion_hub.py, the component's own folder (get_class_obj_and_candidates); both only with
+`trust_remote_code=True`. diffusers copies such a file into its module cache with only the files it imports
+relatively, so `shipped_source` makes one self-contained file, written under both names.
 
-    from brainfusion.hub import BrainfusionPipeline
+A conditional model keeps its condition vocabulary (class names, each continuous condition's training mean
+and std: the run's `ConditionConfig`) in `unet/config.json`, so a request is encoded by
+`conditions.encode_request` as in brainfusion, and guided by `diffusion.classifier_free_guidance`.
+
+    from brainfusion.hub import BrainfusionPipeline       # brainfusion's classes; or, without brainfusion:
+    # pipe = DiffusionPipeline.from_pretrained(FOLDER, custom_pipeline=FOLDER, trust_remote_code=True)
     pipe = BrainfusionPipeline.from_pretrained("runs/demo/export")
     images = pipe(num_images=16, seed=0, num_inference_steps=50).images   # uint8 (16, 64, 64)
     pipe(num_images=16, condition={"class": "ModerateDemented"}, guidance_scale=2.0)  # a conditional export
@@ -23,97 +30,145 @@ by `conditions.encode_request` as in brainfusion, and guided by `diffusion.class
 
 from __future__ import annotations
 
-import hashlib
+import ast
 import json
-import math
 import shutil
-from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import numpy as np
 import torch
-from diffusers import DiffusionPipeline, EDMEulerScheduler
-from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
-from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 - diffusers finds loadable bases here
-from diffusers.utils import BaseOutput
+from diffusers import EDMEulerScheduler
 
-from .conditions import Request, encode_guided_request
 from .config import RunConfig
-from .data import to_uint8
-from .diffusion import classifier_free_guidance, make_scheduler
+from .diffusion import make_scheduler
 from .errors import BrainfusionError
+from .hub_pipeline import (  # noqa: F401 - the public names of brainfusion.hub
+    COMPONENTS, MANIFEST, SHIPPED_MODULE, BrainfusionOutput, BrainfusionPipeline, BrainfusionUNet, BrainfusionVAE, _digests,
+    verify_export,
+)
 from .model import UNet
-from .seeding import image_generators, randn
 
-MANIFEST = "brainfusion_export.json"
+SHIPPED_HEADER = '''"""brainfusion {version}'s diffusers pipeline and components, shipped with this export; do not edit.
 
+Generated by `brainfusion export` from brainfusion's modules
+{modules}:
+each module's source, after the modules it imports, with the imports among them removed. It needs torch,
+numpy, Pillow and diffusers (and monai for a latent export's `vae`), not brainfusion:
 
-class BrainfusionUNet(ModelMixin, ConfigMixin):
-    """brainfusion's U-Net as a diffusers model; `timestep` follows the scheduler's convention. `condition` is
-    the run's condition section (config.ConditionConfig, vocabulary included) for a conditional network."""
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(FOLDER, custom_pipeline=FOLDER, trust_remote_code=True)
+"""
 
-    config_name = "config.json"
-
-    @register_to_config
-    def __init__(self, model: dict | None = None, formulation: str = "edm", sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 condition: dict | None = None):
-        super().__init__()
-        run = RunConfig.from_dict({"model": model or {}, "condition": condition or {}}, source="unet/config.json")
-        run.condition.validate()
-        self.net = UNet(run.model)
-        self.conditions = run.condition  # what encode_request maps {"class": "Mild"} with
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
-        t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1).expand(sample.shape[0])
-        if self.config.formulation == "edm":  # diffusers' c_noise = 0.25 ln σ → ours, ln σ mapped onto 0..1000
-            lo, hi = math.log(self.config.sigma_min), math.log(self.config.sigma_max)
-            t = (4 * t - lo) / (hi - lo) * 1000
-        return self.net(sample, t, cond)
+from __future__ import annotations
+'''
 
 
-@dataclass
-class BrainfusionOutput(BaseOutput):
-    images: np.ndarray  # uint8 (N, H, W) or (N, C, H, W)
+def _parse(name: str) -> ast.Module:
+    return ast.parse(Path(__file__).with_name(f"{name}.py").read_text(), filename=f"brainfusion/{name}.py")
 
 
-class BrainfusionPipeline(DiffusionPipeline):
-    """Sampling of an exported model, conditional or not; image i of a seed matches `brainfusion sample`'s."""
+def _brainfusion_imports(name: str, tree: ast.Module) -> list[ast.ImportFrom]:
+    """The module-level `from .x import a, b` of a module, refusing the relative imports that inlining would break."""
+    top = [node for node in tree.body if isinstance(node, ast.ImportFrom) and node.level]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level and (node not in top or node.level > 1 or node.module is None
+                                                                or any(alias.asname for alias in node.names)):
+            raise BrainfusionError(f"brainfusion/{name}.py line {node.lineno} imports from brainfusion in a way the shipped "
+                                   "export code cannot inline; use a module-level `from .module import name`.")
+    return top
 
-    def __init__(self, unet: BrainfusionUNet, scheduler: SchedulerMixin):
-        super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "BrainfusionPipeline":
-        folder = Path(pretrained_model_name_or_path)
-        if folder.is_dir():
-            verify_export(folder)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+def _shipped_modules(entry: str = "hub_pipeline") -> list[str]:
+    """`entry` and every brainfusion module it imports, directly or not, each after the modules it imports."""
+    order: list[str] = []
 
-    @torch.no_grad()
-    def __call__(self, num_images: int = 16, seed: int = 0, num_inference_steps: int = 50, first_index: int = 0,
-                 output_type: str = "uint8", condition: Request | None = None, guidance_scale: float = 1.0) -> BrainfusionOutput:
-        """`output_type` "uint8" (default) or "pt" (float tensor in [-1, 1], before quantisation).
+    def visit(name: str) -> None:
+        if name not in order:
+            for node in _brainfusion_imports(name, _parse(name)):
+                visit(node.module)
+            order.append(name)
 
-        `condition` (a conditional export) is what brainfusion's `Pipeline` takes: {name: value} for every image,
-        e.g. {"class": "ModerateDemented", "level": 0.6}, a list of one per image, or an encoded tensor; names
-        left out are not conditioned on. `guidance_scale`: classifier-free guidance, 1 the plain conditional
-        model, 0 the unconditional one, above 1 stronger.
-        """
-        cond = encode_guided_request(self.unet.conditions, condition, num_images, guidance_scale)
-        network = self.unet if cond is None else classifier_free_guidance(self.unet, cond.to(self.unet.device), guidance_scale)
-        model = self.unet.config.model
-        shape = (num_images, model["in_channels"], model["image_size"], model["image_size"])
-        x = randn(shape, image_generators(seed, range(first_index, first_index + num_images))).to(self.unet.device)
-        self.scheduler.set_timesteps(num_inference_steps)
-        # EDM starts at σ_max, not diffusers' init_noise_sigma √(σ_max² + 1)
-        x = x * (float(self.scheduler.sigmas[0]) if isinstance(self.scheduler, EDMEulerScheduler) else self.scheduler.init_noise_sigma)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            out = network(self.scheduler.scale_model_input(x, t), t.reshape(1).expand(num_images))
-            x = self.scheduler.step(out, t, x).prev_sample
-        x = x.clamp(-1, 1).cpu()
-        return BrainfusionOutput(images=x if output_type == "pt" else to_uint8(x))
+    visit(entry)
+    return order
+
+
+def _definitions(tree: ast.Module) -> dict[str, str]:
+    """Module-level names and what defines them (the statement, or the imported object), to find clashes."""
+    names: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names[node.name] = ast.dump(node)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update((t.id, ast.dump(node)) for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.Import):
+            names.update((a.asname or a.name.split(".")[0], a.name if a.asname else a.name.split(".")[0]) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.update((a.asname or a.name, f"{node.module}.{a.name}") for a in node.names)
+    return names
+
+
+def _inlined(name: str, tree: ast.Module) -> str:
+    """A module's source without `from __future__` and its imports from brainfusion (their names are defined above it)."""
+    lines = Path(__file__).with_name(f"{name}.py").read_text().splitlines()
+    dropped = [node for node in tree.body if isinstance(node, ast.ImportFrom) and (node.level or node.module == "__future__")]
+    for node in dropped:
+        lines[node.lineno - 1 : node.end_lineno] = [None] * (node.end_lineno - node.lineno + 1)
+    return "\n".join(line for line in lines if line is not None)
+
+
+def shipped_source() -> str:
+    """The code an export ships: `hub_pipeline` and the brainfusion modules it imports, verbatim, in one file.
+
+    Generated from the package's own source at every export, so the repository keeps one definition of the
+    U-Net and the pipeline. Concatenating modules is sound because none of them defines a name another defines
+    differently (checked here) and each comes after those it imports.
+    """
+    modules = _shipped_modules()
+    trees = {name: _parse(name) for name in modules}
+    seen: dict[str, tuple[str, str]] = {}
+    for name in modules:
+        for key, definition in _definitions(trees[name]).items():
+            other, before = seen.setdefault(key, (name, definition))
+            if before != definition:
+                raise BrainfusionError(f"brainfusion/{other}.py and brainfusion/{name}.py both define `{key}`, differently, "
+                                       "so the shipped export code cannot hold both; rename one.")
+    try:
+        release = version("brainfusion")
+    except PackageNotFoundError:
+        release = "(source tree)"
+    parts = [SHIPPED_HEADER.format(version=release, modules=", ".join(modules))]
+    parts += [f"\n# ---------------- brainfusion/{name}.py ----------------\n{_inlined(name, trees[name])}\n" for name in modules]
+    return "".join(parts)
+
+
+def _ship_code(folder: Path) -> None:
+    """Write `shipped_source` as the folder's pipeline.py and as the module of each custom component, and name
+    that module as the component's library in model_index.json (save_pretrained wrote brainfusion's). The pipeline
+    class becomes ["pipeline", "BrainfusionPipeline"], the Hub's form for a custom pipeline, so diffusers finds
+    pipeline.py even without `custom_pipeline` (pipeline_loading_utils._resolve_custom_pipeline_and_cls)."""
+    code = shipped_source()
+    (folder / "pipeline.py").write_text(code)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = ["pipeline", index["_class_name"]]
+    for name, entry in index.items():
+        if isinstance(entry, list) and entry[1] in COMPONENTS:
+            index[name] = [SHIPPED_MODULE, entry[1]]
+            (folder / name / f"{SHIPPED_MODULE}.py").write_text(code)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def make_vae(config: RunConfig) -> BrainfusionVAE:
+    """A latent run's `vae` component: the autoencoder whose SHA-256 the run recorded, and the run's latent statistics."""
+    from .autoencoder import autoencoder_arguments, load_autoencoder
+    from .latent import LATENT_STD
+
+    latent = config.latent
+    ae, state, _ = load_autoencoder(latent.autoencoder, torch.device("cpu"), latent.sha256)
+    vae = BrainfusionVAE(autoencoder=autoencoder_arguments(state.config.autoencoder), mean=list(latent.mean), std=list(latent.std),
+                         factor=latent.factor, latent_std=LATENT_STD)
+    vae.ae.load_state_dict(ae.state_dict())
+    return vae.eval()
 
 
 def make_export_pipeline(model: UNet, config: RunConfig) -> BrainfusionPipeline:
@@ -127,27 +182,8 @@ def make_export_pipeline(model: UNet, config: RunConfig) -> BrainfusionPipeline:
                                       prediction_type="epsilon", sigma_schedule="karras", final_sigmas_type="zero")
     else:
         scheduler = make_scheduler(d, "ddim")
-    return BrainfusionPipeline(unet=unet.eval(), scheduler=scheduler)
-
-
-def _digests(folder: Path) -> dict[str, str]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, "README.md"))
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
-def verify_export(folder: Path) -> None:
-    """Refuse an export whose files were changed, removed or added after `export_run` wrote them."""
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        raise BrainfusionError(f"{folder} has no {MANIFEST}; it is not a brainfusion export (write one with `brainfusion export`).")
-    expected, found = json.loads(manifest.read_text())["sha256"], _digests(folder)
-    for name, digest in expected.items():
-        if name not in found:
-            raise BrainfusionError(f"{folder / name} is missing from the export; export the run again.")
-        if found[name] != digest:
-            raise BrainfusionError(f"{folder / name} was changed after export (its SHA-256 differs); export the run again.")
-    if extra := sorted(set(found) - set(expected)):
-        raise BrainfusionError(f"{folder / extra[0]} was added after export; remove it or export the run again.")
+    vae = make_vae(config) if config.latent.active else None
+    return BrainfusionPipeline(unet=unet.eval(), scheduler=scheduler, vae=vae)
 
 
 def export_run(checkpoint: Path | str, out: Path | str, metrics: Path | None = None) -> Path:
@@ -163,6 +199,7 @@ def export_run(checkpoint: Path | str, out: Path | str, metrics: Path | None = N
     staging = out.with_name(f".{out.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(staging, safe_serialization=True)
+    _ship_code(staging)
     (staging / MANIFEST).write_text(json.dumps({"checkpoint": str(state.path), "step": state.step, "sha256": _digests(staging)}, indent=2))
     (staging / "README.md").write_text(card)
     old = out.with_name(f".{out.name}.old")

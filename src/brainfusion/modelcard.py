@@ -11,12 +11,25 @@ import csv
 import json
 from pathlib import Path
 
+from .checkpoint import run_folder
 from .config import FOLDER_LABELS, LEVEL_COLUMN, RunConfig
 
-LOAD = """```python
+LOAD = """With brainfusion, which checks every file against the export's SHA-256 manifest and runs its own code:
+
+```python
 from brainfusion.hub import BrainfusionPipeline   # pip install brainfusion
 
 pipe = BrainfusionPipeline.from_pretrained("{folder}")
+images = pipe(num_images=16, seed=0, num_inference_steps=50{request}).images   # uint8 (16, {size}, {size})
+```
+
+With plain diffusers, no brainfusion needed{needs}: the folder ships its code (`pipeline.py`, and `brainfusion_hub.py`
+in each custom component's folder), which diffusers runs only with `trust_remote_code=True`.
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{folder}", custom_pipeline="{folder}", trust_remote_code=True)
 images = pipe(num_images=16, seed=0, num_inference_steps=50{request}).images   # uint8 (16, {size}, {size})
 ```"""
 
@@ -58,6 +71,31 @@ def _conditional_evaluation(metrics_path: Path | None) -> str:
     return f"\n\n### Does it make what it is asked for?\nFrom `{checks}`: {checks.read_text().strip()}"
 
 
+def _autoencoder(config: RunConfig) -> str:
+    """The card's section on a latent run's autoencoder, with its held-out reconstruction scores from the
+    `ae_metrics.json` of the autoencoder's run folder, if there; empty for a pixel-space model."""
+    latent = config.latent
+    if not latent.active:
+        return ""
+    side = latent.image_size // latent.factor
+    lines = ["## Autoencoder", (
+        f"Latent diffusion (Rombach et al. 2022): the U-Net denoises {latent.channels}×{side}×{side} latents of the "
+        f"autoencoder `{latent.autoencoder}` (MONAI AutoencoderKL, {latent.factor}× smaller per side, weights SHA-256 "
+        f"`{latent.sha256[:16]}…`), which this export ships as its `vae` component. Each latent channel was scaled to std 0.5 "
+        "for the diffusion model, and is scaled back before decoding."), ""]
+    path = Path(latent.autoencoder)
+    metrics_path = (path if path.is_dir() else run_folder(path)) / "ae_metrics.json"
+    if not metrics_path.is_file():
+        return "\n".join([*lines, f"Its reconstruction quality is not stated: `{metrics_path}` was not found.", "", ""])
+    m = json.loads(metrics_path.read_text())
+    rfid = "not computed" if m.get("rfid") is None else f"{m['rfid']:.4g}"
+    lines += [f"Reconstruction of {m.get('n', '?')} held-out slices of `{m.get('heldout', '?')}` (from `{metrics_path}`, "
+              f"autoencoder step {m.get('step', '?')}):", "", "| metric | value |", "|---|---|",
+              f"| PSNR inside the brain | {m['psnr_brain']:.2f} dB |", f"| SSIM inside the brain | {m['ssim_brain']:.4f} |",
+              f"| rFID (reconstructions against the originals) | {rfid} |", "", ""]
+    return "\n".join(lines)
+
+
 def _example_request(config: RunConfig) -> str:
     """The load snippet's condition: the first class of the first categorical condition, else mid-range values."""
     cc = config.condition
@@ -90,17 +128,20 @@ def _conditions(config: RunConfig) -> str:
 
 
 def model_card(config: RunConfig, step: int, run_dir: Path, folder: str, metrics_path: Path | None = None) -> str:
-    m, d, data = config.model, config.diffusion, config.data
+    m, d, data, latent = config.model, config.diffusion, config.data, config.latent
     tags = ["- brainfusion", "- diffusion", "- mri", "- brain", "- medical-imaging", "- synthetic-data"]
     tags += ["- class-conditional"] if config.condition.fitted else []
+    tags += ["- latent-diffusion"] if latent.active else []
+    size, kind = data.image_size, "latent diffusion model" if latent.active else "denoising diffusion model"
+    needs = " (only MONAI, `pip install monai`, for the autoencoder)" if latent.active else ""
     yaml = "\n".join(["---", "license: mit", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
                       "tags:", *tags, "---", ""])
-    return yaml + f"""# brainfusion model: synthetic {m.image_size}×{m.image_size} axial T1 brain MRI slices
+    return yaml + f"""# brainfusion model: synthetic {size}×{size} axial T1 brain MRI slices
 
-A denoising diffusion model ({d.formulation.upper()} formulation) trained with brainfusion on `{data.path}`.
+A {kind} ({d.formulation.upper()} formulation) trained with brainfusion on `{data.path}`.
 
 ## Data and preprocessing
-Slices read from `{data.path}` (split `{data.split}`), resized to {m.image_size}×{m.image_size}, scaled to [−1, 1],
+Slices read from `{data.path}` (split `{data.split}`), resized to {size}×{size}, scaled to [−1, 1],
 {"flipped left-right at random" if data.hflip else "not flipped"} during training. See the data source's own licence and
 consent terms before sharing anything generated from it.
 
@@ -109,7 +150,7 @@ U-Net of {len(m.channel_mults)} levels (base width {m.base_channels}, multiplier
 batch {config.train.batch_size}, learning rate {config.train.lr}, EMA {config.train.ema_decay}, precision `{config.train.precision}`.
 {_training(run_dir, step)}
 
-{_conditions(config)}## Evaluation
+{_autoencoder(config)}{_conditions(config)}## Evaluation
 {_evaluation(metrics_path)}{_conditional_evaluation(metrics_path)}
 
 ## Intended use and limitations
@@ -119,5 +160,5 @@ batch {config.train.batch_size}, learning rate {config.train.lr}, EMA {config.tr
 - Quality numbers above hold for the reference set named there, not for other scanners or populations.
 
 ## How to load it
-{LOAD.format(folder=folder, size=m.image_size, request=_example_request(config))}
+{LOAD.format(folder=folder, size=size, request=_example_request(config), needs=needs)}
 """

@@ -1,0 +1,185 @@
+"""The diffusers classes of an export: the pipeline, brainfusion's U-Net and, for a latent run, its autoencoder.
+
+This module is the one definition of what an export runs. `brainfusion export` ships its source, together
+with the brainfusion modules it imports (model.py's U-Net among them), as the folder's `pipeline.py` and as
+each custom component's module, so plain diffusers loads the folder without brainfusion installed
+(`hub.shipped_source` says how the file is made). Here, inside brainfusion, `BrainfusionPipeline.from_pretrained`
+builds every component from these classes and never runs the folder's copy.
+
+The scheduler is diffusers' own: `EDMEulerScheduler` for the EDM formulation (its preconditioning is EDM's
+Table 1, the same as `edm.EDMProcess`; only the noise input differs, 0.25·ln σ there and ln σ scaled onto
+0..1000 here, which the U-Net maps), `DDIMScheduler` with v-prediction for VP. Both are the deterministic
+"ddim" sampler of `brainfusion sample`, and the tests check the two give the same images for a seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, EDMEulerScheduler
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 - diffusers finds loadable bases here
+from diffusers.utils import BaseOutput
+
+from .conditions import Request, encode_guided_request
+from .config import RunConfig
+from .data import to_uint8
+from .diffusion import classifier_free_guidance
+from .errors import BrainfusionError
+from .model import UNet
+from .seeding import image_generators, randn
+
+MANIFEST = "brainfusion_export.json"
+SHIPPED_MODULE = "brainfusion_hub"  # model_index.json's library of the custom components: <component>/brainfusion_hub.py
+
+
+class BrainfusionUNet(ModelMixin, ConfigMixin):
+    """brainfusion's U-Net as a diffusers model; `timestep` follows the scheduler's convention. `condition` is
+    the run's condition section (config.ConditionConfig, vocabulary included) for a conditional network."""
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, model: dict | None = None, formulation: str = "edm", sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 condition: dict | None = None):
+        super().__init__()
+        run = RunConfig.from_dict({"model": model or {}, "condition": condition or {}}, source="unet/config.json")
+        run.condition.validate()
+        self.net = UNet(run.model)
+        self.conditions = run.condition  # what encode_request maps {"class": "Mild"} with
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1).expand(sample.shape[0])
+        if self.config.formulation == "edm":  # diffusers' c_noise = 0.25 ln σ → ours, ln σ mapped onto 0..1000
+            lo, hi = math.log(self.config.sigma_min), math.log(self.config.sigma_max)
+            t = (4 * t - lo) / (hi - lo) * 1000
+        return self.net(sample, t, cond)
+
+
+class BrainfusionVAE(ModelMixin, ConfigMixin):
+    """A latent run's autoencoder: MONAI's AutoencoderKL built from its constructor arguments (`autoencoder`), and
+    the per-channel latent `mean` and `std` with which the run scaled latents to std `latent_std` (latent.py).
+    Decoding undoes that scaling first, z = x / latent_std · std + mean, as `latent.LatentDecoder` does."""
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, autoencoder: dict | None = None, mean: tuple[float, ...] = (), std: tuple[float, ...] = (),
+                 factor: int = 4, latent_std: float = 0.5):
+        super().__init__()
+        try:
+            from monai.networks.nets import AutoencoderKL
+        except ImportError:
+            raise BrainfusionError("this export decodes latents with MONAI's AutoencoderKL; install it with `pip install monai`.") from None
+        self.ae = AutoencoderKL(**(autoencoder or {}))
+
+    def decode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """The diffusion model's latents (N, C, h, w) → slices (N, 1, h·factor, w·factor) in [-1, 1]."""
+        shape = (1, -1, 1, 1)
+        mean = torch.tensor(self.config.mean, dtype=torch.float32, device=x.device).view(shape)
+        std = torch.tensor(self.config.std, dtype=torch.float32, device=x.device).view(shape)
+        z = x.float() / self.config.latent_std * std + mean
+        return self.ae.decode(z.to(self.device)).float().clamp(-1, 1)
+
+
+@dataclass
+class BrainfusionOutput(BaseOutput):
+    images: np.ndarray  # uint8 (N, H, W) or (N, C, H, W)
+
+
+class BrainfusionPipeline(DiffusionPipeline):
+    """Sampling of an exported model, conditional or not, in pixels or through a `vae`; image i of a seed
+    matches `brainfusion sample`'s with the "ddim" sampler."""
+
+    _optional_components = ["vae"]
+
+    # ModelMixin, not our classes: under plain diffusers each component comes from its own copy of this code, and diffusers
+    # checks it against these hints (it unpacks typing.Optional, not `X | None`), warning at every load otherwise
+    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin, vae: Optional[ModelMixin] = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "BrainfusionPipeline":
+        """An export folder (or a Hub repository holding one), checked against its manifest, with every component
+        built from this module's classes rather than the folder's code (so no `trust_remote_code`). `kwargs` go to
+        each model's `from_pretrained`, e.g. torch_dtype."""
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(pretrained_model_name_or_path)))
+        verify_export(folder)
+        index = json.loads((folder / "model_index.json").read_text())
+        parts = {name: _load_component(folder, name, *entry, kwargs) for name, entry in index.items()
+                 if not name.startswith("_") and entry[0]}  # skips _class_name and the like, and absent optional parts
+        pipe = cls(**parts)
+        pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        return pipe
+
+    @torch.no_grad()
+    def __call__(self, num_images: int = 16, seed: int = 0, num_inference_steps: int = 50, first_index: int = 0,
+                 output_type: str = "uint8", condition: Request | None = None, guidance_scale: float = 1.0) -> BrainfusionOutput:
+        """`output_type` "uint8" (default) or "pt" (float tensor in [-1, 1], before quantisation).
+
+        `condition` (a conditional export) is what brainfusion's `Pipeline` takes: {name: value} for every image,
+        e.g. {"class": "ModerateDemented", "level": 0.6}, a list of one per image, or an encoded tensor; names
+        left out are not conditioned on. `guidance_scale`: classifier-free guidance, 1 the plain conditional
+        model, 0 the unconditional one, above 1 stronger.
+        """
+        cond = encode_guided_request(self.unet.conditions, condition, num_images, guidance_scale)
+        network = self.unet if cond is None else classifier_free_guidance(self.unet, cond.to(self.unet.device), guidance_scale)
+        model = self.unet.config.model
+        shape = (num_images, model["in_channels"], model["image_size"], model["image_size"])
+        x = randn(shape, image_generators(seed, range(first_index, first_index + num_images))).to(self.unet.device)
+        self.scheduler.set_timesteps(num_inference_steps)
+        # EDM starts at σ_max, not diffusers' init_noise_sigma √(σ_max² + 1)
+        x = x * (float(self.scheduler.sigmas[0]) if isinstance(self.scheduler, EDMEulerScheduler) else self.scheduler.init_noise_sigma)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            out = network(self.scheduler.scale_model_input(x, t), t.reshape(1).expand(num_images))
+            x = self.scheduler.step(out, t, x).prev_sample
+        x = (x.clamp(-1, 1) if self.vae is None else self.vae.decode_latents(x)).cpu()  # latents have no range to clamp to
+        return BrainfusionOutput(images=x if output_type == "pt" else to_uint8(x))
+
+
+COMPONENTS = {cls.__name__: cls for cls in (BrainfusionUNet, BrainfusionVAE)}
+
+
+def _load_component(folder: Path, name: str, library: str, class_name: str, kwargs: dict):
+    """Component `name` of an export: ours from this module (exports before the shipped code named `brainfusion.hub`),
+    a scheduler from diffusers."""
+    if library.split(".")[0] in (SHIPPED_MODULE, "brainfusion") and class_name in COMPONENTS:
+        return COMPONENTS[class_name].from_pretrained(folder / name, **kwargs)
+    if library == "diffusers":
+        import diffusers
+
+        return getattr(diffusers, class_name).from_pretrained(folder / name)
+    raise BrainfusionError(f"{folder / 'model_index.json'} names {library}.{class_name} for `{name}`, which brainfusion does not know; export the run again.")
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, "README.md"))
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def verify_export(folder: Path) -> None:
+    """Refuse an export whose files were changed, removed or added after `export_run` wrote them."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise BrainfusionError(f"{folder} has no {MANIFEST}; it is not a brainfusion export (write one with `brainfusion export`).")
+    expected, found = json.loads(manifest.read_text())["sha256"], _digests(folder)
+    for name, digest in expected.items():
+        if name not in found:
+            raise BrainfusionError(f"{folder / name} is missing from the export; export the run again.")
+        if found[name] != digest:
+            raise BrainfusionError(f"{folder / name} was changed after export (its SHA-256 differs); export the run again.")
+    if extra := sorted(set(found) - set(expected)):
+        raise BrainfusionError(f"{folder / extra[0]} was added after export; remove it or export the run again.")
