@@ -44,14 +44,14 @@ from pathlib import Path
 
 import numpy as np
 
-from brainfusion.classifier import ClassifierConfig, predict, save_classifier, train_classifier
-from brainfusion.conditional_checks import Generator, check_conditional, class_generator, conditional_table, resampling_generator
-from brainfusion.conditions import read_labels
+from brainfusion.evaluation.classifier import ClassifierConfig, predict, save_classifier, train_classifier
+from brainfusion.evaluation.conditional_checks import Generator, check_conditional, class_generator, conditional_table, resampling_generator
+from brainfusion.data.conditions import read_labels
 from brainfusion.config import FOLDER_COLUMN, FOLDER_LABELS, ConditionConfig, DataConfig
-from brainfusion.data import load_slices
+from brainfusion.data.slices import load_slices
 from brainfusion.fileio import atomic_output, atomic_write_text
 from brainfusion.images import save_figure
-from brainfusion.metrics.classification import classification_scores
+from brainfusion.evaluation.metrics.classification import classification_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_quality import split_blocks  # noqa: E402 - the one definition of the subject-block split
@@ -78,7 +78,7 @@ def load_labelled(folder: Path, size: int, class_names: list[str] | None = None)
 
 def checkpoint_generator(checkpoint: str, guidance: float, class_names: list[str], seed: int) -> Generator:
     """`generate(n, c)` from a conditional checkpoint (conditional_checks.class_generator)."""
-    from brainfusion.pipeline import Pipeline
+    from brainfusion.diffusion.pipeline import Pipeline
 
     return class_generator(Pipeline.from_checkpoint(checkpoint), FOLDER_COLUMN, class_names, guidance, seed)
 
@@ -204,7 +204,7 @@ def plot_confusions(results: dict, names: list[str], path: Path) -> Path:
 
 def run_checks(args, train, labels, held, held_labels, names) -> None:
     """conditional_checks with the real-sampler classifier of the first seed."""
-    from brainfusion.classifier import load_classifier
+    from brainfusion.evaluation.classifier import load_classifier
 
     path = args.work / "classifiers" / "real-sampler.safetensors"
     model = load_classifier(path) if path.is_file() else train_classifier(train, labels, len(names), seed=args.seeds[0],

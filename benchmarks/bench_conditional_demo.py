@@ -7,7 +7,7 @@
 2. A conditional model trained on its train split for `--minutes` (`--labels labels.csv
    --label-columns ventricles --slice-level`, the default EDM recipe).
 3. Judges trained on the real training slices: a slice-level regressor and a 3-class ventricle
-   classifier (classifier.py). Their errors on real slices are printed beside,
+   classifier (evaluation/classifier.py). Their errors on real slices are printed beside,
    since a judge can only see what it can see on real slices. They are scored on 20 unseen demo
    subjects (`data demo --seed 101 --n-subjects 20`), as the README's demo evaluation is.
 4. Generated slices at requested levels 0.2–0.8 and each ventricle class, at `--guidance`
@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from brainfusion.checkpoint import latest_checkpoint
-from brainfusion.classifier import predict, train_classifier, train_regressor
-from brainfusion.conditions import read_labels
+from brainfusion.evaluation.classifier import predict, train_classifier, train_regressor
+from brainfusion.data.conditions import read_labels
 from brainfusion.config import ConditionConfig, DataConfig
-from brainfusion.data import load_slices
+from brainfusion.data.slices import load_slices
 from brainfusion.fileio import atomic_write_text
 from brainfusion.images import save_grid
-from brainfusion.pipeline import Pipeline
+from brainfusion.diffusion.pipeline import Pipeline
 from brainfusion.seeding import derive_seed
 
 LEVELS = (0.2, 0.35, 0.5, 0.65, 0.8)

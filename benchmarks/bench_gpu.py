@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
     from brainfusion.checkpoint import latest_checkpoint
     from brainfusion.config import FAST_SAMPLER, FAST_STEPS
     from brainfusion.images import save_grid
-    from brainfusion.pipeline import Pipeline
+    from brainfusion.diffusion.pipeline import Pipeline
 
     for size in sizes:
         run_dir = work / f"q{size}"
@@ -102,7 +102,7 @@ def latent(args: argparse.Namespace) -> None:
     from brainfusion.checkpoint import latest_checkpoint
     from brainfusion.config import FAST_SAMPLER, FAST_STEPS
     from brainfusion.images import save_grid
-    from brainfusion.pipeline import Pipeline
+    from brainfusion.diffusion.pipeline import Pipeline
 
     out, work = Path(args.out), Path(args.work)
     speed = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
@@ -149,7 +149,7 @@ def conditional(args: argparse.Namespace) -> None:
 
     from brainfusion.checkpoint import latest_checkpoint
     from brainfusion.images import save_grid
-    from brainfusion.pipeline import Pipeline
+    from brainfusion.diffusion.pipeline import Pipeline
     from brainfusion.seeding import derive_seed
 
     out, run_dir = Path(args.out), Path(args.work) / "conditional"
@@ -186,8 +186,8 @@ def score(args: argparse.Namespace) -> None:
     from bench_quality import split_blocks
 
     from brainfusion.config import DataConfig
-    from brainfusion.data import load_slices
-    from brainfusion.evaluate import EvalConfig, evaluate_images
+    from brainfusion.data.slices import load_slices
+    from brainfusion.evaluation.evaluate import EvalConfig, evaluate_images
     from brainfusion.fileio import atomic_write_text
 
     train_dir, held_dir = split_blocks(args.data, Path(args.work) / "data", 0.2)

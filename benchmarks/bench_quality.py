@@ -42,10 +42,10 @@ import numpy as np
 from brainfusion.checkpoint import latest_checkpoint
 from brainfusion.fileio import atomic_write_text
 from brainfusion.config import FAST_SAMPLER, FAST_STEPS, RECIPES, DataConfig, recipe_config
-from brainfusion.data import load_slices
-from brainfusion.evaluate import EvalConfig, evaluate_images
+from brainfusion.data.slices import load_slices
+from brainfusion.evaluation.evaluate import EvalConfig, evaluate_images
 from brainfusion.images import save_grid
-from brainfusion.pipeline import Pipeline
+from brainfusion.diffusion.pipeline import Pipeline
 
 METRICS = [("FID_inception", "FID", ".1f"), ("KID_inception", "KID×10³", ".1f"), ("FD_domain", "FD_domain", ".3f"),
            ("spectrum_distance", "spectrum", ".3f"), ("msssim_gen", "MS-SSIM", ".3f"), ("memorization_share", "copies", ".1%")]

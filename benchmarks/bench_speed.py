@@ -16,7 +16,7 @@ Sections (all printed as markdown tables, everything also written to --out as JS
      Full step = forward, smooth-L1 noise loss, backward, Adam step.
      Every measurement runs in a fresh subprocess (peak resident memory from getrusage).
   C  sampling speed and quality from --checkpoint: DDPM-1000, DDIM-50, DPM-Solver++ 10/20/25, SDE-DPM-Solver++ 20/25;
-     quality via brainfusion.evaluate.quick_metrics against --real-data (skipped if missing).
+     quality via brainfusion.evaluation.evaluate.quick_metrics against --real-data (skipped if missing).
   D  CUDA only: the training table at 64x64 and 256x256 with bf16, channels_last, torch.compile
      and fused Adam.
   E  256² (issue 18): seconds to sample 64 slices (SDE-DPM-Solver++ 25, one batch, in a fresh subprocess
@@ -230,7 +230,7 @@ def diffusers_spec(kwargs: dict, patch: int, mc) -> dict:
 def build_model(spec: dict) -> torch.nn.Module:
     if spec["model"] == "brainfusion":
         from brainfusion.config import ModelConfig
-        from brainfusion.model import UNet
+        from brainfusion.models.unet import UNet
 
         cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["model_config"].items()})
         return UNet(cfg)
@@ -242,7 +242,7 @@ def build_model(spec: dict) -> torch.nn.Module:
 
 def count_flops(spec: dict, image_size: int) -> float:
     """Training FLOPs per image by brainfusion's own `training_flops_per_image`, on meta tensors (no compute)."""
-    from brainfusion.model import training_flops_per_image
+    from brainfusion.models.unet import training_flops_per_image
 
     with torch.device("meta"):
         model = build_model(spec)
@@ -250,7 +250,7 @@ def count_flops(spec: dict, image_size: int) -> float:
 
 
 def count_params(spec: dict) -> int:
-    from brainfusion.model import count_parameters
+    from brainfusion.models.unet import count_parameters
 
     with torch.device("meta"):
         return int(count_parameters(build_model(spec)))
@@ -368,7 +368,7 @@ def worker_train(spec: dict) -> dict:
     import diffusers  # noqa: F401  -- both workers import the same modules so their baselines match
 
     from brainfusion.config import DiffusionConfig, TrainConfig
-    from brainfusion.diffusion import NoiseSchedule
+    from brainfusion.diffusion.process import NoiseSchedule
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -418,7 +418,7 @@ def worker_train(spec: dict) -> dict:
 
 def worker_sample(spec: dict) -> dict:
     """Sample spec["n"] images from a checkpoint in one batch; seconds (after loading) and peak memory."""
-    from brainfusion.pipeline import Pipeline
+    from brainfusion.diffusion.pipeline import Pipeline
 
     torch.set_num_threads(spec["threads"] or torch.get_num_threads())
     rss_before = rss_bytes()
@@ -537,7 +537,7 @@ def section_models(st: Settings, diffusers_patch: int | None) -> dict:
           + ("(the same pixel-unshuffle in front as brainfusion, so both U-Nets see the same token grid; "
              "--diffusers-patch-size 1 gives a plain full-resolution UNet2DModel)" if patch == mc.patch_size and patch > 1
              else "(plain UNet2DModel at full resolution)" if patch == 1 else "") + "\n")
-    print("Search log (training FLOPs per image, forward+backward, FlopCounterMode via brainfusion.model.training_flops_per_image):\n")
+    print("Search log (training FLOPs per image, forward+backward, FlopCounterMode via brainfusion.models.unet.training_flops_per_image):\n")
     if st.search_refine_rounds == 0:
         print("(--quick: coarser search, no refinement; the full run usually lands closer to a ratio of 1.)\n")
     print(md_table(["block_out_channels", "layers_per_block", "attention levels", "mid attention", "GFLOP/img", "ratio to brainfusion"],
@@ -654,12 +654,63 @@ def section_training(st: Settings, models: dict, roof: list[dict], fast_bf16: bo
     return dict(rows=rows, summary=summary)
 
 
+def _sampling_metric(args, size: int) -> tuple:
+    """Section C's quality metric: (quick_metrics or None, the real slices it compares against, a note saying which)."""
+    import numpy as np
+
+    quick_metrics, real, metric_note = None, None, ""
+    try:
+        from brainfusion.evaluation.evaluate import quick_metrics
+    except (ImportError, AttributeError) as exc:
+        metric_note = f"quality metric skipped: brainfusion.evaluation.evaluate.quick_metrics unavailable ({exc})"
+    if quick_metrics is not None and not args.real_data:
+        quick_metrics, metric_note = None, "quality metric skipped: no --real-data given"
+    if quick_metrics is not None:
+        from brainfusion.config import DataConfig
+        from brainfusion.data.slices import load_slices
+
+        try:
+            slices = load_slices(DataConfig(path=args.real_data, image_size=size, split=args.real_split), progress=False)
+        except Exception as exc:  # noqa: BLE001 - a bad --real-data must not lose the timings
+            quick_metrics, metric_note = None, f"quality metric skipped: could not load --real-data ({exc})"
+        else:
+            rng = np.random.default_rng(0)
+            real = slices.images[rng.choice(len(slices), size=min(512, len(slices)), replace=False)]
+            metric_note = f"quality: quick_metrics against {len(real)} real slices from {args.real_data} (split {args.real_split})"
+    return quick_metrics, real, metric_note
+
+
+def _print_sampling_table(st: Settings, rows: list[dict], metric_note: str) -> None:
+    """Section C's table; adds each row's FD ratio to the first sampler's."""
+    ref_fd = rows[0].get("metrics", {}).get("FD_domain")
+    for row in rows:
+        fd = row.get("metrics", {}).get("FD_domain")
+        row["fd_ratio_to_ddpm"] = fd / ref_fd if fd is not None and ref_fd else None
+    headers = ["sampler", "steps", "total s", "s/image", "ms per step per image"]
+    have_metrics = any("metrics" in r for r in rows)
+    if have_metrics:
+        headers += ["FD_domain", "KID_domain", f"FD / FD({st.sample_plan[0][0].upper()}-{st.sample_plan[0][1]})"]
+    table = []
+    for r in rows:
+        line = [r["sampler"], r["steps"], r["total_s"], r["s_per_image"], r["ms_per_step_per_image"]]
+        if have_metrics:
+            m = r.get("metrics", {})
+            line += [m.get("FD_domain"), m.get("KID_domain"), r["fd_ratio_to_ddpm"]]
+        table.append(line)
+    print(md_table(headers, table))
+    errors = [f"{r['sampler']}-{r['steps']}: {r['metrics_error']}" for r in rows if "metrics_error" in r]
+    print()
+    if metric_note:
+        print(metric_note + ("" if not errors else "; errors: " + "; ".join(errors)))
+        print()
+
+
 def section_sampling(st: Settings, args) -> dict:
     import numpy as np
 
-    from brainfusion.data import to_uint8
-    from brainfusion.diffusion import sample
-    from brainfusion.sample import load_model
+    from brainfusion.data.slices import to_uint8
+    from brainfusion.diffusion.pipeline import load_model
+    from brainfusion.diffusion.process import sample
     from brainfusion.runtime import choose_precision, network_fn
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as `brainfusion sample` picks it
@@ -673,25 +724,7 @@ def section_sampling(st: Settings, args) -> dict:
           f"{'bf16' if dtype else 'fp32'}; checkpoint {state.path}, step {state.step})\n")
     fn = network_fn(model, device, dtype)
 
-    quick_metrics, real, metric_note = None, None, ""
-    try:
-        from brainfusion.evaluate import quick_metrics
-    except (ImportError, AttributeError) as exc:
-        metric_note = f"quality metric skipped: brainfusion.evaluate.quick_metrics unavailable ({exc})"
-    if quick_metrics is not None and not args.real_data:
-        quick_metrics, metric_note = None, "quality metric skipped: no --real-data given"
-    if quick_metrics is not None:
-        from brainfusion.config import DataConfig
-        from brainfusion.data import load_slices
-
-        try:
-            slices = load_slices(DataConfig(path=args.real_data, image_size=size, split=args.real_split), progress=False)
-        except Exception as exc:  # noqa: BLE001 - a bad --real-data must not lose the timings
-            quick_metrics, metric_note = None, f"quality metric skipped: could not load --real-data ({exc})"
-        else:
-            rng = np.random.default_rng(0)
-            real = slices.images[rng.choice(len(slices), size=min(512, len(slices)), replace=False)]
-            metric_note = f"quality: quick_metrics against {len(real)} real slices from {args.real_data} (split {args.real_split})"
+    quick_metrics, real, metric_note = _sampling_metric(args, size)
 
     rows = []
     for sampler, steps in st.sample_plan:
@@ -717,27 +750,7 @@ def section_sampling(st: Settings, args) -> dict:
             except Exception as exc:  # noqa: BLE001 - a metric failure must not lose the timings
                 row["metrics_error"] = f"{type(exc).__name__}: {exc}"
         rows.append(row)
-    ref_fd = rows[0].get("metrics", {}).get("FD_domain")
-    for row in rows:
-        fd = row.get("metrics", {}).get("FD_domain")
-        row["fd_ratio_to_ddpm"] = fd / ref_fd if fd is not None and ref_fd else None
-    headers = ["sampler", "steps", "total s", "s/image", "ms per step per image"]
-    have_metrics = any("metrics" in r for r in rows)
-    if have_metrics:
-        headers += ["FD_domain", "KID_domain", f"FD / FD({st.sample_plan[0][0].upper()}-{st.sample_plan[0][1]})"]
-    table = []
-    for r in rows:
-        line = [r["sampler"], r["steps"], r["total_s"], r["s_per_image"], r["ms_per_step_per_image"]]
-        if have_metrics:
-            m = r.get("metrics", {})
-            line += [m.get("FD_domain"), m.get("KID_domain"), r["fd_ratio_to_ddpm"]]
-        table.append(line)
-    print(md_table(headers, table))
-    errors = [f"{r['sampler']}-{r['steps']}: {r['metrics_error']}" for r in rows if "metrics_error" in r]
-    print()
-    if metric_note:
-        print(metric_note + ("" if not errors else "; errors: " + "; ".join(errors)))
-        print()
+    _print_sampling_table(st, rows, metric_note)
     return dict(checkpoint=str(state.path), step=state.step, image_size=size, device=device.type, precision="bf16" if dtype else "fp32",
                 metric_note=metric_note, rows=rows)
 
@@ -757,7 +770,7 @@ def _logged_rate(run: Path) -> float | None:
 def section_256(args, threads: int) -> dict:
     """E: sampling 64 slices at 256² through each route against 64 at 64², and each run's training img/s."""
     from brainfusion.checkpoint import resolve_checkpoint, run_folder
-    from brainfusion.pipeline import load_model
+    from brainfusion.diffusion.pipeline import load_model
 
     routes = [("64² default (reference)", args.checkpoint), ("256² latent", args.latent_run), ("256² pixel, patch 4", args.pixel_run)]
     rows, out = [], {}

@@ -24,10 +24,10 @@ import torch
 
 from brainfusion.fileio import atomic_write_text
 from brainfusion.config import DataConfig
-from brainfusion.data import load_slices, to_model_range
-from brainfusion.diffusion import make_process
-from brainfusion.evaluate import EvalConfig, evaluate_images
-from brainfusion.pipeline import Pipeline
+from brainfusion.data.slices import load_slices, to_model_range
+from brainfusion.diffusion.process import make_process
+from brainfusion.evaluation.evaluate import EvalConfig, evaluate_images
+from brainfusion.diffusion.pipeline import Pipeline
 from brainfusion.seeding import seeded_generator
 
 LEVELS = np.geomspace(0.01, 80, 12)

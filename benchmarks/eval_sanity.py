@@ -1,4 +1,4 @@
-"""Sanity check of brainfusion.evaluate on real T1 slices: do the metrics respond to damage?
+"""Sanity check of brainfusion.evaluation.evaluate on real T1 slices: do the metrics respond to damage?
 
 Loads ~2,000 real slices (zero-padded to square, resized to 64x64), splits them into two disjoint
 halves A and B, and compares A with B (real vs real: the noise floor) and with damaged copies of B
@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from brainfusion.evaluate import EvalConfig, evaluate_images, nearest_pairs
-from brainfusion.report import write_report
-from brainfusion.metrics.damage import DAMAGES, noise
+from brainfusion.evaluation.evaluate import EvalConfig, evaluate_images, nearest_pairs
+from brainfusion.evaluation.report import write_report
+from brainfusion.evaluation.metrics.damage import DAMAGES, noise
 
 DEFAULT_DATA = Path("/work/shared/data/kaggle-alzheimer-mri-train")
 

@@ -130,7 +130,7 @@ def write_tiny_checkpoint(out_dir: Path, weights_config=None, step: int = 1, bas
     of another model under this config, which is what a mixed-up checkpoint looks like."""
     from brainfusion.checkpoint import save_checkpoint
     from brainfusion.config import RunConfig
-    from brainfusion.model import UNet
+    from brainfusion.models.unet import UNet
 
     config = RunConfig()
     config.data.image_size = 16

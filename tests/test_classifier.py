@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from brainfusion.classifier import load_classifier, predict, save_classifier, train_classifier, train_regressor
-from brainfusion.conditional_checks import check_conditional, conditional_table, resampling_generator
+from brainfusion.evaluation.classifier import load_classifier, predict, save_classifier, train_classifier, train_regressor
+from brainfusion.evaluation.conditional_checks import check_conditional, conditional_table, resampling_generator
 from brainfusion.errors import BrainfusionError
-from brainfusion.metrics.classification import balanced_accuracy, classification_scores, confusion_matrix, macro_f1
+from brainfusion.evaluation.metrics.classification import balanced_accuracy, classification_scores, confusion_matrix, macro_f1
 
 FAST = dict(resolution=16, channels=(8, 16), steps=60, batch_size=32)
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from brainfusion.checkpoint import load_checkpoint
-from brainfusion.conditions import drop_labels, encode_request, label_slices, slice_levels
+from brainfusion.data.conditions import drop_labels, encode_request, label_slices, slice_levels
 from brainfusion.config import ModelConfig, RunConfig
-from brainfusion.data import BatchStream, load_slices
-from brainfusion.diffusion import classifier_free_guidance
+from brainfusion.data.slices import BatchStream, load_slices
+from brainfusion.diffusion.process import classifier_free_guidance
 from brainfusion.errors import BrainfusionError
-from brainfusion.model import UNet, count_parameters
-from brainfusion.pipeline import Pipeline
+from brainfusion.models.unet import UNet, count_parameters
+from brainfusion.diffusion.pipeline import Pipeline
 from brainfusion.seeding import seeded_generator
 
 TRAIN = ["--image-size", "16", "--patch-size", "1", "--base-channels", "8", "--batch-size", "4", "--checkpoint-every", "2",

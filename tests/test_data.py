@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from brainfusion import data as data_mod
+from brainfusion.data import slices as data_mod
 from brainfusion.config import DataConfig
-from brainfusion.data import BatchStream, load_slices, read_slice, read_volume_slices, to_model_range, to_uint8
+from brainfusion.data.slices import BatchStream, load_slices, read_slice, read_volume_slices, to_model_range, to_uint8
 from brainfusion.errors import BrainfusionError
 
 RAS = np.diag([1.0, 1.0, 1.0, 1.0])

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brainfusion import demo_data
-from brainfusion.demo_data import DemoDataConfig, build_demo_dataset
+from brainfusion.data import demo as demo_data
+from brainfusion.data.demo import DemoDataConfig, build_demo_dataset
 from brainfusion.errors import BrainfusionError
 
 needs_nilearn = pytest.mark.skipif(
@@ -181,9 +181,9 @@ def test_missing_nilearn_is_a_user_error(monkeypatch):
 def test_labels_csv_describes_every_slice_and_trains_a_conditional_run(built):
     import csv
 
-    from brainfusion.conditions import label_slices
+    from brainfusion.data.conditions import label_slices
     from brainfusion.config import RunConfig
-    from brainfusion.data import load_slices
+    from brainfusion.data.slices import load_slices
 
     out, summary = built
     with open(summary["paths"]["labels"], newline="") as fh:

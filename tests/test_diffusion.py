@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from brainfusion.config import DiffusionConfig
-from brainfusion.diffusion import SAMPLERS, NoiseSchedule, make_scheduler, sample
+from brainfusion.diffusion.process import SAMPLERS, NoiseSchedule, make_scheduler, sample
 from brainfusion.errors import BrainfusionError
 
 # diffusers' DPM-Solver builds a numpy array from a tensor the old way; not ours to fix

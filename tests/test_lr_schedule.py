@@ -6,7 +6,7 @@ import pytest
 
 from brainfusion.config import TrainConfig
 from brainfusion.errors import BrainfusionError
-from brainfusion.train import lr_at
+from brainfusion.training.train import lr_at
 
 
 def test_cosine_learning_rate_warms_up_then_decays_to_zero_at_the_step_budget():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from brainfusion.config import ModelConfig
-from brainfusion.model import UNet, count_parameters, sinusoidal_embedding, training_flops_per_image
+from brainfusion.models.unet import UNet, count_parameters, sinusoidal_embedding, training_flops_per_image
 
 # Computed once from the default ModelConfig (full-resolution stem, patch size 1, base 48, mults 1,2,2,4, one
 # block per level, attention at 8 px and in the bottleneck, 4 heads, GroupNorm(8)). A change here means the

@@ -436,7 +436,7 @@ def test_slice_cache_write_fault_and_tampered_cache(monkeypatch, caplog, slices_
     """The slice cache is a convenience: a failed write leaves no temporary file, a doctored one is rebuilt."""
     import numpy as np
 
-    import brainfusion.data as data
+    import brainfusion.data.slices as data
     from brainfusion.config import DataConfig
 
     cfg = DataConfig(path=str(slices_dir), image_size=16, cache_dir=str(tmp_path / "cache"))
@@ -511,7 +511,7 @@ def _user_error(cli, *args) -> str:
 def nan_at(monkeypatch):
     """nan_at({k, ...}): the k-th loss computed from now on (0-based, per process) is NaN."""
     from brainfusion.config import DiffusionConfig
-    from brainfusion.diffusion import make_process
+    from brainfusion.diffusion.process import make_process
 
     process = type(make_process(DiffusionConfig()))  # the default formulation's loss
     real = process.loss
@@ -572,7 +572,7 @@ def _tiny_checkpoint(tmp_path: Path) -> Path:
     """A real checkpoint (with optimizer state) of a tiny 16-px model, its config pinned here."""
     from brainfusion.checkpoint import save_checkpoint
     from brainfusion.config import RunConfig
-    from brainfusion.model import UNet
+    from brainfusion.models.unet import UNet
 
     config = RunConfig()
     config.data.image_size, config.model.patch_size, config.model.base_channels, config.train.max_steps = 16, 1, 8, 1

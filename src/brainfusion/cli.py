@@ -109,7 +109,7 @@ def build_autoencoder_config(args: argparse.Namespace):
 
 
 def cmd_train_autoencoder(args: argparse.Namespace) -> None:
-    from .train_autoencoder import train_autoencoder
+    from .training.train_autoencoder import train_autoencoder
 
     result = train_autoencoder(build_autoencoder_config(args), resume=args.resume, progress=not args.quiet)
     metrics = result.out_dir / "ae_metrics.json"
@@ -151,7 +151,7 @@ def _is_main_process() -> bool:
 
 def cmd_data(args: argparse.Namespace) -> None:
     if args.data_command == "demo":
-        from .demo_data import DemoDataConfig, build_demo_dataset
+        from .data.demo import DemoDataConfig, build_demo_dataset
 
         cfg = DemoDataConfig(seed=args.seed)
         for name in ("n_subjects", "slices_per_subject", "image_size"):
@@ -161,7 +161,7 @@ def cmd_data(args: argparse.Namespace) -> None:
         print(json.dumps(summary, indent=2, default=str))
     else:
         from .config import DataConfig
-        from .data import load_slices
+        from .data.slices import load_slices
         from .images import save_grid
 
         cfg = DataConfig(path=args.data, image_size=args.image_size, split=args.split, on_bad_file=args.on_bad_file)
@@ -173,7 +173,7 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train import train
+    from .training.train import train
 
     config = build_run_config(args)
     result = train(config, resume=args.resume, progress=not args.quiet)
@@ -184,7 +184,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _sample_config(args: argparse.Namespace, out_dir: str = ""):
-    from .sample import SampleConfig
+    from .diffusion.sample import SampleConfig
 
     return SampleConfig(
         checkpoint=args.checkpoint, out_dir=out_dir or args.out or "", n_images=args.n, batch_size=args.batch_size,
@@ -204,7 +204,7 @@ def _parse_condition(pairs: list[str] | None) -> dict[str, str] | None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .sample import generate
+    from .diffusion.sample import generate
 
     result = generate(_sample_config(args), progress=not args.quiet)
     if _is_main_process():
@@ -212,7 +212,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _load_set(path: str, split: str, size: int, on_bad_file: str):
-    from .data import load_set
+    from .data.slices import load_set
 
     return load_set(path, split, size, on_bad_file).images
 
@@ -230,11 +230,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _evaluate_set(args: argparse.Namespace, out: Path) -> None:
-    from .evaluate import EvalConfig, evaluate_images, nearest_pairs
-    from .report import write_report
+    from .evaluation.evaluate import EvalConfig, evaluate_images, nearest_pairs
+    from .evaluation.report import write_report
 
     if args.checkpoint:
-        from .sample import generate
+        from .diffusion.sample import generate
 
         sampled = generate(_sample_config(args, out_dir=str(out / "generated")), progress=not args.quiet)
         args.generated = sampled["images"]
@@ -253,8 +253,8 @@ def _evaluate_set(args: argparse.Namespace, out: Path) -> None:
 def _evaluate_conditional(args: argparse.Namespace, out: Path) -> None:
     import torch
 
-    from .conditional_eval import ConditionalEvalConfig, LabelledData, conditional_markdown, evaluate_conditional, write_conditional
-    from .pipeline import Pipeline
+    from .evaluation.conditional_eval import ConditionalEvalConfig, LabelledData, conditional_markdown, evaluate_conditional, write_conditional
+    from .diffusion.pipeline import Pipeline
 
     try:
         scales = tuple(float(g) for g in args.guidance_scales.split(","))
@@ -275,7 +275,7 @@ def _evaluate_conditional(args: argparse.Namespace, out: Path) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .hub import export_run
+    from .export.hub import export_run
 
     out = export_run(args.run, args.out, Path(args.metrics) if args.metrics else None)
     print(f"exported to {out} (diffusers layout, model card {out / 'README.md'})")
@@ -290,10 +290,10 @@ DEMO_RECIPE = "edm-p2"
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .data import is_oasis_layout
-    from .demo_data import DemoDataConfig, build_demo_dataset
-    from .sample import SampleConfig, generate
-    from .train import train
+    from .data.slices import is_oasis_layout
+    from .data.demo import DemoDataConfig, build_demo_dataset
+    from .diffusion.sample import SampleConfig, generate
+    from .training.train import train
 
     t0 = time.monotonic()
     data = Path(args.data)
@@ -320,7 +320,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     samples = generate(SampleConfig(checkpoint=str(result.checkpoint), out_dir=str(run_dir / "samples" / "demo"),
                                     n_images=64, batch_size=64, seed=args.seed, sampler=FAST_SAMPLER, steps=FAST_STEPS),
                        progress=not args.quiet)
-    from .hub import export_run
+    from .export.hub import export_run
 
     export = export_run(result.checkpoint, run_dir / "export", run_dir / "eval" / "metrics.json")  # the card says if absent
     minutes = (time.monotonic() - t0) / 60

@@ -182,7 +182,7 @@ class ConditionConfig:
             )
 
 
-SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde", "heun")  # reverse processes `diffusion.make_scheduler` builds
+SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde", "heun")  # reverse processes `diffusion.process.make_scheduler` builds
 FAST_SAMPLER, FAST_STEPS = "dpm++sde", 25  # what demo, evaluate and training previews sample with (DDPM-1000 quality)
 
 

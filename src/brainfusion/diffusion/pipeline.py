@@ -13,16 +13,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, load_weights
-from .conditions import Request, encode_guided_request
-from .config import FAST_SAMPLER, FAST_STEPS, RunConfig
-from .data import to_uint8
-from .latent import LatentDecoder
-from .diffusion import sample
-from .errors import BrainfusionError
-from .model import UNet
-from .runtime import choose_channels_last, choose_precision, network_fn
-from .seeding import image_generators
+from ..checkpoint import load_checkpoint, load_weights
+from ..config import FAST_SAMPLER, FAST_STEPS, RunConfig
+from ..data.conditions import Request, encode_guided_request
+from ..data.slices import to_uint8
+from ..errors import BrainfusionError
+from ..models.latent import LatentDecoder
+from ..models.unet import UNet
+from ..runtime import choose_channels_last, choose_precision, network_fn
+from ..seeding import image_generators
+from .process import sample
 
 
 def load_model(checkpoint: Path, use_ema: bool = True, device: torch.device | None = None):
@@ -71,7 +71,7 @@ class Pipeline:
         `condition` (a conditional model only): {name: value} for all n images, e.g.
         {"class": "ModerateDemented", "level": 0.6}, a list of n such dicts, or an encoded (n, K)
         tensor; names left out are not conditioned on, and no condition samples the unconditional
-        model. `guidance` is the classifier-free guidance scale s (diffusion.classifier_free_guidance):
+        model. `guidance` is the classifier-free guidance scale s (process.classifier_free_guidance):
         1 plain conditional, 0 unconditional, > 1 stronger. Image i of a seed gets the same noise
         whatever the condition, so a condition's effect can be seen image by image.
         `on_frames(batch_start, frames)` receives `frames` uint8 snapshots of each batch's reverse

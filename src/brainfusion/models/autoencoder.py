@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import AUTOENCODER, load_checkpoint, load_weights, resolve_checkpoint
-from .config import AutoencoderConfig
-from .errors import BrainfusionError
-from .fileio import file_digest
+from ..checkpoint import AUTOENCODER, load_checkpoint, load_weights, resolve_checkpoint
+from ..config import AutoencoderConfig
+from ..errors import BrainfusionError
+from ..fileio import file_digest
 
 
 def autoencoder_arguments(cfg: AutoencoderConfig) -> dict:

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .config import DiffusionConfig
-from .seeding import randn
+from ..config import DiffusionConfig
+from ..seeding import randn
 
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
 

@@ -20,11 +20,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .conditions import NULL
-from .config import SAMPLERS, DiffusionConfig
+from ..config import SAMPLERS, DiffusionConfig
+from ..data.conditions import NULL
+from ..errors import BrainfusionError
+from ..seeding import randn
 from .edm import EDM_SAMPLERS, EDMProcess
-from .errors import BrainfusionError
-from .seeding import randn
 
 
 class NoiseSchedule:

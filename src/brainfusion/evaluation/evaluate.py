@@ -5,7 +5,7 @@ resized (antialiased bilinear) to `EvalConfig.resolution` (64) so numbers are co
 and native sizes. Nothing is downloaded.
 
     results = evaluate_images(generated, real, train, EvalConfig(inception=False))
-    report.write_report(results, generated, real, nearest_pairs(results, generated, train), Path("eval"))  # brainfusion.report
+    report.write_report(results, generated, real, nearest_pairs(results, generated, train), Path("eval"))  # brainfusion.evaluation.report
     quick_metrics(generated, real)  # cheap subset for --eval-every, a few seconds
 
 Metrics (the flat `results["summary"]` holds the headline numbers):
@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import BrainfusionError
+from ..errors import BrainfusionError
 from .metrics import distances as D
 from .metrics.features import (
     CACHE,
@@ -318,6 +318,22 @@ def _spectrum_and_histogram(t_gen, t_real, config: EvalConfig) -> tuple[dict, di
     return spectrum, histogram
 
 
+def _summary(domain: dict, inception: dict, msssim_gen, msssim_real, memorization: dict, spectrum: dict, histogram: dict) -> dict:
+    """The headline numbers of `evaluate_images`, non-finite ones as None."""
+    summary = {
+        "FD_domain": domain["FD"],
+        "KID_domain": domain["KID_mean"],
+        "FID_inception": inception.get("FID"),
+        "KID_inception": inception.get("KID_mean"),
+        "msssim_gen": msssim_gen,
+        "msssim_real": msssim_real,
+        "memorization_share": memorization.get("share_near_copies"),
+        "spectrum_distance": spectrum["distance"],
+        "histogram_w1": histogram["wasserstein1"],
+    }
+    return {k: _finite(v) for k, v in summary.items()}
+
+
 def evaluate_images(generated: np.ndarray, real: np.ndarray, train: np.ndarray | None = None, config: EvalConfig | None = None) -> dict:
     """All metrics for `generated` against held-out `real` (and `train` for memorisation); JSON-ready dict."""
     config = config or EvalConfig()
@@ -362,19 +378,8 @@ def evaluate_images(generated: np.ndarray, real: np.ndarray, train: np.ndarray |
     tick("memorization", t0)
     timing["total"] = round(time.perf_counter() - t_start, 3)
 
-    summary = {
-        "FD_domain": domain["FD"],
-        "KID_domain": domain["KID_mean"],
-        "FID_inception": inception.get("FID"),
-        "KID_inception": inception.get("KID_mean"),
-        "msssim_gen": dg,
-        "msssim_real": dr,
-        "memorization_share": memorization.get("share_near_copies"),
-        "spectrum_distance": spectrum["distance"],
-        "histogram_w1": histogram["wasserstein1"],
-    }
     return {
-        "summary": {k: _finite(v) for k, v in summary.items()},
+        "summary": _summary(domain, inception, dg, dr, memorization, spectrum, histogram),
         "counts": {
             "generated": int(len(generated)),
             "real": int(len(real)),

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-from .errors import BrainfusionError
+from ..config import ModelConfig
+from ..errors import BrainfusionError
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import DataConfig
-from .errors import BrainfusionError
-from .fileio import atomic_output
-from .seeding import seeded_generator
+from ..config import DataConfig
+from ..errors import BrainfusionError
+from ..fileio import atomic_output
+from ..seeding import seeded_generator
 
 log = logging.getLogger(__name__)
 

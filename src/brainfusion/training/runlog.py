@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BrainfusionError
-from .fileio import atomic_output
+from ..errors import BrainfusionError
+from ..fileio import atomic_output
 
 
 def tensorboard_writer(folder: Path, start_step: int):

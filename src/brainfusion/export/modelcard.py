@@ -11,13 +11,13 @@ import csv
 import json
 from pathlib import Path
 
-from .checkpoint import run_folder
-from .config import FOLDER_LABELS, LEVEL_COLUMN, RunConfig
+from ..checkpoint import run_folder
+from ..config import FOLDER_LABELS, LEVEL_COLUMN, RunConfig
 
 LOAD = """With brainfusion, which checks every file against the export's SHA-256 manifest and runs its own code:
 
 ```python
-from brainfusion.hub import BrainfusionPipeline   # pip install brainfusion
+from brainfusion.export.hub import BrainfusionPipeline   # pip install brainfusion
 
 pipe = BrainfusionPipeline.from_pretrained("{folder}")
 images = pipe(num_images=16, seed=0, num_inference_steps=50{request}).images   # uint8 (16, {size}, {size})

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from brainfusion.errors import BrainfusionError
+from ..errors import BrainfusionError
 
 __all__ = ["DemoDataConfig", "build_demo_dataset", "SPLITS"]
 

@@ -19,9 +19,9 @@ relatively, so `shipped_source` makes one self-contained file, written under bot
 
 A conditional model keeps its condition vocabulary (class names, each continuous condition's training mean
 and std: the run's `ConditionConfig`) in `unet/config.json`, so a request is encoded by
-`conditions.encode_request` as in brainfusion, and guided by `diffusion.classifier_free_guidance`.
+`data.conditions.encode_request` as in brainfusion, and guided by `diffusion.process.classifier_free_guidance`.
 
-    from brainfusion.hub import BrainfusionPipeline       # brainfusion's classes; or, without brainfusion:
+    from brainfusion.export.hub import BrainfusionPipeline       # brainfusion's classes; or, without brainfusion:
     # pipe = DiffusionPipeline.from_pretrained(FOLDER, custom_pipeline=FOLDER, trust_remote_code=True)
     pipe = BrainfusionPipeline.from_pretrained("runs/demo/export")
     images = pipe(num_images=16, seed=0, num_inference_steps=50).images   # uint8 (16, 64, 64)
@@ -39,14 +39,14 @@ from pathlib import Path
 import torch
 from diffusers import EDMEulerScheduler
 
-from .config import RunConfig
-from .diffusion import make_scheduler
-from .errors import BrainfusionError
-from .hub_pipeline import (  # noqa: F401 - the public names of brainfusion.hub
+from ..config import RunConfig
+from ..diffusion.process import make_scheduler
+from ..errors import BrainfusionError
+from ..models.unet import UNet
+from .hub_pipeline import (  # noqa: F401 - the public names of brainfusion.export.hub
     COMPONENTS, MANIFEST, SHIPPED_MODULE, BrainfusionOutput, BrainfusionPipeline, BrainfusionUNet, BrainfusionVAE, _digests,
     verify_export,
 )
-from .model import UNet
 
 SHIPPED_HEADER = '''"""brainfusion {version}'s diffusers pipeline and components, shipped with this export; do not edit.
 
@@ -63,29 +63,59 @@ from __future__ import annotations
 '''
 
 
+PACKAGE = Path(__file__).resolve().parent.parent  # src/brainfusion; shipped modules are named relative to it, e.g. "models.unet"
+
+
+def _path(name: str) -> Path:
+    return PACKAGE.joinpath(*name.split(".")).with_suffix(".py")
+
+
+def _label(name: str) -> str:
+    return f"brainfusion/{name.replace('.', '/')}.py"
+
+
 def _parse(name: str) -> ast.Module:
-    return ast.parse(Path(__file__).with_name(f"{name}.py").read_text(), filename=f"brainfusion/{name}.py")
+    return ast.parse(_path(name).read_text(), filename=_label(name))
 
 
-def _brainfusion_imports(name: str, tree: ast.Module) -> list[ast.ImportFrom]:
-    """The module-level `from .x import a, b` of a module, refusing the relative imports that inlining would break."""
+def _target(name: str, node: ast.ImportFrom) -> str | None:
+    """The module that `from ..x.y import a` in module `name` names (e.g. "x.y"), or None if it is not an inlinable
+    module: `from .. import x`, a relative import climbing out of brainfusion, or one naming a package."""
+    package = name.split(".")[:-1]
+    if node.module is None or node.level - 1 > len(package):
+        return None
+    target = ".".join(package[: len(package) - (node.level - 1)] + [node.module])
+    return target if _path(target).is_file() else None
+
+
+def _absolute_brainfusion(node: ast.AST) -> bool:
+    """`import brainfusion...` or `from brainfusion... import`: the shipped code runs without brainfusion."""
+    if isinstance(node, ast.Import):
+        return any(alias.name.split(".")[0] == "brainfusion" for alias in node.names)
+    return isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "brainfusion"
+
+
+def _brainfusion_imports(name: str, tree: ast.Module) -> list[str]:
+    """The modules of a module's module-level `from .x import a, b` (any number of dots), refusing the imports from
+    brainfusion that inlining would break: relative ones below module level, of a package or with `as`, and absolute ones."""
     top = [node for node in tree.body if isinstance(node, ast.ImportFrom) and node.level]
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level and (node not in top or node.level > 1 or node.module is None
-                                                                or any(alias.asname for alias in node.names)):
-            raise BrainfusionError(f"brainfusion/{name}.py line {node.lineno} imports from brainfusion in a way the shipped "
-                                   "export code cannot inline; use a module-level `from .module import name`.")
-    return top
+        relative = isinstance(node, ast.ImportFrom) and node.level
+        if (relative and (node not in top or _target(name, node) is None or any(alias.asname for alias in node.names))
+                or _absolute_brainfusion(node)):
+            raise BrainfusionError(f"{_label(name)} line {node.lineno} imports from brainfusion in a way the shipped "
+                                   "export code cannot inline; use a module-level `from .module import name` (or `..module`).")
+    return [_target(name, node) for node in top]
 
 
-def _shipped_modules(entry: str = "hub_pipeline") -> list[str]:
+def _shipped_modules(entry: str = "export.hub_pipeline") -> list[str]:
     """`entry` and every brainfusion module it imports, directly or not, each after the modules it imports."""
     order: list[str] = []
 
     def visit(name: str) -> None:
         if name not in order:
-            for node in _brainfusion_imports(name, _parse(name)):
-                visit(node.module)
+            for target in _brainfusion_imports(name, _parse(name)):
+                visit(target)
             order.append(name)
 
     visit(entry)
@@ -110,7 +140,7 @@ def _definitions(tree: ast.Module) -> dict[str, str]:
 
 def _inlined(name: str, tree: ast.Module) -> str:
     """A module's source without `from __future__` and its imports from brainfusion (their names are defined above it)."""
-    lines = Path(__file__).with_name(f"{name}.py").read_text().splitlines()
+    lines = _path(name).read_text().splitlines()
     dropped = [node for node in tree.body if isinstance(node, ast.ImportFrom) and (node.level or node.module == "__future__")]
     for node in dropped:
         lines[node.lineno - 1 : node.end_lineno] = [None] * (node.end_lineno - node.lineno + 1)
@@ -131,14 +161,14 @@ def shipped_source() -> str:
         for key, definition in _definitions(trees[name]).items():
             other, before = seen.setdefault(key, (name, definition))
             if before != definition:
-                raise BrainfusionError(f"brainfusion/{other}.py and brainfusion/{name}.py both define `{key}`, differently, "
+                raise BrainfusionError(f"{_label(other)} and {_label(name)} both define `{key}`, differently, "
                                        "so the shipped export code cannot hold both; rename one.")
     try:
         release = version("brainfusion")
     except PackageNotFoundError:
         release = "(source tree)"
     parts = [SHIPPED_HEADER.format(version=release, modules=", ".join(modules))]
-    parts += [f"\n# ---------------- brainfusion/{name}.py ----------------\n{_inlined(name, trees[name])}\n" for name in modules]
+    parts += [f"\n# ---------------- {_label(name)} ----------------\n{_inlined(name, trees[name])}\n" for name in modules]
     return "".join(parts)
 
 
@@ -160,8 +190,8 @@ def _ship_code(folder: Path) -> None:
 
 def make_vae(config: RunConfig) -> BrainfusionVAE:
     """A latent run's `vae` component: the autoencoder whose SHA-256 the run recorded, and the run's latent statistics."""
-    from .autoencoder import autoencoder_arguments, load_autoencoder
-    from .latent import LATENT_STD
+    from ..models.autoencoder import autoencoder_arguments, load_autoencoder
+    from ..models.latent import LATENT_STD
 
     latent = config.latent
     ae, state, _ = load_autoencoder(latent.autoencoder, torch.device("cpu"), latent.sha256)
@@ -188,9 +218,9 @@ def make_export_pipeline(model: UNet, config: RunConfig) -> BrainfusionPipeline:
 
 def export_run(checkpoint: Path | str, out: Path | str, metrics: Path | None = None) -> Path:
     """Write `checkpoint`'s EMA network as a diffusers folder at `out` (replaced whole, atomically), with its model card."""
-    from .checkpoint import run_folder
+    from ..checkpoint import run_folder
     from .modelcard import model_card
-    from .pipeline import load_model
+    from ..diffusion.pipeline import load_model
 
     model, state = load_model(Path(checkpoint))  # a run folder resolves to its newest checkpoint
     card = model_card(state.config, state.step, run_folder(state.path), str(out), metrics)

@@ -19,7 +19,7 @@ import warnings
 
 import numpy as np
 
-from ..errors import BrainfusionError
+from ...errors import BrainfusionError
 
 
 def _labels(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import BrainfusionError
-from ..fileio import file_digest
+from ...errors import BrainfusionError
+from ...fileio import file_digest
 
 log = logging.getLogger(__name__)
 

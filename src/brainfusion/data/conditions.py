@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import FOLDER_COLUMN, FOLDER_LABELS, LEVEL_COLUMN, ConditionConfig, RunConfig
-from .errors import BrainfusionError
+from ..config import FOLDER_COLUMN, FOLDER_LABELS, LEVEL_COLUMN, ConditionConfig, RunConfig
+from ..errors import BrainfusionError
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def _read_table_labels(cc: ConditionConfig, root: Path, sources: list[str], out:
 
 
 def slice_levels(sources: list[str], levels: np.ndarray | None) -> np.ndarray:
-    """Each slice's normalised axial level: a volume slice's own (data.py), else the `_slice_<k>`
+    """Each slice's normalised axial level: a volume slice's own (slices.py), else the `_slice_<k>`
     number of its name scaled over the same subject's slices in the same folder; NaN if neither."""
     out = np.full(len(sources), np.nan) if levels is None else np.asarray(levels, dtype=np.float64).copy()
     groups: dict[tuple[str, str], list[tuple[int, int]]] = {}
@@ -267,7 +267,7 @@ def _keep_labelled(cc: ConditionConfig, labels: SliceLabels, total_files: int) -
 
 
 def labelled_subset(cc: ConditionConfig, data_path: str | Path, slices) -> tuple[np.ndarray, SliceLabels]:
-    """Which slices of a `data.SliceSet` keep their labels (`_keep_labelled`), and those slices' labels."""
+    """Which slices of a `slices.SliceSet` keep their labels (`_keep_labelled`), and those slices' labels."""
     labels = read_labels(cc, data_path, slices.sources, slices.levels)
     keep = _keep_labelled(cc, labels, len(set(slices.sources)))
     return keep, labels.subset(keep)
@@ -276,7 +276,7 @@ def labelled_subset(cc: ConditionConfig, data_path: str | Path, slices) -> tuple
 def label_slices(config: RunConfig, slices) -> tuple[np.ndarray, np.ndarray | None]:
     """The training images and their encoded conditions (None for an unconditional run).
 
-    Reads the labels of a `data.SliceSet`, leaves out or refuses unlabelled slices, fits the
+    Reads the labels of a `slices.SliceSet`, leaves out or refuses unlabelled slices, fits the
     vocabulary into `config` unless it holds one (a resumed run keeps its own), and encodes them.
     """
     cc = config.condition

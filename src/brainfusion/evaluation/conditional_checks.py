@@ -8,7 +8,7 @@
 For every generator (one per guidance scale, say) and class c it asks for `n_per_class` slices of c
 and reports:
 
-* **hit rate**: the share the classifier (`brainfusion.classifier`) assigns to c. It is read beside
+* **hit rate**: the share the classifier (`brainfusion.evaluation.classifier`) assigns to c. It is read beside
   the classifier's own recall of c on held-out *real* slices, which is what a generator of new,
   correct slices of unseen subjects can expect: on the development slices, split by subject blocks,
   that is far from 100 % (balanced accuracy 0.46 at 64x64, chance 0.25), so a hit rate equal to it
@@ -36,12 +36,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..errors import BrainfusionError
+from ..seeding import derive_seed
 from .classifier import SliceCNN, predict
-from .errors import BrainfusionError
 from .evaluate import EvalConfig, quick_metrics
 from .metrics.classification import classification_scores
 from .metrics.features import check_images
-from .seeding import derive_seed
 
 Generator = Callable[[int, int], np.ndarray]  # (n, class index) -> uint8 (n, H, W)
 FD_KEYS = ("FD_domain", "KID_domain", "spectrum_distance", "histogram_w1", "msssim_gen", "msssim_real")

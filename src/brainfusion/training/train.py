@@ -21,21 +21,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed as dist
-from .checkpoint import fault_injection_point, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, tidy_run_folder
-from .conditions import drop_labels, inherit_vocabulary, label_slices
-from .config import RunConfig
-from .data import BatchStream, load_slices
-from .diffusion import make_process
-from .errors import BrainfusionError
-from .fileio import atomic_write_text
-from .images import make_grid, plot_loss_curve, save_png
-from .latent import LatentDecoder, attach_autoencoder, cached_latents, fit_statistics, normalise
-from .model import UNet, count_parameters, training_flops_per_image
-from .pipeline import Pipeline
+from .. import distributed as dist
+from ..checkpoint import fault_injection_point, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, tidy_run_folder
+from ..config import RunConfig
+from ..data.conditions import drop_labels, inherit_vocabulary, label_slices
+from ..data.slices import BatchStream, load_slices
+from ..diffusion.pipeline import Pipeline
+from ..diffusion.process import make_process
+from ..errors import BrainfusionError
+from ..fileio import atomic_write_text
+from ..images import make_grid, plot_loss_curve, save_png
+from ..models.latent import LatentDecoder, attach_autoencoder, cached_latents, fit_statistics, normalise
+from ..models.unet import UNet, count_parameters, training_flops_per_image
+from ..runtime import choose_channels_last, choose_precision, make_grad_scaler
+from ..seeding import derive_seed, seeded_generator
 from .runlog import RunLog
-from .runtime import choose_channels_last, choose_precision, make_grad_scaler
-from .seeding import derive_seed, seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,7 @@ def _preview(s: Session, path: Path, runlog: RunLog, step: int, n: int = 16) -> 
 
 
 def _evaluate_during_training(s: Session, out_dir: Path, step: int, runlog: RunLog) -> None:
-    from .evaluate import quick_metrics
+    from ..evaluation.evaluate import quick_metrics
 
     images = _sample_ema(s, 64, s.config.train.seed + 1)
     rng = np.random.default_rng(0)

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed as dist
-from .checkpoint import run_folder
-from .diffusion import default_steps
-from .errors import BrainfusionError
-from .images import make_grid, save_gif, save_grid, save_png
+from .. import distributed as dist
+from ..checkpoint import run_folder
+from ..errors import BrainfusionError
+from ..images import make_grid, save_gif, save_grid, save_png
 from .pipeline import Pipeline, load_model
+from .process import default_steps
 
 log = logging.getLogger(__name__)
 

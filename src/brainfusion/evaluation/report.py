@@ -2,8 +2,8 @@
 
     write_report(results, generated, real, pairs, out_dir)
 
-`results` is the dict from `brainfusion.evaluate.evaluate_images`; `pairs` is a list of
-(generated image, nearest training image, SSIM) from `brainfusion.evaluate.nearest_pairs` (or
+`results` is the dict from `brainfusion.evaluation.evaluate.evaluate_images`; `pairs` is a list of
+(generated image, nearest training image, SSIM) from `brainfusion.evaluation.evaluate.nearest_pairs` (or
 None / [] to leave the nearest-neighbour figure out).
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import atomic_write_bytes
+from ..images import make_grid, save_figure
 from .evaluate import versions
-from .fileio import atomic_write_bytes
-from .images import make_grid, save_figure
 
 FIGURES = {
     "samples": "samples.png",

@@ -1,4 +1,4 @@
-"""Set-to-set distances and image similarities used by `brainfusion.evaluate`.
+"""Set-to-set distances and image similarities used by `brainfusion.evaluation.evaluate`.
 
 All functions take numpy features or float32 tensors [N,1,H,W] in [0,1] (see
 `features.to_eval_tensor`).

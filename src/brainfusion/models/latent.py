@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checkpoint import latest_checkpoint, load_checkpoint
+from ..config import RunConfig
+from ..data.slices import to_model_range
+from ..errors import BrainfusionError
+from ..fileio import atomic_output
 from .autoencoder import encode_mean, load_autoencoder
-from .checkpoint import latest_checkpoint, load_checkpoint
-from .config import RunConfig
-from .data import to_model_range
-from .errors import BrainfusionError
-from .fileio import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def encode_slices(ae: torch.nn.Module, images: np.ndarray, device: torch.device,
 def cached_latents(config: RunConfig, images: np.ndarray, ae: torch.nn.Module, device: torch.device, dtype: torch.dtype | None,
                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """`encode_slices`, cached once per (autoencoder, slices) in the data cache folder."""
-    from .data import _cache_dir
+    from ..data.slices import _cache_dir
 
     key = hashlib.sha256(config.latent.sha256.encode() + str(images.shape).encode() + images.tobytes()).hexdigest()[:16]
     path = _cache_dir(config.data) / f"latents_{key}.npz"

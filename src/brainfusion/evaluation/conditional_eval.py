@@ -30,15 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import FAST_SAMPLER, FAST_STEPS, FOLDER_LABELS, LEVEL_COLUMN, ConditionConfig
+from ..data.conditions import SliceLabels, labelled_subset
+from ..data.slices import load_set
+from ..errors import BrainfusionError
+from ..fileio import atomic_write_text
+from ..seeding import derive_seed
 from .classifier import ClassifierConfig, predict, train_classifier, train_regressor
 from .conditional_checks import check_conditional, class_generator, conditional_table
-from .conditions import SliceLabels, labelled_subset
-from .config import FAST_SAMPLER, FAST_STEPS, FOLDER_LABELS, LEVEL_COLUMN, ConditionConfig
-from .data import load_set
-from .errors import BrainfusionError
 from .evaluate import EvalConfig
-from .fileio import atomic_write_text
-from .seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class LabelledData:
     """A real set to label as the run's training slices were."""
 
     path: str
-    split: str = "all"  # OASIS layout only (data.load_set)
+    split: str = "all"  # OASIS layout only (data.slices.load_set)
     table: str = ""  # a label table in place of the run's own (condition.labels), e.g. the held-out set's
 
 

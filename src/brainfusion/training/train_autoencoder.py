@@ -24,16 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .autoencoder import build_autoencoder, build_discriminator, encode_sample, kl_divergence
-from .checkpoint import AUTOENCODER, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, tidy_run_folder
-from .config import AutoencoderRunConfig, DataConfig
-from .data import BatchStream, is_oasis_layout, load_slices, to_uint8
-from .errors import BrainfusionError
-from .fileio import atomic_write_text
-from .images import make_grid, plot_loss_curve, save_png
+from ..checkpoint import AUTOENCODER, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, tidy_run_folder
+from ..config import AutoencoderRunConfig, DataConfig
+from ..data.slices import BatchStream, is_oasis_layout, load_slices, to_uint8
+from ..errors import BrainfusionError
+from ..fileio import atomic_write_text
+from ..images import make_grid, plot_loss_curve, save_png
+from ..models.autoencoder import build_autoencoder, build_discriminator, encode_sample, kl_divergence
+from ..runtime import choose_channels_last, choose_precision
+from ..seeding import seeded_generator
 from .runlog import RunLog
-from .runtime import choose_channels_last, choose_precision
-from .seeding import seeded_generator
 from .train import TrainResult, _count_nonfinite, _StopSignal, lr_at
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def autoencoder_step(s: AutoencoderSession, step: int) -> torch.Tensor:
 def reconstruct(ae: torch.nn.Module, images: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype | None,
                 batch_size: int = 16) -> np.ndarray:
     """uint8 slices → their uint8 reconstructions through the posterior mean."""
-    from .data import to_model_range
+    from ..data.slices import to_model_range
 
     images = torch.as_tensor(np.asarray(images))
     out = []
@@ -244,8 +244,8 @@ def _heldout(config: AutoencoderRunConfig) -> DataConfig | None:
 
 def score_autoencoder(ae, config: AutoencoderRunConfig, device: torch.device, dtype, progress: bool = False) -> dict | None:
     """PSNR and SSIM inside the brain, and rFID, of held-out slices' reconstructions (None: no held-out set)."""
-    from .evaluate import EvalConfig, inception_distance
-    from .metrics.distances import masked_ssim
+    from ..evaluation.evaluate import EvalConfig, inception_distance
+    from ..evaluation.metrics.distances import masked_ssim
 
     source = _heldout(config)
     if source is None:

@@ -47,11 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import BrainfusionError
-from .fileio import atomic_output
+from ..errors import BrainfusionError
+from ..fileio import atomic_output
+from ..runtime import choose_precision
+from ..seeding import derive_seed, seeded_generator
 from .metrics.features import check_images, to_eval_tensor
-from .runtime import choose_precision
-from .seeding import derive_seed, seeded_generator
 
 BALANCE_MODES = ("sampler", "loss", "none")
 

@@ -1,7 +1,7 @@
 """The diffusers classes of an export: the pipeline, brainfusion's U-Net and, for a latent run, its autoencoder.
 
 This module is the one definition of what an export runs. `brainfusion export` ships its source, together
-with the brainfusion modules it imports (model.py's U-Net among them), as the folder's `pipeline.py` and as
+with the brainfusion modules it imports (models/unet.py's U-Net among them), as the folder's `pipeline.py` and as
 each custom component's module, so plain diffusers loads the folder without brainfusion installed
 (`hub.shipped_source` says how the file is made). Here, inside brainfusion, `BrainfusionPipeline.from_pretrained`
 builds every component from these classes and never runs the folder's copy.
@@ -29,13 +29,13 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 - diffusers finds loadable bases here
 from diffusers.utils import BaseOutput
 
-from .conditions import Request, encode_guided_request
-from .config import RunConfig
-from .data import to_uint8
-from .diffusion import classifier_free_guidance
-from .errors import BrainfusionError
-from .model import UNet
-from .seeding import image_generators, randn
+from ..config import RunConfig
+from ..data.conditions import Request, encode_guided_request
+from ..data.slices import to_uint8
+from ..diffusion.process import classifier_free_guidance
+from ..errors import BrainfusionError
+from ..models.unet import UNet
+from ..seeding import image_generators, randn
 
 MANIFEST = "brainfusion_export.json"
 SHIPPED_MODULE = "brainfusion_hub"  # model_index.json's library of the custom components: <component>/brainfusion_hub.py
@@ -154,8 +154,8 @@ COMPONENTS = {cls.__name__: cls for cls in (BrainfusionUNet, BrainfusionVAE)}
 
 
 def _load_component(folder: Path, name: str, library: str, class_name: str, kwargs: dict):
-    """Component `name` of an export: ours from this module (exports before the shipped code named `brainfusion.hub`),
-    a scheduler from diffusers."""
+    """Component `name` of an export: ours from this module (exports older than the shipped code name a brainfusion
+    module, such as `brainfusion.hub`, the path this code had then), a scheduler from diffusers."""
     if library.split(".")[0] in (SHIPPED_MODULE, "brainfusion") and class_name in COMPONENTS:
         return COMPONENTS[class_name].from_pretrained(folder / name, **kwargs)
     if library == "diffusers":

@@ -1,0 +1,1 @@
+"""Evaluation: image metrics, reports, and the conditional checks with their classifier judge."""

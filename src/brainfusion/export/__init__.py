@@ -1,0 +1,1 @@
+"""Export: runs as diffusers folders that plain diffusers loads, with a model card."""

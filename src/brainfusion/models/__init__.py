@@ -1,0 +1,1 @@
+"""Networks: the U-Net, and latent diffusion's autoencoder with its latent cache and decoder."""

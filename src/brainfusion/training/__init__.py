@@ -1,0 +1,1 @@
+"""Training: the diffusion training loop, the autoencoder's, and their run log."""
