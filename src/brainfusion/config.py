@@ -341,8 +341,22 @@ class ScoreConfig:
     inception: bool = True  # rFID needs the Inception network, ~0.25 s an image on a 2-core CPU
 
 
+class _Serialised:
+    """JSON in and out for a run's top-level config (saved in every checkpoint); unknown keys are errors."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config"):
+        return _build(cls, raw, source, "")
+
+
 @dataclass
-class AutoencoderRunConfig:
+class AutoencoderRunConfig(_Serialised):
     """Everything needed to reproduce an autoencoder run (`brainfusion train-autoencoder`)."""
 
     data: DataConfig = field(default_factory=lambda: DataConfig(image_size=256))
@@ -355,16 +369,6 @@ class AutoencoderRunConfig:
         self.data.validate()
         self.autoencoder.validate(self.data.image_size)
         self.train.validate()
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "AutoencoderRunConfig":
-        return _build(cls, raw, source, "")
 
 
 @dataclass
@@ -389,7 +393,7 @@ class LatentConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(_Serialised):
     """Everything needed to reproduce a training run."""
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -417,15 +421,6 @@ class RunConfig:
         for part in (self.data, self.model, self.diffusion, self.train):
             part.validate()
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "RunConfig":
-        return _build(cls, raw, source, "")
 
 
 # Named training recipes, as overrides of the dataclass defaults. "edm" is the default: Karras et al.'s

@@ -119,16 +119,33 @@ class Session:
     decoder: LatentDecoder | None = None  # latent runs: turns previews' latents into slices
 
 
-def _resume_state(config: RunConfig, resume: bool):
-    """The checkpoint to continue from (None for a fresh run), refusing mismatched or accidental reuse."""
-    ckpt_dir = Path(config.train.out_dir) / "checkpoints"
+def checkpoint_to_resume(out_dir: str, resume: bool) -> Path | None:
+    """The newest checkpoint of a run folder to continue from (None for a fresh run), refusing accidental
+    reuse of a folder with checkpoints and a resume with none; every rank refuses, so none is left waiting."""
+    ckpt_dir = Path(out_dir) / "checkpoints"
     newest = latest_checkpoint(ckpt_dir)
     if not resume:
-        if newest is not None:  # every rank refuses, so none is left waiting
-            raise BrainfusionError(f"{config.train.out_dir} already holds checkpoints; continue it (resume=True) or choose another train.out_dir.")
+        if newest is not None:
+            raise BrainfusionError(f"{out_dir} already holds checkpoints; continue it (resume=True) or choose another train.out_dir.")
         return None
     if newest is None:
         raise BrainfusionError(f"{ckpt_dir} holds no checkpoint to resume from; start fresh (resume=False).")
+    return newest
+
+
+def optimizer_to(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Move a (resumed) optimizer's moment tensors to the device; Adam keeps its step counters on the CPU."""
+    for slot in optimizer.state.values():
+        for key, value in slot.items():
+            if torch.is_tensor(value) and key != "step":
+                slot[key] = value.to(device)
+
+
+def _resume_state(config: RunConfig, resume: bool):
+    """The checkpoint to continue from (None for a fresh run), refusing mismatched or accidental reuse."""
+    newest = checkpoint_to_resume(config.train.out_dir, resume)
+    if newest is None:
+        return None
     state = load_checkpoint(newest)
     inherit_vocabulary(config, state.config, newest)  # a resumed run keeps the condition vocabulary it was trained with
     if state.config.model != config.model or state.config.diffusion != config.diffusion:
@@ -147,10 +164,7 @@ def _place(model, ema, optimizer, state, device, memory_format) -> None:
             optimizer.load_state_dict(state.optimizer)
     model.to(device, memory_format=memory_format)
     ema.shadow.to(device, memory_format=memory_format)
-    for slot in optimizer.state.values():
-        for key, value in slot.items():
-            if torch.is_tensor(value) and key != "step":
-                slot[key] = value.to(device)
+    optimizer_to(optimizer, device)
 
 
 def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:

@@ -34,7 +34,7 @@ from ..models.autoencoder import build_autoencoder, build_discriminator, encode_
 from ..runtime import choose_channels_last, choose_precision
 from ..seeding import seeded_generator
 from .runlog import RunLog
-from .train import TrainResult, _count_nonfinite, _StopSignal, lr_at
+from .train import TrainResult, _count_nonfinite, _StopSignal, checkpoint_to_resume, lr_at, optimizer_to
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,9 @@ class AutoencoderSession:
 
 
 def _resume(config: AutoencoderRunConfig, resume: bool):
-    ckpt_dir = Path(config.train.out_dir) / "checkpoints"
-    newest = latest_checkpoint(ckpt_dir)
-    if not resume:
-        if newest is not None:
-            raise BrainfusionError(f"{config.train.out_dir} already holds checkpoints; continue it (resume=True) or choose another train.out_dir.")
-        return None
+    newest = checkpoint_to_resume(config.train.out_dir, resume)
     if newest is None:
-        raise BrainfusionError(f"{ckpt_dir} holds no checkpoint to resume from; start fresh (resume=False).")
+        return None
     state = load_checkpoint(newest, kind=AUTOENCODER)
     if state.config.autoencoder != config.autoencoder or state.config.data.image_size != config.data.image_size:
         raise BrainfusionError(f"{newest} was trained with a different autoencoder config or image size; resume with the same "
@@ -93,10 +88,7 @@ def set_up(config: AutoencoderRunConfig, resume: bool, progress: bool) -> Autoen
     memory_format = torch.channels_last if choose_channels_last(tcfg.channels_last, device, dtype) else torch.contiguous_format
     ae.to(device, memory_format=memory_format)
     disc.to(device, memory_format=memory_format)
-    for slot in optimizer.state.values():
-        for key, value in slot.items():
-            if torch.is_tensor(value) and key != "step":
-                slot[key] = value.to(device)
+    optimizer_to(optimizer, device)
     budget = [s for s in (tcfg.max_steps, math.ceil(tcfg.epochs * stream.steps_per_epoch) if tcfg.epochs else 0) if s]
     n_params = sum(p.numel() for p in ae.parameters())
     log.info("autoencoder: %.2f M parameters, %dx compression per side, %d latent channels; %d slices of %d², crops of %s, on %s (%s)",
