@@ -1,9 +1,10 @@
 """Fault injection: training survives kills and bad data, loses nothing, trusts no file.
 
-  * SIGKILL a real `brainfusion train` process at random moments (seeded), including inside a
-    checkpoint write, resume it each time, and check after every kill that the newest checkpoint
-    loads and that at most one checkpoint interval was lost; at the end the weights, EMA and Adam
-    state equal an uninterrupted run's bit for bit and so does the loss logged for every step;
+  * SIGKILL a real `brainfusion train` process (forked with its imports done: forked_cli.py) at
+    random moments (seeded), including inside a checkpoint write, resume it each time, and check
+    after every kill that the newest checkpoint loads and that at most one checkpoint interval was
+    lost; at the end the weights, EMA and Adam state equal an uninterrupted run's bit for bit and
+    so does the loss logged for every step;
   * SIGTERM / SIGINT → exit status 130 with a final checkpoint at the current step, then --resume;
   * disk faults (ENOSPC / EROFS on the write or the rename) → one-sentence error naming the intact
     previous checkpoint, no temporary or orphaned files, rotation keeps exactly K;
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forked_cli import ForkedCLI
 from safetensors.torch import save_file
 
 from brainfusion.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
@@ -42,7 +44,7 @@ TRAIN = [
     "--image-size", "16", "--patch-size", "1", "--base-channels", "8", "--batch-size", "4", "--checkpoint-every", str(EVERY),
     "--log-every", "1", "--seed", str(SEED), "--sample-every", "0",
 ]
-# SIGKILLs in the kill test, by where they are aimed: during start-up (imports, data cache, log truncation),
+# SIGKILLs in the kill test, by where they are aimed: during start-up (data cache, log truncation, set-up),
 # at a random moment once the process is training, and at fault-injection points where the process waits to
 # be killed (checkpoint.fault_injection_point): temporary file written, sidecar written, inside rotation, and
 # after the final checkpoint. Those land exactly where aimed on every run, however loaded the machine.
@@ -97,13 +99,10 @@ def _row_count(run: Path) -> int:
     return max(0, len(path.read_text().splitlines()) - 1) if path.is_file() else 0
 
 
-def _spawn(data: Path, run: Path, log: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    """`brainfusion train` as a real child process, one torch thread like this test process."""
-    environment = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONUNBUFFERED="1", **(env or {}))
-    command = [sys.executable, "-m", "brainfusion.cli", "--quiet", "train", "--data", str(data), "--out-dir", str(run),
-               "--max-steps", str(STEPS), *TRAIN, *extra]
-    with open(log, "ab") as out:
-        return subprocess.Popen(command, env=environment, stdout=out, stderr=subprocess.STDOUT)
+def _spawn(data: Path, run: Path, log: Path, *extra: str, env: dict | None = None) -> ForkedCLI:
+    """`brainfusion train` as a real child process (forked with torch already imported), one torch thread like this test process."""
+    command = ["--quiet", "train", "--data", str(data), "--out-dir", str(run), "--max-steps", str(STEPS), *TRAIN, *extra]
+    return ForkedCLI(command, log, env, threads=torch.get_num_threads())
 
 
 def _pause_at(phase: str, marker: Path) -> dict:
@@ -115,7 +114,7 @@ def _release(marker: Path) -> None:
     marker.with_name(marker.name + ".go").write_text("")
 
 
-def _wait_for(condition, proc: subprocess.Popen, timeout: float = WAIT_S) -> bool:
+def _wait_for(condition, proc: ForkedCLI, timeout: float = WAIT_S) -> bool:
     """Poll until condition() holds (True) or the process ends (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -201,8 +200,8 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(slices_dir, 
             # "training": its first step finished (it says so by a marker, not through the log's mtime)
             env = {"startup": None, "training": _pause_at(f"step:{start + 1}", marker)}.get(mode, _pause_at(mode, marker))
             proc = _spawn(slices_dir, run, log, *resume, env=env)
-            if mode == "startup":  # anywhere from interpreter start to the first steps
-                time.sleep(rng.uniform(0.1, 3.0))
+            if mode == "startup":  # anywhere from the fork to the first steps
+                time.sleep(rng.uniform(0.0, 1.0))
                 alive = proc.poll() is None
             elif mode == "training":  # at a random moment once this process is stepping
                 alive = _wait_for(marker.exists, proc)

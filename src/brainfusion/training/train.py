@@ -30,7 +30,7 @@ from ..diffusion.pipeline import Pipeline
 from ..diffusion.process import make_process
 from ..errors import BrainfusionError
 from ..fileio import atomic_write_text
-from ..images import make_grid, plot_loss_curve, save_png
+from ..images import make_grid, save_png
 from ..models.latent import LatentDecoder, attach_autoencoder, cached_latents, fit_statistics, normalise
 from ..models.unet import UNet, count_parameters, training_flops_per_image
 from ..runtime import choose_channels_last, choose_precision, make_grad_scaler
@@ -187,7 +187,7 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
     stream = BatchStream(images, tcfg.batch_size, tcfg.seed, config.data.hflip, ctx.rank, ctx.world, cond=cond, flipped=flipped)
     torch.manual_seed(tcfg.seed)
     model = UNet(config.model)
-    if ctx.is_main:
+    if ctx.is_main and progress:  # the count costs ~1.2 s of start-up: interactive runs only
         flops = training_flops_per_image(model, config.model.image_size, config.model.in_channels)
         log.info("model: %.2f M parameters, %.2f GFLOP per training image (forward+backward)", count_parameters(model) / 1e6, flops / 1e9)
     ema = EMA(model, tcfg.ema_decay)
@@ -292,7 +292,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
                 # weights whose last loss was NaN/Inf may be the diverged ones: no checkpoint until a finite step
                 if ctx.is_main and nonfinite_run == 0:
                     last_ckpt = checkpoint_now()
-                    plot_loss_curve(runlog.path, out_dir / "loss.png")
+                    runlog.plot_loss(out_dir / "loss.png")
                 elif ctx.is_main:
                     log.warning("step %d: checkpoint skipped after a non-finite loss; the last good one is %s", step, last_ckpt)
                 dist.barrier(ctx)
@@ -304,7 +304,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
         last_ckpt = checkpoint_now()
     if ctx.is_main:
         fault_injection_point("final")
-        plot_loss_curve(runlog.path, out_dir / "loss.png")
+        runlog.plot_loss(out_dir / "loss.png", force=True)
     dist.barrier(ctx)
     if interrupted and ctx.is_main:
         log.info("interrupted at step %d; newest checkpoint %s — continue with --resume", step, last_ckpt)

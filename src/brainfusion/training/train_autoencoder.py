@@ -29,7 +29,7 @@ from ..config import AutoencoderRunConfig, DataConfig
 from ..data.slices import BatchStream, is_oasis_layout, load_slices, to_uint8
 from ..errors import BrainfusionError
 from ..fileio import atomic_write_text
-from ..images import make_grid, plot_loss_curve, save_png
+from ..images import make_grid, save_png
 from ..models.autoencoder import build_autoencoder, build_discriminator, encode_sample, kl_divergence
 from ..runtime import choose_channels_last, choose_precision
 from ..seeding import seeded_generator
@@ -206,12 +206,12 @@ def train_autoencoder(config: AutoencoderRunConfig, resume: bool = False, progre
             runlog.step(step, float(loss), lr_at(step - 1, tcfg), tcfg.batch_size, 0, tcfg.log_every)
             if step % tcfg.checkpoint_every == 0 and nonfinite_run == 0:
                 last_ckpt = checkpoint_now()
-                plot_loss_curve(runlog.path, out_dir / "loss.png")
+                runlog.plot_loss(out_dir / "loss.png")
             if tcfg.sample_every and step % tcfg.sample_every == 0:
                 _preview(s, out_dir / "samples" / f"step_{step:08d}.png")
     if nonfinite_run == 0 and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}.safetensors")):
         last_ckpt = checkpoint_now()
-    plot_loss_curve(runlog.path, out_dir / "loss.png")
+    runlog.plot_loss(out_dir / "loss.png", force=True)
     _preview(s, out_dir / "reconstructions.png")
     if interrupted:
         log.info("interrupted at step %d; newest checkpoint %s — continue with --resume", step, last_ckpt)
