@@ -164,7 +164,7 @@ def test_cache_is_written_once_and_reused(tmp_path, oasis_root, monkeypatch):
     caches = list((oasis_root / ".brainfusion_cache").glob("*.npz"))
     assert len(caches) == 1
     stamp = caches[0].stat().st_mtime_ns
-    monkeypatch.setattr(data_mod, "read_slice", _refuse)
+    monkeypatch.setattr(data_mod, "decode_slice", _refuse)
     second = _load(oasis_root)
     assert np.array_equal(first.images, second.images)
     assert first.sources == second.sources

@@ -201,3 +201,22 @@ def test_labels_csv_describes_every_slice_and_trains_a_conditional_run(built):
     images, cond = label_slices(config, load_slices(config.data, progress=False))
     assert cond.shape == (len(images), 3) and not np.isnan(cond).any()
     assert config.condition.names() == (("ventricles",), ("atrophy", "level"))
+
+
+@needs_nilearn
+def test_demo_masks_line_up_with_their_images_at_every_slice_level(built):
+    """Through the loader (masks from the seg folders, at the images' 32²): at each slice level K the
+    masks' brain is the images' brain, and the tissues are ordered in brightness as in a T1 image."""
+    from brainfusion.config import DataConfig
+    from brainfusion.data.slices import load_slices
+
+    out, _ = built
+    slices = load_slices(DataConfig(path=str(out), image_size=32, split="all", masks="layout"), progress=False)
+    levels = np.array([int(NAME.search(s).group(2)) for s in slices.sources])
+    assert sorted(set(levels.tolist())) == list(range(TINY.slices_per_subject))
+    for k in range(TINY.slices_per_subject):
+        images, labels = slices.images[levels == k], slices.labels[levels == k]
+        brain, tissue = images > 0, labels > 0
+        assert 2 * (brain & tissue).sum() / (brain.sum() + tissue.sum()) > 0.9, f"slice level {k}"
+        means = [images[labels == t].mean() for t in (1, 2, 3)]
+        assert means[0] < means[1] < means[2], f"slice level {k}: CSF, grey, white means {means}"

@@ -26,6 +26,8 @@ TRAIN_FLAGS = {
     "split": ("data.split", str, "OASIS layout split: train (train+test), validate or all"),
     "on_bad_file": ("data.on_bad_file", str, "fail (default) or skip unreadable files"),
     "no_flip": ("data.hflip", None, "disable random horizontal flips"),
+    "masks": ("data.masks", "layout", "learn tissue masks with the images: bare, the OASIS layout's seg folders; or a folder of mask files"),
+    "mask_values": ("data.mask_values", str, "the masks' label values in order (default 0,85,170,255; label volumes: read from the files)"),
     "patch_size": ("model.patch_size", int, "1 (default), 2 or 4: pixel-unshuffle factor before the U-Net (2 is ~3x cheaper a step, worse per CPU minute)"),
     "base_channels": ("model.base_channels", int, "U-Net width of the first level"),
     "channel_mults": ("model.channel_mults", str, "four width multipliers, e.g. 1,2,3,4"),
@@ -124,6 +126,8 @@ def _add_flags(parser: argparse.ArgumentParser, flags: dict) -> None:
         flag = "--" + name.replace("_", "-")
         if kind is None:
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif isinstance(kind, str):  # a value that may be left out: the flag alone means `kind`
+            parser.add_argument(flag, nargs="?", const=kind, default=None, metavar="DIR", help=help_text)
         else:
             parser.add_argument(flag, type=kind, default=None, help=help_text)
 
@@ -190,6 +194,7 @@ def _sample_config(args: argparse.Namespace, out_dir: str = ""):
         checkpoint=args.checkpoint, out_dir=out_dir or args.out or "", n_images=args.n, batch_size=args.batch_size,
         seed=args.seed, sampler=args.sampler, steps=args.steps, gif=not args.no_gif, use_ema=not args.no_ema,
         precision=args.precision, condition=_parse_condition(args.condition), guidance=args.guidance,
+        given_mask=getattr(args, "given_mask", None) or "",
     )
 
 
@@ -414,6 +419,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="conditional models: e.g. class=ModerateDemented level=0.6 (names left out are not conditioned on)")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="classifier-free guidance scale: 1 plain conditional (default), 0 unconditional, >1 stronger")
+    p.add_argument("--given-mask", metavar="PNG|DIR",
+                   help="models trained with --masks: generate images for these tissue masks (image i gets mask i mod M)")
     p.set_defaults(func=cmd_sample)
 
     _add_evaluate_parser(sub)

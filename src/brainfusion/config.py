@@ -23,6 +23,10 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the `tomli` packa
     import tomli as tomllib
 
 
+OASIS_MASK_VALUES = (0, 85, 170, 255)  # the seg PNGs' values, in label order
+OASIS_MASK_NAMES = ("background", "CSF", "grey matter", "white matter")
+
+
 @dataclass
 class DataConfig:
     """Where slices come from and how they are preprocessed."""
@@ -34,6 +38,8 @@ class DataConfig:
     cache_dir: str = ""  # default: <path>/.brainfusion_cache (or beside a single volume file)
     min_brain_fraction: float = 0.05  # volume slices with less foreground than this are dropped
     on_bad_file: str = "fail"  # "fail" stops on the first unreadable file; "skip" logs it and goes on
+    masks: str = ""  # tissue masks beside the images (data/masks.py): "" none, "layout" the OASIS seg folders, or a folder
+    mask_values: tuple[int, ...] = ()  # label values in label order; () = OASIS's 0/85/170/255, or read from label volumes
 
     def validate(self) -> None:
         if self.image_size <= 0 or self.image_size % 16:
@@ -42,6 +48,11 @@ class DataConfig:
             )
         _check_choice("data.split", self.split, ("train", "validate", "all"))
         _check_choice("data.on_bad_file", self.on_bad_file, ("fail", "skip"))
+        values = list(self.mask_values)
+        if values and (len(values) < 2 or values != sorted(set(values)) or len(values) > 16):
+            raise BrainfusionError(
+                f"data.mask_values {values} must be 2 to 16 different label values in increasing order, e.g. 0,85,170,255."
+            )
 
 
 @dataclass
@@ -403,6 +414,11 @@ class RunConfig(_Serialised):
     condition: ConditionConfig = field(default_factory=ConditionConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
 
+    @property
+    def mask_labels(self) -> int:
+        """Tissue labels generated with each image (0: images only); channel 0 is the image, 1..K the labels."""
+        return len(self.data.mask_values) if self.data.masks else 0
+
     def validate(self) -> None:
         self.model.image_size = self.data.image_size
         if self.latent.active and self.latent.factor:  # the U-Net works on the latent grid
@@ -413,6 +429,13 @@ class RunConfig(_Serialised):
                 )
             self.model.image_size = self.data.image_size // self.latent.factor
             self.model.in_channels = self.latent.channels
+        if self.data.masks and self.latent.active:
+            raise BrainfusionError(
+                "tissue masks (data.masks) are learnt by pixel diffusion only for now; train without latent.autoencoder, "
+                "or without masks."
+            )
+        if self.data.masks and self.data.mask_values:  # the image and one channel per tissue label, generated together
+            self.model.in_channels = 1 + len(self.data.mask_values)
         self.condition.validate()
         if self.condition.fitted:  # the network's condition inputs follow the vocabulary
             categorical, continuous = self.condition.names()

@@ -15,16 +15,43 @@ from PIL import Image
 from .fileio import atomic_output
 
 
+def fit_square(image: np.ndarray, size: int) -> np.ndarray:
+    """Pad a 2-D uint8 image to a centred square, then resize it to size×size."""
+    h, w = image.shape
+    side = max(h, w)
+    canvas = np.zeros((side, side), dtype=np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[top : top + h, left : left + w] = image
+    if side == size:
+        return canvas
+    resample = Image.Resampling.BOX if side > size else Image.Resampling.BICUBIC
+    return np.asarray(Image.fromarray(canvas).resize((size, size), resample), dtype=np.uint8)
+
+
 def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tile uint8 images (N,H,W) into one uint8 picture, `nrow` images per row."""
-    n, h, w = images.shape
+    """Tile uint8 images (N,H,W), or colour ones (N,H,W,3), into one uint8 picture, `nrow` images per row."""
+    n, h, w = images.shape[:3]
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
-    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad), dtype=np.uint8)
+    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad) + images.shape[3:], dtype=np.uint8)
     for i, image in enumerate(images):
         r, c = divmod(i, nrow)
         grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = image
     return grid
+
+
+# label 1.. colours of mask overlays (OASIS order: CSF blue, grey matter green, white matter orange, then more)
+LABEL_COLOURS = np.array([(40, 120, 255), (60, 200, 80), (255, 150, 40), (220, 60, 200), (240, 230, 60), (60, 220, 220)], np.float32)
+
+
+def overlay_labels(images: np.ndarray, labels: np.ndarray, alpha: float = 0.35) -> np.ndarray:
+    """Grey images (N,H,W) with their tissue labels (N,H,W; 0 is background, left bare) tinted in
+    colour: uint8 (N,H,W,3), so a picture shows each image and its mask together."""
+    rgb = np.repeat(images[..., None].astype(np.float32), 3, axis=-1)
+    for k in range(1, int(labels.max(initial=0)) + 1):
+        where = labels == k
+        rgb[where] = (1 - alpha) * rgb[where] + alpha * LABEL_COLOURS[(k - 1) % len(LABEL_COLOURS)]
+    return rgb.round().clip(0, 255).astype(np.uint8)
 
 
 def save_png(image: np.ndarray, path: Path) -> Path:

@@ -6,7 +6,8 @@ Three sources sit behind `load_slices`:
   * any folder of PNG/JPEG/TIFF slices, searched recursively;
   * 3-D NIfTI (.nii/.nii.gz) and Analyze (.hdr/.img) volumes, reoriented to RAS+ with nibabel,
     robustly normalised per volume and cut into axial slices, near-empty slices dropped.
-Decoded, resized slices are cached once as a .npy (uint8) so epochs never re-decode files.
+Decoded, resized slices are cached once as a .npz (uint8) so epochs never re-decode files; with
+`data.masks`, each slice's tissue labels (masks.py) are read, aligned and cached beside it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from ..config import DataConfig
 from ..errors import BrainfusionError
 from ..fileio import atomic_output
 from ..seeding import seeded_generator
+from ..images import fit_square
+from .masks import (MASK_LAYOUT, check_mask_config, default_mask_values, find_mask, mask_candidates, one_hot, read_mask_slice,
+                    read_mask_volume)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ OASIS_SPLITS = {
 }
 MAX_SIDE = 8192  # larger "slices" are refused before decoding (decompression bombs, wrong files)
 MAX_VOXELS = 512**3  # larger volumes are refused before their voxels are read (corrupt headers, memory bombs)
-CACHE_VERSION = 2  # 2: the cache holds the volume slices' levels
+CACHE_VERSION = 3  # 2: the cache holds the volume slices' levels; 3: and the masks' labels
 
 
 def _suffix(path: Path) -> str:
@@ -69,9 +73,10 @@ def discover_files(config: DataConfig) -> list[Path]:
     else:
         folders = [root]
     files = []
+    skip_dir = Path(config.masks).resolve() if config.masks and config.masks != MASK_LAYOUT else None
     for folder in folders:
         for dirpath, dirnames, filenames in os.walk(folder):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (Path(dirpath) / d).resolve() != skip_dir)
             for name in sorted(filenames):
                 path = Path(dirpath) / name
                 if _suffix(path) in IMAGE_SUFFIXES + VOLUME_SUFFIXES and not name.startswith("."):
@@ -84,21 +89,13 @@ def discover_files(config: DataConfig) -> list[Path]:
     return files
 
 
-def _fit_square(image: np.ndarray, size: int) -> np.ndarray:
-    """Pad a 2-D uint8 image to a centred square, then resize it to size×size."""
-    h, w = image.shape
-    side = max(h, w)
-    canvas = np.zeros((side, side), dtype=np.uint8)
-    top, left = (side - h) // 2, (side - w) // 2
-    canvas[top : top + h, left : left + w] = image
-    if side == size:
-        return canvas
-    resample = Image.Resampling.BOX if side > size else Image.Resampling.BICUBIC
-    return np.asarray(Image.fromarray(canvas).resize((size, size), resample), dtype=np.uint8)
-
-
 def read_slice(path: Path, size: int) -> np.ndarray:
     """Decode one 2-D image file into a size×size uint8 array (raises on any defect)."""
+    return fit_square(decode_slice(path), size)
+
+
+def decode_slice(path: Path) -> np.ndarray:
+    """One 2-D image file as a uint8 array at its own size; 16-bit and float images are scaled from their own range."""
     with Image.open(path) as img:
         if max(img.size) > MAX_SIDE or min(img.size) < 1:
             raise ValueError(f"its size {img.size[0]}x{img.size[1]} is outside 1..{MAX_SIDE} pixels")
@@ -110,7 +107,7 @@ def read_slice(path: Path, size: int) -> np.ndarray:
             arr = np.asarray(img.convert("L"), dtype=np.uint8)
     if arr.ndim != 2:
         raise ValueError(f"it decodes to shape {arr.shape}, not a 2-D image")
-    return _fit_square(arr, size)
+    return arr
 
 
 def _robust_uint8(values: np.ndarray) -> np.ndarray:
@@ -133,9 +130,10 @@ def read_volume_slices(path: Path, size: int, min_brain_fraction: float) -> np.n
     return _volume_slices(path, size, min_brain_fraction)[0]
 
 
-def _volume_slices(path: Path, size: int, min_brain_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """The axial slices of a volume and their levels k/(n−1) in the RAS+ volume (0 inferior, 1 superior),
-    which slice-level conditioning needs (the dropped near-empty slices leave gaps in k)."""
+def _volume_slices(path: Path, size: int, min_brain_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
+    """The axial slices of a volume, their levels k/(n−1) in the RAS+ volume (0 inferior, 1 superior),
+    which slice-level conditioning needs (the dropped near-empty slices leave gaps in k), the kept k
+    and the RAS+ shape (a label volume is cut at the same k)."""
     import nibabel as nib
 
     image = nib.load(str(path))
@@ -148,15 +146,16 @@ def _volume_slices(path: Path, size: int, min_brain_fraction: float) -> tuple[np
         raise ValueError(f"its shape {tuple(image.shape)} is outside 1..{MAX_SIDE} voxels per axis")
     image = nib.as_closest_canonical(image)
     volume = _robust_uint8(np.asarray(image.get_fdata(dtype=np.float32)))
-    slices, levels = [], []
+    slices, kept = [], []
     for k in range(volume.shape[2]):
         axial = np.rot90(volume[:, :, k])  # rows: anterior at the top; columns: left→right
         if (axial > 12).mean() >= min_brain_fraction:
-            slices.append(_fit_square(np.ascontiguousarray(axial), size))
-            levels.append(k / max(volume.shape[2] - 1, 1))
+            slices.append(fit_square(np.ascontiguousarray(axial), size))
+            kept.append(k)
     if not slices:
         raise ValueError("none of its axial slices has enough non-background voxels")
-    return np.stack(slices), np.array(levels, dtype=np.float32)
+    kept = np.array(kept)
+    return np.stack(slices), (kept / max(volume.shape[2] - 1, 1)).astype(np.float32), kept, tuple(volume.shape)
 
 
 def _check_volume_header(image) -> None:
@@ -196,6 +195,8 @@ class SliceSet:
     sources: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     levels: np.ndarray | None = None  # axial level of each volume slice (NaN for 2-D files), for conditioning
+    labels: np.ndarray | None = None  # tissue label index per pixel (uint8, N×S×S), with data.masks
+    mask_values: tuple[int, ...] = ()  # the label values the indices point into
 
     def __len__(self) -> int:
         return len(self.images)
@@ -203,10 +204,14 @@ class SliceSet:
 
 def _cache_key(files: list[Path], config: DataConfig) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps([CACHE_VERSION, config.image_size, config.min_brain_fraction, config.on_bad_file]).encode())
+    digest.update(json.dumps([CACHE_VERSION, config.image_size, config.min_brain_fraction, config.on_bad_file,
+                              config.masks, list(config.mask_values)]).encode())
     for path in files:
         # an Analyze .hdr keeps its voxels in the .img beside it: a changed .img must invalidate the cache too
-        for part in (path, path.with_suffix(".img")) if _suffix(path) == ".hdr" else (path,):
+        parts = [path, path.with_suffix(".img")] if _suffix(path) == ".hdr" else [path]
+        if config.masks:
+            parts += [next((m for m in mask_candidates(path, Path(config.path), config.masks) if m.is_file()), Path("-"))]
+        for part in parts:
             stat = part.stat() if part.exists() else None
             digest.update(f"{part}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
@@ -220,32 +225,21 @@ def _cache_dir(config: DataConfig) -> Path:
 
 
 def load_slices(config: DataConfig, progress: bool = True) -> SliceSet:
-    """Discover, decode, resize and cache every slice of a data source."""
+    """Discover, decode, resize and cache every slice of a data source (and its mask, with data.masks)."""
     from tqdm.auto import tqdm
 
     config.validate()
+    check_mask_config(config)
     files = discover_files(config)
     cache = _cache_dir(config) / f"slices_{config.split}_{_cache_key(files, config)}.npz"
-    if cache.is_file():
-        try:
-            with np.load(cache, allow_pickle=False) as stored:
-                cached = SliceSet(stored["images"], list(stored["sources"]), list(stored["skipped"]), stored["levels"])
-            if cached.images.dtype != np.uint8 or cached.images.shape[1:] != (config.image_size,) * 2 or not (
-                    len(cached.sources) == len(cached.images) == len(cached.levels)):
-                raise ValueError("its contents do not fit this data source")
-            _warn_skipped(cached.skipped, len(files), config)  # the per-file warnings were logged when it was built
-            return cached
-        except (OSError, ValueError, KeyError):
-            log.warning("cache %s is unreadable; rebuilding it", cache)
-    images, sources, skipped, levels = [], [], [], []
+    cached = _read_cache(cache, config, len(files))
+    if cached is not None:
+        return cached
+    images, sources, skipped, levels, labels = [], [], [], [], []
+    values = (tuple(config.mask_values) or None) if config.masks else ()
     for path in tqdm(files, desc="decoding slices", unit="file", disable=not progress, leave=False):
         try:
-            if not path.is_file():  # a FIFO or device would block or stream forever; a dangling link has no data
-                raise ValueError("it is not a regular file")
-            if _suffix(path) in VOLUME_SUFFIXES:
-                stack, level = _volume_slices(path, config.image_size, config.min_brain_fraction)
-            else:
-                stack, level = read_slice(path, config.image_size)[None], np.full(1, np.nan, np.float32)
+            stack, level, label, values = _decode_file(path, config, values)
         except BrainfusionError:
             raise
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
@@ -259,13 +253,54 @@ def load_slices(config: DataConfig, progress: bool = True) -> SliceSet:
             continue
         images.append(stack)
         levels.append(level)
+        labels.append(label)
         sources.extend([str(path)] * len(stack))
     if not images:
         raise BrainfusionError(f"none of the {len(files)} files under {config.path} could be read; check the data.")
     _warn_skipped(skipped, len(files), config)
-    result = SliceSet(np.concatenate(images), sources, skipped, np.concatenate(levels))
+    result = SliceSet(np.concatenate(images), sources, skipped, np.concatenate(levels),
+                      np.concatenate(labels) if config.masks else None, tuple(values or ()))
     _write_cache(cache, result)
     return result
+
+
+def _decode_file(path: Path, config: DataConfig, values):
+    """One file's slices, their levels and (with masks) their label indices; `values` are the label values so
+    far (None: not known yet, read from the first label volume), returned as they stand after this file."""
+    if not path.is_file():  # a FIFO or device would block or stream forever; a dangling link has no data
+        raise ValueError("it is not a regular file")
+    size, label = config.image_size, None
+    if _suffix(path) in VOLUME_SUFFIXES:
+        stack, level, kept, shape = _volume_slices(path, size, config.min_brain_fraction)
+        if config.masks:
+            label, values = read_mask_volume(find_mask(path, config), shape, kept, values, size)
+    else:
+        raw = decode_slice(path)
+        stack, level = fit_square(raw, size)[None], np.full(1, np.nan, np.float32)
+        if config.masks:
+            values = values or default_mask_values(config)
+            label = read_mask_slice(find_mask(path, config), raw.shape, values, size)[None]
+    return stack, level, label, values
+
+
+def _read_cache(cache: Path, config: DataConfig, n_files: int) -> SliceSet | None:
+    """The cached SliceSet of this source and settings, or None (absent, or unreadable: then it is rebuilt)."""
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as stored:
+            labels = stored["labels"] if config.masks else None
+            cached = SliceSet(stored["images"], list(stored["sources"]), list(stored["skipped"]), stored["levels"],
+                              labels, tuple(int(v) for v in stored["mask_values"]))
+        if cached.images.dtype != np.uint8 or cached.images.shape[1:] != (config.image_size,) * 2 or not (
+                len(cached.sources) == len(cached.images) == len(cached.levels)) or (
+                labels is not None and labels.shape != cached.images.shape):
+            raise ValueError("its contents do not fit this data source")
+        _warn_skipped(cached.skipped, n_files, config)  # the per-file warnings were logged when it was built
+        return cached
+    except (OSError, ValueError, KeyError):
+        log.warning("cache %s is unreadable; rebuilding it", cache)
+        return None
 
 
 def load_set(path: str | Path, split: str, image_size: int, on_bad_file: str = "fail") -> SliceSet:
@@ -286,7 +321,8 @@ def _write_cache(path: Path, slices: SliceSet) -> None:
     try:
         with atomic_output(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, images=slices.images, sources=np.array(slices.sources), skipped=np.array(slices.skipped, dtype=str),
-                     levels=slices.levels)
+                     levels=slices.levels, mask_values=np.array(slices.mask_values, dtype=np.int64),
+                     **({} if slices.labels is None else {"labels": slices.labels}))
     except OSError as exc:  # no half-written cache is left behind (a full disk stays as full as it was)
         log.warning("could not write the slice cache %s (%s); continuing without it", path, exc)
 
@@ -308,20 +344,24 @@ class BatchStream:
 
     Batch `step` depends only on (seed, step): the epoch permutation is seeded by the epoch and
     the flips by the step, so a resumed run sees exactly the batches an uninterrupted one would,
-    and rank r of W processes takes its own slice of the same global batch. Latents (float, N×C×h×w)
+    and rank r of W processes takes its own slice of the same global batch. `labels` (N×S×S tissue
+    label indices) join each image as K one-hot channels (masks.one_hot). Latents (float, N×C×h×w)
     come with `flipped`, the latents of the mirrored slices, since a flipped latent is not the latent
     of a flipped slice. `cond` (N, K) holds
     each slice's encoded conditions (conditions.py), drawn with the same indices as the images.
     """
 
     def __init__(self, images: np.ndarray, global_batch: int, seed: int, hflip: bool, rank: int = 0, world: int = 1,
-                 cond: np.ndarray | torch.Tensor | None = None, flipped: np.ndarray | None = None):
+                 cond: np.ndarray | torch.Tensor | None = None, flipped: np.ndarray | None = None,
+                 labels: np.ndarray | None = None, n_labels: int = 0):
         if len(images) < global_batch:
             raise BrainfusionError(
                 f"the data holds {len(images)} slices, fewer than one global batch of {global_batch}; lower train.batch_size or add data."
             )
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.flipped = None if flipped is None else torch.from_numpy(np.ascontiguousarray(flipped))
+        self.labels = None if labels is None else torch.from_numpy(np.ascontiguousarray(labels))
+        self.n_labels = n_labels
         self.cond = None if cond is None else torch.as_tensor(cond, dtype=torch.float32)
         if self.cond is not None and (self.cond.dim() != 2 or len(self.cond) != len(images)):
             raise BrainfusionError(f"the conditions have shape {tuple(self.cond.shape)}; give one row per slice ({len(images)}).")
@@ -344,6 +384,8 @@ class BatchStream:
         """uint8 slices in the model's range, or float latents as they are (their flips are encoded copies)."""
         indices = self._indices(step)
         x = to_model_range(self.images[indices]) if self.images.dtype == torch.uint8 else self.images[indices].float()
+        if self.labels is not None:  # image and tissue labels as one (1+K)-channel picture, flipped together
+            x = torch.cat([x, one_hot(self.labels[indices], self.n_labels)], 1)
         if self.hflip:
             gen = seeded_generator(self.seed, 1, step)
             flip = torch.rand(self.global_batch, generator=gen)[self.rank * self.per_rank :][: self.per_rank] < 0.5

@@ -75,6 +75,20 @@ class EDMProcess:
         return karras_sigmas(steps, self.config.sigma_min, self.config.sigma_max, self.config.rho)
 
 
+def with_known_channels(denoise: Denoiser, known: torch.Tensor) -> Denoiser:
+    """Generate the first channels given the last ones (RePaint's replacement, Lugmayr et al. 2022, made
+    exact for σ-space samplers): the denoised estimate of the last `known.shape[1]` channels is `known`
+    itself, so the sampler keeps those channels of x at known + σ·noise all the way down while the
+    network sees them at every level, and they land on `known` exactly at σ = 0."""
+    k = known.shape[1]
+
+    def denoise_given(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        out = denoise(x, sigma)
+        return torch.cat([out[:, :-k], known.to(out.dtype)], 1)
+
+    return denoise_given
+
+
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """EDM's step sizes (eq. 5): n levels from σ_max to σ_min, spaced evenly in σ^(1/ρ), then 0."""
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)

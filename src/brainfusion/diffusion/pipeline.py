@@ -1,7 +1,7 @@
 """Generate slices in memory from a trained network, as diffusers' `DDPMPipeline` does.
 
 Load a checkpoint once, then call the pipeline for any number of images: it returns uint8 arrays
-(N, H, W) and never touches the disk; files are the caller's business (`sample.generate`). Image
+(N, H, W) (`pairs`: with their tissue labels, for a model trained with masks) and never touches the disk; files are the caller's business (`sample.generate`). Image
 i of a seed gets its own noise generator, so it comes out the same in any batch size or process.
 """
 
@@ -16,6 +16,7 @@ import torch
 from ..checkpoint import load_checkpoint, load_weights
 from ..config import FAST_SAMPLER, FAST_STEPS, RunConfig
 from ..data.conditions import Request, encode_guided_request
+from ..data.masks import one_hot
 from ..data.slices import to_uint8
 from ..errors import BrainfusionError
 from ..models.latent import LatentDecoder
@@ -65,7 +66,7 @@ class Pipeline:
                  batch_size: int = 64, first_index: int = 0, frames: int = 0,
                  on_frames: Callable[[int, list[np.ndarray]], None] | None = None,
                  progress: Callable[[int], None] | None = None, cancel: Callable[[], bool] | None = None,
-                 condition: Request | None = None, guidance: float = 1.0) -> np.ndarray:
+                 condition: Request | None = None, guidance: float = 1.0, mask: np.ndarray | None = None) -> np.ndarray:
         """Images first_index .. first_index+n-1 of `seed` as uint8 (n, H, W).
 
         `condition` (a conditional model only): {name: value} for all n images, e.g.
@@ -74,32 +75,62 @@ class Pipeline:
         model. `guidance` is the classifier-free guidance scale s (process.classifier_free_guidance):
         1 plain conditional, 0 unconditional, > 1 stronger. Image i of a seed gets the same noise
         whatever the condition, so a condition's effect can be seen image by image.
+        `mask` (a model trained with masks): label indices (n, H, W) the images are generated to fit.
         `on_frames(batch_start, frames)` receives `frames` uint8 snapshots of each batch's reverse
         process; `progress(k)` is called after every network step; `cancel()` returning True stops
         the call with `Cancelled`.
         """
+        return self.pairs(n, seed, sampler, steps, batch_size, first_index, frames, on_frames, progress, cancel,
+                          condition, guidance, mask)[0]
+
+    def pairs(self, n: int, seed: int = 0, sampler: str = FAST_SAMPLER, steps: int = FAST_STEPS,
+              batch_size: int = 64, first_index: int = 0, frames: int = 0,
+              on_frames: Callable[[int, list[np.ndarray]], None] | None = None,
+              progress: Callable[[int], None] | None = None, cancel: Callable[[], bool] | None = None,
+              condition: Request | None = None, guidance: float = 1.0,
+              mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """As `__call__`, and each image's tissue labels (uint8 (n, H, W) indices into the run's
+        data.mask_values; None for a model trained without masks)."""
         if n <= 0 or batch_size <= 0:
             raise BrainfusionError(f"the image count ({n}) and batch size ({batch_size}) must be positive.")
         cond = encode_guided_request(self.config.condition, condition, n, guidance)
-        size, channels = self.config.model.image_size, self.config.model.in_channels
+        known = self._known(mask, n)
+        size, channels, k = self.config.model.image_size, self.config.model.in_channels, self.config.mask_labels
 
-        def tick(k: int) -> None:
+        def tick(step: int) -> None:
             if cancel is not None and cancel():
                 raise Cancelled("sampling was cancelled")
             if progress is not None:
-                progress(k)
+                progress(step)
 
-        out = []
+        images, labels = [], []
         for start in range(first_index, first_index + n, batch_size):
             count = min(batch_size, first_index + n - start)
             gens = image_generators(seed, range(start, start + count))
-            rows = None if cond is None else cond[start - first_index : start - first_index + count]
+            rows = slice(start - first_index, start - first_index + count)
             x, snaps = sample(self.network, self.config.diffusion, (count, channels, size, size), sampler, steps, gens,
-                              frames=frames if on_frames else 0, progress=tick, cond=rows, guidance=guidance,
-                              clamp=self.decoder is None)
+                              frames=frames if on_frames else 0, progress=tick, cond=None if cond is None else cond[rows],
+                              guidance=guidance, clamp=self.decoder is None, known=None if known is None else known[rows])
             if self.decoder is not None:
                 x, snaps = self.decoder(x), [self.decoder(f) for f in snaps]
             if on_frames is not None:
-                on_frames(start, [to_uint8(f.clamp(-1, 1)) for f in snaps])
-            out.append(to_uint8(x))
-        return np.concatenate(out)
+                on_frames(start, [to_uint8(f[:, : f.shape[1] - k].clamp(-1, 1)) for f in snaps])
+            images.append(to_uint8(x[:, : x.shape[1] - k]))
+            if k:
+                labels.append(x[:, -k:].argmax(1).to(torch.uint8).numpy())
+        return np.concatenate(images), np.concatenate(labels) if k else None
+
+    def _known(self, mask: np.ndarray | torch.Tensor | None, n: int) -> torch.Tensor | None:
+        """A given mask as the model's mask channels, after checking it fits the model."""
+        if mask is None:
+            return None
+        k, size = self.config.mask_labels, self.config.model.image_size
+        if not k:
+            raise BrainfusionError("this model was trained without masks; sample it without a given mask.")
+        mask = torch.as_tensor(np.asarray(mask)).long()
+        if tuple(mask.shape) != (n, size, size) or int(mask.min()) < 0 or int(mask.max()) >= k:
+            raise BrainfusionError(
+                f"the given masks have shape {tuple(mask.shape)} and labels {int(mask.min())}..{int(mask.max())}; "
+                f"this model needs ({n}, {size}, {size}) label indices in 0..{k - 1}."
+            )
+        return one_hot(mask, k)

@@ -24,7 +24,7 @@ from ..config import SAMPLERS, DiffusionConfig
 from ..data.conditions import NULL
 from ..errors import BrainfusionError
 from ..seeding import randn
-from .edm import EDM_SAMPLERS, EDMProcess
+from .edm import EDM_SAMPLERS, EDMProcess, with_known_channels
 
 
 class NoiseSchedule:
@@ -170,13 +170,15 @@ def sample(
     cond: torch.Tensor | None = None,
     guidance: float = 1.0,
     clamp: bool = True,
+    known: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run the reverse process from pure noise; returns the images and `frames` snapshots of x_t.
 
     `model` maps (x_t, t) — or (x_t, t, cond) when `cond` (N, K, conditions.py) is given — to the
     network output in float32; `guidance` is the classifier-free guidance scale applied with
     `cond`. `steps` defaults to T for DDPM and 50 for the fast samplers. `clamp` keeps the result in
-    [-1, 1], the range of slices; latents (latent.py) have no such range.
+    [-1, 1], the range of slices; latents (latent.py) have no such range. `known` (N, k, H, W) fixes
+    the last k channels (a given tissue mask) and generates the rest to fit them (EDM runs).
     """
     if cond is not None:
         model = classifier_free_guidance(model, cond, guidance)
@@ -190,8 +192,14 @@ def sample(
         process = EDMProcess(cfg)
         sigmas = process.sigmas(steps)
         x = x * sigmas[0].item()
-        trajectory = EDM_SAMPLERS[sampler](process.denoiser(model), x, sigmas, generator=generator)
+        denoise = process.denoiser(model)
+        if known is not None:
+            denoise = with_known_channels(denoise, known)
+            x[:, -known.shape[1] :] += known
+        trajectory = EDM_SAMPLERS[sampler](denoise, x, sigmas, generator=generator)
         return _run(x, trajectory, steps, frames, progress, clamp)
+    if known is not None:
+        raise BrainfusionError("a given mask needs a model of the EDM formulation (the default recipe); retrain with --recipe edm.")
     scheduler = make_scheduler(cfg, sampler)
     scheduler.set_timesteps(steps)
     x = x * scheduler.init_noise_sigma

@@ -18,8 +18,10 @@ import torch
 
 from .. import distributed as dist
 from ..checkpoint import run_folder
+from ..data.masks import fit_square_labels, to_label_index
+from ..data.slices import IMAGE_SUFFIXES
 from ..errors import BrainfusionError
-from ..images import make_grid, save_gif, save_grid, save_png
+from ..images import make_grid, overlay_labels, save_gif, save_grid, save_png
 from .pipeline import Pipeline, load_model
 from .process import default_steps
 
@@ -31,6 +33,38 @@ GRID_MAX = 256  # the grid shows the first 256 images (a 10,000-image FID run ne
 def sample_path(images_dir: Path, index: int) -> Path:
     """Where image `index` of a run goes: one name per global index, so ranks never clash."""
     return images_dir / f"sample_{index:05d}.png"
+
+
+def mask_path(images_dir: Path, index: int) -> Path:
+    """Where the tissue mask of image `index` goes (OASIS's seg_* naming), beside it."""
+    return images_dir / f"seg_{index:05d}.png"
+
+
+def label_image(labels: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
+    """Label indices → the run's label values as a uint8 image (OASIS: 0/85/170/255), indices where they do not fit 8 bits."""
+    lookup = np.asarray(values if max(values) <= 255 and min(values) >= 0 else range(len(values)), dtype=np.uint8)
+    return lookup[labels]
+
+
+def read_given_masks(path: str, values: tuple[int, ...], size: int) -> np.ndarray:
+    """Label indices (M, size, size) of a mask PNG, or of every mask image in a folder (sorted by name)."""
+    root = Path(path)
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else [root]
+    if not files or not all(f.is_file() for f in files):
+        raise BrainfusionError(f"{path} is neither a mask image nor a folder holding some; give a seg PNG or a folder of them.")
+    from PIL import Image
+
+    masks = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                mask = np.asarray(img.convert("L") if img.mode in ("RGB", "RGBA", "LA") else img).astype(np.int64)
+            masks.append(fit_square_labels(to_label_index(mask, values, f), len(values), size))
+        except ValueError as exc:
+            raise BrainfusionError(f"{f}: {str(exc).removeprefix('its ')}.") from None
+        except OSError as exc:
+            raise BrainfusionError(f"{f} could not be read as a mask image ({exc}); give seg PNGs.") from None
+    return np.stack(masks)
 
 
 @dataclass
@@ -48,6 +82,7 @@ class SampleConfig:
     precision: str = "auto"
     condition: dict[str, str] | None = None  # conditional models: {name: value}, see Pipeline.__call__
     guidance: float = 1.0  # classifier-free guidance scale
+    given_mask: str = ""  # models trained with masks: a seg PNG or a folder of them; image i gets mask i mod M
 
 
 def generate(cfg: SampleConfig, progress: bool = True) -> dict:
@@ -59,6 +94,11 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
     model, state = load_model(Path(cfg.checkpoint), cfg.use_ema, ctx.device)
     pipe = Pipeline(model, state.config, ctx.device, cfg.precision)
     steps = cfg.steps or default_steps(state.config.diffusion, cfg.sampler)
+    given = None
+    if cfg.given_mask:
+        if not state.config.mask_labels:
+            raise BrainfusionError(f"{state.path} was trained without masks; sample it without a given mask, or train with masks.")
+        given = read_given_masks(cfg.given_mask, state.config.data.mask_values, state.config.model.image_size)
     run_dir = run_folder(state.path)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "samples" / (f"{cfg.sampler}-{steps}" + _condition_suffix(cfg))
     images_dir = out_dir / "images"
@@ -80,11 +120,15 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
         start = b * cfg.batch_size
         count = min(cfg.batch_size, cfg.n_images - start)
         want_gif = cfg.gif and b == 0
-        images = pipe(count, cfg.seed, cfg.sampler, steps, batch_size=count, first_index=start,
-                      frames=cfg.gif_frames if want_gif else 0, on_frames=write_gif if want_gif else None,
-                      progress=bar.update if bar else None, condition=cfg.condition, guidance=cfg.guidance)
+        mask = None if given is None else given[np.arange(start, start + count) % len(given)]
+        images, labels = pipe.pairs(count, cfg.seed, cfg.sampler, steps, batch_size=count, first_index=start,
+                                    frames=cfg.gif_frames if want_gif else 0, on_frames=write_gif if want_gif else None,
+                                    progress=bar.update if bar else None, condition=cfg.condition, guidance=cfg.guidance,
+                                    mask=mask)
         for i, image in enumerate(images):
             save_png(image, sample_path(images_dir, start + i))
+            if labels is not None:
+                save_png(label_image(labels[i], state.config.data.mask_values), mask_path(images_dir, start + i))
     if bar is not None:
         bar.close()
     seconds = time.monotonic() - t0
@@ -92,7 +136,7 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
     done = sum(min(cfg.batch_size, cfg.n_images - b * cfg.batch_size) for b in mine)
     result = {"out_dir": str(out_dir), "images": str(images_dir), "seconds": seconds, "seconds_per_image": seconds / max(1, done)}
     if ctx.is_main:
-        result.update(_collect(cfg, images_dir, out_dir, gif_path))
+        result.update(_collect(cfg, images_dir, out_dir, gif_path, state.config.data.mask_values if state.config.mask_labels else ()))
     dist.shutdown(ctx)
     return result
 
@@ -101,12 +145,15 @@ def _condition_suffix(cfg: SampleConfig) -> str:
     """Default folder name part of a conditional request (`-class=ModerateDemented-g2`), so samples of
     different conditions and guidance scales do not overwrite each other."""
     parts = [f"{k}={v}" for k, v in (cfg.condition or {}).items()] + ([f"g{cfg.guidance:g}"] if cfg.guidance != 1 else [])
+    parts += [f"given-{Path(cfg.given_mask).stem}"] if cfg.given_mask else []
     return "".join("-" + re.sub(r"[^A-Za-z0-9._=+-]", "_", part) for part in parts)
 
 
-def _collect(cfg: SampleConfig, images_dir: Path, out_dir: Path, gif_path: Path | None) -> dict:
-    """Check every process's images are there, and tile the first GRID_MAX into the grid."""
+def _collect(cfg: SampleConfig, images_dir: Path, out_dir: Path, gif_path: Path | None, mask_values: tuple[int, ...]) -> dict:
+    """Check every process's images (and masks) are there, and tile the first GRID_MAX into the grid,
+    masks as coloured overlays."""
     files = [sample_path(images_dir, i) for i in range(cfg.n_images)]
+    files += [mask_path(images_dir, i) for i in range(cfg.n_images)] if mask_values else []
     missing = [f for f in files if not f.is_file()]
     if missing:
         raise BrainfusionError(
@@ -115,7 +162,14 @@ def _collect(cfg: SampleConfig, images_dir: Path, out_dir: Path, gif_path: Path 
         )
     from PIL import Image
 
-    stack = np.stack([np.asarray(Image.open(f).convert("L")) for f in files[:GRID_MAX]])
+    shown = min(cfg.n_images, GRID_MAX)
+    stack = np.stack([np.asarray(Image.open(f).convert("L")) for f in files[:shown]])
+    if mask_values:
+        index = {v: k for k, v in enumerate(mask_values)} if max(mask_values) <= 255 else {k: k for k in range(len(mask_values))}
+        lookup = np.zeros(256, np.uint8)
+        lookup[list(index)] = list(index.values())
+        labels = np.stack([lookup[np.asarray(Image.open(mask_path(images_dir, i)))] for i in range(shown)])
+        stack = overlay_labels(stack, labels)
     result = {"grid": str(save_grid(stack, out_dir / "grid.png"))}
     if gif_path:
         result["gif"] = str(gif_path)

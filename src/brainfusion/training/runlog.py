@@ -95,9 +95,9 @@ class RunLog:
                     self.tensorboard.add_scalar(f"{prefix}/{name}", value, step)
 
     def image(self, step: int, tag: str, grid: np.ndarray) -> None:
-        """A uint8 grid (H, W) or (C, H, W) as a TensorBoard image."""
+        """A uint8 grid (H, W), or a colour one (H, W, 3), as a TensorBoard image."""
         if self.tensorboard is not None:
-            self.tensorboard.add_image(tag, grid if grid.ndim == 3 else grid[None], step, dataformats="CHW")
+            self.tensorboard.add_image(tag, grid if grid.ndim == 3 else grid[None], step, dataformats="HWC" if grid.ndim == 3 else "CHW")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -24,13 +24,13 @@ import torch
 from .. import distributed as dist
 from ..checkpoint import fault_injection_point, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, tidy_run_folder
 from ..config import RunConfig
-from ..data.conditions import drop_labels, inherit_vocabulary, label_slices
+from ..data.conditions import drop_labels, inherit_vocabulary, label_slices, labelled_subset
 from ..data.slices import BatchStream, load_slices
 from ..diffusion.pipeline import Pipeline
 from ..diffusion.process import make_process
 from ..errors import BrainfusionError
 from ..fileio import atomic_write_text
-from ..images import make_grid, save_png
+from ..images import make_grid, overlay_labels, save_png
 from ..models.latent import LatentDecoder, attach_autoencoder, cached_latents, fit_statistics, normalise
 from ..models.unet import UNet, count_parameters, training_flops_per_image
 from ..runtime import choose_channels_last, choose_precision, make_grad_scaler
@@ -172,19 +172,27 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
     tcfg = config.train
     ctx = dist.init()
     ae = attach_autoencoder(config, resume, ctx.device) if config.latent.active else None
-    state = _resume_state(config, resume)
+    checkpoint_to_resume(tcfg.out_dir, resume)  # refuse a wrong --resume before the data is read
     if ctx.is_main:  # what killed processes left behind goes before anything is written
         tidy_run_folder(Path(tcfg.out_dir), tcfg.keep_checkpoints)
     slices = load_slices(config.data, progress=progress and ctx.is_main)
+    if config.data.masks:  # the label values read with the masks fix the network's channels
+        config.data.mask_values = slices.mask_values
+        config.validate()
+    state = _resume_state(config, resume)
     if tcfg.batch_size % ctx.world:
         raise BrainfusionError(f"train.batch_size={tcfg.batch_size} is the global batch and must divide by the {ctx.world} processes.")
     images, cond = label_slices(config, slices)  # (images, None) for an unconditional run; fits the vocabulary
+    masks = slices.labels
+    if masks is not None and len(masks) != len(images):  # unlabelled slices were left out: their masks go too
+        masks = masks[labelled_subset(config.condition, config.data.path, slices)[0]]
     flipped, dtype = None, choose_precision(tcfg.precision, ctx.device)
     if ae is not None:  # latent diffusion: the stream carries normalised latents of the slices and of their mirror images
         images, flipped = cached_latents(config, images, ae, ctx.device, dtype, progress and ctx.is_main)
         fit_statistics(config, images)
         images, flipped = normalise(config, images), normalise(config, flipped)
-    stream = BatchStream(images, tcfg.batch_size, tcfg.seed, config.data.hflip, ctx.rank, ctx.world, cond=cond, flipped=flipped)
+    stream = BatchStream(images, tcfg.batch_size, tcfg.seed, config.data.hflip, ctx.rank, ctx.world, cond=cond, flipped=flipped,
+                         labels=masks, n_labels=config.mask_labels)
     torch.manual_seed(tcfg.seed)
     model = UNet(config.model)
     if ctx.is_main and progress:  # the count costs ~1.2 s of start-up: interactive runs only
@@ -326,17 +334,20 @@ def _count_nonfinite(loss: torch.Tensor, run: int, step: int, limit: int, last_c
     return run
 
 
-def _sample_ema(s: Session, n: int, seed: int) -> np.ndarray:
-    """n preview images of the EMA network: image i of `seed` is the one `brainfusion sample` would draw."""
+def _sample_ema(s: Session, n: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """n preview images of the EMA network (and their masks, for a mask run): image i of `seed` is the one
+    `brainfusion sample` would draw."""
     model = s.ema.shadow
     was = model.training
-    images = Pipeline(model, s.config, s.ctx.device, s.config.train.precision, s.config.train.channels_last, s.decoder)(n, seed=seed)
+    pipe = Pipeline(model, s.config, s.ctx.device, s.config.train.precision, s.config.train.channels_last, s.decoder)
+    images, labels = pipe.pairs(n, seed=seed)
     model.train(was)
-    return images
+    return images, labels
 
 
 def _preview(s: Session, path: Path, runlog: RunLog, step: int, n: int = 16) -> None:
-    grid = make_grid(_sample_ema(s, n, s.config.train.seed))
+    images, labels = _sample_ema(s, n, s.config.train.seed)
+    grid = make_grid(images if labels is None else overlay_labels(images, labels))
     save_png(grid, path)
     runlog.image(step, "samples", grid)
 
@@ -344,7 +355,7 @@ def _preview(s: Session, path: Path, runlog: RunLog, step: int, n: int = 16) -> 
 def _evaluate_during_training(s: Session, out_dir: Path, step: int, runlog: RunLog) -> None:
     from ..evaluation.evaluate import quick_metrics
 
-    images = _sample_ema(s, 64, s.config.train.seed + 1)
+    images = _sample_ema(s, 64, s.config.train.seed + 1)[0]
     rng = np.random.default_rng(0)
     reference = s.real_for_eval[rng.choice(len(s.real_for_eval), size=min(512, len(s.real_for_eval)), replace=False)]
     metrics = quick_metrics(images, reference)

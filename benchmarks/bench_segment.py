@@ -1,0 +1,201 @@
+"""Do generated image–mask pairs train a tissue segmenter? Dice on unseen subjects (issue 19's proof).
+
+    brainfusion data demo --out data/demo
+    brainfusion train --data data/demo --masks --time-budget-min 20 --out-dir runs/joint
+    python benchmarks/bench_segment.py --data data/demo --joint runs/joint --work runs/bench_segment
+
+1. Real pairs: the OASIS layout's training split (train + test, whole subjects, `case_NNN`) and,
+   for scoring only, its validate split: subjects neither the generator nor any segmenter saw.
+2. Generated pairs: `--n-generated` image–mask pairs from the joint model (`train --masks`),
+   drawn once (`--gen-seed`) and cached in `<work>/generated.npz`. The generator was trained on
+   all training subjects; the question is whether its pairs carry what a segmenter needs.
+3. Arms, each a MONAI UNet + DiceCELoss (`evaluation/segmenter.py`) trained for the same `--steps`
+   (equal compute), for K = `--ks` training subjects (chosen by seed) and `--seeds` seeds:
+   `real` (the K subjects' slices), `generated` (as many generated pairs, capped at
+   `--n-generated`), `real+generated` (the K subjects' slices and every generated pair).
+4. Per-tissue Dice (CSF, grey, white matter) over every pixel of the unseen subjects' slices,
+   mean ± standard deviation over seeds; and mask fidelity: the Dice between each generated mask
+   and what the segmenter trained on all real subjects (first seed) reads in its generated image.
+
+Outputs in --work: results.json, segment.md (the table), segment.png (Dice per arm and K),
+pairs.png (generated images with their masks as overlays, beside real unseen pairs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from brainfusion.config import DataConfig
+from brainfusion.data.masks import mask_names
+from brainfusion.data.slices import load_slices
+from brainfusion.diffusion.pipeline import Pipeline
+from brainfusion.evaluation.segmenter import dice_per_label, segment, train_segmenter
+from brainfusion.fileio import atomic_output, atomic_write_text
+from brainfusion.images import make_grid, overlay_labels, save_figure, save_png
+
+ARMS = ("real", "generated", "real+generated")
+
+
+def subject_of(source: str) -> str:
+    """`case_NNN` in the keras PNG names, else the file's folder."""
+    found = re.search(r"case_(\d+)", Path(source).name)
+    return found.group(1) if found else Path(source).parent.name
+
+
+def load_pairs(data: str, split: str, size: int):
+    slices = load_slices(DataConfig(path=data, image_size=size, split=split, masks="layout"), progress=False)
+    return slices.images, slices.labels, np.array([subject_of(s) for s in slices.sources]), slices.mask_values
+
+
+def generated_pairs(joint: str, n: int, seed: int, work: Path, sampler: str, steps: int):
+    """n image–mask pairs of the joint model, made once and cached by (checkpoint, n, seed, sampler, steps)."""
+    pipe = Pipeline.from_checkpoint(joint)
+    key = f"{pipe.checkpoint.resolve()}|{n}|{seed}|{sampler}|{steps}"
+    cache = work / "generated.npz"
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as stored:
+            if str(stored["key"]) == key:
+                return stored["images"], stored["labels"], 0.0
+    t0 = time.monotonic()
+    done = [0]
+
+    def tick(_k: int) -> None:
+        done[0] += 1
+        if done[0] % 100 == 0:
+            print(f"  generating: {done[0]} network steps, {time.monotonic() - t0:.0f} s", flush=True)
+
+    images, labels = pipe.pairs(n, seed=seed, sampler=sampler, steps=steps, batch_size=100, progress=tick)
+    seconds = time.monotonic() - t0
+    with atomic_output(cache) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, images=images, labels=labels, key=np.array(key))
+    return images, labels, seconds
+
+
+def run_arm(images, labels, test_images, test_labels, n_labels, steps, seed):
+    t0 = time.monotonic()
+    net = train_segmenter(images, labels, n_labels, steps=steps, seed=seed)
+    dice = dice_per_label(segment(net, test_images), test_labels, n_labels)
+    return net, dice, time.monotonic() - t0
+
+
+def arms_for(k_name, seed, real, gen, subjects, n_gen):
+    """The three training sets of one (K, seed): the K subjects' real pairs, as many generated, and both."""
+    images, labels = real
+    unique = np.unique(subjects)
+    k = len(unique) if k_name == "all" else int(k_name)
+    chosen = np.random.default_rng([seed, k]).choice(unique, size=k, replace=False)
+    keep = np.isin(subjects, chosen)
+    count = min(int(keep.sum()), n_gen)
+    order = np.random.default_rng([seed, k, 1]).permutation(n_gen)[:count]
+    return {
+        "real": (images[keep], labels[keep]),
+        "generated": (gen[0][order], gen[1][order]),
+        "real+generated": (np.concatenate([images[keep], gen[0]]), np.concatenate([labels[keep], gen[1]])),
+    }, int(keep.sum()), count
+
+
+def summarise(rows, names):
+    table = {}
+    for row in rows:
+        table.setdefault((row["k"], row["arm"]), []).append(row["dice"])
+    lines = ["| K subjects | arm | slices | " + " | ".join(names) + " | mean Dice |", "|---|---|---|" + "---|" * (len(names) + 1)]
+    summary = {}
+    for (k, arm), scores in table.items():
+        scores = np.array(scores)
+        mean, std = np.nanmean(scores, 0), np.nanstd(scores, 0, ddof=1) if len(scores) > 1 else np.zeros(scores.shape[1])
+        overall = np.nanmean(scores, 1)
+        summary[f"{k}/{arm}"] = {"per_tissue": mean.tolist(), "per_tissue_std": std.tolist(), "mean": float(overall.mean()),
+                                 "mean_std": float(overall.std(ddof=1)) if len(overall) > 1 else 0.0}
+        slices = next(r["slices"] for r in rows if r["k"] == k and r["arm"] == arm)
+        cells = " | ".join(f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, std))
+        lines.append(f"| {k} | {arm} | {slices} | {cells} | **{overall.mean():.3f}** ± {summary[f'{k}/{arm}']['mean_std']:.3f} |")
+    return summary, "\n".join(lines)
+
+
+def plot(summary, ks, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.5), dpi=120)
+    width = 0.8 / len(ARMS)
+    for i, arm in enumerate(ARMS):
+        means = [summary.get(f"{k}/{arm}", {}).get("mean", np.nan) for k in ks]
+        stds = [summary.get(f"{k}/{arm}", {}).get("mean_std", 0.0) for k in ks]
+        ax.bar(np.arange(len(ks)) + i * width, means, width, yerr=stds, label=arm, capsize=3)
+    ax.set_xticks(np.arange(len(ks)) + width * (len(ARMS) - 1) / 2, [f"K = {k}" for k in ks])
+    ax.set_ylabel("mean tissue Dice, unseen subjects")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True, help="an OASIS-layout folder with seg folders (brainfusion data demo)")
+    ap.add_argument("--joint", required=True, help="a run trained with --masks (folder or checkpoint)")
+    ap.add_argument("--work", default="runs/bench_segment")
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--ks", default="2,5,all")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=300, help="segmenter optimiser steps (batch 32), the same for every arm")
+    ap.add_argument("--n-generated", type=int, default=1000)
+    ap.add_argument("--gen-seed", type=int, default=1234)
+    ap.add_argument("--sampler", default="dpm++sde")
+    ap.add_argument("--sample-steps", type=int, default=25)
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    ks, seeds = args.ks.split(","), [int(s) for s in args.seeds.split(",")]
+
+    images, labels, subjects, values = load_pairs(args.data, "train", args.image_size)
+    test_images, test_labels, test_subjects, _ = load_pairs(args.data, "validate", args.image_size)
+    n_labels, names = len(values), list(mask_names(values))[1:]
+    assert not set(subjects) & set(test_subjects), "the unseen subjects must not be training subjects"
+    print(f"real: {len(images)} training slices of {len(np.unique(subjects))} subjects; "
+          f"unseen: {len(test_images)} slices of {len(np.unique(test_subjects))} subjects", flush=True)
+    gen_images, gen_labels, gen_seconds = generated_pairs(args.joint, args.n_generated, args.gen_seed, work, args.sampler, args.sample_steps)
+    if gen_seconds:
+        print(f"generated {len(gen_images)} pairs in {gen_seconds:.0f} s ({len(gen_images) / gen_seconds:.2f} pairs/s)", flush=True)
+
+    rows, fidelity = [], None
+    for k in ks:
+        for seed in seeds:
+            arms, n_real, n_gen = arms_for(k, seed, (images, labels), (gen_images, gen_labels), subjects, len(gen_images))
+            for arm, (x, y) in arms.items():
+                net, dice, seconds = run_arm(x, y, test_images, test_labels, n_labels, args.steps, seed)
+                rows.append({"k": k, "seed": seed, "arm": arm, "slices": len(x), "dice": dice.tolist(), "seconds": seconds})
+                print(f"K={k} seed={seed} {arm:15s} {len(x):5d} slices: Dice {np.round(dice, 3).tolist()} "
+                      f"mean {np.nanmean(dice):.3f} ({seconds:.0f} s)", flush=True)
+                if k == "all" and arm == "real" and fidelity is None:
+                    read = segment(net, gen_images)
+                    fidelity = dice_per_label(read, gen_labels, n_labels)
+                    print(f"mask fidelity (real-trained segmenter on generated images): {np.round(fidelity, 3).tolist()} "
+                          f"mean {np.nanmean(fidelity):.3f}", flush=True)
+                    save_png(make_grid(np.concatenate([overlay_labels(gen_images[:8], gen_labels[:8]),
+                                                       overlay_labels(gen_images[:8], read[:8]),
+                                                       overlay_labels(test_images[::31][:8], test_labels[::31][:8])]), nrow=8),
+                             work / "pairs.png")
+
+    summary, table = summarise(rows, names)
+    plot(summary, ks, work / "segment.png")
+    result = {"args": vars(args), "rows": rows, "summary": summary, "tissues": names,
+              "fidelity": None if fidelity is None else {"per_tissue": fidelity.tolist(), "mean": float(np.nanmean(fidelity))},
+              "generation_seconds": gen_seconds}
+    atomic_write_text(work / "results.json", json.dumps(result, indent=2))
+    fidelity_line = "" if fidelity is None else f"\nMask fidelity: {np.round(fidelity, 3).tolist()}, mean {np.nanmean(fidelity):.3f}\n"
+    atomic_write_text(work / "segment.md", table + "\n" + fidelity_line)
+    print(table + "\n" + fidelity_line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Tissue masks: matching, refusals, alignment, joint training, sampling pairs and given masks, resume."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from brainfusion.checkpoint import load_checkpoint
+from brainfusion.config import DataConfig
+from brainfusion.data.masks import fit_square_labels, mask_candidates, one_hot
+from brainfusion.data.slices import BatchStream, load_slices
+from brainfusion.diffusion.pipeline import Pipeline
+from brainfusion.errors import BrainfusionError
+from brainfusion.evaluation.segmenter import dice_per_label, segment, train_segmenter
+from conftest import write_png
+
+TRAIN = ["--image-size", "16", "--base-channels", "8", "--batch-size", "4", "--checkpoint-every", "2", "--log-every", "1",
+         "--sample-every", "0", "--seed", "5"]
+VALUES = (0, 85, 170, 255)
+
+
+def tissue_pair(seed: int, size: int = 24) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its OASIS seg: concentric CSF / grey / white rings whose intensity follows the label."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    r = np.hypot(yy - size / 2 + rng.uniform(-1, 1), xx - size / 2 + rng.uniform(-1, 1)) / (size * rng.uniform(0.38, 0.45))
+    labels = np.select([r < 0.45, r < 0.75, r < 1.0], [3, 2, 1], 0).astype(np.uint8)
+    image = np.array([0, 60, 140, 220], np.uint8)[labels] + (labels > 0) * rng.integers(0, 20, labels.shape).astype(np.uint8)
+    return image.astype(np.uint8), np.array(VALUES, np.uint8)[labels]
+
+
+def make_pairs(root: Path, counts=(("train", 10), ("test", 2), ("validate", 4)), size: int = 24) -> Path:
+    case = 0
+    for split, n in counts:
+        for k in range(n):
+            case += 1
+            image, seg = tissue_pair(case, size)
+            write_png(root / f"keras_png_slices_{split}" / f"case_{case:03d}_slice_{k}.nii.png", image)
+            write_png(root / f"keras_png_slices_seg_{split}" / f"seg_{case:03d}_slice_{k}.nii.png", seg)
+    return root
+
+
+@pytest.fixture
+def pairs(tmp_path) -> Path:
+    return make_pairs(tmp_path / "pairs")
+
+
+def test_layout_masks_are_matched_by_case_and_slice_and_aligned(pairs):
+    slices = load_slices(DataConfig(path=str(pairs), image_size=16, masks="layout"), progress=False)
+    assert slices.mask_values == VALUES and slices.labels.shape == slices.images.shape == (12, 16, 16)
+    for image, labels, source in zip(slices.images, slices.labels, slices.sources):
+        case = int(re.search(r"case_(\d+)", source).group(1))
+        raw_image, raw_seg = tissue_pair(case)
+        expected = fit_square_labels(np.searchsorted(VALUES, raw_seg).astype(np.uint8), 4, 16)
+        assert np.array_equal(labels, expected), source
+        # labels and intensities agree: each tissue is brighter than the one outside it
+        means = [image[labels == k].mean() for k in range(4) if (labels == k).any()]
+        assert means == sorted(means)
+    assert mask_candidates(Path(slices.sources[0]), pairs, "layout")[0].name.startswith("seg_")
+
+
+def test_majority_vote_resize_keeps_labels_whole():
+    labels = np.zeros((8, 8), np.uint8)
+    labels[:, 4:] = 2
+    labels[0:2, 0:2] = 1  # one of the four 4×4 blocks: label 1 holds 1/4 of it, label 0 the rest
+    small = fit_square_labels(labels, 3, 2)
+    assert small.tolist() == [[0, 2], [0, 2]]
+    assert set(np.unique(fit_square_labels(labels, 3, 32)).tolist()) <= {0, 1, 2}
+
+
+def test_volume_masks_from_a_folder_follow_the_kept_slices(tmp_path, phantom):
+    nib = pytest.importorskip("nibabel")
+    volume = phantom()
+    labels = (volume > 0).astype(np.int16) + (volume >= 400).astype(np.int16)  # 0 outside, 1 blob, 2 marker
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "images" / "sub01_T1w.nii.gz")
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "labels" / "sub01_T1w_dseg.nii.gz")
+    slices = load_slices(DataConfig(path=str(tmp_path / "images"), image_size=16, masks=str(tmp_path / "labels")), progress=False)
+    assert slices.mask_values == (0, 1, 2)
+    assert len(slices) == 6  # the empty axial slices are dropped from images and masks alike
+    for image, label in zip(slices.images, slices.labels):
+        assert ((image > 0) == (label > 0)).mean() > 0.9  # edge pixels: a box-filtered image against a majority vote
+        assert image[label == 2].mean() > image[label == 1].mean()
+
+
+def _seg_path(pairs: Path, name: str) -> Path:
+    return next(pairs.glob(f"keras_png_slices_seg_*/{name}"))
+
+
+@pytest.mark.parametrize("defect", ["missing", "size", "value"])
+def test_bad_masks_are_refused_in_one_sentence_or_skipped(pairs, defect, assert_user_error, cli):
+    seg = _seg_path(pairs, "seg_003_slice_2.nii.png")
+    if defect == "missing":
+        seg.unlink()
+        words = ["case_003_slice_2.nii.png", "no mask", "seg_003_slice_2.nii.png"]
+    elif defect == "size":
+        write_png(seg, np.zeros((20, 24), np.uint8))
+        words = [seg.name, "24x20", "size"]
+    else:
+        bad = np.asarray(Image.open(seg)).copy()
+        bad[0, 0] = 7
+        write_png(seg, bad)
+        words = [seg.name, "7", "--mask-values"]
+    assert_user_error(["train", "--data", pairs, "--masks", "--out-dir", "run", "--max-steps", "1", *TRAIN], *words)
+    status, out, err = cli("train", "--data", pairs, "--masks", "--on-bad-file", "skip", "--out-dir", "run2", "--max-steps", "1", *TRAIN)
+    assert status == 0, err
+    assert "11 slices" not in out and load_checkpoint(next((Path("run2") / "checkpoints").glob("*.safetensors"))).step == 1
+
+
+def test_masks_folder_and_layout_refusals(tmp_path, pairs, assert_user_error, png_writer, brain_png):
+    folder = tmp_path / "plain"
+    png_writer(folder / "a.png", brain_png(0, 16, 16))
+    assert_user_error(["train", "--data", folder, "--masks", "--out-dir", "r", "--max-steps", "1", *TRAIN], "keras_png_slices_seg_", "--masks")
+    assert_user_error(["train", "--data", pairs, "--masks", tmp_path / "nowhere", "--out-dir", "r", "--max-steps", "1", *TRAIN], "nowhere")
+    assert_user_error(["train", "--data", pairs, "--masks", "--mask-values", "0,85,85", "--out-dir", "r", "--max-steps", "1", *TRAIN], "--mask-values")
+
+
+def test_batches_carry_image_and_one_hot_labels_flipped_together(pairs):
+    slices = load_slices(DataConfig(path=str(pairs), image_size=16, masks="layout"), progress=False)
+    # make every image left-right asymmetric, so a flip of one channel and not the other would show
+    slices.images[:, :, :8] //= 2
+    stream = BatchStream(slices.images, 4, seed=0, hflip=True, labels=slices.labels, n_labels=4)
+    flips = 0
+    for step in range(6):
+        x = stream.batch(step)
+        assert x.shape == (4, 5, 16, 16)
+        assert torch.equal(x[:, 1:].sum(1), torch.full((4, 16, 16), -2.0))  # exactly one label on (+1), three off (−1)
+        for row, index in zip(x, stream._indices(step)):
+            image = torch.from_numpy(slices.images[index]).float() / 127.5 - 1
+            labels = torch.from_numpy(slices.labels[index]).long()
+            flipped = not torch.equal(row[0], image)
+            assert torch.equal(row[0], image.flip(-1) if flipped else image)
+            assert torch.equal(row[1:].argmax(0), labels.flip(-1) if flipped else labels)
+            flips += flipped
+    assert 0 < flips < 24
+
+
+def test_joint_train_sample_pairs_given_mask_and_bitwise_resume(pairs, cli, tmp_path):
+    status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", "straight", "--max-steps", "4", *TRAIN)
+    assert status == 0, err
+    config = json.loads((tmp_path / "straight" / "config.json").read_text())
+    assert config["data"]["masks"] == "layout" and config["data"]["mask_values"] == list(VALUES)
+    assert config["model"]["in_channels"] == 5
+
+    for args in (("--max-steps", "2"), ("--max-steps", "4", "--resume")):
+        status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", "resumed", *args, *TRAIN)
+        assert status == 0, err
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "ckpt_00000004.safetensors")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "ckpt_00000004.safetensors")
+    for key in a.model:
+        assert torch.equal(a.model[key], b.model[key]) and torch.equal(a.ema[key], b.ema[key]), key
+
+    status, out, err = cli("sample", "--checkpoint", "straight", "--n", "3", "--sampler", "dpm++", "--steps", "3", "--out", "s")
+    assert status == 0, err
+    images = tmp_path / "s" / "images"
+    for i in range(3):
+        assert np.asarray(Image.open(images / f"sample_{i:05d}.png")).shape == (16, 16)
+        assert set(np.unique(np.asarray(Image.open(images / f"seg_{i:05d}.png"))).tolist()) <= set(VALUES)
+    assert np.asarray(Image.open(tmp_path / "s" / "grid.png")).ndim == 3  # masks shown as colour overlays
+
+    given = pairs / "keras_png_slices_seg_validate"
+    status, out, err = cli("sample", "--checkpoint", "straight", "--n", "5", "--sampler", "heun", "--steps", "3",
+                           "--given-mask", given, "--out", "g")
+    assert status == 0, err
+    wanted = sorted(given.iterdir())
+    for i in range(5):  # the masks come back exactly as given, resized to the model (image i gets mask i mod 4)
+        seg = np.asarray(Image.open(wanted[i % 4]))
+        expected = np.array(VALUES, np.uint8)[fit_square_labels(np.searchsorted(VALUES, seg).astype(np.uint8), 4, 16)]
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "g" / "images" / f"seg_{i:05d}.png")), expected)
+
+
+def test_given_masks_are_checked(pairs, cli, tmp_path, tiny_checkpoint, assert_user_error):
+    status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", "joint", "--max-steps", "1", *TRAIN)
+    assert status == 0, err
+    pipe = Pipeline.from_checkpoint(tmp_path / "joint")
+    with pytest.raises(BrainfusionError, match="label indices in 0..3"):
+        pipe.pairs(2, mask=np.full((2, 16, 16), 4), steps=2, sampler="ddim")
+    with pytest.raises(BrainfusionError, match=r"\(2, 16, 16\)"):
+        pipe.pairs(2, mask=np.zeros((2, 8, 8)), steps=2, sampler="ddim")
+    images, labels = pipe.pairs(2, steps=2, sampler="ddim")
+    assert images.shape == labels.shape == (2, 16, 16) and labels.max() <= 3
+    assert np.array_equal(pipe(2, steps=2, sampler="ddim"), images)  # __call__ gives the images of pairs
+    assert_user_error(["sample", "--checkpoint", tiny_checkpoint, "--n", "1", "--given-mask", pairs / "keras_png_slices_seg_validate"],
+                      "without masks")
+    assert_user_error(["sample", "--checkpoint", "joint", "--n", "1", "--given-mask", pairs / "keras_png_slices_validate"],
+                      "case_", "outside the label set")
+
+
+def test_dice_matches_torchmetrics_and_a_segmenter_learns_the_rings():
+    from torchmetrics.functional.segmentation import dice_score
+
+    rng = np.random.default_rng(0)
+    truth, pred = rng.integers(0, 4, (6, 16, 16)), rng.integers(0, 4, (6, 16, 16))
+    ours = dice_per_label(pred, truth, 4)
+    theirs = dice_score(torch.from_numpy(pred).reshape(1, -1, 16), torch.from_numpy(truth).reshape(1, -1, 16), num_classes=4,
+                        include_background=False, average="none", input_format="index")
+    assert np.allclose(ours, theirs.numpy().ravel(), atol=1e-6)
+
+    pairs_ = [tissue_pair(s, 16) for s in range(24)]
+    images = np.stack([p[0] for p in pairs_])
+    labels = np.searchsorted(VALUES, np.stack([p[1] for p in pairs_])).astype(np.uint8)
+    net = train_segmenter(images[:20], labels[:20], 4, steps=40, batch_size=8, seed=0)
+    assert np.nanmean(dice_per_label(segment(net, images[20:]), labels[20:], 4)) > 0.6
+    again = train_segmenter(images[:20], labels[:20], 4, steps=40, batch_size=8, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+
+
+def test_one_hot_is_the_model_range():
+    labels = torch.tensor([[[0, 2], [1, 0]]])
+    x = one_hot(labels, 3)
+    assert x.shape == (1, 3, 2, 2) and x[0, :, 0, 1].tolist() == [-1, -1, 1]
