@@ -159,16 +159,18 @@ def _refuse(*args, **kwargs):
     raise AssertionError("decoded a file although the cache holds it")
 
 
-def test_cache_is_written_once_and_reused(tmp_path, oasis_root, monkeypatch):
+def test_cache_is_written_once_and_reused(tmp_path, oasis_root, monkeypatch, user_cache_home):
+    before = sorted(p for p in oasis_root.rglob("*"))
     first = _load(oasis_root)
-    caches = list((oasis_root / ".brainfusion_cache").glob("*.npz"))
+    assert sorted(p for p in oasis_root.rglob("*")) == before  # nothing is written into the data folder
+    caches = list((user_cache_home / "brainfusion" / "slices").glob("*.npz"))
     assert len(caches) == 1
     stamp = caches[0].stat().st_mtime_ns
     monkeypatch.setattr(data_mod, "read_slice", _refuse)
     second = _load(oasis_root)
     assert np.array_equal(first.images, second.images)
     assert first.sources == second.sources
-    assert list((oasis_root / ".brainfusion_cache").glob("*.npz")) == caches
+    assert list((user_cache_home / "brainfusion" / "slices").glob("*.npz")) == caches
     assert caches[0].stat().st_mtime_ns == stamp
     # editing a source file invalidates the cache: the file is decoded again
     victim = oasis_root / "keras_png_slices_train" / "case_001_slice_0.nii.png"
@@ -177,10 +179,10 @@ def test_cache_is_written_once_and_reused(tmp_path, oasis_root, monkeypatch):
         _load(oasis_root)
 
 
-def test_cache_location_can_be_chosen(tmp_path, oasis_root):
+def test_cache_location_can_be_chosen(tmp_path, oasis_root, user_cache_home):
     _load(oasis_root, cache_dir=str(tmp_path / "elsewhere"))
     assert len(list((tmp_path / "elsewhere").glob("slices_train_*.npz"))) == 1
-    assert not (oasis_root / ".brainfusion_cache").exists()
+    assert not user_cache_home.exists()
 
 
 def test_changed_analyze_voxels_invalidate_the_cache(tmp_path, phantom, monkeypatch):

@@ -25,6 +25,7 @@ TRAIN_FLAGS = {
     "image_size": ("data.image_size", int, "square training size, a multiple of 16 (default 64)"),
     "split": ("data.split", str, "OASIS layout split: train (train+test), validate or all"),
     "on_bad_file": ("data.on_bad_file", str, "fail (default) or skip unreadable files"),
+    "cache_dir": ("data.cache_dir", str, "folder of the decoded-slice cache (default: the user cache, see `brainfusion cache list`)"),
     "no_flip": ("data.hflip", None, "disable random horizontal flips"),
     "patch_size": ("model.patch_size", int, "1 (default), 2 or 4: pixel-unshuffle factor before the U-Net (2 is ~3x cheaper a step, worse per CPU minute)"),
     "base_channels": ("model.base_channels", int, "U-Net width of the first level"),
@@ -67,7 +68,7 @@ TRAIN_FLAGS = {
 }
 
 
-_SHARED = ("data", "image_size", "split", "on_bad_file", "no_flip", "out_dir", "batch_size", "lr", "warmup_steps", "epochs",
+_SHARED = ("data", "image_size", "split", "on_bad_file", "cache_dir", "no_flip", "out_dir", "batch_size", "lr", "warmup_steps", "epochs",
            "max_steps", "time_budget_min", "precision", "channels_last", "checkpoint_every", "keep_checkpoints",
            "sample_every", "log_every", "seed", "max_nonfinite", "logger")
 AUTOENCODER_FLAGS = {
@@ -164,12 +165,28 @@ def cmd_data(args: argparse.Namespace) -> None:
         from .data.slices import load_slices
         from .images import save_grid
 
-        cfg = DataConfig(path=args.data, image_size=args.image_size, split=args.split, on_bad_file=args.on_bad_file)
+        cfg = DataConfig(path=args.data, image_size=args.image_size, split=args.split, on_bad_file=args.on_bad_file,
+                         cache_dir=args.cache_dir or "")
         slices = load_slices(cfg, progress=not args.quiet)
         out = Path(args.montage)
         save_grid(slices.images[:: max(1, len(slices) // 64)][:64], out)
         print(f"{len(slices)} slices of {cfg.image_size}x{cfg.image_size} from {cfg.path} "
               f"({len(set(slices.sources))} files, {len(slices.skipped)} skipped); montage: {out}")
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    from .data.cache import clear_cache, default_cache_dir, describe_size, describe_time, list_cache
+
+    folder = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    if args.cache_command == "clear":
+        count, freed = clear_cache(folder)
+        print(f"removed {count} cache file(s) from {folder}, freeing {describe_size(freed)}")
+        return
+    entries = list_cache(folder)
+    for e in entries:
+        print(f"{e.path.name}\t{describe_size(e.size)}\t{describe_time(e.modified)}\t{e.source or '(source not recorded)'}")
+    total = sum(e.size for e in entries)
+    print(f"{len(entries)} cache file(s), {describe_size(total)} in {folder}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -385,7 +402,16 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--split", default="train")
     d.add_argument("--on-bad-file", default="fail")
     d.add_argument("--montage", default="montage.png")
+    d.add_argument("--cache-dir", help="folder of the decoded-slice cache (default: the user cache)")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("cache", help="list or clear the decoded-slice cache (in the user cache folder, never the data)")
+    csub = p.add_subparsers(dest="cache_command", required=True)
+    for name, text in (("list", "each cache file: size, date and the data it was read from"),
+                       ("clear", "delete brainfusion's cache files and print what was freed")):
+        c = csub.add_parser(name, help=text)
+        c.add_argument("--cache-dir", help="another cache folder (one given to train --cache-dir)")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("train", help="train a diffusion model")
     _add_train_flags(p)

@@ -31,7 +31,7 @@ class DataConfig:
     image_size: int = 64
     hflip: bool = True
     split: str = "train"  # OASIS layout: "train" merges train+test (as the seed does); "validate" is held out
-    cache_dir: str = ""  # default: <path>/.brainfusion_cache (or beside a single volume file)
+    cache_dir: str = ""  # default: the per-user cache folder (data/cache.py), never the data folder
     min_brain_fraction: float = 0.05  # volume slices with less foreground than this are dropped
     on_bad_file: str = "fail"  # "fail" stops on the first unreadable file; "skip" logs it and goes on
 

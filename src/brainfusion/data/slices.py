@@ -6,7 +6,8 @@ Three sources sit behind `load_slices`:
   * any folder of PNG/JPEG/TIFF slices, searched recursively;
   * 3-D NIfTI (.nii/.nii.gz) and Analyze (.hdr/.img) volumes, reoriented to RAS+ with nibabel,
     robustly normalised per volume and cut into axial slices, near-empty slices dropped.
-Decoded, resized slices are cached once as a .npy (uint8) so epochs never re-decode files.
+Decoded, resized slices are cached once as an .npz (uint8) in the user's cache folder (cache.py), so
+epochs and later runs never re-decode files and nothing is written into a data folder.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from PIL import Image
 from ..config import DataConfig
 from ..errors import BrainfusionError
 from ..fileio import atomic_output
+from .cache import SOURCE_KEY, cache_dir, source_of
 from ..seeding import seeded_generator
 
 log = logging.getLogger(__name__)
@@ -202,8 +204,11 @@ class SliceSet:
 
 
 def _cache_key(files: list[Path], config: DataConfig) -> str:
+    """A digest of the settings and of every file's path, size and mtime: one shared cache folder serves every
+    data source, so the resolved data path is in it too (a relative path means another folder elsewhere)."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([CACHE_VERSION, config.image_size, config.min_brain_fraction, config.on_bad_file]).encode())
+    digest.update(json.dumps([CACHE_VERSION, config.image_size, config.min_brain_fraction, config.on_bad_file,
+                              source_of(config)]).encode())
     for path in files:
         # an Analyze .hdr keeps its voxels in the .img beside it: a changed .img must invalidate the cache too
         for part in (path, path.with_suffix(".img")) if _suffix(path) == ".hdr" else (path,):
@@ -212,20 +217,13 @@ def _cache_key(files: list[Path], config: DataConfig) -> str:
     return digest.hexdigest()[:16]
 
 
-def _cache_dir(config: DataConfig) -> Path:
-    if config.cache_dir:
-        return Path(config.cache_dir)
-    root = Path(config.path)
-    return (root if root.is_dir() else root.parent) / ".brainfusion_cache"
-
-
 def load_slices(config: DataConfig, progress: bool = True) -> SliceSet:
     """Discover, decode, resize and cache every slice of a data source."""
     from tqdm.auto import tqdm
 
     config.validate()
     files = discover_files(config)
-    cache = _cache_dir(config) / f"slices_{config.split}_{_cache_key(files, config)}.npz"
+    cache = cache_dir(config) / f"slices_{config.split}_{_cache_key(files, config)}.npz"
     if cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as stored:
@@ -264,7 +262,7 @@ def load_slices(config: DataConfig, progress: bool = True) -> SliceSet:
         raise BrainfusionError(f"none of the {len(files)} files under {config.path} could be read; check the data.")
     _warn_skipped(skipped, len(files), config)
     result = SliceSet(np.concatenate(images), sources, skipped, np.concatenate(levels))
-    _write_cache(cache, result)
+    _write_cache(cache, result, source_of(config))
     return result
 
 
@@ -282,11 +280,11 @@ def _warn_skipped(skipped: list[str], total: int, config: DataConfig, listed: in
     log.warning("skipped %d unreadable file(s) of %d under %s: %s", len(skipped), total, config.path, names)
 
 
-def _write_cache(path: Path, slices: SliceSet) -> None:
+def _write_cache(path: Path, slices: SliceSet, source: str) -> None:
     try:
         with atomic_output(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, images=slices.images, sources=np.array(slices.sources), skipped=np.array(slices.skipped, dtype=str),
-                     levels=slices.levels)
+                     levels=slices.levels, **{SOURCE_KEY: np.array(source)})
     except OSError as exc:  # no half-written cache is left behind (a full disk stays as full as it was)
         log.warning("could not write the slice cache %s (%s); continuing without it", path, exc)
 
