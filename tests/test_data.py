@@ -92,6 +92,24 @@ def test_16_bit_tiff_uses_the_full_8_bit_range(tmp_path):
     assert len(np.unique(flat)) > 200
 
 
+@pytest.mark.parametrize("name, dtype", [("offset.png", "<u2"), ("offset.tiff", "<u2"), ("offset_be.tif", ">u2")])
+def test_16_bit_slices_with_an_offset_span_0_to_255_in_order(tmp_path, name, dtype):
+    """Values only in 1000..4000 (scanner offset): normalised from the image's own range, not clipped to 8 bits
+    first (convert("L") would make every pixel 255) nor floored at 0 (which would leave the darkest at 64)."""
+    rng = np.random.default_rng(0)
+    values = np.sort(rng.integers(1000, 4001, 32 * 32)).reshape(32, 32).astype(dtype)
+    Image.fromarray(values).save(tmp_path / name)
+    with Image.open(tmp_path / name) as img:
+        assert img.mode.startswith("I;16")
+    image = read_slice(tmp_path / name, 32)
+    assert image.dtype == np.uint8 and image.min() == 0 and image.max() == 255
+    flat, raw = image.reshape(-1).astype(int), values.reshape(-1).astype(int)
+    assert (np.diff(flat) >= 0).all()  # sorted values stay sorted: ordering is preserved
+    assert len(np.unique(flat)) > 200  # ... with most of the 8-bit levels in use
+    middle = slice(64, -64)  # between the robust percentiles a brighter value is never darker
+    assert np.corrcoef(flat[middle], raw[middle])[0, 1] > 0.999
+
+
 # --------------------------------------------------------------------------------------------
 # Volumes
 # --------------------------------------------------------------------------------------------

@@ -105,9 +105,8 @@ def read_slice(path: Path, size: int) -> np.ndarray:
         if max(img.size) > MAX_SIDE or min(img.size) < 1:
             raise ValueError(f"its size {img.size[0]}x{img.size[1]} is outside 1..{MAX_SIDE} pixels")
         img.load()
-        if img.mode in ("I;16", "I;16B", "I", "F"):
-            arr = np.asarray(img, dtype=np.float32)
-            arr = _robust_uint8(arr)
+        if img.mode.startswith("I") or img.mode == "F":  # I;16, I;16B, I;16L, I, F: never through convert("L"), which clips
+            arr = _robust_uint8(np.asarray(img, dtype=np.float32), own_range=True)
         else:
             arr = np.asarray(img.convert("L"), dtype=np.uint8)
     if arr.ndim != 2:
@@ -115,8 +114,14 @@ def read_slice(path: Path, size: int) -> np.ndarray:
     return _fit_square(arr, size)
 
 
-def _robust_uint8(values: np.ndarray) -> np.ndarray:
-    """Scale intensities to 0..255 using the 0.5–99.5 percentiles of the foreground."""
+def _robust_uint8(values: np.ndarray, own_range: bool = False) -> np.ndarray:
+    """Scale intensities to 0..255 up to the 99.5th percentile of the foreground.
+
+    A volume's floor is 0 for non-negative data (MRI magnitudes: zero is "no signal", so tissue keeps
+    its level relative to air) and the foreground's 0.5th percentile otherwise. A 16-bit or float 2-D
+    image is often stored with an offset (values only in 1000..4000, say), so `own_range` takes the
+    floor from the image's own 0.5th percentile: the slice spans 0..255 whatever its offset.
+    """
     finite = np.isfinite(values)
     if not finite.any():
         raise ValueError("it holds no finite values")
@@ -125,7 +130,10 @@ def _robust_uint8(values: np.ndarray) -> np.ndarray:
     if foreground.size == 0:
         return np.zeros(values.shape, dtype=np.uint8)
     lo, hi = np.percentile(foreground, [0.5, 99.5])
-    lo = min(lo, 0.0) if values.min() >= 0 else lo
+    if own_range:
+        lo = float(np.percentile(values, 0.5))
+    elif values.min() >= 0:
+        lo = min(lo, 0.0)
     scaled = (values - lo) / max(hi - lo, 1e-6)
     return (np.clip(scaled, 0, 1) * 255).round().astype(np.uint8)
 
