@@ -1,11 +1,12 @@
 """Data sources → one cached uint8 array of square grayscale slices → training batches.
 
-Three sources sit behind `load_slices`:
+The sources behind `load_slices`:
   * the OASIS "keras_png_slices" layout the seed uses (train+test merged for training, validate
     held out, `*_seg_*` mask folders never mixed in);
   * any folder of PNG/JPEG/TIFF slices, searched recursively;
   * 3-D NIfTI (.nii/.nii.gz) and Analyze (.hdr/.img) volumes, reoriented to RAS+ with nibabel,
-    robustly normalised per volume and cut into axial slices, near-empty slices dropped.
+    robustly normalised per volume and cut into axial slices, near-empty slices dropped;
+  * DICOM series, assembled into volumes by dicom.py and then cut like NIfTI volumes.
 Decoded, resized slices are cached once as an .npz (uint8) in the user's cache folder (cache.py), so
 epochs and later runs never re-decode files and nothing is written into a data folder.
 """
@@ -27,6 +28,7 @@ from ..config import DataConfig
 from ..errors import BrainfusionError
 from ..fileio import atomic_output
 from .cache import SOURCE_KEY, cache_dir, source_of
+from .dicom import Series, group_series, is_dicom_file, series_image
 from ..seeding import seeded_generator
 
 log = logging.getLogger(__name__)
@@ -61,9 +63,9 @@ def discover_files(config: DataConfig) -> list[Path]:
             f"(or build the demo set there with `brainfusion data demo`)."
         )
     if root.is_file():
-        if _suffix(root) not in IMAGE_SUFFIXES + VOLUME_SUFFIXES + (".img",):
+        if _suffix(root) not in IMAGE_SUFFIXES + VOLUME_SUFFIXES + (".img",) and not is_dicom_file(root):
             raise BrainfusionError(
-                f"{root} is not a supported file; give a PNG/JPEG/TIFF slice, a NIfTI or an Analyze volume."
+                f"{root} is not a supported file; give a PNG/JPEG/TIFF slice, a NIfTI or an Analyze volume, or a DICOM file."
             )
         return [root.with_suffix(".hdr") if _suffix(root) == ".img" else root]
     if is_oasis_layout(root):
@@ -76,11 +78,13 @@ def discover_files(config: DataConfig) -> list[Path]:
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames):
                 path = Path(dirpath) / name
-                if _suffix(path) in IMAGE_SUFFIXES + VOLUME_SUFFIXES and not name.startswith("."):
+                if name.startswith("."):
+                    continue
+                if _suffix(path) in IMAGE_SUFFIXES + VOLUME_SUFFIXES or (_suffix(path) != ".img" and is_dicom_file(path)):
                     files.append(path)
     if not files:
         raise BrainfusionError(
-            f"no PNG/JPEG/TIFF slices or NIfTI/Analyze volumes found under {root}; "
+            f"no PNG/JPEG/TIFF slices, NIfTI/Analyze volumes or DICOM series found under {root}; "
             "check the path or add images to it."
         )
     return files
@@ -150,6 +154,13 @@ def _volume_slices(path: Path, size: int, min_brain_fraction: float) -> tuple[np
 
     image = nib.load(str(path))
     _check_volume_header(image)
+    return _axial_slices(image, size, min_brain_fraction)
+
+
+def _axial_slices(image, size: int, min_brain_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """A nibabel image (a file's, or a DICOM series built in memory) → its kept axial slices and their levels."""
+    import nibabel as nib
+
     if len(image.shape) == 4 and image.shape[3] == 1:
         image = image.slicer[..., 0]
     if len(image.shape) != 3:
@@ -232,46 +243,90 @@ def load_slices(config: DataConfig, progress: bool = True) -> SliceSet:
     config.validate()
     files = discover_files(config)
     cache = cache_dir(config) / f"slices_{config.split}_{_cache_key(files, config)}.npz"
-    if cache.is_file():
+    cached = _read_cache(cache, config)
+    if cached is not None:
+        _warn_skipped(cached.skipped, len(files), config)  # the per-file warnings were logged when it was built
+        return cached
+    skipped: list[str] = []
+    images, sources, levels = [], [], []
+    for unit in tqdm(_units(files, config, skipped), desc="decoding slices", unit="file", disable=not progress, leave=False):
         try:
-            with np.load(cache, allow_pickle=False) as stored:
-                cached = SliceSet(stored["images"], list(stored["sources"]), list(stored["skipped"]), stored["levels"])
-            if cached.images.dtype != np.uint8 or cached.images.shape[1:] != (config.image_size,) * 2 or not (
-                    len(cached.sources) == len(cached.images) == len(cached.levels)):
-                raise ValueError("its contents do not fit this data source")
-            _warn_skipped(cached.skipped, len(files), config)  # the per-file warnings were logged when it was built
-            return cached
-        except (OSError, ValueError, KeyError):
-            log.warning("cache %s is unreadable; rebuilding it", cache)
-    images, sources, skipped, levels = [], [], [], []
-    for path in tqdm(files, desc="decoding slices", unit="file", disable=not progress, leave=False):
-        try:
-            if not path.is_file():  # a FIFO or device would block or stream forever; a dangling link has no data
-                raise ValueError("it is not a regular file")
-            if _suffix(path) in VOLUME_SUFFIXES:
-                stack, level = _volume_slices(path, config.image_size, config.min_brain_fraction)
-            else:
-                stack, level = read_slice(path, config.image_size)[None], np.full(1, np.nan, np.float32)
+            stack, level = _decode(unit, config)
         except BrainfusionError:
             raise
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if config.on_bad_file == "fail":
-                raise BrainfusionError(
-                    f"{path} could not be read ({reason}); delete or replace it, or skip such files (data.on_bad_file=skip)."
-                ) from None
-            log.warning("skipping %s: %s", path, reason)
-            skipped.append(f"{path}: {reason}")
+            _bad_file(unit.path, exc, config, skipped)
             continue
         images.append(stack)
         levels.append(level)
-        sources.extend([str(path)] * len(stack))
+        sources.extend([unit.source] * len(stack))
     if not images:
         raise BrainfusionError(f"none of the {len(files)} files under {config.path} could be read; check the data.")
     _warn_skipped(skipped, len(files), config)
     result = SliceSet(np.concatenate(images), sources, skipped, np.concatenate(levels))
     _write_cache(cache, result, source_of(config))
     return result
+
+
+@dataclass
+class _Unit:
+    """What is decoded in one go: one image or volume file, or one DICOM series (many files)."""
+
+    path: Path  # what a bad-file message names: the file, or the folder of a series
+    source: str  # what SliceSet.sources records for its slices
+    series: Series | None = None
+
+
+def _units(files: list[Path], config: DataConfig, skipped: list[str]) -> list[_Unit]:
+    """Image and volume files one by one, then the DICOM files grouped into series (headers read here)."""
+    known = IMAGE_SUFFIXES + VOLUME_SUFFIXES
+    units = [_Unit(path, str(path)) for path in files if _suffix(path) in known]
+    dicom = [path for path in files if _suffix(path) not in known]
+    if dicom:
+        grouping = group_series(dicom)
+        for path, exc in grouping.unreadable:
+            _bad_file(path, exc, config, skipped)
+        units += [_Unit(Path(series.source), series.source, series) for series in grouping.series]
+    return units
+
+
+def _decode(unit: _Unit, config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """One unit's slices and their axial levels (NaN for 2-D files); raises on any defect."""
+    if unit.series is not None:
+        image = series_image(unit.series, MAX_SIDE, MAX_VOXELS)
+        return _axial_slices(image, config.image_size, config.min_brain_fraction)
+    if not unit.path.is_file():  # a FIFO or device would block or stream forever; a dangling link has no data
+        raise ValueError("it is not a regular file")
+    if _suffix(unit.path) in VOLUME_SUFFIXES:
+        return _volume_slices(unit.path, config.image_size, config.min_brain_fraction)
+    return read_slice(unit.path, config.image_size)[None], np.full(1, np.nan, np.float32)
+
+
+def _bad_file(path: Path, exc: Exception, config: DataConfig, skipped: list[str]) -> None:
+    """Refuse an unreadable file (data.on_bad_file=fail) or log it and note it among the skipped."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if config.on_bad_file == "fail":
+        raise BrainfusionError(
+            f"{path} could not be read ({reason}); delete or replace it, or skip such files (data.on_bad_file=skip)."
+        ) from None
+    log.warning("skipping %s: %s", path, reason)
+    skipped.append(f"{path}: {reason}")
+
+
+def _read_cache(cache: Path, config: DataConfig) -> SliceSet | None:
+    """The cached SliceSet, or None if there is none or it does not fit this data source (then it is rebuilt)."""
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as stored:
+            cached = SliceSet(stored["images"], list(stored["sources"]), list(stored["skipped"]), stored["levels"])
+        if cached.images.dtype != np.uint8 or cached.images.shape[1:] != (config.image_size,) * 2 or not (
+                len(cached.sources) == len(cached.images) == len(cached.levels)):
+            raise ValueError("its contents do not fit this data source")
+        return cached
+    except (OSError, ValueError, KeyError):
+        log.warning("cache %s is unreadable; rebuilding it", cache)
+        return None
 
 
 def load_set(path: str | Path, split: str, image_size: int, on_bad_file: str = "fail") -> SliceSet:
