@@ -74,6 +74,12 @@ def test_a_series_reads_like_the_same_voxels_saved_as_nifti(tmp_path, phantom):
     assert np.array_equal(from_dicom.images, from_nifti.images)
     np.testing.assert_allclose(from_dicom.levels, from_nifti.levels)
     assert set(from_dicom.sources) == {str(tmp_path / "dicom" / "subject1")}
+    assert set(from_dicom.subjects) == {"P01"}  # the PatientID
+
+
+def test_a_series_without_patient_id_is_its_folders_subject(tmp_path, phantom):
+    write_series(tmp_path / "dicom" / "anon7", phantom(), patient="")
+    assert set(_load(tmp_path / "dicom").subjects) == {"anon7"}
 
 
 def test_two_series_in_one_folder_are_two_volumes(tmp_path, phantom):

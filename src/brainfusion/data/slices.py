@@ -29,6 +29,7 @@ from ..errors import BrainfusionError
 from ..fileio import atomic_output
 from .cache import SOURCE_KEY, cache_dir, source_of
 from .dicom import Series, group_series, is_dicom_file, series_image
+from .layouts import bids_t1w_files, is_bids_layout, subject_of
 from ..seeding import seeded_generator
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ OASIS_SPLITS = {
 }
 MAX_SIDE = 8192  # larger "slices" are refused before decoding (decompression bombs, wrong files)
 MAX_VOXELS = 512**3  # larger volumes are refused before their voxels are read (corrupt headers, memory bombs)
-CACHE_VERSION = 2  # 2: the cache holds the volume slices' levels
+CACHE_VERSION = 3  # 2: the cache holds the volume slices' levels; 3: and each slice's subject
 
 
 def _suffix(path: Path) -> str:
@@ -70,6 +71,8 @@ def discover_files(config: DataConfig) -> list[Path]:
         return [root.with_suffix(".hdr") if _suffix(root) == ".img" else root]
     if is_oasis_layout(root):
         folders = [root / name for name in OASIS_SPLITS[config.split] if (root / name).is_dir()]
+    elif is_bids_layout(root):
+        return bids_t1w_files(root)
     else:
         folders = [root]
     files = []
@@ -217,6 +220,7 @@ class SliceSet:
     sources: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     levels: np.ndarray | None = None  # axial level of each volume slice (NaN for 2-D files), for conditioning
+    subjects: list[str] = field(default_factory=list)  # each slice's subject ID (layouts.subject_of), for subject hold-outs
 
     def __len__(self) -> int:
         return len(self.images)
@@ -248,7 +252,8 @@ def load_slices(config: DataConfig, progress: bool = True) -> SliceSet:
         _warn_skipped(cached.skipped, len(files), config)  # the per-file warnings were logged when it was built
         return cached
     skipped: list[str] = []
-    images, sources, levels = [], [], []
+    images, sources, levels, subjects = [], [], [], []
+    root = Path(config.path)
     for unit in tqdm(_units(files, config, skipped), desc="decoding slices", unit="file", disable=not progress, leave=False):
         try:
             stack, level = _decode(unit, config)
@@ -260,10 +265,11 @@ def load_slices(config: DataConfig, progress: bool = True) -> SliceSet:
         images.append(stack)
         levels.append(level)
         sources.extend([unit.source] * len(stack))
+        subjects.extend([_subject(unit, root)] * len(stack))
     if not images:
         raise BrainfusionError(f"none of the {len(files)} files under {config.path} could be read; check the data.")
     _warn_skipped(skipped, len(files), config)
-    result = SliceSet(np.concatenate(images), sources, skipped, np.concatenate(levels))
+    result = SliceSet(np.concatenate(images), sources, skipped, np.concatenate(levels), subjects)
     _write_cache(cache, result, source_of(config))
     return result
 
@@ -302,6 +308,12 @@ def _decode(unit: _Unit, config: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     return read_slice(unit.path, config.image_size)[None], np.full(1, np.nan, np.float32)
 
 
+def _subject(unit: _Unit, root: Path) -> str:
+    if unit.series is None:
+        return subject_of(unit.source, root)
+    return subject_of(str(unit.series.files[0].parent), root, unit.series.patient, folder=True)
+
+
 def _bad_file(path: Path, exc: Exception, config: DataConfig, skipped: list[str]) -> None:
     """Refuse an unreadable file (data.on_bad_file=fail) or log it and note it among the skipped."""
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -319,9 +331,10 @@ def _read_cache(cache: Path, config: DataConfig) -> SliceSet | None:
         return None
     try:
         with np.load(cache, allow_pickle=False) as stored:
-            cached = SliceSet(stored["images"], list(stored["sources"]), list(stored["skipped"]), stored["levels"])
+            cached = SliceSet(stored["images"], [str(s) for s in stored["sources"]], [str(s) for s in stored["skipped"]], stored["levels"],
+                              [str(s) for s in stored["subjects"]])
         if cached.images.dtype != np.uint8 or cached.images.shape[1:] != (config.image_size,) * 2 or not (
-                len(cached.sources) == len(cached.images) == len(cached.levels)):
+                len(cached.sources) == len(cached.images) == len(cached.levels) == len(cached.subjects)):
             raise ValueError("its contents do not fit this data source")
         return cached
     except (OSError, ValueError, KeyError):
@@ -347,7 +360,7 @@ def _write_cache(path: Path, slices: SliceSet, source: str) -> None:
     try:
         with atomic_output(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, images=slices.images, sources=np.array(slices.sources), skipped=np.array(slices.skipped, dtype=str),
-                     levels=slices.levels, **{SOURCE_KEY: np.array(source)})
+                     levels=slices.levels, subjects=np.array(slices.subjects, dtype=str), **{SOURCE_KEY: np.array(source)})
     except OSError as exc:  # no half-written cache is left behind (a full disk stays as full as it was)
         log.warning("could not write the slice cache %s (%s); continuing without it", path, exc)
 
