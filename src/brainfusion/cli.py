@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from .config import FAST_SAMPLER, FAST_STEPS, RECIPES, SAMPLERS, RunConfig, load_config, recipe_config
@@ -27,6 +28,8 @@ TRAIN_FLAGS = {
     "on_bad_file": ("data.on_bad_file", str, "fail (default) or skip unreadable files"),
     "cache_dir": ("data.cache_dir", str, "folder of the decoded-slice cache (default: the user cache, see `brainfusion cache list`)"),
     "no_flip": ("data.hflip", None, "disable random horizontal flips"),
+    "holdout_subjects": ("data.holdout_subjects", float, "keep whole subjects out of training: a number (e.g. 2) or a share (e.g. 0.2); "
+                         "drawn from --seed and recorded in the run's config"),
     "patch_size": ("model.patch_size", int, "1 (default), 2 or 4: pixel-unshuffle factor before the U-Net (2 is ~3x cheaper a step, worse per CPU minute)"),
     "base_channels": ("model.base_channels", int, "U-Net width of the first level"),
     "channel_mults": ("model.channel_mults", str, "four width multipliers, e.g. 1,2,3,4"),
@@ -171,7 +174,10 @@ def cmd_data(args: argparse.Namespace) -> None:
         out = Path(args.montage)
         save_grid(slices.images[:: max(1, len(slices) // 64)][:64], out)
         print(f"{len(slices)} slices of {cfg.image_size}x{cfg.image_size} from {cfg.path} "
-              f"({len(set(slices.sources))} files, {len(slices.skipped)} skipped); montage: {out}")
+              f"({len(set(slices.sources))} files, {len(slices.skipped)} skipped), {len(set(slices.subjects))} subjects; montage: {out}")
+        counts = Counter(slices.subjects)
+        listed = ", ".join(f"{name} ({n})" for name, n in sorted(counts.items())[:20])
+        print(f"subjects (slices): {listed}" + (f", and {len(counts) - 20} more" if len(counts) > 20 else ""))
 
 
 def cmd_cache(args: argparse.Namespace) -> None:

@@ -34,6 +34,9 @@ class DataConfig:
     cache_dir: str = ""  # default: the per-user cache folder (data/cache.py), never the data folder
     min_brain_fraction: float = 0.05  # volume slices with less foreground than this are dropped
     on_bad_file: str = "fail"  # "fail" stops on the first unreadable file; "skip" logs it and goes on
+    # whole subjects kept out of training (data/subjects.py): a count (>= 1) or a share (< 1); 0 holds out none
+    holdout_subjects: float = 0.0
+    heldout_subjects: tuple[str, ...] = ()  # the subjects held out, drawn from train.seed when the run starts
 
     def validate(self) -> None:
         if self.image_size <= 0 or self.image_size % 16:
@@ -42,6 +45,10 @@ class DataConfig:
             )
         _check_choice("data.split", self.split, ("train", "validate", "all"))
         _check_choice("data.on_bad_file", self.on_bad_file, ("fail", "skip"))
+        if self.holdout_subjects < 0 or (self.holdout_subjects >= 1 and not float(self.holdout_subjects).is_integer()):
+            raise BrainfusionError(
+                f"data.holdout_subjects is {self.holdout_subjects:g}; give a number of subjects (e.g. 2) or a share below 1 (e.g. 0.2)."
+            )
 
 
 @dataclass

@@ -26,6 +26,7 @@ from ..checkpoint import fault_injection_point, latest_checkpoint, load_checkpoi
 from ..config import RunConfig
 from ..data.conditions import drop_labels, inherit_vocabulary, label_slices
 from ..data.slices import BatchStream, load_slices
+from ..data.subjects import split_subjects
 from ..diffusion.pipeline import Pipeline
 from ..diffusion.process import make_process
 from ..errors import BrainfusionError
@@ -148,6 +149,8 @@ def _resume_state(config: RunConfig, resume: bool):
         return None
     state = load_checkpoint(newest)
     inherit_vocabulary(config, state.config, newest)  # a resumed run keeps the condition vocabulary it was trained with
+    if config.data.holdout_subjects == state.config.data.holdout_subjects:  # and its held-out subjects, even if data was added
+        config.data.heldout_subjects = state.config.data.heldout_subjects
     if state.config.model != config.model or state.config.diffusion != config.diffusion:
         raise BrainfusionError(
             f"{newest} was trained with a different model or diffusion config; resume with the same config (see {newest.with_suffix('.json')})."
@@ -175,7 +178,7 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
     state = _resume_state(config, resume)
     if ctx.is_main:  # what killed processes left behind goes before anything is written
         tidy_run_folder(Path(tcfg.out_dir), tcfg.keep_checkpoints)
-    slices = load_slices(config.data, progress=progress and ctx.is_main)
+    slices, heldout = split_subjects(config.data, load_slices(config.data, progress=progress and ctx.is_main), tcfg.seed)
     if tcfg.batch_size % ctx.world:
         raise BrainfusionError(f"train.batch_size={tcfg.batch_size} is the global batch and must divide by the {ctx.world} processes.")
     images, cond = label_slices(config, slices)  # (images, None) for an unconditional run; fits the vocabulary
@@ -209,6 +212,9 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
         )
         Path(tcfg.out_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(tcfg.out_dir) / "config.json", config.to_json())
+    if heldout is not None and ctx.is_main:
+        log.info("holding out %d subject(s), %d slices: %s", len(config.data.heldout_subjects), len(heldout),
+                 ", ".join(config.data.heldout_subjects))
     if slices.skipped and ctx.is_main:
         log.warning("%d bad file(s) were skipped; see the warnings above", len(slices.skipped))
     return Session(
