@@ -84,3 +84,18 @@ def test_data_inspect_prints_the_subjects(cli, tmp_path, make_oasis_root):
     assert status == 0, err
     assert "4 slices" in out and "4 subjects" in out
     assert "subjects (slices): case_001 (1), case_002 (1), case_003 (1), case_004 (1)" in out
+
+
+def test_evaluate_a_run_against_its_held_out_subjects(cli, tmp_path, make_oasis_root):
+    root = make_oasis_root(tmp_path / "oasis", n_train=6, n_test=2, n_validate=1, size=16)
+    run = tmp_path / "run"
+    status, _, err = cli("train", "--data", root, "--out-dir", run, "--max-steps", "2", "--holdout-subjects", "3", *TINY)
+    assert status == 0, err
+    status, out, err = cli("evaluate", "--checkpoint", run, "--out", tmp_path / "eval", "--n", "8", "--batch-size", "8",
+                           "--sampler", "dpm++sde", "--steps", "2", "--image-size", "32", "--precision", "fp32")
+    assert status == 0, err
+    assert "evaluated 8 generated vs 3 real slices" in out  # one slice per held-out subject
+    plain = tmp_path / "plain"
+    assert cli("train", "--data", root, "--out-dir", plain, "--max-steps", "1", *TINY)[0] == 0
+    status, _, err = cli("evaluate", "--checkpoint", plain, "--out", tmp_path / "eval2", "--n", "8")
+    assert status == 2 and "without --holdout-subjects" in err and "--real" in err

@@ -243,6 +243,9 @@ def _load_set(path: str, split: str, size: int, on_bad_file: str):
 def cmd_evaluate(args: argparse.Namespace) -> None:
     if bool(args.generated) == bool(args.checkpoint):
         raise BrainfusionError("give exactly one of --generated FOLDER or --checkpoint RUN to evaluate.")
+    if not args.real and (args.generated or args.conditional):
+        raise BrainfusionError("give --real SLICES to compare with; only --checkpoint RUN without --conditional may leave it out, "
+                               "to score against the subjects the run held out (train --holdout-subjects).")
     if args.conditional and not (args.checkpoint and args.train):
         raise BrainfusionError("--conditional samples a --checkpoint RUN and trains its judges on real training slices; give both "
                                "--checkpoint and --train.")
@@ -262,7 +265,7 @@ def _evaluate_set(args: argparse.Namespace, out: Path) -> None:
         sampled = generate(_sample_config(args, out_dir=str(out / "generated")), progress=not args.quiet)
         args.generated = sampled["images"]
     generated = _load_set(args.generated, "all", args.image_size, args.on_bad_file)
-    real = _load_set(args.real, args.real_split, args.image_size, args.on_bad_file)
+    real = _load_set(args.real, args.real_split, args.image_size, args.on_bad_file) if args.real else _heldout_of_run(args)
     train = _load_set(args.train, args.train_split, args.image_size, args.on_bad_file) if args.train else None
     config = EvalConfig(resolution=args.image_size, seed=args.seed, progress=not args.quiet, inception=args.inception,
                         inception_weights=Path(args.inception_weights) if args.inception_weights else None,
@@ -271,6 +274,20 @@ def _evaluate_set(args: argparse.Namespace, out: Path) -> None:
     report = write_report(results, generated, real, nearest_pairs(results, generated, train), out)
     domain = results.get("domain", {})
     print(f"evaluated {len(generated)} generated vs {len(real)} real slices: FD_domain {domain.get('FD', float('nan')):.4g}; report {report}")
+
+
+def _heldout_of_run(args: argparse.Namespace):
+    """The slices of the subjects the --checkpoint run held out, as its real set."""
+    from .checkpoint import load_checkpoint
+    from .data.subjects import heldout_slices
+
+    data = load_checkpoint(Path(args.checkpoint), with_optimizer=False).config.data
+    if not data.heldout_subjects:
+        raise BrainfusionError(f"{args.checkpoint} was trained without --holdout-subjects, so it has no held-out subjects to "
+                               "score against; give --real SLICES.")
+    real = heldout_slices(data, args.image_size, args.on_bad_file)
+    log.info("scoring against the %d slices of the %d subjects the run held out", len(real), len(data.heldout_subjects))
+    return real.images
 
 
 def _evaluate_conditional(args: argparse.Namespace, out: Path) -> None:
@@ -360,7 +377,8 @@ def _add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="quality, diversity and memorisation of generated slices vs real ones")
     p.add_argument("--generated", help="folder of generated slices")
     p.add_argument("--checkpoint", help="or: a run/checkpoint to sample --n images from")
-    p.add_argument("--real", required=True, help="real slices (any data source); OASIS layout → --real-split")
+    p.add_argument("--real", help="real slices (any data source); OASIS layout → --real-split. Default with --checkpoint: "
+                                  "the subjects the run held out (train --holdout-subjects)")
     p.add_argument("--real-split", default="validate")
     p.add_argument("--train", help="training slices for the memorisation check")
     p.add_argument("--train-split", default="train")

@@ -66,3 +66,20 @@ def split_subjects(data: DataConfig, slices, seed: int):
         raise BrainfusionError(f"every slice of {data.path} belongs to a held-out subject (data.heldout_subjects); "
                                "hold out fewer subjects or add data.")
     return subset(slices, ~held), subset(slices, held)
+
+
+def heldout_slices(data: DataConfig, image_size: int, on_bad_file: str = "fail"):
+    """The slices of the subjects a run held out (`data.heldout_subjects` of its config), read from its data at
+    `image_size`: the real set to score its samples against."""
+    from .slices import load_slices
+
+    if not data.heldout_subjects:
+        raise BrainfusionError(f"the run held out no subjects of {data.path} (data.heldout_subjects is empty); "
+                               "train with data.holdout_subjects to hold some out.")
+    config = dataclasses.replace(data, image_size=image_size, on_bad_file=on_bad_file, holdout_subjects=0.0, heldout_subjects=())
+    slices = load_slices(config, progress=False)
+    held = np.isin(np.array(slices.subjects, dtype=str), np.array(data.heldout_subjects, dtype=str))
+    if not held.any():
+        raise BrainfusionError(f"none of the subjects the run held out ({', '.join(data.heldout_subjects)}) is in {data.path} "
+                               "any more; restore them, or compare with other real slices.")
+    return subset(slices, held)
