@@ -90,3 +90,24 @@ def test_subjects_are_cached_with_the_slices(tmp_path, make_oasis_root, monkeypa
     assert sorted(first.subjects) == ["case_001", "case_002", "case_003", "case_004", "case_005"]
     monkeypatch.setattr(slices_mod, "read_slice", lambda *a: (_ for _ in ()).throw(AssertionError("decoded again")))
     assert _load(root).subjects == first.subjects
+
+
+def test_oasis1_reads_the_masked_gfc_volume_of_each_session(tmp_path, phantom, assert_user_error):
+    root = tmp_path / "oasis1"
+    volume = nib.AnalyzeImage(phantom(), RAS)
+    for session in ("disc1/OAS1_0001_MR1", "disc1/OAS1_0002_MR1", "disc2/OAS1_0002_MR2"):
+        name = session.split("/")[-1]
+        for rel in (f"PROCESSED/MPRAGE/T88_111/{name}_mpr_n4_anon_111_t88_masked_gfc.hdr",
+                    f"PROCESSED/MPRAGE/T88_111/{name}_mpr_n4_anon_111_t88_gfc.hdr",  # not skull-stripped
+                    f"RAW/{name}_mpr-1_anon.hdr", f"FSL_SEG/{name}_mpr_n4_anon_111_t88_masked_gfc_fseg.hdr"):
+            (root / session / rel).parent.mkdir(parents=True, exist_ok=True)
+            nib.save(volume, root / session / rel)
+    slices = _load(root)
+    assert sorted({Path(s).name for s in slices.sources}) == [
+        "OAS1_0001_MR1_mpr_n4_anon_111_t88_masked_gfc.hdr", "OAS1_0002_MR1_mpr_n4_anon_111_t88_masked_gfc.hdr",
+        "OAS1_0002_MR2_mpr_n4_anon_111_t88_masked_gfc.hdr"]
+    assert slices.subjects.count("OAS1_0001") == 6 and slices.subjects.count("OAS1_0002") == 12  # MR2 is a rescan
+    assert len(_load(root / "disc1" / "OAS1_0001_MR1")) == 6  # one session folder works too
+    for path in (root / "disc1").rglob("*masked_gfc.*"):
+        path.unlink()
+    assert_user_error(["data", "inspect", "--data", root / "disc1", "--image-size", "16"], "OAS1_xxxx_MRn", "_masked_gfc", "--data")

@@ -1,9 +1,11 @@
-"""Folder layouts that say more than "a tree of images": BIDS datasets, and whose scan each file is.
+"""Folder layouts that say more than "a tree of images": BIDS, OASIS-1, and whose scan each file is.
 
 BIDS (https://bids.neuroimaging.io) keeps each subject's T1-weighted volumes at
 `sub-<label>/[ses-<label>/]anat/*_T1w.nii[.gz]`, beside other modalities and `derivatives/` that must
 not be mixed into a T1 training set, so a BIDS root is read by those paths alone. A nibabel + glob
-reader is enough for that; pybids would index every sidecar of a large dataset first.
+reader is enough for that; pybids would index every sidecar of a large dataset first. The OASIS-1
+download likewise holds raw scans, label maps and several processed copies of each session; only
+its skull-stripped, atlas-registered `*_masked_gfc` volume is read.
 
 Subject IDs let a run hold whole subjects out (slices of one brain are near-duplicates, so a random
 slice split leaks). They come from what each layout names: BIDS `sub-*`, the DICOM PatientID,
@@ -41,6 +43,34 @@ def bids_t1w_files(root: Path) -> list[Path]:
         raise BrainfusionError(
             f"{root} is a BIDS dataset without T1-weighted images (sub-*/[ses-*/]anat/*_T1w.nii[.gz]); "
             "add them, or point data.path at the folder that holds the volumes to read."
+        )
+    return files
+
+
+OASIS1_SESSION = re.compile(r"^OAS1_\d{4}_MR\d+$")
+OASIS1_VOLUME = "PROCESSED/MPRAGE/T88_111/*_masked_gfc.hdr"  # atlas-registered, bias-corrected, skull-stripped
+
+
+def _oasis1_sessions(root: Path) -> list[Path]:
+    """OAS1_xxxx_MRn session folders: the root itself, its children, or its children's (the disc1..disc12 of the download)."""
+    if OASIS1_SESSION.match(root.name):
+        return [root]
+    found = [p for pattern in ("OAS1_*_MR*", "*/OAS1_*_MR*") for p in root.glob(pattern)]
+    return sorted(p for p in found if p.is_dir() and OASIS1_SESSION.match(p.name))
+
+
+def is_oasis1_layout(root: Path) -> bool:
+    return root.is_dir() and bool(_oasis1_sessions(root))
+
+
+def oasis1_files(root: Path) -> list[Path]:
+    """The one processed volume per OASIS-1 session worth training on (`*_masked_gfc`); the RAW scans, the
+    unmasked and native-space copies and the FSL_SEG label maps beside it would mix skulls and labels in."""
+    files = sorted(p for session in _oasis1_sessions(root) for p in session.glob(OASIS1_VOLUME) if p.is_file())
+    if not files:
+        raise BrainfusionError(
+            f"{root} holds OASIS-1 session folders (OAS1_xxxx_MRn) but no {OASIS1_VOLUME.replace('.hdr', '.hdr/.img')} volumes; "
+            "download the processed images too, or point data.path at a folder of the volumes to read."
         )
     return files
 

@@ -29,7 +29,7 @@ from ..errors import BrainfusionError
 from ..fileio import atomic_output
 from .cache import SOURCE_KEY, cache_dir, source_of
 from .dicom import Series, group_series, is_dicom_file, series_image
-from .layouts import bids_t1w_files, is_bids_layout, subject_of
+from .layouts import bids_t1w_files, is_bids_layout, is_oasis1_layout, oasis1_files, subject_of
 from ..seeding import seeded_generator
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ def discover_files(config: DataConfig) -> list[Path]:
         folders = [root / name for name in OASIS_SPLITS[config.split] if (root / name).is_dir()]
     elif is_bids_layout(root):
         return bids_t1w_files(root)
+    elif is_oasis1_layout(root):
+        return oasis1_files(root)
     else:
         folders = [root]
     files = []
