@@ -147,12 +147,12 @@ def _number(text: str, source: str, column: str, table: Path) -> float:
 
 def _read_table_labels(cc: ConditionConfig, root: Path, sources: list[str], out: SliceLabels, subjects: list[str]) -> None:
     table = read_table(Path(cc.labels), cc.key_column, cc.label_columns + cc.continuous_columns)
-    found: dict[str, dict[str, str] | None] = {}
+    found: dict[str, tuple[dict[str, str] | None, list[str]]] = {}
     for i, source in enumerate(sources):
-        keys = file_keys(root, source, subjects[i] if subjects else "")
-        if source not in found:
-            found[source] = next((table.rows[k] for k in keys if k in table.rows), None)
-        row = found[source]
+        if source not in found:  # a volume's slices share one source: match it once
+            keys = file_keys(root, source, subjects[i] if subjects else "")
+            found[source] = next((table.rows[k] for k in keys if k in table.rows), None), keys
+        row, keys = found[source]
         if row is None:
             out.problems[i] = out.problems[i] or (
                 f"has no row in {table.path} (its column '{table.key}' matches none of {', '.join(keys)})"
