@@ -82,6 +82,23 @@ def test_a_series_without_patient_id_is_its_folders_subject(tmp_path, phantom):
     assert set(_load(tmp_path / "dicom").subjects) == {"anon7"}
 
 
+def test_files_without_an_image_are_ignored(tmp_path, phantom):
+    """A DICOMDIR index (DICM magic, no suffix, no pixels) beside the series is not a bad file."""
+    write_series(tmp_path / "cd" / "series", phantom())
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    index = Dataset()
+    index.file_meta = meta
+    index.FileSetID = "CD"
+    try:
+        index.save_as(tmp_path / "cd" / "DICOMDIR", enforce_file_format=True)
+    except TypeError:
+        index.save_as(tmp_path / "cd" / "DICOMDIR", write_like_original=False)
+    assert len(_load(tmp_path / "cd")) == 6
+
+
 def test_two_series_in_one_folder_are_two_volumes(tmp_path, phantom):
     write_series(tmp_path / "d", phantom(), names=[f"a{k}.dcm" for k in range(10)], series_uid="1.2.3.4.1")
     write_series(tmp_path / "d", phantom(), names=[f"b{k}.dcm" for k in range(10)], series_uid="1.2.3.4.2")

@@ -11,11 +11,14 @@ intensities are the scanner's real values before the volume path normalises them
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 MAGIC_OFFSET, MAGIC = 128, b"DICM"
@@ -70,6 +73,9 @@ def group_series(files: list[Path]) -> Grouping:
             if not path.is_file():  # a FIFO or device would block; a dangling link has no data
                 raise ValueError("it is not a regular file")
             header = pydicom.dcmread(str(path), stop_before_pixels=True)
+            if "Rows" not in header:  # a DICOMDIR index, a report or a presentation state: no image to read
+                log.info("ignoring %s: a DICOM file without an image", path)
+                continue
             uid = str(header.SeriesInstanceUID)
         except Exception as exc:  # noqa: BLE001 - any header failure is a bad file
             out.unreadable.append((path, exc if str(exc).strip() else ValueError("its DICOM header is unreadable")))
