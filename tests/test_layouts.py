@@ -47,6 +47,13 @@ def test_bids_reads_the_t1w_volumes_only(tmp_path, phantom, description):
     assert sorted(set(slices.subjects)) == ["sub-01", "sub-02"] and slices.subjects.count("sub-02") == 12
 
 
+def test_slices_in_sub_folders_without_anat_are_a_plain_folder(tmp_path, png_writer, brain_png):
+    for name in ("sub-01/a.png", "sub-02/b.png"):
+        png_writer(tmp_path / "slices" / name, brain_png(1, 16, 16))
+    slices = _load(tmp_path / "slices")
+    assert len(slices) == 2 and slices.subjects == ["sub-01", "sub-02"]
+
+
 def test_participants_tsv_labels_the_slices_by_subject(tmp_path, phantom):
     root = make_bids(tmp_path / "bids", phantom)
     slices = _load(root)

@@ -28,11 +28,13 @@ T1W_PATTERNS = ("sub-*/anat/*_T1w.nii", "sub-*/anat/*_T1w.nii.gz", "sub-*/ses-*/
 
 
 def is_bids_layout(root: Path) -> bool:
-    """A BIDS root announces itself with dataset_description.json; a bare `sub-*` tree counts too."""
+    """A BIDS root announces itself with dataset_description.json; a bare tree counts when its `sub-*`
+    folders hold `anat` folders (a folder of slices merely named `sub-01/` stays a folder of slices)."""
     if not root.is_dir():
         return False
     return (root / "dataset_description.json").is_file() or any(
-        p.is_dir() and BIDS_SUBJECT.match(p.name) for p in root.glob("sub-*"))
+        p.is_dir() and BIDS_SUBJECT.match(p.relative_to(root).parts[0])
+        for pattern in ("sub-*/anat", "sub-*/ses-*/anat") for p in root.glob(pattern))
 
 
 def bids_t1w_files(root: Path) -> list[Path]:
