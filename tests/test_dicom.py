@@ -21,7 +21,8 @@ AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 ORIGIN, SPACING = np.array([-12.0, -10.0, -5.0]), 2.0  # LPS mm of the first slice, slice spacing
 
 
-def write_dicom(path, pixels: np.ndarray, position, orientation=AXIAL, series_uid="1.2.3.4", patient="P01", instance=1):
+def write_dicom(path, pixels: np.ndarray, position, orientation=AXIAL, series_uid="1.2.3.4", patient="P01", instance=1,
+                spacing=(1.0, 1.0)):
     """One single-frame MR slice (rows × columns uint16) in the DICOM file format."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MR_STORAGE
@@ -34,7 +35,7 @@ def write_dicom(path, pixels: np.ndarray, position, orientation=AXIAL, series_ui
     ds.InstanceNumber = instance
     ds.ImageOrientationPatient = [f"{v:g}" for v in orientation]
     ds.ImagePositionPatient = [f"{v:g}" for v in position]
-    ds.PixelSpacing = ["1", "1"]
+    ds.PixelSpacing = [f"{v:g}" for v in spacing]  # between rows, between columns
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
@@ -62,19 +63,39 @@ def _load(path, **kw):
     return load_slices(DataConfig(path=str(path), image_size=16, **kw), progress=False)
 
 
+def save_as_nifti(volume: np.ndarray, path):
+    """The voxels write_series writes, in RAS world coordinates: DICOM's LPS x and y point the other way."""
+    affine = np.diag([-1.0, -1.0, SPACING, 1.0])
+    affine[:3, 3] = ORIGIN * [-1, -1, 1]
+    nib.save(nib.Nifti1Image(volume, affine), path)
+    return path
+
+
 def test_a_series_reads_like_the_same_voxels_saved_as_nifti(tmp_path, phantom):
     volume = phantom()
     write_series(tmp_path / "dicom" / "subject1", volume)
-    # the same voxels in RAS world coordinates: DICOM's LPS x and y point the other way
-    affine = np.diag([-1.0, -1.0, SPACING, 1.0])
-    affine[:3, 3] = ORIGIN * [-1, -1, 1]
-    nib.save(nib.Nifti1Image(volume, affine), tmp_path / "same.nii.gz")
+    save_as_nifti(volume, tmp_path / "same.nii.gz")
     from_dicom, from_nifti = _load(tmp_path / "dicom"), _load(tmp_path / "same.nii.gz")
     assert len(from_dicom) == 6  # 10 slices, 4 empty ones dropped
     assert np.array_equal(from_dicom.images, from_nifti.images)
     np.testing.assert_allclose(from_dicom.levels, from_nifti.levels)
     assert set(from_dicom.sources) == {str(tmp_path / "dicom" / "subject1")}
     assert set(from_dicom.subjects) == {"P01"}  # the PatientID
+
+
+def test_a_sagittal_series_gives_the_same_axial_slices(tmp_path, phantom):
+    """The same anatomy acquired sagittally (rows run inferior, columns posterior, slices toward the patient's
+    right): the affine built from ImageOrientationPatient and PixelSpacing puts every voxel where the axial one was."""
+    volume = phantom()
+    nx, _ny, nz = volume.shape
+    stored = np.round((volume - INTERCEPT) / SLOPE)
+    top = ORIGIN[2] + SPACING * (nz - 1)
+    for i in range(nx):  # LPS x of voxel column i is ORIGIN[0] + i
+        write_dicom(tmp_path / "sag" / f"s{(5 * i) % nx:03d}.dcm", stored[i, :, ::-1].T, [ORIGIN[0] + i, ORIGIN[1], top],
+                    orientation=[0, 1, 0, 0, 0, -1], spacing=(SPACING, 1.0))
+    sagittal = _load(tmp_path / "sag")
+    axial = _load(save_as_nifti(volume, tmp_path / "same.nii.gz"))
+    assert np.array_equal(sagittal.images, axial.images)
 
 
 def test_a_series_without_patient_id_is_its_folders_subject(tmp_path, phantom):
