@@ -27,10 +27,10 @@ from PIL import Image
 from ..config import DataConfig
 from ..errors import BrainfusionError
 from ..fileio import atomic_output
+from ..seeding import seeded_generator
 from .cache import SOURCE_KEY, cache_dir, source_of
 from .dicom import Series, group_series, is_dicom_file, series_image
 from .layouts import bids_t1w_files, is_bids_layout, is_oasis1_layout, oasis1_files, subject_of
-from ..seeding import seeded_generator
 
 log = logging.getLogger(__name__)
 
