@@ -21,6 +21,28 @@ torch.set_num_threads(int(os.environ.get("BRAINFUSION_TEST_THREADS", "1")))
 
 
 # --------------------------------------------------------------------------------------------
+# The per-user cache: never the real home
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_home(tmp_path_factory):
+    """Module- and session-scoped fixtures run before the per-test fixture below; they (and the children the
+    forkserver of forked_cli.py starts) cache under this session folder, not under ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def user_cache_home(tmp_path, monkeypatch) -> Path:
+    """Each test gets its own empty user cache folder (a hidden one, which data discovery never walks into)."""
+    home = tmp_path / ".xdg_cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    return home
+
+
+# --------------------------------------------------------------------------------------------
 # Synthetic images and volumes
 # --------------------------------------------------------------------------------------------
 

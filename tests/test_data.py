@@ -92,6 +92,24 @@ def test_16_bit_tiff_uses_the_full_8_bit_range(tmp_path):
     assert len(np.unique(flat)) > 200
 
 
+@pytest.mark.parametrize("name, dtype", [("offset.png", "<u2"), ("offset.tiff", "<u2"), ("offset_be.tif", ">u2")])
+def test_16_bit_slices_with_an_offset_span_0_to_255_in_order(tmp_path, name, dtype):
+    """Values only in 1000..4000 (scanner offset): normalised from the image's own range, not clipped to 8 bits
+    first (convert("L") would make every pixel 255) nor floored at 0 (which would leave the darkest at 64)."""
+    rng = np.random.default_rng(0)
+    values = np.sort(rng.integers(1000, 4001, 32 * 32)).reshape(32, 32).astype(dtype)
+    Image.fromarray(values).save(tmp_path / name)
+    with Image.open(tmp_path / name) as img:
+        assert img.mode.startswith("I;16")
+    image = read_slice(tmp_path / name, 32)
+    assert image.dtype == np.uint8 and image.min() == 0 and image.max() == 255
+    flat, raw = image.reshape(-1).astype(int), values.reshape(-1).astype(int)
+    assert (np.diff(flat) >= 0).all()  # sorted values stay sorted: ordering is preserved
+    assert len(np.unique(flat)) > 200  # ... with most of the 8-bit levels in use
+    middle = slice(64, -64)  # between the robust percentiles a brighter value is never darker
+    assert np.corrcoef(flat[middle], raw[middle])[0, 1] > 0.999
+
+
 # --------------------------------------------------------------------------------------------
 # Volumes
 # --------------------------------------------------------------------------------------------
@@ -159,16 +177,18 @@ def _refuse(*args, **kwargs):
     raise AssertionError("decoded a file although the cache holds it")
 
 
-def test_cache_is_written_once_and_reused(tmp_path, oasis_root, monkeypatch):
+def test_cache_is_written_once_and_reused(tmp_path, oasis_root, monkeypatch, user_cache_home):
+    before = sorted(p for p in oasis_root.rglob("*"))
     first = _load(oasis_root)
-    caches = list((oasis_root / ".brainfusion_cache").glob("*.npz"))
+    assert sorted(p for p in oasis_root.rglob("*")) == before  # nothing is written into the data folder
+    caches = list((user_cache_home / "brainfusion" / "slices").glob("*.npz"))
     assert len(caches) == 1
     stamp = caches[0].stat().st_mtime_ns
     monkeypatch.setattr(data_mod, "decode_slice", _refuse)
     second = _load(oasis_root)
     assert np.array_equal(first.images, second.images)
     assert first.sources == second.sources
-    assert list((oasis_root / ".brainfusion_cache").glob("*.npz")) == caches
+    assert list((user_cache_home / "brainfusion" / "slices").glob("*.npz")) == caches
     assert caches[0].stat().st_mtime_ns == stamp
     # editing a source file invalidates the cache: the file is decoded again
     victim = oasis_root / "keras_png_slices_train" / "case_001_slice_0.nii.png"
@@ -177,10 +197,10 @@ def test_cache_is_written_once_and_reused(tmp_path, oasis_root, monkeypatch):
         _load(oasis_root)
 
 
-def test_cache_location_can_be_chosen(tmp_path, oasis_root):
+def test_cache_location_can_be_chosen(tmp_path, oasis_root, user_cache_home):
     _load(oasis_root, cache_dir=str(tmp_path / "elsewhere"))
     assert len(list((tmp_path / "elsewhere").glob("slices_train_*.npz"))) == 1
-    assert not (oasis_root / ".brainfusion_cache").exists()
+    assert not user_cache_home.exists()
 
 
 def test_changed_analyze_voxels_invalidate_the_cache(tmp_path, phantom, monkeypatch):

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from .config import FAST_SAMPLER, FAST_STEPS, RECIPES, SAMPLERS, RunConfig, load_config, recipe_config
@@ -25,9 +26,12 @@ TRAIN_FLAGS = {
     "image_size": ("data.image_size", int, "square training size, a multiple of 16 (default 64)"),
     "split": ("data.split", str, "OASIS layout split: train (train+test), validate or all"),
     "on_bad_file": ("data.on_bad_file", str, "fail (default) or skip unreadable files"),
+    "cache_dir": ("data.cache_dir", str, "folder of the decoded-slice cache (default: the user cache, see `brainfusion cache list`)"),
     "no_flip": ("data.hflip", None, "disable random horizontal flips"),
     "masks": ("data.masks", "layout", "learn tissue masks with the images: bare, the OASIS layout's seg folders; or a folder of mask files"),
     "mask_values": ("data.mask_values", str, "the masks' label values in order (default 0,85,170,255; label volumes: read from the files)"),
+    "holdout_subjects": ("data.holdout_subjects", float, "keep whole subjects out of training: a number (e.g. 2) or a share (e.g. 0.2); "
+                         "drawn from --seed and recorded in the run's config"),
     "patch_size": ("model.patch_size", int, "1 (default), 2 or 4: pixel-unshuffle factor before the U-Net (2 is ~3x cheaper a step, worse per CPU minute)"),
     "base_channels": ("model.base_channels", int, "U-Net width of the first level"),
     "channel_mults": ("model.channel_mults", str, "four width multipliers, e.g. 1,2,3,4"),
@@ -69,7 +73,7 @@ TRAIN_FLAGS = {
 }
 
 
-_SHARED = ("data", "image_size", "split", "on_bad_file", "no_flip", "out_dir", "batch_size", "lr", "warmup_steps", "epochs",
+_SHARED = ("data", "image_size", "split", "on_bad_file", "cache_dir", "no_flip", "out_dir", "batch_size", "lr", "warmup_steps", "epochs",
            "max_steps", "time_budget_min", "precision", "channels_last", "checkpoint_every", "keep_checkpoints",
            "sample_every", "log_every", "seed", "max_nonfinite", "logger")
 AUTOENCODER_FLAGS = {
@@ -168,12 +172,31 @@ def cmd_data(args: argparse.Namespace) -> None:
         from .data.slices import load_slices
         from .images import save_grid
 
-        cfg = DataConfig(path=args.data, image_size=args.image_size, split=args.split, on_bad_file=args.on_bad_file)
+        cfg = DataConfig(path=args.data, image_size=args.image_size, split=args.split, on_bad_file=args.on_bad_file,
+                         cache_dir=args.cache_dir or "")
         slices = load_slices(cfg, progress=not args.quiet)
         out = Path(args.montage)
         save_grid(slices.images[:: max(1, len(slices) // 64)][:64], out)
         print(f"{len(slices)} slices of {cfg.image_size}x{cfg.image_size} from {cfg.path} "
-              f"({len(set(slices.sources))} files, {len(slices.skipped)} skipped); montage: {out}")
+              f"({len(set(slices.sources))} files, {len(slices.skipped)} skipped), {len(set(slices.subjects))} subjects; montage: {out}")
+        counts = Counter(slices.subjects)
+        listed = ", ".join(f"{name} ({n})" for name, n in sorted(counts.items())[:20])
+        print(f"subjects (slices): {listed}" + (f", and {len(counts) - 20} more" if len(counts) > 20 else ""))
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    from .data.cache import clear_cache, default_cache_dir, describe_size, describe_time, list_cache
+
+    folder = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    if args.cache_command == "clear":
+        count, freed = clear_cache(folder)
+        print(f"removed {count} cache file(s) from {folder}, freeing {describe_size(freed)}")
+        return
+    entries = list_cache(folder)
+    for e in entries:
+        print(f"{e.path.name}\t{describe_size(e.size)}\t{describe_time(e.modified)}\t{e.source or '(source not recorded)'}")
+    total = sum(e.size for e in entries)
+    print(f"{len(entries)} cache file(s), {describe_size(total)} in {folder}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -225,6 +248,9 @@ def _load_set(path: str, split: str, size: int, on_bad_file: str):
 def cmd_evaluate(args: argparse.Namespace) -> None:
     if bool(args.generated) == bool(args.checkpoint):
         raise BrainfusionError("give exactly one of --generated FOLDER or --checkpoint RUN to evaluate.")
+    if not args.real and (args.generated or args.conditional):
+        raise BrainfusionError("give --real SLICES to compare with; only --checkpoint RUN without --conditional may leave it out, "
+                               "to score against the subjects the run held out (train --holdout-subjects).")
     if args.conditional and not (args.checkpoint and args.train):
         raise BrainfusionError("--conditional samples a --checkpoint RUN and trains its judges on real training slices; give both "
                                "--checkpoint and --train.")
@@ -244,7 +270,7 @@ def _evaluate_set(args: argparse.Namespace, out: Path) -> None:
         sampled = generate(_sample_config(args, out_dir=str(out / "generated")), progress=not args.quiet)
         args.generated = sampled["images"]
     generated = _load_set(args.generated, "all", args.image_size, args.on_bad_file)
-    real = _load_set(args.real, args.real_split, args.image_size, args.on_bad_file)
+    real = _load_set(args.real, args.real_split, args.image_size, args.on_bad_file) if args.real else _heldout_of_run(args)
     train = _load_set(args.train, args.train_split, args.image_size, args.on_bad_file) if args.train else None
     config = EvalConfig(resolution=args.image_size, seed=args.seed, progress=not args.quiet, inception=args.inception,
                         inception_weights=Path(args.inception_weights) if args.inception_weights else None,
@@ -253,6 +279,20 @@ def _evaluate_set(args: argparse.Namespace, out: Path) -> None:
     report = write_report(results, generated, real, nearest_pairs(results, generated, train), out)
     domain = results.get("domain", {})
     print(f"evaluated {len(generated)} generated vs {len(real)} real slices: FD_domain {domain.get('FD', float('nan')):.4g}; report {report}")
+
+
+def _heldout_of_run(args: argparse.Namespace):
+    """The slices of the subjects the --checkpoint run held out, as its real set."""
+    from .checkpoint import load_checkpoint
+    from .data.subjects import heldout_slices
+
+    data = load_checkpoint(Path(args.checkpoint), with_optimizer=False).config.data
+    if not data.heldout_subjects:
+        raise BrainfusionError(f"{args.checkpoint} was trained without --holdout-subjects, so it has no held-out subjects to "
+                               "score against; give --real SLICES.")
+    real = heldout_slices(data, args.image_size, args.on_bad_file)
+    log.info("scoring against the %d slices of the %d subjects the run held out", len(real), len(data.heldout_subjects))
+    return real.images
 
 
 def _evaluate_conditional(args: argparse.Namespace, out: Path) -> None:
@@ -342,7 +382,8 @@ def _add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="quality, diversity and memorisation of generated slices vs real ones")
     p.add_argument("--generated", help="folder of generated slices")
     p.add_argument("--checkpoint", help="or: a run/checkpoint to sample --n images from")
-    p.add_argument("--real", required=True, help="real slices (any data source); OASIS layout → --real-split")
+    p.add_argument("--real", help="real slices (any data source); OASIS layout → --real-split. Default with --checkpoint: "
+                                  "the subjects the run held out (train --holdout-subjects)")
     p.add_argument("--real-split", default="validate")
     p.add_argument("--train", help="training slices for the memorisation check")
     p.add_argument("--train-split", default="train")
@@ -390,7 +431,16 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--split", default="train")
     d.add_argument("--on-bad-file", default="fail")
     d.add_argument("--montage", default="montage.png")
+    d.add_argument("--cache-dir", help="folder of the decoded-slice cache (default: the user cache)")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("cache", help="list or clear the decoded-slice cache (in the user cache folder, never the data)")
+    csub = p.add_subparsers(dest="cache_command", required=True)
+    for name, text in (("list", "each cache file: size, date and the data it was read from"),
+                       ("clear", "delete brainfusion's cache files and print what was freed")):
+        c = csub.add_parser(name, help=text)
+        c.add_argument("--cache-dir", help="another cache folder (one given to train --cache-dir)")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("train", help="train a diffusion model")
     _add_train_flags(p)

@@ -35,11 +35,14 @@ class DataConfig:
     image_size: int = 64
     hflip: bool = True
     split: str = "train"  # OASIS layout: "train" merges train+test (as the seed does); "validate" is held out
-    cache_dir: str = ""  # default: <path>/.brainfusion_cache (or beside a single volume file)
+    cache_dir: str = ""  # default: the per-user cache folder (data/cache.py), never the data folder
     min_brain_fraction: float = 0.05  # volume slices with less foreground than this are dropped
     on_bad_file: str = "fail"  # "fail" stops on the first unreadable file; "skip" logs it and goes on
     masks: str = ""  # tissue masks beside the images (data/masks.py): "" none, "layout" the OASIS seg folders, or a folder
     mask_values: tuple[int, ...] = ()  # label values in label order; () = OASIS's 0/85/170/255, or read from label volumes
+    # whole subjects kept out of training (data/subjects.py): a count (>= 1) or a share (< 1); 0 holds out none
+    holdout_subjects: float = 0.0
+    heldout_subjects: tuple[str, ...] = ()  # the subjects held out, drawn from train.seed when the run starts
 
     def validate(self) -> None:
         if self.image_size <= 0 or self.image_size % 16:
@@ -52,6 +55,10 @@ class DataConfig:
         if values and (len(values) < 2 or values != sorted(set(values)) or len(values) > 16):
             raise BrainfusionError(
                 f"data.mask_values {values} must be 2 to 16 different label values in increasing order, e.g. 0,85,170,255."
+            )
+        if self.holdout_subjects < 0 or (self.holdout_subjects >= 1 and not float(self.holdout_subjects).is_integer()):
+            raise BrainfusionError(
+                f"data.holdout_subjects is {self.holdout_subjects:g}; give a number of subjects (e.g. 2) or a share below 1 (e.g. 0.2)."
             )
 
 

@@ -3,7 +3,8 @@
 Keys are mixed by NumPy's `SeedSequence` (a hash designed for this), so (seed, 1) and (seed + 1, 0)
 give unrelated streams, unlike `seed * C + k` arithmetic. The training keys: (seed, 0, epoch) the
 data order, (seed, 1, step) the flips, (seed, 2, step) noise levels and noise, (seed, 3, step)
-the network's dropout and (seed, 3, step, 1) the label dropout of conditional runs; sampling:
+the network's dropout, (seed, 3, step, 1) the label dropout of conditional runs and (seed, 4) the
+subjects held out (data/subjects.py); sampling:
 (seed, image index).
 """
 

@@ -7,8 +7,9 @@ Where a run's conditions come from (`config.ConditionConfig`):
   * a CSV or TSV table (`labels = "table.csv"`, tab-separated if it ends in .tsv or its header has
     a tab): one row per file or per subject. The key column (the first, or `key_column`) is
     matched against, in this order, the file's path relative to the data path, its name, its name
-    without suffixes, its subject id (the name before `_slice_<n>`) and its folders' names, nearest
-    first, so one table serves slices, volumes and subject folders (OASIS-1's `OAS1_0001_MR1`).
+    without suffixes, the name before `_slice_<n>`, the slice's subject ID (layouts.subject_of: BIDS
+    `sub-*`, DICOM PatientID, `OAS1_xxxx`, ...) and its folders' names, nearest first, so one table
+    serves slices, volumes, subject folders (OASIS-1's `OAS1_0001_MR1`) and BIDS participants.tsv.
     `label_columns` are categorical, `continuous_columns` numeric;
   * the slice level (`slice_level`): k/(n−1) for axial slice k of a volume's n, or, for 2-D files
     named `<subject>_slice_<k>` (the OASIS PNG layout), k scaled to 0..1 over that subject's
@@ -85,12 +86,14 @@ def _stem(name: str) -> str:
     return name
 
 
-def file_keys(root: Path, source: str) -> list[str]:
-    """The names a table row may use for this file, in the order they are tried."""
+def file_keys(root: Path, source: str, subject: str = "") -> list[str]:
+    """The names a table row may use for this file, in the order they are tried; `subject` is the slice's
+    subject ID (SliceSet.subjects: BIDS participant_id, DICOM PatientID, ...), so participants.tsv matches."""
     rel = _relative(root, source)
     match = SLICE_NAME.match(rel.name)
-    subject = match["subject"] if match else _stem(rel.name)
-    return list(dict.fromkeys([rel.as_posix(), rel.name, _stem(rel.name), subject, *reversed(rel.parent.parts)]))
+    named = match["subject"] if match else _stem(rel.name)
+    keys = [rel.as_posix(), rel.name, _stem(rel.name), named, subject, *reversed(rel.parent.parts)]
+    return list(dict.fromkeys(k for k in keys if k))
 
 
 @dataclass
@@ -142,16 +145,17 @@ def _number(text: str, source: str, column: str, table: Path) -> float:
     return value
 
 
-def _read_table_labels(cc: ConditionConfig, root: Path, sources: list[str], out: SliceLabels) -> None:
+def _read_table_labels(cc: ConditionConfig, root: Path, sources: list[str], out: SliceLabels, subjects: list[str]) -> None:
     table = read_table(Path(cc.labels), cc.key_column, cc.label_columns + cc.continuous_columns)
-    found: dict[str, dict[str, str] | None] = {}
+    found: dict[str, tuple[dict[str, str] | None, list[str]]] = {}
     for i, source in enumerate(sources):
-        if source not in found:
-            found[source] = next((table.rows[k] for k in file_keys(root, source) if k in table.rows), None)
-        row = found[source]
+        if source not in found:  # a volume's slices share one source: match it once
+            keys = file_keys(root, source, subjects[i] if subjects else "")
+            found[source] = next((table.rows[k] for k in keys if k in table.rows), None), keys
+        row, keys = found[source]
         if row is None:
             out.problems[i] = out.problems[i] or (
-                f"has no row in {table.path} (its column '{table.key}' matches none of {', '.join(file_keys(root, source))})"
+                f"has no row in {table.path} (its column '{table.key}' matches none of {', '.join(keys)})"
             )
             continue
         for name in cc.label_columns:
@@ -181,8 +185,9 @@ def slice_levels(sources: list[str], levels: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def read_labels(cc: ConditionConfig, data_path: str | Path, sources: list[str], levels: np.ndarray | None = None) -> SliceLabels:
-    """The raw conditions of slices read from `sources` (SliceSet.sources) under `data_path`."""
+def read_labels(cc: ConditionConfig, data_path: str | Path, sources: list[str], levels: np.ndarray | None = None,
+                subjects: list[str] | None = None) -> SliceLabels:
+    """The raw conditions of slices read from `sources` (SliceSet.sources, with their SliceSet.subjects) under `data_path`."""
     root = Path(data_path)
     categorical, continuous = cc.names()
     n = len(sources)
@@ -194,7 +199,7 @@ def read_labels(cc: ConditionConfig, data_path: str | Path, sources: list[str], 
             if len(rel.parts) < 2:
                 out.problems[i] = f"sits directly in {root}, not in a class folder (for column '{FOLDER_COLUMN}')"
     elif cc.labels:
-        _read_table_labels(cc, root, sources, out)
+        _read_table_labels(cc, root, sources, out, subjects or [])
     if cc.slice_level:
         out.continuous[LEVEL_COLUMN] = slice_levels(sources, levels)
         for i in np.flatnonzero(np.isnan(out.continuous[LEVEL_COLUMN])):
@@ -268,7 +273,7 @@ def _keep_labelled(cc: ConditionConfig, labels: SliceLabels, total_files: int) -
 
 def labelled_subset(cc: ConditionConfig, data_path: str | Path, slices) -> tuple[np.ndarray, SliceLabels]:
     """Which slices of a `slices.SliceSet` keep their labels (`_keep_labelled`), and those slices' labels."""
-    labels = read_labels(cc, data_path, slices.sources, slices.levels)
+    labels = read_labels(cc, data_path, slices.sources, slices.levels, getattr(slices, "subjects", None))
     keep = _keep_labelled(cc, labels, len(set(slices.sources)))
     return keep, labels.subset(keep)
 

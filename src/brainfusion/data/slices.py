@@ -1,12 +1,14 @@
 """Data sources → one cached uint8 array of square grayscale slices → training batches.
 
-Three sources sit behind `load_slices`:
+The sources behind `load_slices`:
   * the OASIS "keras_png_slices" layout the seed uses (train+test merged for training, validate
     held out, `*_seg_*` mask folders never mixed in);
   * any folder of PNG/JPEG/TIFF slices, searched recursively;
   * 3-D NIfTI (.nii/.nii.gz) and Analyze (.hdr/.img) volumes, reoriented to RAS+ with nibabel,
-    robustly normalised per volume and cut into axial slices, near-empty slices dropped.
-Decoded, resized slices are cached once as a .npz (uint8) so epochs never re-decode files; with
+    robustly normalised per volume and cut into axial slices, near-empty slices dropped;
+  * DICOM series, assembled into volumes by dicom.py and then cut like NIfTI volumes.
+Decoded, resized slices are cached once as an .npz (uint8) in the user's cache folder (cache.py), so
+epochs and later runs never re-decode files and nothing is written into a data folder; with
 `data.masks`, each slice's tissue labels (masks.py) are read, aligned and cached beside it.
 """
 
@@ -28,6 +30,9 @@ from ..errors import BrainfusionError
 from ..fileio import atomic_output
 from ..seeding import seeded_generator
 from ..images import fit_square
+from .cache import SOURCE_KEY, cache_dir, source_of
+from .dicom import Series, group_series, is_dicom_file, series_image
+from .layouts import bids_t1w_files, is_bids_layout, is_oasis1_layout, oasis1_files, subject_of
 from .masks import (MASK_LAYOUT, check_mask_config, default_mask_values, find_mask, mask_candidates, one_hot, read_mask_slice,
                     read_mask_volume)
 
@@ -42,7 +47,7 @@ OASIS_SPLITS = {
 }
 MAX_SIDE = 8192  # larger "slices" are refused before decoding (decompression bombs, wrong files)
 MAX_VOXELS = 512**3  # larger volumes are refused before their voxels are read (corrupt headers, memory bombs)
-CACHE_VERSION = 3  # 2: the cache holds the volume slices' levels; 3: and the masks' labels
+CACHE_VERSION = 4  # 2: the cache holds the volume slices' levels; 3: and each slice's subject; 4: and the masks' labels
 
 
 def _suffix(path: Path) -> str:
@@ -63,13 +68,17 @@ def discover_files(config: DataConfig) -> list[Path]:
             f"(or build the demo set there with `brainfusion data demo`)."
         )
     if root.is_file():
-        if _suffix(root) not in IMAGE_SUFFIXES + VOLUME_SUFFIXES + (".img",):
+        if _suffix(root) not in IMAGE_SUFFIXES + VOLUME_SUFFIXES + (".img",) and not is_dicom_file(root):
             raise BrainfusionError(
-                f"{root} is not a supported file; give a PNG/JPEG/TIFF slice, a NIfTI or an Analyze volume."
+                f"{root} is not a supported file; give a PNG/JPEG/TIFF slice, a NIfTI or an Analyze volume, or a DICOM file."
             )
         return [root.with_suffix(".hdr") if _suffix(root) == ".img" else root]
     if is_oasis_layout(root):
         folders = [root / name for name in OASIS_SPLITS[config.split] if (root / name).is_dir()]
+    elif is_bids_layout(root):
+        return bids_t1w_files(root)
+    elif is_oasis1_layout(root):
+        return oasis1_files(root)
     else:
         folders = [root]
     files = []
@@ -79,11 +88,13 @@ def discover_files(config: DataConfig) -> list[Path]:
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (Path(dirpath) / d).resolve() != skip_dir)
             for name in sorted(filenames):
                 path = Path(dirpath) / name
-                if _suffix(path) in IMAGE_SUFFIXES + VOLUME_SUFFIXES and not name.startswith("."):
+                if name.startswith("."):
+                    continue
+                if _suffix(path) in IMAGE_SUFFIXES + VOLUME_SUFFIXES or (_suffix(path) != ".img" and is_dicom_file(path)):
                     files.append(path)
     if not files:
         raise BrainfusionError(
-            f"no PNG/JPEG/TIFF slices or NIfTI/Analyze volumes found under {root}; "
+            f"no PNG/JPEG/TIFF slices, NIfTI/Analyze volumes or DICOM series found under {root}; "
             "check the path or add images to it."
         )
     return files
@@ -100,9 +111,8 @@ def decode_slice(path: Path) -> np.ndarray:
         if max(img.size) > MAX_SIDE or min(img.size) < 1:
             raise ValueError(f"its size {img.size[0]}x{img.size[1]} is outside 1..{MAX_SIDE} pixels")
         img.load()
-        if img.mode in ("I;16", "I;16B", "I", "F"):
-            arr = np.asarray(img, dtype=np.float32)
-            arr = _robust_uint8(arr)
+        if img.mode.startswith("I") or img.mode == "F":  # I;16, I;16B, I;16L, I, F: never through convert("L"), which clips
+            arr = _robust_uint8(np.asarray(img, dtype=np.float32), own_range=True)
         else:
             arr = np.asarray(img.convert("L"), dtype=np.uint8)
     if arr.ndim != 2:
@@ -110,8 +120,14 @@ def decode_slice(path: Path) -> np.ndarray:
     return arr
 
 
-def _robust_uint8(values: np.ndarray) -> np.ndarray:
-    """Scale intensities to 0..255 using the 0.5–99.5 percentiles of the foreground."""
+def _robust_uint8(values: np.ndarray, own_range: bool = False) -> np.ndarray:
+    """Scale intensities to 0..255 up to the 99.5th percentile of the foreground.
+
+    A volume's floor is 0 for non-negative data (MRI magnitudes: zero is "no signal", so tissue keeps
+    its level relative to air) and the foreground's 0.5th percentile otherwise. A 16-bit or float 2-D
+    image is often stored with an offset (values only in 1000..4000, say), so `own_range` takes the
+    floor from the image's own 0.5th percentile: the slice spans 0..255 whatever its offset.
+    """
     finite = np.isfinite(values)
     if not finite.any():
         raise ValueError("it holds no finite values")
@@ -120,7 +136,10 @@ def _robust_uint8(values: np.ndarray) -> np.ndarray:
     if foreground.size == 0:
         return np.zeros(values.shape, dtype=np.uint8)
     lo, hi = np.percentile(foreground, [0.5, 99.5])
-    lo = min(lo, 0.0) if values.min() >= 0 else lo
+    if own_range:
+        lo = float(np.percentile(values, 0.5))
+    elif values.min() >= 0:
+        lo = min(lo, 0.0)
     scaled = (values - lo) / max(hi - lo, 1e-6)
     return (np.clip(scaled, 0, 1) * 255).round().astype(np.uint8)
 
@@ -138,6 +157,14 @@ def _volume_slices(path: Path, size: int, min_brain_fraction: float) -> tuple[np
 
     image = nib.load(str(path))
     _check_volume_header(image)
+    return _axial_slices(image, size, min_brain_fraction)
+
+
+def _axial_slices(image, size: int, min_brain_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
+    """A nibabel image (a file's, or a DICOM series built in memory) → its kept axial slices, their levels,
+    the kept k and the RAS+ shape."""
+    import nibabel as nib
+
     if len(image.shape) == 4 and image.shape[3] == 1:
         image = image.slicer[..., 0]
     if len(image.shape) != 3:
@@ -195,6 +222,7 @@ class SliceSet:
     sources: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     levels: np.ndarray | None = None  # axial level of each volume slice (NaN for 2-D files), for conditioning
+    subjects: list[str] = field(default_factory=list)  # each slice's subject ID (layouts.subject_of), for subject hold-outs
     labels: np.ndarray | None = None  # tissue label index per pixel (uint8, N×S×S), with data.masks
     mask_values: tuple[int, ...] = ()  # the label values the indices point into
 
@@ -203,9 +231,11 @@ class SliceSet:
 
 
 def _cache_key(files: list[Path], config: DataConfig) -> str:
+    """A digest of the settings and of every file's path, size and mtime: one shared cache folder serves every
+    data source, so the resolved data path is in it too (a relative path means another folder elsewhere)."""
     digest = hashlib.sha256()
     digest.update(json.dumps([CACHE_VERSION, config.image_size, config.min_brain_fraction, config.on_bad_file,
-                              config.masks, list(config.mask_values)]).encode())
+                              source_of(config), config.masks, list(config.mask_values)]).encode())
     for path in files:
         # an Analyze .hdr keeps its voxels in the .img beside it: a changed .img must invalidate the cache too
         parts = [path, path.with_suffix(".img")] if _suffix(path) == ".hdr" else [path]
@@ -217,13 +247,6 @@ def _cache_key(files: list[Path], config: DataConfig) -> str:
     return digest.hexdigest()[:16]
 
 
-def _cache_dir(config: DataConfig) -> Path:
-    if config.cache_dir:
-        return Path(config.cache_dir)
-    root = Path(config.path)
-    return (root if root.is_dir() else root.parent) / ".brainfusion_cache"
-
-
 def load_slices(config: DataConfig, progress: bool = True) -> SliceSet:
     """Discover, decode, resize and cache every slice of a data source (and its mask, with data.masks)."""
     from tqdm.auto import tqdm
@@ -231,72 +254,113 @@ def load_slices(config: DataConfig, progress: bool = True) -> SliceSet:
     config.validate()
     check_mask_config(config)
     files = discover_files(config)
-    cache = _cache_dir(config) / f"slices_{config.split}_{_cache_key(files, config)}.npz"
-    cached = _read_cache(cache, config, len(files))
+    cache = cache_dir(config) / f"slices_{config.split}_{_cache_key(files, config)}.npz"
+    cached = _read_cache(cache, config)
     if cached is not None:
+        _warn_skipped(cached.skipped, len(files), config)  # the per-file warnings were logged when it was built
         return cached
-    images, sources, skipped, levels, labels = [], [], [], [], []
+    skipped: list[str] = []
+    images, sources, levels, subjects, labels = [], [], [], [], []
     values = (tuple(config.mask_values) or None) if config.masks else ()
-    for path in tqdm(files, desc="decoding slices", unit="file", disable=not progress, leave=False):
+    root = Path(config.path)
+    for unit in tqdm(_units(files, config, skipped), desc="decoding slices", unit="file", disable=not progress, leave=False):
         try:
-            stack, level, label, values = _decode_file(path, config, values)
+            stack, level, label, values = _decode(unit, config, values)
         except BrainfusionError:
             raise
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if config.on_bad_file == "fail":
-                raise BrainfusionError(
-                    f"{path} could not be read ({reason}); delete or replace it, or skip such files (data.on_bad_file=skip)."
-                ) from None
-            log.warning("skipping %s: %s", path, reason)
-            skipped.append(f"{path}: {reason}")
+            _bad_file(unit.path, exc, config, skipped)
             continue
         images.append(stack)
         levels.append(level)
         labels.append(label)
-        sources.extend([str(path)] * len(stack))
+        sources.extend([unit.source] * len(stack))
+        subjects.extend([_subject(unit, root)] * len(stack))
     if not images:
         raise BrainfusionError(f"none of the {len(files)} files under {config.path} could be read; check the data.")
     _warn_skipped(skipped, len(files), config)
-    result = SliceSet(np.concatenate(images), sources, skipped, np.concatenate(levels),
+    result = SliceSet(np.concatenate(images), sources, skipped, np.concatenate(levels), subjects,
                       np.concatenate(labels) if config.masks else None, tuple(values or ()))
-    _write_cache(cache, result)
+    _write_cache(cache, result, source_of(config))
     return result
 
 
-def _decode_file(path: Path, config: DataConfig, values):
-    """One file's slices, their levels and (with masks) their label indices; `values` are the label values so
-    far (None: not known yet, read from the first label volume), returned as they stand after this file."""
-    if not path.is_file():  # a FIFO or device would block or stream forever; a dangling link has no data
-        raise ValueError("it is not a regular file")
+@dataclass
+class _Unit:
+    """What is decoded in one go: one image or volume file, or one DICOM series (many files)."""
+
+    path: Path  # what a bad-file message names: the file, or the folder of a series
+    source: str  # what SliceSet.sources records for its slices
+    series: Series | None = None
+
+
+def _units(files: list[Path], config: DataConfig, skipped: list[str]) -> list[_Unit]:
+    """Image and volume files one by one, then the DICOM files grouped into series (headers read here)."""
+    known = IMAGE_SUFFIXES + VOLUME_SUFFIXES
+    units = [_Unit(path, str(path)) for path in files if _suffix(path) in known]
+    dicom = [path for path in files if _suffix(path) not in known]
+    if dicom:
+        grouping = group_series(dicom)
+        for path, exc in grouping.unreadable:
+            _bad_file(path, exc, config, skipped)
+        units += [_Unit(Path(series.source), series.source, series) for series in grouping.series]
+    return units
+
+
+def _decode(unit: _Unit, config: DataConfig, values):
+    """One unit's slices, their axial levels (NaN for 2-D files) and, with data.masks, their label indices;
+    `values` are the label values so far (None: not known yet, read from the first label volume), returned
+    as they stand after this unit. Raises on any defect."""
     size, label = config.image_size, None
-    if _suffix(path) in VOLUME_SUFFIXES:
-        stack, level, kept, shape = _volume_slices(path, size, config.min_brain_fraction)
+    if unit.series is not None:
         if config.masks:
-            label, values = read_mask_volume(find_mask(path, config), shape, kept, values, size)
-    else:
-        raw = decode_slice(path)
-        stack, level = fit_square(raw, size)[None], np.full(1, np.nan, np.float32)
+            raise ValueError("masks pair with image and volume files, not DICOM series; convert the series to NIfTI (dcm2niix)")
+        image = series_image(unit.series, MAX_SIDE, MAX_VOXELS)
+        return _axial_slices(image, size, config.min_brain_fraction)[:2] + (None, values)
+    if not unit.path.is_file():  # a FIFO or device would block or stream forever; a dangling link has no data
+        raise ValueError("it is not a regular file")
+    if _suffix(unit.path) in VOLUME_SUFFIXES:
+        stack, level, kept, shape = _volume_slices(unit.path, size, config.min_brain_fraction)
         if config.masks:
-            values = values or default_mask_values(config)
-            label = read_mask_slice(find_mask(path, config), raw.shape, values, size)[None]
-    return stack, level, label, values
+            label, values = read_mask_volume(find_mask(unit.path, config), shape, kept, values, size)
+        return stack, level, label, values
+    raw = decode_slice(unit.path)
+    if config.masks:
+        values = values or default_mask_values(config)
+        label = read_mask_slice(find_mask(unit.path, config), raw.shape, values, size)[None]
+    return fit_square(raw, size)[None], np.full(1, np.nan, np.float32), label, values
 
 
-def _read_cache(cache: Path, config: DataConfig, n_files: int) -> SliceSet | None:
-    """The cached SliceSet of this source and settings, or None (absent, or unreadable: then it is rebuilt)."""
+def _subject(unit: _Unit, root: Path) -> str:
+    if unit.series is None:
+        return subject_of(unit.source, root)
+    return subject_of(str(unit.series.files[0].parent), root, unit.series.patient, folder=True)
+
+
+def _bad_file(path: Path, exc: Exception, config: DataConfig, skipped: list[str]) -> None:
+    """Refuse an unreadable file (data.on_bad_file=fail) or log it and note it among the skipped."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if config.on_bad_file == "fail":
+        raise BrainfusionError(
+            f"{path} could not be read ({reason}); delete or replace it, or skip such files (data.on_bad_file=skip)."
+        ) from None
+    log.warning("skipping %s: %s", path, reason)
+    skipped.append(f"{path}: {reason}")
+
+
+def _read_cache(cache: Path, config: DataConfig) -> SliceSet | None:
+    """The cached SliceSet, or None if there is none or it does not fit this data source (then it is rebuilt)."""
     if not cache.is_file():
         return None
     try:
         with np.load(cache, allow_pickle=False) as stored:
             labels = stored["labels"] if config.masks else None
-            cached = SliceSet(stored["images"], list(stored["sources"]), list(stored["skipped"]), stored["levels"],
-                              labels, tuple(int(v) for v in stored["mask_values"]))
+            cached = SliceSet(stored["images"], [str(s) for s in stored["sources"]], [str(s) for s in stored["skipped"]], stored["levels"],
+                              [str(s) for s in stored["subjects"]], labels, tuple(int(v) for v in stored["mask_values"]))
         if cached.images.dtype != np.uint8 or cached.images.shape[1:] != (config.image_size,) * 2 or not (
-                len(cached.sources) == len(cached.images) == len(cached.levels)) or (
+                len(cached.sources) == len(cached.images) == len(cached.levels) == len(cached.subjects)) or (
                 labels is not None and labels.shape != cached.images.shape):
             raise ValueError("its contents do not fit this data source")
-        _warn_skipped(cached.skipped, n_files, config)  # the per-file warnings were logged when it was built
         return cached
     except (OSError, ValueError, KeyError):
         log.warning("cache %s is unreadable; rebuilding it", cache)
@@ -317,12 +381,12 @@ def _warn_skipped(skipped: list[str], total: int, config: DataConfig, listed: in
     log.warning("skipped %d unreadable file(s) of %d under %s: %s", len(skipped), total, config.path, names)
 
 
-def _write_cache(path: Path, slices: SliceSet) -> None:
+def _write_cache(path: Path, slices: SliceSet, source: str) -> None:
     try:
         with atomic_output(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, images=slices.images, sources=np.array(slices.sources), skipped=np.array(slices.skipped, dtype=str),
-                     levels=slices.levels, mask_values=np.array(slices.mask_values, dtype=np.int64),
-                     **({} if slices.labels is None else {"labels": slices.labels}))
+                     levels=slices.levels, subjects=np.array(slices.subjects, dtype=str), **{SOURCE_KEY: np.array(source)},
+                     mask_values=np.array(slices.mask_values, dtype=np.int64), **({} if slices.labels is None else {"labels": slices.labels}))
     except OSError as exc:  # no half-written cache is left behind (a full disk stays as full as it was)
         log.warning("could not write the slice cache %s (%s); continuing without it", path, exc)
 

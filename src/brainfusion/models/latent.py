@@ -65,11 +65,11 @@ def encode_slices(ae: torch.nn.Module, images: np.ndarray, device: torch.device,
 
 def cached_latents(config: RunConfig, images: np.ndarray, ae: torch.nn.Module, device: torch.device, dtype: torch.dtype | None,
                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """`encode_slices`, cached once per (autoencoder, slices) in the data cache folder."""
-    from ..data.slices import _cache_dir
+    """`encode_slices`, cached once per (autoencoder, slices) in the slice cache's folder (data/cache.py)."""
+    from ..data.cache import SOURCE_KEY, cache_dir, source_of
 
     key = hashlib.sha256(config.latent.sha256.encode() + str(images.shape).encode() + images.tobytes()).hexdigest()[:16]
-    path = _cache_dir(config.data) / f"latents_{key}.npz"
+    path = cache_dir(config.data) / f"latents_{key}.npz"
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as stored:
@@ -82,7 +82,7 @@ def cached_latents(config: RunConfig, images: np.ndarray, ae: torch.nn.Module, d
     plain, mirrored = encode_slices(ae, images, device, dtype, progress=progress)
     try:
         with atomic_output(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, plain=plain, mirrored=mirrored)
+            np.savez(fh, plain=plain, mirrored=mirrored, **{SOURCE_KEY: np.array(source_of(config.data))})
     except OSError as exc:
         log.warning("could not write the latent cache %s (%s); continuing without it", path, exc)
     return plain, mirrored

@@ -26,6 +26,7 @@ from ..checkpoint import fault_injection_point, latest_checkpoint, load_checkpoi
 from ..config import RunConfig
 from ..data.conditions import drop_labels, inherit_vocabulary, label_slices, labelled_subset
 from ..data.slices import BatchStream, load_slices
+from ..data.subjects import split_subjects
 from ..diffusion.pipeline import Pipeline
 from ..diffusion.process import make_process
 from ..errors import BrainfusionError
@@ -148,11 +149,18 @@ def _resume_state(config: RunConfig, resume: bool):
         return None
     state = load_checkpoint(newest)
     inherit_vocabulary(config, state.config, newest)  # a resumed run keeps the condition vocabulary it was trained with
-    if state.config.model != config.model or state.config.diffusion != config.diffusion:
-        raise BrainfusionError(
-            f"{newest} was trained with a different model or diffusion config; resume with the same config (see {newest.with_suffix('.json')})."
-        )
+    if config.data.holdout_subjects == state.config.data.holdout_subjects:  # and its held-out subjects, even if data was added
+        config.data.heldout_subjects = state.config.data.heldout_subjects
     return state
+
+
+def _check_resumable(config: RunConfig, state) -> None:
+    """Once the data has fixed the network's channels (masks): the checkpoint must be of this model and process."""
+    if state is not None and (state.config.model != config.model or state.config.diffusion != config.diffusion):
+        raise BrainfusionError(
+            f"{state.path} was trained with a different model or diffusion config; resume with the same config "
+            f"(see {state.path.with_suffix('.json')})."
+        )
 
 
 def _place(model, ema, optimizer, state, device, memory_format) -> None:
@@ -172,14 +180,14 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
     tcfg = config.train
     ctx = dist.init()
     ae = attach_autoencoder(config, resume, ctx.device) if config.latent.active else None
-    checkpoint_to_resume(tcfg.out_dir, resume)  # refuse a wrong --resume before the data is read
+    state = _resume_state(config, resume)
     if ctx.is_main:  # what killed processes left behind goes before anything is written
         tidy_run_folder(Path(tcfg.out_dir), tcfg.keep_checkpoints)
-    slices = load_slices(config.data, progress=progress and ctx.is_main)
+    slices, heldout = split_subjects(config.data, load_slices(config.data, progress=progress and ctx.is_main), tcfg.seed)
     if config.data.masks:  # the label values read with the masks fix the network's channels
         config.data.mask_values = slices.mask_values
         config.validate()
-    state = _resume_state(config, resume)
+    _check_resumable(config, state)
     if tcfg.batch_size % ctx.world:
         raise BrainfusionError(f"train.batch_size={tcfg.batch_size} is the global batch and must divide by the {ctx.world} processes.")
     images, cond = label_slices(config, slices)  # (images, None) for an unconditional run; fits the vocabulary
@@ -217,6 +225,9 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
         )
         Path(tcfg.out_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(tcfg.out_dir) / "config.json", config.to_json())
+    if heldout is not None and ctx.is_main:
+        log.info("holding out %d subject(s), %d slices: %s", len(config.data.heldout_subjects), len(heldout),
+                 ", ".join(config.data.heldout_subjects))
     if slices.skipped and ctx.is_main:
         log.warning("%d bad file(s) were skipped; see the warnings above", len(slices.skipped))
     return Session(
