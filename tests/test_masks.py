@@ -216,3 +216,19 @@ def test_one_hot_is_the_model_range():
     labels = torch.tensor([[[0, 2], [1, 0]]])
     x = one_hot(labels, 3)
     assert x.shape == (1, 3, 2, 2) and x[0, :, 0, 1].tolist() == [-1, -1, 1]
+
+
+def test_evaluate_scores_the_images_of_a_mask_model_not_its_masks(pairs, cli, tmp_path):
+    from brainfusion.diffusion.sample import read_generated
+
+    status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", "joint", "--max-steps", "1", *TRAIN)
+    assert status == 0, err
+    status, _, err = cli("sample", "--checkpoint", "joint", "--n", "3", "--sampler", "ddim", "--steps", "2", "--out", "s", "--no-gif")
+    assert status == 0, err
+    images = read_generated(tmp_path / "s" / "images", 16)
+    assert images.shape == (3, 16, 16)
+    assert np.array_equal(images[1], np.asarray(Image.open(tmp_path / "s" / "images" / "sample_00001.png")))
+    status, out, err = cli("evaluate", "--generated", tmp_path / "s" / "images", "--real", pairs, "--real-split", "validate",
+                           "--image-size", "32", "--out", "e")
+    assert status == 0, err
+    assert "evaluated 3 generated" in out

@@ -264,12 +264,12 @@ def _evaluate_set(args: argparse.Namespace, out: Path) -> None:
     from .evaluation.evaluate import EvalConfig, evaluate_images, nearest_pairs
     from .evaluation.report import write_report
 
-    if args.checkpoint:
-        from .diffusion.sample import generate
+    from .diffusion.sample import generate, read_generated
 
+    if args.checkpoint:
         sampled = generate(_sample_config(args, out_dir=str(out / "generated")), progress=not args.quiet)
         args.generated = sampled["images"]
-    generated = _load_set(args.generated, "all", args.image_size, args.on_bad_file)
+    generated = read_generated(args.generated, args.image_size, args.on_bad_file)
     real = _load_set(args.real, args.real_split, args.image_size, args.on_bad_file) if args.real else _heldout_of_run(args)
     train = _load_set(args.train, args.train_split, args.image_size, args.on_bad_file) if args.train else None
     config = EvalConfig(resolution=args.image_size, seed=args.seed, progress=not args.quiet, inception=args.inception,

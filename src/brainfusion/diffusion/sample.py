@@ -19,7 +19,7 @@ import torch
 from .. import distributed as dist
 from ..checkpoint import run_folder
 from ..data.masks import fit_square_labels, to_label_index
-from ..data.slices import IMAGE_SUFFIXES
+from ..data.slices import IMAGE_SUFFIXES, load_set, read_slice
 from ..errors import BrainfusionError
 from ..images import make_grid, overlay_labels, save_gif, save_grid, save_png
 from .pipeline import Pipeline, load_model
@@ -38,6 +38,16 @@ def sample_path(images_dir: Path, index: int) -> Path:
 def mask_path(images_dir: Path, index: int) -> Path:
     """Where the tissue mask of image `index` goes (OASIS's seg_* naming), beside it."""
     return images_dir / f"seg_{index:05d}.png"
+
+
+def read_generated(folder: str | Path, image_size: int, on_bad_file: str = "fail") -> np.ndarray:
+    """The images of a generated folder: `sample`'s sample_*.png when it has them (never the seg_*.png masks
+    beside them), else every slice the folder holds."""
+    root = Path(folder)
+    samples = sorted(root.glob("sample_*.png")) if root.is_dir() else []
+    if not samples:
+        return load_set(root, "all", image_size, on_bad_file).images
+    return np.stack([read_slice(path, image_size) for path in samples])
 
 
 def label_image(labels: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
