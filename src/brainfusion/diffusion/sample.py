@@ -18,7 +18,7 @@ import torch
 
 from .. import distributed as dist
 from ..checkpoint import run_folder
-from ..data.masks import fit_square_labels, to_label_index
+from ..data.masks import fit_square_labels, label_image, to_label_index
 from ..data.slices import IMAGE_SUFFIXES
 from ..errors import BrainfusionError
 from ..images import make_grid, overlay_labels, save_gif, save_grid, save_png
@@ -38,12 +38,6 @@ def sample_path(images_dir: Path, index: int) -> Path:
 def mask_path(images_dir: Path, index: int) -> Path:
     """Where the tissue mask of image `index` goes (OASIS's seg_* naming), beside it."""
     return images_dir / f"seg_{index:05d}.png"
-
-
-def label_image(labels: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
-    """Label indices → the run's label values as a uint8 image (OASIS: 0/85/170/255), indices where they do not fit 8 bits."""
-    lookup = np.asarray(values if max(values) <= 255 and min(values) >= 0 else range(len(values)), dtype=np.uint8)
-    return lookup[labels]
 
 
 def read_given_masks(path: str, values: tuple[int, ...], size: int) -> np.ndarray:
