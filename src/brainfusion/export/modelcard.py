@@ -112,8 +112,8 @@ def _masks(config: RunConfig) -> str:
         "| channel | label value | tissue |", "|---|---|---|"]
     lines += [f"| {1 + i} | {v} | {name} |" for i, (v, name) in enumerate(zip(values, mask_names(values)))]
     held = values if 0 <= min(values) and max(values) <= 255 else range(k)  # label_image writes indices where values exceed 8 bits
-    lines += ["", "Every call of the pipeline (loaded as under *How to load it*) returns the masks beside the images, in the label values above (as `brainfusion sample` writes its "
-              "`seg_*.png`):", "", "```python",
+    lines += ["", ("Every call of the pipeline (loaded as under *How to load it*) returns the masks beside the images, "
+                   "in the label values above (as `brainfusion sample` writes its `seg_*.png`):"), "", "```python",
               "out = pipe(num_images=16, seed=0, num_inference_steps=50)",
               f"images, masks = out.images, out.masks   # uint8 (16, {size}, {size}) each; masks hold {', '.join(map(str, held))}",
               "```", ""]
