@@ -325,3 +325,20 @@ def test_an_image_only_export_refuses_a_given_mask(exported):
     with pytest.raises(BrainfusionError, match="trained without masks"):
         pipe(num_images=1, mask=np.zeros((1, 16, 16), np.uint8))
     assert "channels" not in json.loads((folder / MANIFEST).read_text()) and pipe.unet.config.masks is None
+
+
+def test_a_vp_mask_export_returns_masks_and_refuses_a_given_one(exported_masks, tmp_path):
+    """The DDIM scheduler's loop: masks are the argmax of its last channels, as brainfusion's; no given mask (as `sample`)."""
+    from brainfusion.cli import main
+
+    _, _, _, data = exported_masks
+    run = tmp_path / "vp"
+    assert main(["--quiet", "train", "--data", str(data), "--masks", "--recipe", "vp", "--out-dir", str(run), *TRAIN]) == 0
+    assert main(["--quiet", "export", str(run), "--out", str(tmp_path / "export")]) == 0
+    pipe = BrainfusionPipeline.from_pretrained(tmp_path / "export")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(num_images=3, seed=7, num_inference_steps=3)
+    images, labels = Pipeline.from_checkpoint(run, precision="fp32").pairs(3, seed=7, sampler="ddim", steps=3)
+    assert np.array_equal(out.images, images) and np.array_equal(out.masks, np.array([0, 85, 170, 255], np.uint8)[labels])
+    with pytest.raises(BrainfusionError, match="EDM formulation"):
+        pipe(num_images=3, mask=labels)
