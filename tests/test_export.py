@@ -1,6 +1,7 @@
 """The diffusers export: a trained run → diffusers folder → diffusers' own from_pretrained → the same images,
 unconditional and conditional (a class request under classifier-free guidance), in pixels and through a latent
-run's autoencoder; and plain diffusers loads every export from its shipped code with brainfusion unimportable."""
+run's autoencoder, and with their tissue masks for a mask model; and plain diffusers loads every export from its
+shipped code with brainfusion unimportable."""
 
 from __future__ import annotations
 
@@ -155,14 +156,16 @@ torch.set_num_threads(1)
 folder, out, calls, named = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4] == "named"
 pipe = DiffusionPipeline.from_pretrained(folder, **({"custom_pipeline": folder} if named else {}), trust_remote_code=True)
 pipe.set_progress_bar_config(disable=True)
-np.savez(out, *[pipe(**call).images for call in calls])
+results = [pipe(**call) for call in calls]
+np.savez(out, *[r.images for r in results], **{f"masks_{i}": r.masks for i, r in enumerate(results) if r.masks is not None})
 assert not [m for m in sys.modules if m.split(".")[0] == "brainfusion"]
 print(type(pipe).__module__, type(pipe.unet).__module__)
 """
 
 
-def draw_without_brainfusion(folder, tmp_path, *calls: dict, custom_pipeline: bool = True) -> list[np.ndarray]:
-    """`calls`' images from `DiffusionPipeline.from_pretrained(folder[, custom_pipeline=folder], trust_remote_code=True)`."""
+def draw_without_brainfusion(folder, tmp_path, *calls: dict, custom_pipeline: bool = True, masks: bool = False) -> list:
+    """`calls`' images from `DiffusionPipeline.from_pretrained(folder[, custom_pipeline=folder], trust_remote_code=True)`;
+    with `masks`, (images, masks) of each call."""
     out = tmp_path / "plain.npz"
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1"}
     named = "named" if custom_pipeline else "found"
@@ -171,6 +174,9 @@ def draw_without_brainfusion(folder, tmp_path, *calls: dict, custom_pipeline: bo
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.split() == ["diffusers_modules.local.pipeline", "diffusers_modules.local.brainfusion_hub"]
     with np.load(out) as stored:
+        if masks:
+            return [(stored[f"arr_{i}"], stored[f"masks_{i}"]) for i in range(len(calls))]
+        assert not [name for name in stored.files if name.startswith("masks_")]  # image-only exports return no masks
         return [stored[f"arr_{i}"] for i in range(len(calls))]
 
 
@@ -238,3 +244,101 @@ def test_a_latent_export_decodes_through_its_vae_with_and_without_brainfusion(ex
     assert "## Autoencoder" in card and f"| PSNR inside the brain | {metrics['psnr_brain']:.2f} dB |" in card
     assert f"| SSIM inside the brain | {metrics['ssim_brain']:.4f} |" in card and "| rFID (reconstructions against the originals) | not computed |" in card
     assert "synthetic 32×32" in card and "custom_pipeline=" in card and "pip install monai" in card
+
+
+@pytest.fixture(scope="module")
+def exported_masks(tmp_path_factory):
+    """A run trained on image–mask pairs (test_masks.py's tissue rings), exported, and what `brainfusion sample
+    --sampler ddim` wrote for it: sample_*.png and seg_*.png."""
+    from brainfusion.cli import main
+    from test_masks import make_pairs
+
+    tmp = tmp_path_factory.mktemp("masks")
+    data = make_pairs(tmp / "pairs", counts=(("train", 8), ("test", 1), ("validate", 2)), size=16)
+    run = tmp / "run"
+    assert main(["--quiet", "train", "--data", str(data), "--masks", "--out-dir", str(run), *TRAIN]) == 0
+    assert main(["--quiet", "export", str(run), "--out", str(tmp / "export")]) == 0
+    assert main(["--quiet", "sample", "--checkpoint", str(run), "--n", "3", "--sampler", "ddim", "--steps", "3", "--seed", "7",
+                 "--precision", "fp32", "--no-gif", "--out", str(tmp / "samples")]) == 0
+    return run, tmp / "export", tmp / "samples" / "images", data
+
+
+def read_pngs(folder, pattern: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(f)) for f in sorted(folder.glob(pattern))])
+
+
+def test_a_mask_export_returns_brainfusions_images_and_masks(exported_masks):
+    from test_masks import VALUES
+
+    run, folder, samples, _ = exported_masks
+    pipe = BrainfusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(num_images=3, seed=7, num_inference_steps=3)
+    assert list(out.keys()) == ["images", "masks"] and out.images.shape == out.masks.shape == (3, 16, 16)
+    assert np.array_equal(out.images, read_pngs(samples, "sample_*.png"))  # bitwise what `sample` wrote
+    assert np.array_equal(out.masks, read_pngs(samples, "seg_*.png"))
+    assert set(np.unique(out.masks).tolist()) <= set(VALUES)
+    ours = Pipeline.from_checkpoint(run, precision="fp32")
+    raw = pipe(num_images=3, seed=7, num_inference_steps=3, output_type="pt")
+    with torch.no_grad():
+        expected, _ = sample(ours.network, ours.config.diffusion, (3, 5, 16, 16), "ddim", 3, image_generators(7, range(3)))
+    torch.testing.assert_close(raw.images, expected[:, :1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(raw.masks, expected[:, 1:], atol=1e-5, rtol=0)
+
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["channels"][0] == {"channel": 0, "holds": "image"}
+    assert [(c["channel"], c["value"], c["name"]) for c in manifest["channels"][1:]] == [
+        (1, 0, "background"), (2, 85, "CSF"), (3, 170, "grey matter"), (4, 255, "white matter")]
+    assert json.loads((folder / "unet" / "config.json").read_text())["masks"]["values"] == list(VALUES)
+    card = (folder / "README.md").read_text()
+    assert "image–mask pairs" in card and "| 3 | 170 | grey matter |" in card and ".masks" in card
+
+
+def test_a_mask_export_holds_a_given_mask_with_and_without_brainfusion(exported_masks, tmp_path):
+    from test_masks import VALUES
+
+    run, folder, _, data = exported_masks
+    given = np.searchsorted(VALUES, read_pngs(data / "keras_png_slices_seg_validate", "seg_*.png")).astype(np.uint8)
+    pipe = BrainfusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(num_images=2, seed=7, num_inference_steps=3, mask=given)
+    assert np.array_equal(out.masks, np.array(VALUES, np.uint8)[given])  # the given mask comes back exactly
+    images, labels = Pipeline.from_checkpoint(run, precision="fp32").pairs(2, seed=7, sampler="ddim", steps=3, mask=given)
+    assert np.array_equal(labels, given) and np.array_equal(out.images, images)  # `sample --given-mask`'s images
+    assert not np.array_equal(out.images, pipe(num_images=2, seed=7, num_inference_steps=3).images)  # the mask steers them
+    with pytest.raises(BrainfusionError, match="label indices in 0..3"):
+        pipe(num_images=2, mask=given + 4)
+
+    calls = [{"num_images": 3, "seed": 7, "num_inference_steps": 3},
+             {"num_images": 2, "seed": 7, "num_inference_steps": 3, "mask": given.tolist()}]
+    (plain, plain_masks), (fitted, fitted_masks) = draw_without_brainfusion(folder, tmp_path, *calls, masks=True)
+    reference = pipe(**calls[0])
+    assert np.array_equal(plain, reference.images) and np.array_equal(plain_masks, reference.masks)
+    assert np.array_equal(fitted, out.images) and np.array_equal(fitted_masks, out.masks)
+
+
+def test_an_image_only_export_refuses_a_given_mask(exported):
+    _, folder = exported
+    pipe = BrainfusionPipeline.from_pretrained(folder)
+    with pytest.raises(BrainfusionError, match="trained without masks"):
+        pipe(num_images=1, mask=np.zeros((1, 16, 16), np.uint8))
+    assert "channels" not in json.loads((folder / MANIFEST).read_text()) and pipe.unet.config.masks is None
+
+
+def test_a_vp_mask_export_returns_masks_and_refuses_a_given_one(exported_masks, tmp_path):
+    """The DDIM scheduler's loop: masks are the argmax of its last channels, as brainfusion's; no given mask (as `sample`)."""
+    from brainfusion.cli import main
+
+    _, _, _, data = exported_masks
+    run = tmp_path / "vp"
+    assert main(["--quiet", "train", "--data", str(data), "--masks", "--recipe", "vp", "--out-dir", str(run), *TRAIN]) == 0
+    assert main(["--quiet", "export", str(run), "--out", str(tmp_path / "export")]) == 0
+    pipe = BrainfusionPipeline.from_pretrained(tmp_path / "export")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(num_images=3, seed=7, num_inference_steps=3)
+    images, labels = Pipeline.from_checkpoint(run, precision="fp32").pairs(3, seed=7, sampler="ddim", steps=3)
+    assert np.array_equal(out.images, images) and np.array_equal(out.masks, np.array([0, 85, 170, 255], np.uint8)[labels])
+    with pytest.raises(BrainfusionError, match="EDM formulation"):
+        pipe(num_images=3, mask=labels)

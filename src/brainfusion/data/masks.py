@@ -152,6 +152,29 @@ def one_hot(labels, n_labels: int):
     return torch.nn.functional.one_hot(labels.long(), n_labels).permute(0, 3, 1, 2).float().mul(2).sub(1)
 
 
+def label_image(labels: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
+    """Label indices → the run's label values as a uint8 image (OASIS: 0/85/170/255), indices where they do not fit 8 bits.
+    Here, beside the label values, so that `sample`'s seg files and an export's masks are written by one function."""
+    lookup = np.asarray(values if max(values) <= 255 and min(values) >= 0 else range(len(values)), dtype=np.uint8)
+    return lookup[labels]
+
+
+def given_mask_channels(mask, n: int, size: int, n_labels: int):
+    """A given mask (label indices (n, size, size)) as the model's mask channels, after checking it fits the model.
+    Shared by brainfusion's sampling pipeline and the exported one, so both refuse the same masks in the same words."""
+    import torch
+
+    if not n_labels:
+        raise BrainfusionError("this model was trained without masks; sample it without a given mask.")
+    mask = torch.as_tensor(np.asarray(mask)).long()
+    if tuple(mask.shape) != (n, size, size) or int(mask.min()) < 0 or int(mask.max()) >= n_labels:
+        raise BrainfusionError(
+            f"the given masks have shape {tuple(mask.shape)} and labels {int(mask.min())}..{int(mask.max())}; "
+            f"this model needs ({n}, {size}, {size}) label indices in 0..{n_labels - 1}."
+        )
+    return one_hot(mask, n_labels)
+
+
 def check_mask_config(config: DataConfig) -> None:
     """A masks folder that does not exist, or masks asked of a layout without seg folders: one sentence."""
     if not config.masks:

@@ -16,7 +16,7 @@ import torch
 from ..checkpoint import load_checkpoint, load_weights
 from ..config import FAST_SAMPLER, FAST_STEPS, RunConfig
 from ..data.conditions import Request, encode_guided_request
-from ..data.masks import one_hot
+from ..data.masks import given_mask_channels
 from ..data.slices import to_uint8
 from ..errors import BrainfusionError
 from ..models.latent import LatentDecoder
@@ -124,13 +124,4 @@ class Pipeline:
         """A given mask as the model's mask channels, after checking it fits the model."""
         if mask is None:
             return None
-        k, size = self.config.mask_labels, self.config.model.image_size
-        if not k:
-            raise BrainfusionError("this model was trained without masks; sample it without a given mask.")
-        mask = torch.as_tensor(np.asarray(mask)).long()
-        if tuple(mask.shape) != (n, size, size) or int(mask.min()) < 0 or int(mask.max()) >= k:
-            raise BrainfusionError(
-                f"the given masks have shape {tuple(mask.shape)} and labels {int(mask.min())}..{int(mask.max())}; "
-                f"this model needs ({n}, {size}, {size}) label indices in 0..{k - 1}."
-            )
-        return one_hot(mask, k)
+        return given_mask_channels(mask, n, self.config.model.image_size, self.config.mask_labels)

@@ -18,7 +18,7 @@ import torch
 
 from .. import distributed as dist
 from ..checkpoint import run_folder
-from ..data.masks import fit_square_labels, to_label_index
+from ..data.masks import fit_square_labels, label_image, to_label_index
 from ..data.slices import IMAGE_SUFFIXES, load_set, read_slice
 from ..errors import BrainfusionError
 from ..images import make_grid, overlay_labels, save_gif, save_grid, save_png
@@ -48,12 +48,6 @@ def read_generated(folder: str | Path, image_size: int, on_bad_file: str = "fail
     if not samples:
         return load_set(root, "all", image_size, on_bad_file).images
     return np.stack([read_slice(path, image_size) for path in samples])
-
-
-def label_image(labels: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
-    """Label indices → the run's label values as a uint8 image (OASIS: 0/85/170/255), indices where they do not fit 8 bits."""
-    lookup = np.asarray(values if max(values) <= 255 and min(values) >= 0 else range(len(values)), dtype=np.uint8)
-    return lookup[labels]
 
 
 def read_given_masks(path: str, values: tuple[int, ...], size: int) -> np.ndarray:

@@ -26,6 +26,10 @@ and std: the run's `ConditionConfig`) in `unet/config.json`, so a request is enc
     pipe = BrainfusionPipeline.from_pretrained("runs/demo/export")
     images = pipe(num_images=16, seed=0, num_inference_steps=50).images   # uint8 (16, 64, 64)
     pipe(num_images=16, condition={"class": "ModerateDemented"}, guidance_scale=2.0)  # a conditional export
+    out = pipe(num_images=16, seed=0); out.images, out.masks                  # a mask model's image–mask pairs
+
+A model trained with tissue masks keeps its label values and tissue names in `unet/config.json` (`masks`), so the
+pipeline writes masks as `brainfusion sample` writes seg files; the manifest records the channel layout for readers.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch
 from diffusers import EDMEulerScheduler
 
 from ..config import RunConfig
+from ..data.masks import mask_names
 from ..diffusion.process import make_scheduler
 from ..errors import BrainfusionError
 from ..models.unet import UNet
@@ -204,8 +209,10 @@ def make_vae(config: RunConfig) -> BrainfusionVAE:
 def make_export_pipeline(model: UNet, config: RunConfig) -> BrainfusionPipeline:
     """The diffusers pipeline of a trained network and its run config (the condition vocabulary travels in the unet's)."""
     d, raw = config.diffusion, config.to_dict()
+    values = list(config.data.mask_values) if config.mask_labels else []
     unet = BrainfusionUNet(model=raw["model"], formulation=d.formulation, sigma_min=d.sigma_min, sigma_max=d.sigma_max,
-                           condition=raw["condition"] if config.condition.fitted else None)
+                           condition=raw["condition"] if config.condition.fitted else None,
+                           masks={"values": values, "names": list(mask_names(values))} if values else None)
     unet.net.load_state_dict(model.state_dict())
     if d.formulation == "edm":
         scheduler = EDMEulerScheduler(sigma_min=d.sigma_min, sigma_max=d.sigma_max, sigma_data=d.sigma_data, rho=d.rho,
@@ -214,6 +221,18 @@ def make_export_pipeline(model: UNet, config: RunConfig) -> BrainfusionPipeline:
         scheduler = make_scheduler(d, "ddim")
     vae = make_vae(config) if config.latent.active else None
     return BrainfusionPipeline(unet=unet.eval(), scheduler=scheduler, vae=vae)
+
+
+def channel_layout(config: RunConfig) -> dict:
+    """A mask model's channels, for the manifest ({} for an image-only model, whose manifest stays as it was): the
+    network generates the image and its one-hot tissue labels as one picture, and a reader of the export (or a
+    tool other than the pipeline) needs to know which channel is which and what label value each one-hot channel means."""
+    if not config.mask_labels:
+        return {}
+    values = config.data.mask_values
+    labels = [{"channel": 1 + k, "holds": "one-hot label (-1 absent, +1 present)", "index": k, "value": v, "name": name}
+              for k, (v, name) in enumerate(zip(values, mask_names(values)))]
+    return {"channels": [{"channel": 0, "holds": "image"}, *labels]}
 
 
 def export_run(checkpoint: Path | str, out: Path | str, metrics: Path | None = None) -> Path:
@@ -230,7 +249,8 @@ def export_run(checkpoint: Path | str, out: Path | str, metrics: Path | None = N
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(staging, safe_serialization=True)
     _ship_code(staging)
-    (staging / MANIFEST).write_text(json.dumps({"checkpoint": str(state.path), "step": state.step, "sha256": _digests(staging)}, indent=2))
+    manifest = {"checkpoint": str(state.path), "step": state.step, **channel_layout(state.config), "sha256": _digests(staging)}
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     (staging / "README.md").write_text(card)
     old = out.with_name(f".{out.name}.old")
     if out.exists():

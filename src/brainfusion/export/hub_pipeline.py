@@ -31,6 +31,7 @@ from diffusers.utils import BaseOutput
 
 from ..config import RunConfig
 from ..data.conditions import Request, encode_guided_request
+from ..data.masks import given_mask_channels, label_image
 from ..data.slices import to_uint8
 from ..diffusion.process import classifier_free_guidance
 from ..errors import BrainfusionError
@@ -43,18 +44,21 @@ SHIPPED_MODULE = "brainfusion_hub"  # model_index.json's library of the custom c
 
 class BrainfusionUNet(ModelMixin, ConfigMixin):
     """brainfusion's U-Net as a diffusers model; `timestep` follows the scheduler's convention. `condition` is
-    the run's condition section (config.ConditionConfig, vocabulary included) for a conditional network."""
+    the run's condition section (config.ConditionConfig, vocabulary included) for a conditional network. `masks`
+    ({"values": [...], "names": [...]}) marks a network trained with tissue masks: its last K channels are one-hot
+    labels, and the pipeline needs the label values to write masks as `brainfusion sample` does."""
 
     config_name = "config.json"
 
     @register_to_config
     def __init__(self, model: dict | None = None, formulation: str = "edm", sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 condition: dict | None = None):
+                 condition: dict | None = None, masks: dict | None = None):
         super().__init__()
         run = RunConfig.from_dict({"model": model or {}, "condition": condition or {}}, source="unet/config.json")
         run.condition.validate()
         self.net = UNet(run.model)
         self.conditions = run.condition  # what encode_request maps {"class": "Mild"} with
+        self.mask_values = tuple((masks or {}).get("values", ()))  # () for an image-only network
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1).expand(sample.shape[0])
@@ -93,6 +97,7 @@ class BrainfusionVAE(ModelMixin, ConfigMixin):
 @dataclass
 class BrainfusionOutput(BaseOutput):
     images: np.ndarray  # uint8 (N, H, W) or (N, C, H, W)
+    masks: Optional[np.ndarray] = None  # a mask model's uint8 (N, H, W) in its label values; None, and absent from keys(), otherwise
 
 
 class BrainfusionPipeline(DiffusionPipeline):
@@ -127,27 +132,52 @@ class BrainfusionPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, num_images: int = 16, seed: int = 0, num_inference_steps: int = 50, first_index: int = 0,
-                 output_type: str = "uint8", condition: Request | None = None, guidance_scale: float = 1.0) -> BrainfusionOutput:
+                 output_type: str = "uint8", condition: Request | None = None, guidance_scale: float = 1.0,
+                 mask: np.ndarray | torch.Tensor | None = None) -> BrainfusionOutput:
         """`output_type` "uint8" (default) or "pt" (float tensor in [-1, 1], before quantisation).
 
         `condition` (a conditional export) is what brainfusion's `Pipeline` takes: {name: value} for every image,
         e.g. {"class": "ModerateDemented", "level": 0.6}, a list of one per image, or an encoded tensor; names
         left out are not conditioned on. `guidance_scale`: classifier-free guidance, 1 the plain conditional
         model, 0 the unconditional one, above 1 stronger.
+
+        A model trained with tissue masks also returns `masks`: uint8 (N, H, W) in the run's label values, as
+        `brainfusion sample` writes its seg files (with "pt", the K one-hot channels in [-1, 1]). `mask` (label
+        indices (N, H, W), EDM exports) is a given mask: it is held fixed and the images are generated to fit it.
         """
         cond = encode_guided_request(self.unet.conditions, condition, num_images, guidance_scale)
         network = self.unet if cond is None else classifier_free_guidance(self.unet, cond.to(self.unet.device), guidance_scale)
-        model = self.unet.config.model
+        model, values, k = self.unet.config.model, self.unet.mask_values, len(self.unet.mask_values)
         shape = (num_images, model["in_channels"], model["image_size"], model["image_size"])
-        x = randn(shape, image_generators(seed, range(first_index, first_index + num_images))).to(self.unet.device)
+        noise = randn(shape, image_generators(seed, range(first_index, first_index + num_images))).to(self.unet.device)
+        known = self._given(mask, num_images)
         self.scheduler.set_timesteps(num_inference_steps)
         # EDM starts at σ_max, not diffusers' init_noise_sigma √(σ_max² + 1)
-        x = x * (float(self.scheduler.sigmas[0]) if isinstance(self.scheduler, EDMEulerScheduler) else self.scheduler.init_noise_sigma)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        x = noise * (float(self.scheduler.sigmas[0]) if isinstance(self.scheduler, EDMEulerScheduler) else self.scheduler.init_noise_sigma)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            # edm.with_known_channels's Euler steps, whose denoised mask channels are `known`, keep them at known + σ·noise:
+            # written in directly, as the diffusers scheduler has no hook for the denoised estimate
+            if known is not None:
+                x[:, -k:] = known + float(self.scheduler.sigmas[i]) * noise[:, -k:]
             out = network(self.scheduler.scale_model_input(x, t), t.reshape(1).expand(num_images))
             x = self.scheduler.step(out, t, x).prev_sample
+        if known is not None:
+            x[:, -k:] = known  # σ = 0
         x = (x.clamp(-1, 1) if self.vae is None else self.vae.decode_latents(x)).cpu()  # latents have no range to clamp to
-        return BrainfusionOutput(images=x if output_type == "pt" else to_uint8(x))
+        images, channels = x[:, : x.shape[1] - k], x[:, x.shape[1] - k :]
+        if output_type == "pt":
+            return BrainfusionOutput(images=images, masks=channels if values else None)
+        masks = label_image(channels.argmax(1).to(torch.uint8).numpy(), values) if values else None
+        return BrainfusionOutput(images=to_uint8(images), masks=masks)
+
+    def _given(self, mask: np.ndarray | torch.Tensor | None, n: int) -> torch.Tensor | None:
+        """A given mask as the mask channels to hold fixed; only EDM's Euler scheduler steps in σ, where that is exact."""
+        if mask is None:
+            return None
+        known = given_mask_channels(mask, n, self.unet.config.model["image_size"], len(self.unet.mask_values))
+        if not isinstance(self.scheduler, EDMEulerScheduler):
+            raise BrainfusionError("a given mask needs a model of the EDM formulation; this export samples with DDIM (VP).")
+        return known.to(self.unet.device)
 
 
 COMPONENTS = {cls.__name__: cls for cls in (BrainfusionUNet, BrainfusionVAE)}

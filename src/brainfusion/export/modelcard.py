@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..checkpoint import run_folder
 from ..config import FOLDER_LABELS, LEVEL_COLUMN, RunConfig
+from ..data.masks import MASK_LAYOUT, mask_names
 
 LOAD = """With brainfusion, which checks every file against the export's SHA-256 manifest and runs its own code:
 
@@ -96,6 +97,32 @@ def _autoencoder(config: RunConfig) -> str:
     return "\n".join(lines)
 
 
+def _masks(config: RunConfig) -> str:
+    """The card's section on a mask model's image–mask pairs: the channel layout, the tissue labels and how to get
+    the masks (and give one); empty for an image-only model. A reader who only sees `.images` would never know the
+    masks are there."""
+    if not config.mask_labels:
+        return ""
+    values, size, k = config.data.mask_values, config.data.image_size, config.mask_labels
+    source = "the layout's seg folders" if config.data.masks == MASK_LAYOUT else f"the masks folder `{config.data.masks}`"
+    lines = ["## Tissue masks", (
+        f"The model generates image–mask pairs: the U-Net denoises a {1 + k}-channel picture, channel 0 the slice and channels "
+        f"1..{k} a one-hot map of its {k} tissue labels (−1 absent, +1 present), learnt together from {source}. "
+        "Each pixel's label is the channel that comes out largest."), "",
+        "| channel | label value | tissue |", "|---|---|---|"]
+    lines += [f"| {1 + i} | {v} | {name} |" for i, (v, name) in enumerate(zip(values, mask_names(values)))]
+    held = values if 0 <= min(values) and max(values) <= 255 else range(k)  # label_image writes indices where values exceed 8 bits
+    lines += ["", ("Every call of the pipeline (loaded as under *How to load it*) returns the masks beside the images, "
+                   "in the label values above (as `brainfusion sample` writes its `seg_*.png`):"), "", "```python",
+              "out = pipe(num_images=16, seed=0, num_inference_steps=50)",
+              f"images, masks = out.images, out.masks   # uint8 (16, {size}, {size}) each; masks hold {', '.join(map(str, held))}",
+              "```", ""]
+    if config.diffusion.formulation == "edm":
+        lines += ["A given mask is held fixed and the images are generated to fit it: `pipe(num_images=N, mask=labels)`, "
+                  f"`labels` label indices 0..{k - 1} of shape (N, {size}, {size}).", ""]
+    return "\n".join(lines) + "\n"
+
+
 def _example_request(config: RunConfig) -> str:
     """The load snippet's condition: the first class of the first categorical condition, else mid-range values."""
     cc = config.condition
@@ -132,11 +159,13 @@ def model_card(config: RunConfig, step: int, run_dir: Path, folder: str, metrics
     tags = ["- brainfusion", "- diffusion", "- mri", "- brain", "- medical-imaging", "- synthetic-data"]
     tags += ["- class-conditional"] if config.condition.fitted else []
     tags += ["- latent-diffusion"] if latent.active else []
+    tags += ["- segmentation-masks"] if config.mask_labels else []
     size, kind = data.image_size, "latent diffusion model" if latent.active else "denoising diffusion model"
     needs = " (only MONAI, `pip install monai`, for the autoencoder)" if latent.active else ""
     yaml = "\n".join(["---", "license: mit", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
                       "tags:", *tags, "---", ""])
-    return yaml + f"""# brainfusion model: synthetic {size}×{size} axial T1 brain MRI slices
+    pairs = " with tissue masks" if config.mask_labels else ""
+    return yaml + f"""# brainfusion model: synthetic {size}×{size} axial T1 brain MRI slices{pairs}
 
 A {kind} ({d.formulation.upper()} formulation) trained with brainfusion on `{data.path}`.
 
@@ -150,7 +179,7 @@ U-Net of {len(m.channel_mults)} levels (base width {m.base_channels}, multiplier
 batch {config.train.batch_size}, learning rate {config.train.lr}, EMA {config.train.ema_decay}, precision `{config.train.precision}`.
 {_training(run_dir, step)}
 
-{_autoencoder(config)}{_conditions(config)}## Evaluation
+{_autoencoder(config)}{_masks(config)}{_conditions(config)}## Evaluation
 {_evaluation(metrics_path)}{_conditional_evaluation(metrics_path)}
 
 ## Intended use and limitations
