@@ -118,3 +118,43 @@ def test_oasis1_reads_the_masked_gfc_volume_of_each_session(tmp_path, phantom, a
     for path in (root / "disc1").rglob("*masked_gfc.*"):
         path.unlink()
     assert_user_error(["data", "inspect", "--data", root / "disc1", "--image-size", "16"], "OAS1_xxxx_MRn", "_masked_gfc", "--data")
+
+
+def _oasis1(root: Path, phantom) -> Path:
+    volume = nib.AnalyzeImage(phantom(), RAS)
+    for name in ("OAS1_0001_MR1", "OAS1_0002_MR1"):
+        path = root / name / f"PROCESSED/MPRAGE/T88_111/{name}_mpr_n4_anon_111_t88_masked_gfc.hdr"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(volume, path)
+    return root
+
+
+def _sixteen_bit(root: Path, phantom) -> Path:
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    for k in range(6):
+        pixels = (1000 + 3000 * phantom()[:, :, 2 + k % 6] / 500).astype(np.uint16)
+        Image.fromarray(pixels).save(root / f"slice_{k}.png")
+    return root
+
+
+@pytest.mark.parametrize("layout", ["bids", "oasis1", "dicom", "16-bit"])
+def test_every_layout_trains_a_few_steps(layout, tmp_path, phantom, cli):
+    root = tmp_path / layout
+    if layout == "bids":
+        make_bids(root, phantom)
+    elif layout == "oasis1":
+        _oasis1(root, phantom)
+    elif layout == "dicom":
+        from test_dicom import write_series
+
+        root.mkdir()
+        write_series(root, phantom())
+    else:
+        _sixteen_bit(root, phantom)
+    status, out, err = cli("train", "--data", root, "--out-dir", tmp_path / "run", "--max-steps", "2", "--image-size", "16",
+                           "--base-channels", "8", "--batch-size", "4", "--sample-every", "0", "--holdout-subjects", "1"
+                           if layout in ("bids", "oasis1") else "0")
+    assert status == 0, err
+    assert "trained to step 2" in out
