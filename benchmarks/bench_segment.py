@@ -12,7 +12,8 @@
 3. Arms, each a MONAI UNet + DiceCELoss (`evaluation/segmenter.py`) trained for the same `--steps`
    (equal compute), for K = `--ks` training subjects (chosen by seed) and `--seeds` seeds:
    `real` (the K subjects' slices), `generated` (as many generated pairs, capped at
-   `--n-generated`), `real+generated` (the K subjects' slices and every generated pair).
+   `--n-generated`), `real+generated` (the K subjects' slices and every generated pair, half and
+   half: the real ones repeated up to the generated count).
 4. Per-tissue Dice (CSF, grey, white matter) over every pixel of the unseen subjects' slices,
    mean ± standard deviation over seeds; and mask fidelity: the Dice between each generated mask
    and what the segmenter trained on all real subjects (first seed) reads in its generated image.
@@ -106,8 +107,15 @@ def arms_for(k_name, seed, real, gen, subjects, n_gen):
     return {
         "real": (images[keep], labels[keep]),
         "generated": (gen[0][order], gen[1][order]),
-        "real+generated": (np.concatenate([images[keep], gen[0]]), np.concatenate([labels[keep], gen[1]])),
+        "real+generated": _balanced(images[keep], labels[keep], gen),
     }, int(keep.sum()), count
+
+
+def _balanced(images, labels, gen):
+    """Real and generated pairs half and half: the real ones repeated up to the generated count, so a few
+    subjects' slices are not drowned by a thousand generated ones (a batch draws both equally often)."""
+    repeat = max(1, -(-len(gen[0]) // len(images)))
+    return np.concatenate([np.tile(images, (repeat, 1, 1)), gen[0]]), np.concatenate([np.tile(labels, (repeat, 1, 1)), gen[1]])
 
 
 def summarise(rows, names):
@@ -157,7 +165,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--ks", default="2,5,all")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=300, help="segmenter optimiser steps (batch 32), the same for every arm")
+    ap.add_argument("--steps", type=int, default=200, help="segmenter optimiser steps (batch 32), the same for every arm")
     ap.add_argument("--n-generated", type=int, default=1000)
     ap.add_argument("--gen-seed", type=int, default=1234)
     ap.add_argument("--sampler", default="dpm++sde")
@@ -184,8 +192,9 @@ def main() -> None:
             arms, n_real, n_gen = arms_for(k, seed, (images, labels), (gen_images, gen_labels), subjects, len(gen_images))
             for arm, (x, y) in arms.items():
                 net, dice, seconds = run_arm(x, y, test_images, test_labels, n_labels, args.steps, seed)
-                rows.append({"k": k, "seed": seed, "arm": arm, "slices": len(x), "dice": dice.tolist(), "seconds": seconds})
-                print(f"K={k} seed={seed} {arm:15s} {len(x):5d} slices: Dice {np.round(dice, 3).tolist()} "
+                slices = {"real": n_real, "generated": n_gen, "real+generated": n_real + len(gen_images)}[arm]
+                rows.append({"k": k, "seed": seed, "arm": arm, "slices": slices, "dice": dice.tolist(), "seconds": seconds})
+                print(f"K={k} seed={seed} {arm:15s} {slices:5d} slices: Dice {np.round(dice, 3).tolist()} "
                       f"mean {np.nanmean(dice):.3f} ({seconds:.0f} s)", flush=True)
                 if k == "all" and arm == "real" and fidelity is None:
                     read = segment(net, gen_images)

@@ -22,7 +22,7 @@ def make_segmenter(n_labels: int) -> torch.nn.Module:
                 num_res_units=1, norm="BATCH")
 
 
-def train_segmenter(images: np.ndarray, labels: np.ndarray, n_labels: int, steps: int = 300, batch_size: int = 32,
+def train_segmenter(images: np.ndarray, labels: np.ndarray, n_labels: int, steps: int = 200, batch_size: int = 32,
                     seed: int = 0, lr: float = 2e-3) -> torch.nn.Module:
     """A segmenter fitted to uint8 images (N, H, W) and label indices (N, H, W); batch s of seed is fixed
     by (seed, s), and horizontal flips augment, so two calls with the same data give the same network."""
