@@ -21,7 +21,8 @@
    them, `Pipeline.pairs(mask=...)`), and the same segmenter's reading of the images made for them.
 
 Outputs in --work: results.json, segment.md (the table), segment.png (Dice per arm and K),
-pairs.png (generated images with their masks as overlays, beside real unseen pairs).
+pairs.png (generated images with their masks as overlays, beside real unseen pairs), given.png
+(images made for unseen subjects' masks: bare, with the given mask, with the segmenter's reading).
 """
 
 from __future__ import annotations
@@ -81,11 +82,15 @@ def generated_pairs(joint: str, n: int, seed: int, work: Path, sampler: str, ste
 
 
 def given_fidelity(args, segmenter, masks: np.ndarray, n_labels: int) -> np.ndarray:
-    """Dice between given masks and the segmenter's reading of the images the joint model makes for them."""
+    """Dice between given masks and the segmenter's reading of the images the joint model makes for them;
+    given.png shows the first 8 (images with the given masks, then with the segmenter's reading)."""
     pipe = Pipeline.from_checkpoint(args.joint)
     images, labels = pipe.pairs(len(masks), seed=args.gen_seed + 1, sampler=args.sampler, steps=args.sample_steps, mask=masks)
     assert np.array_equal(labels, masks)
-    return dice_per_label(segment(segmenter, images), masks, n_labels)
+    read = segment(segmenter, images)
+    save_png(make_grid(np.concatenate([images[:8, ..., None].repeat(3, -1), overlay_labels(images[:8], masks[:8]),
+                                       overlay_labels(images[:8], read[:8])]), nrow=8), Path(args.work) / "given.png")
+    return dice_per_label(read, masks, n_labels)
 
 
 def run_arm(images, labels, test_images, test_labels, n_labels, steps, seed):
