@@ -175,6 +175,18 @@ def test_joint_train_sample_pairs_given_mask_and_bitwise_resume(pairs, cli, tmp_
         expected = np.array(VALUES, np.uint8)[fit_square_labels(np.searchsorted(VALUES, seg).astype(np.uint8), 4, 16)]
         assert np.array_equal(np.asarray(Image.open(tmp_path / "g" / "images" / f"seg_{i:05d}.png")), expected)
 
+    # NIfTI out: the same pictures, RAS+ with the pixel size given, the right way up for ITK-SNAP / FSLeyes
+    nib = pytest.importorskip("nibabel")
+    status, out, err = cli("sample", "--checkpoint", "straight", "--n", "2", "--sampler", "dpm++", "--steps", "2", "--out", "n",
+                           "--no-gif", "--format", "nifti", "--spacing", "2.5")
+    assert status == 0, err
+    for name in ("sample_00001", "seg_00001"):
+        volume = nib.load(tmp_path / "n" / "images" / f"{name}.nii.gz")
+        assert volume.shape == (16, 16, 1) and volume.header.get_zooms() == (2.5, 2.5, 2.5)
+        assert nib.aff2axcodes(volume.affine) == ("R", "A", "S") and int(volume.header["sform_code"]) == 1
+        png = np.asarray(Image.open(tmp_path / "n" / "images" / f"{name}.png"))
+        assert np.array_equal(np.rot90(np.asarray(volume.dataobj)[:, :, 0]), png)  # what the loader does to an axial slice
+
 
 def test_given_masks_are_checked(pairs, cli, tmp_path, tiny_checkpoint, assert_user_error):
     status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", "joint", "--max-steps", "1", *TRAIN)

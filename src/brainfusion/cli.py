@@ -213,11 +213,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _sample_config(args: argparse.Namespace, out_dir: str = ""):
     from .diffusion.sample import SampleConfig
 
+    if getattr(args, "format", "png") == "nifti" and not args.spacing > 0:
+        raise BrainfusionError(f"--spacing is {args.spacing:g}; give the pixel size in millimetres, a positive number such as 1.0.")
     return SampleConfig(
         checkpoint=args.checkpoint, out_dir=out_dir or args.out or "", n_images=args.n, batch_size=args.batch_size,
         seed=args.seed, sampler=args.sampler, steps=args.steps, gif=not args.no_gif, use_ema=not args.no_ema,
         precision=args.precision, condition=_parse_condition(args.condition), guidance=args.guidance,
         given_mask=getattr(args, "given_mask", None) or "",
+        nifti_mm=args.spacing if getattr(args, "format", "png") == "nifti" else 0.0,
     )
 
 
@@ -469,6 +472,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="conditional models: e.g. class=ModerateDemented level=0.6 (names left out are not conditioned on)")
     p.add_argument("--guidance", type=float, default=1.0,
                    help="classifier-free guidance scale: 1 plain conditional (default), 0 unconditional, >1 stronger")
+    p.add_argument("--format", choices=["png", "nifti"], default="png",
+                   help="nifti: each image (and mask) also as a .nii.gz beside its PNG, for ITK-SNAP / FSLeyes")
+    p.add_argument("--spacing", type=float, default=1.0, metavar="MM", help="pixel size written into --format nifti files (default 1.0)")
     p.add_argument("--given-mask", metavar="PNG|DIR",
                    help="models trained with --masks: generate images for these tissue masks (image i gets mask i mod M)")
     p.set_defaults(func=cmd_sample)

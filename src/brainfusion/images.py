@@ -60,6 +60,24 @@ def save_png(image: np.ndarray, path: Path) -> Path:
     return Path(path)
 
 
+def save_nifti_slice(image: np.ndarray, path: Path, spacing_mm: float) -> Path:
+    """A slice as a one-slice NIfTI (.nii.gz) that ITK-SNAP and FSLeyes open the right way up: voxels in
+    RAS+ (the inverse of the loader's `np.rot90` of an axial slice: anterior at the top, the patient's
+    left on the left), `spacing_mm` in plane and through it, the affine saying so (qform and sform)."""
+    import gzip
+
+    import nibabel as nib
+
+    volume = np.ascontiguousarray(np.rot90(image, -1))[:, :, None]
+    nifti = nib.Nifti1Image(volume, np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0]))
+    nifti.header.set_xyzt_units("mm")
+    nifti.set_qform(nifti.affine, code=1)
+    nifti.set_sform(nifti.affine, code=1)
+    with atomic_output(path) as tmp:
+        Path(tmp).write_bytes(gzip.compress(nifti.to_bytes(), mtime=0))
+    return Path(path)
+
+
 def save_grid(images: np.ndarray, path: Path, nrow: int | None = None) -> Path:
     return save_png(make_grid(images, nrow), path)
 

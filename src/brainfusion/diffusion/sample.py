@@ -21,7 +21,7 @@ from ..checkpoint import run_folder
 from ..data.masks import fit_square_labels, label_image, to_label_index
 from ..data.slices import IMAGE_SUFFIXES, load_set, read_slice
 from ..errors import BrainfusionError
-from ..images import make_grid, overlay_labels, save_gif, save_grid, save_png
+from ..images import make_grid, overlay_labels, save_gif, save_grid, save_nifti_slice, save_png
 from .pipeline import Pipeline, load_model
 from .process import default_steps
 
@@ -38,6 +38,15 @@ def sample_path(images_dir: Path, index: int) -> Path:
 def mask_path(images_dir: Path, index: int) -> Path:
     """Where the tissue mask of image `index` goes (OASIS's seg_* naming), beside it."""
     return images_dir / f"seg_{index:05d}.png"
+
+
+def _write_pair(images_dir: Path, index: int, image: np.ndarray, mask: np.ndarray | None, nifti_mm: float) -> None:
+    """Image `index` (and its mask) as PNG, and as NIfTI too when `nifti_mm` > 0."""
+    for picture, path in ((image, sample_path(images_dir, index)), (mask, mask_path(images_dir, index))):
+        if picture is not None:
+            save_png(picture, path)
+            if nifti_mm > 0:
+                save_nifti_slice(picture, path.with_suffix(".nii.gz"), nifti_mm)
 
 
 def read_generated(folder: str | Path, image_size: int, on_bad_file: str = "fail") -> np.ndarray:
@@ -87,6 +96,7 @@ class SampleConfig:
     condition: dict[str, str] | None = None  # conditional models: {name: value}, see Pipeline.__call__
     guidance: float = 1.0  # classifier-free guidance scale
     given_mask: str = ""  # models trained with masks: a seg PNG or a folder of them; image i gets mask i mod M
+    nifti_mm: float = 0.0  # > 0: each image (and mask) also as a .nii.gz of this pixel size in mm, beside the PNGs
 
 
 def generate(cfg: SampleConfig, progress: bool = True) -> dict:
@@ -130,9 +140,8 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
                                     progress=bar.update if bar else None, condition=cfg.condition, guidance=cfg.guidance,
                                     mask=mask)
         for i, image in enumerate(images):
-            save_png(image, sample_path(images_dir, start + i))
-            if labels is not None:
-                save_png(label_image(labels[i], state.config.data.mask_values), mask_path(images_dir, start + i))
+            _write_pair(images_dir, start + i, image, None if labels is None else label_image(labels[i], state.config.data.mask_values),
+                        cfg.nifti_mm)
     if bar is not None:
         bar.close()
     seconds = time.monotonic() - t0
