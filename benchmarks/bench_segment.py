@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
@@ -46,15 +45,9 @@ from brainfusion.images import make_grid, overlay_labels, save_figure, save_png
 ARMS = ("real", "generated", "real+generated")
 
 
-def subject_of(source: str) -> str:
-    """`case_NNN` in the keras PNG names, else the file's folder."""
-    found = re.search(r"case_(\d+)", Path(source).name)
-    return found.group(1) if found else Path(source).parent.name
-
-
 def load_pairs(data: str, split: str, size: int):
     slices = load_slices(DataConfig(path=data, image_size=size, split=split, masks="layout"), progress=False)
-    return slices.images, slices.labels, np.array([subject_of(s) for s in slices.sources]), slices.mask_values
+    return slices.images, slices.labels, np.array(slices.subjects), slices.mask_values
 
 
 def generated_pairs(joint: str, n: int, seed: int, work: Path, sampler: str, steps: int):

@@ -159,6 +159,14 @@ def label_image(labels: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
     return lookup[labels]
 
 
+def label_indices(image: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
+    """The inverse of `label_image`: a written mask back to label indices."""
+    fits = max(values) <= 255 and min(values) >= 0
+    lookup = np.zeros(256, np.uint8)
+    lookup[list(values) if fits else list(range(len(values)))] = np.arange(len(values))
+    return lookup[image]
+
+
 def given_mask_channels(mask, n: int, size: int, n_labels: int):
     """A given mask (label indices (n, size, size)) as the model's mask channels, after checking it fits the model.
     Shared by brainfusion's sampling pipeline and the exported one, so both refuse the same masks in the same words."""

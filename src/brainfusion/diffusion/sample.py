@@ -18,7 +18,7 @@ import torch
 
 from .. import distributed as dist
 from ..checkpoint import run_folder
-from ..data.masks import fit_square_labels, label_image, to_label_index
+from ..data.masks import fit_square_labels, label_image, label_indices, to_label_index
 from ..data.slices import IMAGE_SUFFIXES, load_set, read_slice
 from ..errors import BrainfusionError
 from ..images import make_grid, overlay_labels, save_gif, save_grid, save_nifti_slice, save_png
@@ -178,10 +178,7 @@ def _collect(cfg: SampleConfig, images_dir: Path, out_dir: Path, gif_path: Path 
     shown = min(cfg.n_images, GRID_MAX)
     stack = np.stack([np.asarray(Image.open(f).convert("L")) for f in files[:shown]])
     if mask_values:
-        index = {v: k for k, v in enumerate(mask_values)} if max(mask_values) <= 255 else {k: k for k in range(len(mask_values))}
-        lookup = np.zeros(256, np.uint8)
-        lookup[list(index)] = list(index.values())
-        labels = np.stack([lookup[np.asarray(Image.open(mask_path(images_dir, i)))] for i in range(shown)])
+        labels = np.stack([label_indices(np.asarray(Image.open(mask_path(images_dir, i))), mask_values) for i in range(shown)])
         stack = overlay_labels(stack, labels)
     result = {"grid": str(save_grid(stack, out_dir / "grid.png"))}
     if gif_path:
