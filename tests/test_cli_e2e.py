@@ -128,7 +128,7 @@ def test_tensorboard_logger_writes_scalars_and_previews_that_tensorboard_reads(c
     data = make_oasis_root(tmp_path / "oasis", n_train=8, n_test=4, n_validate=2)
     run = tmp_path / "run"
     status, _, err = cli("train", "--data", data, "--out-dir", run, "--max-steps", "4", "--logger", "tensorboard",
-                         "--sample-every", "2", "--eval-every", "4", *TRAIN)
+                         "--sample-every", "2", "--eval-every", "4", *TRAIN, "--image-size", "16", "--base-channels", "8")
     assert status == 0, err
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
     tags = events.Tags()

@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -22,6 +18,7 @@ from brainfusion.export.hub import MANIFEST, BrainfusionPipeline, export_run
 from brainfusion.models.unet import UNet
 from brainfusion.diffusion.pipeline import Pipeline
 from brainfusion.seeding import image_generators
+from plain_diffusers import PlainDiffusers
 
 TRAIN = ["--image-size", "16", "--patch-size", "1", "--base-channels", "8", "--batch-size", "4", "--max-steps", "4",
          "--checkpoint-every", "4", "--lr", "3e-3"]
@@ -133,51 +130,12 @@ def test_export_of_a_folder_without_checkpoints_is_a_user_error(tmp_path):
         export_run(tmp_path, tmp_path / "out")
 
 
-# A fresh interpreter in which `import brainfusion` fails, as on a machine without it: it loads the export with
-# diffusers alone (custom_pipeline=FOLDER runs FOLDER/pipeline.py), draws each requested call and saves the images.
-WITHOUT_BRAINFUSION = """
-import importlib.abc, json, sys
-
-class NoBrainfusion(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "brainfusion":
-            raise ImportError(f"{name} is blocked: the export must load without brainfusion")
-
-sys.meta_path.insert(0, NoBrainfusion())
-try:
-    import brainfusion
-    sys.exit("brainfusion was importable")
-except ImportError:
-    pass
-import numpy as np, torch
-from diffusers import DiffusionPipeline
-
-torch.set_num_threads(1)
-folder, out, calls, named = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4] == "named"
-pipe = DiffusionPipeline.from_pretrained(folder, **({"custom_pipeline": folder} if named else {}), trust_remote_code=True)
-pipe.set_progress_bar_config(disable=True)
-results = [pipe(**call) for call in calls]
-np.savez(out, *[r.images for r in results], **{f"masks_{i}": r.masks for i, r in enumerate(results) if r.masks is not None})
-assert not [m for m in sys.modules if m.split(".")[0] == "brainfusion"]
-print(type(pipe).__module__, type(pipe.unet).__module__)
-"""
-
-
-def draw_without_brainfusion(folder, tmp_path, *calls: dict, custom_pipeline: bool = True, masks: bool = False) -> list:
-    """`calls`' images from `DiffusionPipeline.from_pretrained(folder[, custom_pipeline=folder], trust_remote_code=True)`;
-    with `masks`, (images, masks) of each call."""
-    out = tmp_path / "plain.npz"
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1"}
-    named = "named" if custom_pipeline else "found"
-    done = subprocess.run([sys.executable, "-c", WITHOUT_BRAINFUSION, str(folder), str(out), json.dumps(calls), named],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.split() == ["diffusers_modules.local.pipeline", "diffusers_modules.local.brainfusion_hub"]
-    with np.load(out) as stored:
-        if masks:
-            return [(stored[f"arr_{i}"], stored[f"masks_{i}"]) for i in range(len(calls))]
-        assert not [name for name in stored.files if name.startswith("masks_")]  # image-only exports return no masks
-        return [stored[f"arr_{i}"] for i in range(len(calls))]
+@pytest.fixture(scope="module")
+def plain_diffusers(tmp_path_factory):
+    """diffusers without brainfusion (plain_diffusers.py): one server for the module's draws."""
+    server = PlainDiffusers(tmp_path_factory.mktemp("plain_diffusers"))
+    yield server
+    server.close()
 
 
 def test_the_export_ships_code_generated_from_brainfusions_own(exported):
@@ -191,7 +149,7 @@ def test_the_export_ships_code_generated_from_brainfusions_own(exported):
     assert {"pipeline.py", "unet/brainfusion_hub.py"} <= set(json.loads((folder / MANIFEST).read_text())["sha256"])
 
 
-def test_plain_diffusers_draws_the_same_images_without_brainfusion(exported_conditional, tmp_path):
+def test_plain_diffusers_draws_the_same_images_without_brainfusion(exported_conditional, plain_diffusers):
     """Pixel exports of both formulations (the latent test covers an unconditional network): guided, several
     conditions, and unconditional draws equal brainfusion's BrainfusionPipeline's, bitwise in uint8."""
     _, folder = exported_conditional
@@ -200,7 +158,7 @@ def test_plain_diffusers_draws_the_same_images_without_brainfusion(exported_cond
              {"num_images": 4, "seed": 3, "num_inference_steps": 5}]
     reference = BrainfusionPipeline.from_pretrained(folder)
     reference.set_progress_bar_config(disable=True)
-    for plain, call in zip(draw_without_brainfusion(folder, tmp_path, *calls), calls):
+    for plain, call in zip(plain_diffusers.draw(folder, *calls), calls):
         assert np.array_equal(plain, reference(**call).images)
 
 
@@ -221,7 +179,7 @@ def exported_latent(tmp_path_factory):
     return ae, run, tmp / "export"
 
 
-def test_a_latent_export_decodes_through_its_vae_with_and_without_brainfusion(exported_latent, tmp_path):
+def test_a_latent_export_decodes_through_its_vae_with_and_without_brainfusion(exported_latent, plain_diffusers):
     ae, run, folder = exported_latent
     ours = Pipeline.from_checkpoint(run, precision="fp32")
     expected = ours(3, seed=7, sampler="ddim", steps=3)  # `brainfusion sample --sampler ddim --steps 3`'s images
@@ -230,7 +188,7 @@ def test_a_latent_export_decodes_through_its_vae_with_and_without_brainfusion(ex
     pipe.set_progress_bar_config(disable=True)
     assert np.array_equal(pipe(num_images=3, seed=7, num_inference_steps=3).images, expected)  # bitwise, uint8
     call = {"num_images": 3, "seed": 7, "num_inference_steps": 3}
-    (plain,) = draw_without_brainfusion(folder, tmp_path, call, custom_pipeline=False)  # model_index.json names pipeline.py
+    (plain,) = plain_diffusers.draw(folder, call, custom_pipeline=False)  # model_index.json names pipeline.py
     assert np.array_equal(plain, expected)
 
     vae = json.loads((folder / "vae" / "config.json").read_text())
@@ -296,7 +254,7 @@ def test_a_mask_export_returns_brainfusions_images_and_masks(exported_masks):
     assert "image–mask pairs" in card and "| 3 | 170 | grey matter |" in card and ".masks" in card
 
 
-def test_a_mask_export_holds_a_given_mask_with_and_without_brainfusion(exported_masks, tmp_path):
+def test_a_mask_export_holds_a_given_mask_with_and_without_brainfusion(exported_masks, plain_diffusers):
     from test_masks import VALUES
 
     run, folder, _, data = exported_masks
@@ -313,7 +271,7 @@ def test_a_mask_export_holds_a_given_mask_with_and_without_brainfusion(exported_
 
     calls = [{"num_images": 3, "seed": 7, "num_inference_steps": 3},
              {"num_images": 2, "seed": 7, "num_inference_steps": 3, "mask": given.tolist()}]
-    (plain, plain_masks), (fitted, fitted_masks) = draw_without_brainfusion(folder, tmp_path, *calls, masks=True)
+    (plain, plain_masks), (fitted, fitted_masks) = plain_diffusers.draw(folder, *calls, masks=True)
     reference = pipe(**calls[0])
     assert np.array_equal(plain, reference.images) and np.array_equal(plain_masks, reference.masks)
     assert np.array_equal(fitted, out.images) and np.array_equal(fitted_masks, out.masks)

@@ -143,14 +143,15 @@ def test_batches_carry_image_and_one_hot_labels_flipped_together(pairs):
 
 
 def test_joint_train_sample_pairs_given_mask_and_bitwise_resume(pairs, cli, tmp_path):
-    status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", "straight", "--max-steps", "4", *TRAIN)
+    share = ("--mask-loss-share", "0.5")
+    status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", "straight", "--max-steps", "4", *share, *TRAIN)
     assert status == 0, err
     config = json.loads((tmp_path / "straight" / "config.json").read_text())
     assert config["data"]["masks"] == "layout" and config["data"]["mask_values"] == list(VALUES)
-    assert config["model"]["in_channels"] == 5
+    assert config["model"]["in_channels"] == 5 and config["diffusion"]["mask_loss_share"] == 0.5
 
     for args in (("--max-steps", "2"), ("--max-steps", "4", "--resume")):
-        status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", "resumed", *args, *TRAIN)
+        status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", "resumed", *args, *share, *TRAIN)
         assert status == 0, err
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "ckpt_00000004.safetensors")
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "ckpt_00000004.safetensors")
@@ -222,6 +223,18 @@ def test_dice_matches_torchmetrics_and_a_segmenter_learns_the_rings():
     assert np.nanmean(dice_per_label(segment(net, images[20:]), labels[20:], 4)) > 0.6
     again = train_segmenter(images[:20], labels[:20], 4, steps=40, batch_size=8, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+
+
+def test_mask_loss_share_weights_the_label_channels_together():
+    from brainfusion.diffusion.loss import channel_weights, denoising_loss
+
+    assert channel_weights(1, 4, 0.0) is None and channel_weights(1, 0, 0.5) is None
+    prediction, target = torch.randn(2, 5, 3, 3, generator=torch.Generator().manual_seed(0)), torch.zeros(2, 5, 3, 3)
+    weight = channel_weights(1, 4, 0.3)
+    assert torch.isclose(weight.mean(), torch.tensor(1.0))
+    expected = 0.7 * prediction[:, :1].square().mean() + 0.3 * prediction[:, 1:].square().mean()
+    assert torch.isclose(denoising_loss(prediction, target, "mse", weight), expected)
+    assert torch.isclose(denoising_loss(prediction, target, "mse", torch.ones(5)), denoising_loss(prediction, target, "mse"))
 
 
 def test_one_hot_is_the_model_range():

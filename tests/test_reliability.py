@@ -201,12 +201,12 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(slices_dir, 
             env = {"startup": None, "training": _pause_at(f"step:{start + 1}", marker)}.get(mode, _pause_at(mode, marker))
             proc = _spawn(slices_dir, run, log, *resume, env=env)
             if mode == "startup":  # anywhere from the fork to the first steps
-                time.sleep(rng.uniform(0.0, 1.0))
+                time.sleep(rng.uniform(0.0, 0.6))
                 alive = proc.poll() is None
             elif mode == "training":  # at a random moment once this process is stepping
                 alive = _wait_for(marker.exists, proc)
                 _release(marker)
-                time.sleep(rng.uniform(0.0, 1.5))
+                time.sleep(rng.uniform(0.0, 0.8))
                 alive = alive and proc.poll() is None
             else:  # waiting at its fault-injection point (or finished without reaching it)
                 alive = _wait_for(marker.exists, proc)

@@ -230,6 +230,9 @@ class DiffusionConfig:
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
+    # joint image+mask runs: the share of the loss the K label channels carry together; 0: every channel
+    # alike, i.e. K/(K+1) of it on the labels
+    mask_loss_share: float = 0.0
 
     def validate(self) -> None:
         _check_choice("diffusion.formulation", self.formulation, ("vp", "edm"))
@@ -247,6 +250,8 @@ class DiffusionConfig:
         _check_choice("diffusion.schedule", self.schedule, ("linear", "cosine"))
         _check_choice("diffusion.prediction", self.prediction, ("epsilon", "v"))
         _check_choice("diffusion.loss", self.loss, ("smooth_l1", "mse"))
+        if not 0 <= self.mask_loss_share < 1:
+            raise BrainfusionError(f"diffusion.mask_loss_share is {self.mask_loss_share}; it must be in [0, 1), e.g. 0.5 (0: every channel alike).")
 
 
 @dataclass

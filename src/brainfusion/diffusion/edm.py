@@ -16,10 +16,10 @@ import math
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from ..config import DiffusionConfig
 from ..seeding import randn
+from .loss import denoising_loss
 
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
 
@@ -27,9 +27,10 @@ Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
 class EDMProcess:
     """Noise levels σ ~ exp(N(P_mean, P_std²)) for training; x = x₀ + σ·n; the preconditioned loss."""
 
-    def __init__(self, cfg: DiffusionConfig):
+    def __init__(self, cfg: DiffusionConfig, channel_weight: torch.Tensor | None = None):
         cfg.validate()
         self.config = cfg
+        self.channel_weight = channel_weight
 
     def draw_levels(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """The noise levels σ of one training batch (float32)."""
@@ -57,9 +58,7 @@ class EDMProcess:
         x = x0 + sigma.to(x0.device, torch.float32).view(c_in.shape) * noise
         prediction = (model(c_in * x, c_noise) if cond is None else model(c_in * x, c_noise, cond)).float()
         target = (x0 - c_skip * x) / c_out
-        if self.config.loss == "smooth_l1":
-            return F.smooth_l1_loss(prediction, target)
-        return F.mse_loss(prediction, target)
+        return denoising_loss(prediction, target, self.config.loss, self.channel_weight)
 
     def denoiser(self, model: Callable) -> Denoiser:
         """D(x, σ) from a network function (x_in, c_noise) → F, for the samplers."""

@@ -18,13 +18,13 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..config import SAMPLERS, DiffusionConfig
 from ..data.conditions import NULL
 from ..errors import BrainfusionError
 from ..seeding import randn
 from .edm import EDM_SAMPLERS, EDMProcess, with_known_channels
+from .loss import denoising_loss
 
 
 class NoiseSchedule:
@@ -33,6 +33,7 @@ class NoiseSchedule:
     def __init__(self, cfg: DiffusionConfig):
         cfg.validate()
         self.config = cfg
+        self.channel_weight: torch.Tensor | None = None
         T = cfg.timesteps
         if cfg.schedule == "linear":
             betas = torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)
@@ -89,16 +90,15 @@ class NoiseSchedule:
         """The seed's loss: smooth-L1 (or MSE) between the target and the network's output."""
         x_t = self.q_sample(x0, t, noise)
         prediction = (model(x_t, t) if cond is None else model(x_t, t, cond)).float()
-        target = self.target(x0, t, noise)
-        if self.config.loss == "smooth_l1":
-            return F.smooth_l1_loss(prediction, target)
-        return F.mse_loss(prediction, target)
+        return denoising_loss(prediction, self.target(x0, t, noise), self.config.loss, self.channel_weight)
 
 
-def make_process(cfg: DiffusionConfig):
+def make_process(cfg: DiffusionConfig, channel_weight: torch.Tensor | None = None):
     """The training process of a config: `NoiseSchedule` (VP) or `EDMProcess`; both draw noise levels
     and compute the loss with the same signatures, so the training step does not care which."""
-    return EDMProcess(cfg) if cfg.formulation == "edm" else NoiseSchedule(cfg)
+    process = EDMProcess(cfg) if cfg.formulation == "edm" else NoiseSchedule(cfg)
+    process.channel_weight = channel_weight
+    return process
 
 
 def make_scheduler(cfg: DiffusionConfig, sampler: str):

@@ -27,6 +27,7 @@ from ..config import RunConfig
 from ..data.conditions import drop_labels, inherit_vocabulary, label_slices, labelled_subset
 from ..data.slices import BatchStream, load_slices
 from ..data.subjects import split_subjects
+from ..diffusion.loss import channel_weights
 from ..diffusion.pipeline import Pipeline
 from ..diffusion.process import make_process
 from ..errors import BrainfusionError
@@ -231,12 +232,17 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
     if slices.skipped and ctx.is_main:
         log.warning("%d bad file(s) were skipped; see the warnings above", len(slices.skipped))
     return Session(
-        config, ctx, stream, make_process(config.diffusion), model, torch.compile(net) if tcfg.compile else net, ema, optimizer,
+        config, ctx, stream, make_process(config.diffusion, _channel_weight(config)), model, torch.compile(net) if tcfg.compile else net, ema, optimizer,
         dtype, memory_format, start_step, min(budget_steps) if budget_steps else None,
         time.monotonic() + tcfg.time_budget_min * 60 if tcfg.time_budget_min else None,
         int(state.extra.get("nonfinite_skipped", 0)) if state is not None else 0,  # the CSV column carries over a resume
         slices.images, scaler, None if ae is None else LatentDecoder(ae, config, ctx.device, dtype),
     )
+
+
+def _channel_weight(config: RunConfig) -> torch.Tensor | None:
+    images = config.model.in_channels - config.mask_labels
+    return channel_weights(images, config.mask_labels, config.diffusion.mask_loss_share)
 
 
 def training_step(s: Session, step: int) -> torch.Tensor:
