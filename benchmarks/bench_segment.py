@@ -74,16 +74,24 @@ def generated_pairs(joint: str, n: int, seed: int, work: Path, sampler: str, ste
     return images, labels, seconds
 
 
-def given_fidelity(args, segmenter, masks: np.ndarray, n_labels: int) -> np.ndarray:
-    """Dice between given masks and the segmenter's reading of the images the joint model makes for them;
-    given.png shows the first 8 (images with the given masks, then with the segmenter's reading)."""
+def given_fidelity(args, segmenter, masks: np.ndarray, n_labels: int) -> dict[str, np.ndarray]:
+    """Dice between given masks and the segmenter's reading of the images the joint model makes for them, for
+    each way of holding the mask the model supports (replacement always; clean, when trained with
+    diffusion.given_mask_share); given.png shows the first 8 of the model's own choice (images with the given
+    masks, then with the segmenter's reading)."""
     pipe = Pipeline.from_checkpoint(args.joint)
-    images, labels = pipe.pairs(len(masks), seed=args.gen_seed + 1, sampler=args.sampler, steps=args.sample_steps, mask=masks)
-    assert np.array_equal(labels, masks)
-    read = segment(segmenter, images)
-    save_png(make_grid(np.concatenate([images[:8, ..., None].repeat(3, -1), overlay_labels(images[:8], masks[:8]),
-                                       overlay_labels(images[:8], read[:8])]), nrow=8), Path(args.work) / "given.png")
-    return dice_per_label(read, masks, n_labels)
+    trained_clean = pipe.config.diffusion.given_mask_share > 0
+    result = {}
+    for clean in (False, True) if trained_clean else (False,):
+        images, labels = pipe.pairs(len(masks), seed=args.gen_seed + 1, sampler=args.sampler, steps=args.sample_steps,
+                                    mask=masks, mask_clean=clean)
+        assert np.array_equal(labels, masks)
+        read = segment(segmenter, images)
+        result["clean" if clean else "replace"] = dice_per_label(read, masks, n_labels)
+        if clean == trained_clean:
+            save_png(make_grid(np.concatenate([images[:8, ..., None].repeat(3, -1), overlay_labels(images[:8], masks[:8]),
+                                               overlay_labels(images[:8], read[:8])]), nrow=8), Path(args.work) / "given.png")
+    return result
 
 
 def run_arm(images, labels, test_images, test_labels, n_labels, steps, seed):
@@ -200,8 +208,9 @@ def main() -> None:
                     print(f"mask fidelity (real-trained segmenter on generated images): {np.round(fidelity, 3).tolist()} "
                           f"mean {np.nanmean(fidelity):.3f}", flush=True)
                     given = given_fidelity(args, net, test_labels[:: max(1, len(test_labels) // args.given_n)][: args.given_n], n_labels)
-                    print(f"given-mask fidelity (unseen subjects' masks given): {np.round(given, 3).tolist()} mean {np.nanmean(given):.3f}",
-                          flush=True)
+                    for mode, dice in given.items():
+                        print(f"given-mask fidelity, {mode} (unseen subjects' masks given): {np.round(dice, 3).tolist()} "
+                              f"mean {np.nanmean(dice):.3f}", flush=True)
                     save_png(make_grid(np.concatenate([overlay_labels(gen_images[:8], gen_labels[:8]),
                                                        overlay_labels(gen_images[:8], read[:8]),
                                                        overlay_labels(test_images[::31][:8], test_labels[::31][:8])]), nrow=8),
@@ -211,11 +220,13 @@ def main() -> None:
     plot(summary, ks, work / "segment.png")
     result = {"args": vars(args), "rows": rows, "summary": summary, "tissues": names,
               "fidelity": None if fidelity is None else {"per_tissue": fidelity.tolist(), "mean": float(np.nanmean(fidelity))},
-              "given_mask_fidelity": None if given is None else {"per_tissue": given.tolist(), "mean": float(np.nanmean(given))},
+              "given_mask_fidelity": None if given is None else {mode: {"per_tissue": dice.tolist(), "mean": float(np.nanmean(dice))}
+                                                                 for mode, dice in given.items()},
               "generation_seconds": gen_seconds}
     atomic_write_text(work / "results.json", json.dumps(result, indent=2))
-    fidelity_line = "" if fidelity is None else (f"\nMask fidelity: {np.round(fidelity, 3).tolist()}, mean {np.nanmean(fidelity):.3f}\n"
-                                                 f"Given-mask fidelity: {np.round(given, 3).tolist()}, mean {np.nanmean(given):.3f}\n")
+    fidelity_line = "" if fidelity is None else (f"\nMask fidelity: {np.round(fidelity, 3).tolist()}, mean {np.nanmean(fidelity):.3f}\n" +
+                                                 "".join(f"Given-mask fidelity, {mode}: {np.round(dice, 3).tolist()}, mean {np.nanmean(dice):.3f}\n"
+                                                         for mode, dice in given.items()))
     atomic_write_text(work / "segment.md", table + "\n" + fidelity_line)
     print(table + "\n" + fidelity_line)
 

@@ -263,8 +263,15 @@ def test_a_mask_export_holds_a_given_mask_with_and_without_brainfusion(exported_
     pipe.set_progress_bar_config(disable=True)
     out = pipe(num_images=2, seed=7, num_inference_steps=3, mask=given)
     assert np.array_equal(out.masks, np.array(VALUES, np.uint8)[given])  # the given mask comes back exactly
-    images, labels = Pipeline.from_checkpoint(run, precision="fp32").pairs(2, seed=7, sampler="ddim", steps=3, mask=given)
+    ours = Pipeline.from_checkpoint(run, precision="fp32")
+    images, labels = ours.pairs(2, seed=7, sampler="ddim", steps=3, mask=given)
     assert np.array_equal(labels, given) and np.array_equal(out.images, images)  # `sample --given-mask`'s images
+    assert pipe.unet.config.masks["given"] == "replace"  # trained without given_mask_share
+    pipe.unet.register_to_config(masks={**pipe.unet.config.masks, "given": "clean"})  # as if trained with it
+    clean = pipe(num_images=2, seed=7, num_inference_steps=3, mask=given)
+    assert np.array_equal(clean.images, ours.pairs(2, seed=7, sampler="ddim", steps=3, mask=given, mask_clean=True)[0])
+    assert not np.array_equal(clean.images, out.images)
+    pipe.unet.register_to_config(masks={**pipe.unet.config.masks, "given": "replace"})
     assert not np.array_equal(out.images, pipe(num_images=2, seed=7, num_inference_steps=3).images)  # the mask steers them
     with pytest.raises(BrainfusionError, match="label indices in 0..3"):
         pipe(num_images=2, mask=given + 4)

@@ -143,12 +143,13 @@ def test_batches_carry_image_and_one_hot_labels_flipped_together(pairs):
 
 
 def test_joint_train_sample_pairs_given_mask_and_bitwise_resume(pairs, cli, tmp_path):
-    share = ("--mask-loss-share", "0.5")
+    share = ("--mask-loss-share", "0.5", "--given-mask-share", "0.5")
     status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", "straight", "--max-steps", "4", *share, *TRAIN)
     assert status == 0, err
     config = json.loads((tmp_path / "straight" / "config.json").read_text())
     assert config["data"]["masks"] == "layout" and config["data"]["mask_values"] == list(VALUES)
     assert config["model"]["in_channels"] == 5 and config["diffusion"]["mask_loss_share"] == 0.5
+    assert config["diffusion"]["given_mask_share"] == 0.5
 
     for args in (("--max-steps", "2"), ("--max-steps", "4", "--resume")):
         status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", "resumed", *args, *share, *TRAIN)
@@ -167,6 +168,12 @@ def test_joint_train_sample_pairs_given_mask_and_bitwise_resume(pairs, cli, tmp_
     assert np.asarray(Image.open(tmp_path / "s" / "grid.png")).ndim == 3  # masks shown as colour overlays
 
     given = pairs / "keras_png_slices_seg_validate"
+    mask = np.searchsorted(VALUES, np.asarray(Image.open(sorted(given.iterdir())[0]))).astype(np.uint8)
+    fitted = np.stack([fit_square_labels(mask, 4, 16)] * 2)
+    pipe = Pipeline.from_checkpoint(tmp_path / "straight", precision="fp32")
+    clean, replaced = (pipe.pairs(2, seed=1, sampler="dpm++sde", steps=3, mask=fitted, mask_clean=c) for c in (None, False))
+    assert np.array_equal(clean[1], fitted) and np.array_equal(replaced[1], fitted)  # the mask comes back, either way
+    assert not np.array_equal(clean[0], replaced[0])  # the model trained with given_mask_share sees the mask clean
     status, out, err = cli("sample", "--checkpoint", "straight", "--n", "5", "--sampler", "heun", "--steps", "3",
                            "--given-mask", given, "--out", "g")
     assert status == 0, err
@@ -234,7 +241,31 @@ def test_mask_loss_share_weights_the_label_channels_together():
     assert torch.isclose(weight.mean(), torch.tensor(1.0))
     expected = 0.7 * prediction[:, :1].square().mean() + 0.3 * prediction[:, 1:].square().mean()
     assert torch.isclose(denoising_loss(prediction, target, "mse", weight), expected)
-    assert torch.isclose(denoising_loss(prediction, target, "mse", torch.ones(5)), denoising_loss(prediction, target, "mse"))
+    assert torch.isclose(denoising_loss(prediction, target, "mse", torch.ones(1, 5, 1, 1)), denoising_loss(prediction, target, "mse"))
+
+
+def test_given_channels_are_seen_clean_and_carry_no_loss():
+    from brainfusion.config import DiffusionConfig
+    from brainfusion.diffusion.edm import EDMProcess
+
+    process, g = EDMProcess(DiffusionConfig()), torch.Generator().manual_seed(0)
+    x0, noise, sigma = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g), torch.tensor([0.5, 20.0])
+    given = torch.zeros(2, 3, 1, 1, dtype=torch.bool)
+    given[1, 1:] = True
+    seen = []
+
+    def network(offset):
+        def forward(x_in, c_noise):
+            seen.append(x_in)
+            return torch.zeros_like(x_in) + offset * given  # differs from the other only where channels are given
+        return forward
+
+    losses = [process.loss(network(offset), x0, sigma, noise, given=given) for offset in (0.0, 5.0)]
+    assert torch.equal(losses[0], losses[1])
+    c_in = 1 / (sigma**2 + 0.25).sqrt()
+    assert torch.equal(seen[0][1, 1:], x0[1, 1:])  # clean and unscaled
+    assert torch.allclose(seen[0][1, :1], c_in[1] * (x0[1, :1] + 20.0 * noise[1, :1]))
+    assert torch.allclose(seen[0][0], c_in[0] * (x0[0] + 0.5 * noise[0]))
 
 
 def test_one_hot_is_the_model_range():

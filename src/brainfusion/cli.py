@@ -31,6 +31,8 @@ TRAIN_FLAGS = {
     "masks": ("data.masks", "layout", "learn tissue masks with the images: bare, the OASIS layout's seg folders; or a folder of mask files"),
     "mask_values": ("data.mask_values", str, "the masks' label values in order (default 0,85,170,255; label volumes: read from the files)"),
     "mask_loss_share": ("diffusion.mask_loss_share", float, "share of the loss on the mask channels together (0: every channel alike)"),
+    "given_mask_share": ("diffusion.given_mask_share", float, "share of training images given their mask clean, so the model also "
+                         "learns to fit a given mask (0: off; sample --given-mask then fixes the mask channels by replacement)"),
     "holdout_subjects": ("data.holdout_subjects", float, "keep whole subjects out of training: a number (e.g. 2) or a share (e.g. 0.2); "
                          "drawn from --seed and recorded in the run's config"),
     "patch_size": ("model.patch_size", int, "1 (default), 2 or 4: pixel-unshuffle factor before the U-Net (2 is ~3x cheaper a step, worse per CPU minute)"),

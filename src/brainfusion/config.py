@@ -233,6 +233,9 @@ class DiffusionConfig:
     # joint image+mask runs: the share of the loss the K label channels carry together; 0: every channel
     # alike, i.e. K/(K+1) of it on the labels
     mask_loss_share: float = 0.0
+    # joint image+mask runs (EDM): the share of training images whose mask channels the network is given clean
+    # instead of noised, so the same model also learns to make an image for a mask a user brings
+    given_mask_share: float = 0.0
 
     def validate(self) -> None:
         _check_choice("diffusion.formulation", self.formulation, ("vp", "edm"))
@@ -250,8 +253,11 @@ class DiffusionConfig:
         _check_choice("diffusion.schedule", self.schedule, ("linear", "cosine"))
         _check_choice("diffusion.prediction", self.prediction, ("epsilon", "v"))
         _check_choice("diffusion.loss", self.loss, ("smooth_l1", "mse"))
-        if not 0 <= self.mask_loss_share < 1:
-            raise BrainfusionError(f"diffusion.mask_loss_share is {self.mask_loss_share}; it must be in [0, 1), e.g. 0.5 (0: every channel alike).")
+        for name in ("mask_loss_share", "given_mask_share"):
+            if not 0 <= getattr(self, name) < 1:
+                raise BrainfusionError(f"diffusion.{name} is {getattr(self, name)}; it must be in [0, 1), e.g. 0.5 (0: off).")
+        if self.given_mask_share and self.formulation != "edm":
+            raise BrainfusionError("diffusion.given_mask_share needs the EDM formulation (the default recipe); leave it at 0 for VP runs.")
 
 
 @dataclass

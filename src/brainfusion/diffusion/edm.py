@@ -27,10 +27,10 @@ Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
 class EDMProcess:
     """Noise levels σ ~ exp(N(P_mean, P_std²)) for training; x = x₀ + σ·n; the preconditioned loss."""
 
-    def __init__(self, cfg: DiffusionConfig, channel_weight: torch.Tensor | None = None):
+    def __init__(self, cfg: DiffusionConfig):
         cfg.validate()
         self.config = cfg
-        self.channel_weight = channel_weight
+        self.channel_weight: torch.Tensor | None = None  # (1, C, 1, 1), loss.channel_weights
 
     def draw_levels(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """The noise levels σ of one training batch (float32)."""
@@ -52,21 +52,33 @@ class EDMProcess:
         shape = (-1,) + (1,) * (like.dim() - 1)
         return [c.view(shape) for c in (c_skip, c_out, c_in)] + [c_noise]
 
-    def loss(self, model: Callable, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond=None) -> torch.Tensor:
-        """EDM's weighted denoising loss, written as MSE (or smooth-L1) on F's target."""
+    def loss(self, model: Callable, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond=None,
+             given: torch.Tensor | None = None) -> torch.Tensor:
+        """EDM's weighted denoising loss, written as MSE (or smooth-L1) on F's target.
+
+        `given` (bool, broadcastable to x0) marks channels handed to the network clean and unscaled instead of
+        noised: a condition, not a target, so they carry no loss (a joint model learning to fit a given mask)."""
         c_skip, c_out, c_in, c_noise = self._broadcast(sigma, x0)
         x = x0 + sigma.to(x0.device, torch.float32).view(c_in.shape) * noise
-        prediction = (model(c_in * x, c_noise) if cond is None else model(c_in * x, c_noise, cond)).float()
+        x_in = c_in * x if given is None else torch.where(given, x0, c_in * x)
+        prediction = (model(x_in, c_noise) if cond is None else model(x_in, c_noise, cond)).float()
         target = (x0 - c_skip * x) / c_out
-        return denoising_loss(prediction, target, self.config.loss, self.channel_weight)
+        weight = None if self.channel_weight is None else self.channel_weight.to(x0.device)
+        if given is not None:
+            weight = (~given).float() if weight is None else weight * ~given
+        return denoising_loss(prediction, target, self.config.loss, weight)
 
-    def denoiser(self, model: Callable) -> Denoiser:
-        """D(x, σ) from a network function (x_in, c_noise) → F, for the samplers."""
+    def denoiser(self, model: Callable, given: torch.Tensor | None = None) -> Denoiser:
+        """D(x, σ) from a network function (x_in, c_noise) → F, for the samplers; `given` (N, k, H, W) replaces
+        the last k channels of the network's input, clean and unscaled, as `loss` trained them."""
 
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
             s = torch.full((x.shape[0],), float(sigma))
             c_skip, c_out, c_in, c_noise = self._broadcast(s, x)
-            return c_skip * x + c_out * model(c_in * x, c_noise)
+            x_in = c_in * x
+            if given is not None:
+                x_in = torch.cat([x_in[:, : -given.shape[1]], given.to(x_in.dtype)], 1)
+            return c_skip * x + c_out * model(x_in, c_noise)
 
         return denoise
 

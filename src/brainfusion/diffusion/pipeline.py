@@ -88,13 +88,16 @@ class Pipeline:
               on_frames: Callable[[int, list[np.ndarray]], None] | None = None,
               progress: Callable[[int], None] | None = None, cancel: Callable[[], bool] | None = None,
               condition: Request | None = None, guidance: float = 1.0,
-              mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+              mask: np.ndarray | None = None, mask_clean: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """As `__call__`, and each image's tissue labels (uint8 (n, H, W) indices into the run's
-        data.mask_values; None for a model trained without masks)."""
+        data.mask_values; None for a model trained without masks). A given `mask` is handed to the network
+        clean when the model was trained so (diffusion.given_mask_share), else held by replacement;
+        `mask_clean` overrides that choice (the benchmark measures both)."""
         if n <= 0 or batch_size <= 0:
             raise BrainfusionError(f"the image count ({n}) and batch size ({batch_size}) must be positive.")
         cond = encode_guided_request(self.config.condition, condition, n, guidance)
         known = self._known(mask, n)
+        clean = self.config.diffusion.given_mask_share > 0 if mask_clean is None else mask_clean
         size, channels, k = self.config.model.image_size, self.config.model.in_channels, self.config.mask_labels
 
         def tick(step: int) -> None:
@@ -110,7 +113,8 @@ class Pipeline:
             rows = slice(start - first_index, start - first_index + count)
             x, snaps = sample(self.network, self.config.diffusion, (count, channels, size, size), sampler, steps, gens,
                               frames=frames if on_frames else 0, progress=tick, cond=None if cond is None else cond[rows],
-                              guidance=guidance, clamp=self.decoder is None, known=None if known is None else known[rows])
+                              guidance=guidance, clamp=self.decoder is None, known=None if known is None else known[rows],
+                              known_clean=clean)
             if self.decoder is not None:
                 x, snaps = self.decoder(x), [self.decoder(f) for f in snaps]
             if on_frames is not None:

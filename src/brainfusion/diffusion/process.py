@@ -90,7 +90,8 @@ class NoiseSchedule:
         """The seed's loss: smooth-L1 (or MSE) between the target and the network's output."""
         x_t = self.q_sample(x0, t, noise)
         prediction = (model(x_t, t) if cond is None else model(x_t, t, cond)).float()
-        return denoising_loss(prediction, self.target(x0, t, noise), self.config.loss, self.channel_weight)
+        weight = None if self.channel_weight is None else self.channel_weight.to(x0.device)
+        return denoising_loss(prediction, self.target(x0, t, noise), self.config.loss, weight)
 
 
 def make_process(cfg: DiffusionConfig, channel_weight: torch.Tensor | None = None):
@@ -171,6 +172,7 @@ def sample(
     guidance: float = 1.0,
     clamp: bool = True,
     known: torch.Tensor | None = None,
+    known_clean: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run the reverse process from pure noise; returns the images and `frames` snapshots of x_t.
 
@@ -178,7 +180,9 @@ def sample(
     network output in float32; `guidance` is the classifier-free guidance scale applied with
     `cond`. `steps` defaults to T for DDPM and 50 for the fast samplers. `clamp` keeps the result in
     [-1, 1], the range of slices; latents (latent.py) have no such range. `known` (N, k, H, W) fixes
-    the last k channels (a given tissue mask) and generates the rest to fit them (EDM runs).
+    the last k channels (a given tissue mask) and generates the rest to fit them (EDM runs): by
+    replacement, or with `known_clean` by handing them to the network clean, as a model trained with
+    diffusion.given_mask_share has learnt them.
     """
     if cond is not None:
         model = classifier_free_guidance(model, cond, guidance)
@@ -192,10 +196,10 @@ def sample(
         process = EDMProcess(cfg)
         sigmas = process.sigmas(steps)
         x = x * sigmas[0].item()
-        denoise = process.denoiser(model)
+        denoise = process.denoiser(model, given=known if known_clean else None)
         if known is not None:
             denoise = with_known_channels(denoise, known)
-            x[:, -known.shape[1] :] += known
+            x[:, -known.shape[1] :] = known if known_clean else x[:, -known.shape[1] :] + known
         trajectory = EDM_SAMPLERS[sampler](denoise, x, sigmas, generator=generator)
         return _run(x, trajectory, steps, frames, progress, clamp)
     if known is not None:

@@ -45,8 +45,9 @@ SHIPPED_MODULE = "brainfusion_hub"  # model_index.json's library of the custom c
 class BrainfusionUNet(ModelMixin, ConfigMixin):
     """brainfusion's U-Net as a diffusers model; `timestep` follows the scheduler's convention. `condition` is
     the run's condition section (config.ConditionConfig, vocabulary included) for a conditional network. `masks`
-    ({"values": [...], "names": [...]}) marks a network trained with tissue masks: its last K channels are one-hot
-    labels, and the pipeline needs the label values to write masks as `brainfusion sample` does."""
+    ({"values": [...], "names": [...], "given": "clean" | "replace"}) marks a network trained with tissue masks: its
+    last K channels are one-hot labels, and the pipeline needs the label values to write masks as `brainfusion sample`
+    does, and how to hold a given mask: handed to the network clean (trained with given_mask_share) or by replacement."""
 
     config_name = "config.json"
 
@@ -154,12 +155,16 @@ class BrainfusionPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps)
         # EDM starts at σ_max, not diffusers' init_noise_sigma √(σ_max² + 1)
         x = noise * (float(self.scheduler.sigmas[0]) if isinstance(self.scheduler, EDMEulerScheduler) else self.scheduler.init_noise_sigma)
+        clean = (self.unet.config.masks or {}).get("given") == "clean"
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             # edm.with_known_channels's Euler steps, whose denoised mask channels are `known`, keep them at known + σ·noise:
             # written in directly, as the diffusers scheduler has no hook for the denoised estimate
             if known is not None:
                 x[:, -k:] = known + float(self.scheduler.sigmas[i]) * noise[:, -k:]
-            out = network(self.scheduler.scale_model_input(x, t), t.reshape(1).expand(num_images))
+            model_input = self.scheduler.scale_model_input(x, t)
+            if known is not None and clean:  # a model trained with given_mask_share sees a given mask clean, unscaled
+                model_input[:, -k:] = known
+            out = network(model_input, t.reshape(1).expand(num_images))
             x = self.scheduler.step(out, t, x).prev_sample
         if known is not None:
             x[:, -k:] = known  # σ = 0

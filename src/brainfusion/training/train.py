@@ -245,6 +245,18 @@ def _channel_weight(config: RunConfig) -> torch.Tensor | None:
     return channel_weights(images, config.mask_labels, config.diffusion.mask_loss_share)
 
 
+def _given_masks(config: RunConfig, step: int, channels: int) -> torch.Tensor | None:
+    """Which images of global batch `step` get their mask channels clean, as a condition (diffusion.given_mask_share):
+    (batch, C, 1, 1) bool, drawn from its own key; None when the run has no such share."""
+    share, k, batch = config.diffusion.given_mask_share, config.mask_labels, config.train.batch_size
+    if not (share and k):
+        return None
+    chosen = torch.rand(batch, generator=seeded_generator(config.train.seed, 4, step)) < share
+    given = torch.zeros(batch, channels, 1, 1, dtype=torch.bool)
+    given[chosen, channels - k :] = True
+    return given
+
+
 def training_step(s: Session, step: int) -> torch.Tensor:
     """One optimizer step on global batch `step`; returns the global batch's mean loss (non-finite: skipped)."""
     tcfg, ctx, device = s.config.train, s.ctx, s.ctx.device
@@ -258,10 +270,12 @@ def training_step(s: Session, step: int) -> torch.Tensor:
     levels, noise = levels[lo:hi].to(device), noise[lo:hi].to(device, memory_format=s.memory_format)
     if cond is not None:  # label dropout, drawn from its own key so it never shares a stream with the network's dropout
         cond = drop_labels(cond, s.config.condition.label_dropout, seeded_generator(tcfg.seed, 3, step, 1), tcfg.batch_size, lo).to(device)
+    given = _given_masks(s.config, step, x0.shape[1])
     for group in s.optimizer.param_groups:
         group["lr"] = lr_at(step, tcfg)
     with torch.autocast(device.type, dtype=s.dtype or torch.float32, enabled=s.dtype is not None):
-        loss = s.process.loss(s.forward, x0, levels, noise, cond)
+        extra = {} if given is None else {"given": given[lo:hi].to(device)}
+        loss = s.process.loss(s.forward, x0, levels, noise, cond, **extra)
     loss_mean = dist.mean(loss, ctx)  # the global batch's loss on every rank; non-finite if any rank's is
     s.optimizer.zero_grad(set_to_none=True)
     if torch.isfinite(loss_mean):
