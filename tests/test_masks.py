@@ -140,16 +140,18 @@ def test_batches_carry_image_and_one_hot_labels_flipped_together(pairs):
             assert torch.equal(row[1:].argmax(0), labels.flip(-1) if flipped else labels)
             flips += flipped
     assert 0 < flips < 24
+    scaled = BatchStream(slices.images, 4, seed=0, hflip=True, labels=slices.labels, n_labels=4, label_scale=0.5)
+    assert torch.equal(scaled.batch(5)[:, 1:], stream.batch(5)[:, 1:] / 2)  # diffusion.mask_scale
 
 
 def test_joint_train_sample_pairs_given_mask_and_bitwise_resume(pairs, cli, tmp_path):
-    share = ("--mask-loss-share", "0.5", "--given-mask-share", "0.5")
+    share = ("--mask-loss-share", "0.5", "--given-mask-share", "0.5", "--mask-scale", "0.5")
     status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", "straight", "--max-steps", "4", *share, *TRAIN)
     assert status == 0, err
     config = json.loads((tmp_path / "straight" / "config.json").read_text())
     assert config["data"]["masks"] == "layout" and config["data"]["mask_values"] == list(VALUES)
     assert config["model"]["in_channels"] == 5 and config["diffusion"]["mask_loss_share"] == 0.5
-    assert config["diffusion"]["given_mask_share"] == 0.5
+    assert config["diffusion"]["given_mask_share"] == 0.5 and config["diffusion"]["mask_scale"] == 0.5
 
     for args in (("--max-steps", "2"), ("--max-steps", "4", "--resume")):
         status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", "resumed", *args, *share, *TRAIN)

@@ -236,6 +236,8 @@ class DiffusionConfig:
     # joint image+mask runs (EDM): the share of training images whose mask channels the network is given clean
     # instead of noised, so the same model also learns to make an image for a mask a user brings
     given_mask_share: float = 0.0
+    # joint image+mask runs: the one-hot label channels are ±mask_scale (1: the image's full range)
+    mask_scale: float = 1.0
 
     def validate(self) -> None:
         _check_choice("diffusion.formulation", self.formulation, ("vp", "edm"))
@@ -256,6 +258,8 @@ class DiffusionConfig:
         for name in ("mask_loss_share", "given_mask_share"):
             if not 0 <= getattr(self, name) < 1:
                 raise BrainfusionError(f"diffusion.{name} is {getattr(self, name)}; it must be in [0, 1), e.g. 0.5 (0: off).")
+        if self.mask_scale <= 0:
+            raise BrainfusionError(f"diffusion.mask_scale is {self.mask_scale}; it must be positive, e.g. 1 or 0.5.")
         if self.given_mask_share and self.formulation != "edm":
             raise BrainfusionError("diffusion.given_mask_share needs the EDM formulation (the default recipe); leave it at 0 for VP runs.")
 

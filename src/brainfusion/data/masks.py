@@ -145,11 +145,11 @@ def read_mask_volume(path: Path, image_shape: tuple[int, ...], kept: np.ndarray,
     return np.stack([fit_square_labels(np.ascontiguousarray(m), len(values), size) for m in labels]), values
 
 
-def one_hot(labels, n_labels: int):
-    """Label indices (N, H, W) → channels (N, K, H, W) in the model's range: −1 absent, +1 present."""
+def one_hot(labels, n_labels: int, scale: float = 1.0):
+    """Label indices (N, H, W) → channels (N, K, H, W) in the model's range: −scale absent, +scale present."""
     import torch
 
-    return torch.nn.functional.one_hot(labels.long(), n_labels).permute(0, 3, 1, 2).float().mul(2).sub(1)
+    return torch.nn.functional.one_hot(labels.long(), n_labels).permute(0, 3, 1, 2).float().mul(2).sub(1).mul(scale)
 
 
 def label_image(labels: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
@@ -167,7 +167,7 @@ def label_indices(image: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
     return lookup[image]
 
 
-def given_mask_channels(mask, n: int, size: int, n_labels: int):
+def given_mask_channels(mask, n: int, size: int, n_labels: int, scale: float = 1.0):
     """A given mask (label indices (n, size, size)) as the model's mask channels, after checking it fits the model.
     Shared by brainfusion's sampling pipeline and the exported one, so both refuse the same masks in the same words."""
     import torch
@@ -180,7 +180,7 @@ def given_mask_channels(mask, n: int, size: int, n_labels: int):
             f"the given masks have shape {tuple(mask.shape)} and labels {int(mask.min())}..{int(mask.max())}; "
             f"this model needs ({n}, {size}, {size}) label indices in 0..{n_labels - 1}."
         )
-    return one_hot(mask, n_labels)
+    return one_hot(mask, n_labels, scale)
 
 
 def check_mask_config(config: DataConfig) -> None:

@@ -409,7 +409,7 @@ class BatchStream:
     Batch `step` depends only on (seed, step): the epoch permutation is seeded by the epoch and
     the flips by the step, so a resumed run sees exactly the batches an uninterrupted one would,
     and rank r of W processes takes its own slice of the same global batch. `labels` (N×S×S tissue
-    label indices) join each image as K one-hot channels (masks.one_hot). Latents (float, N×C×h×w)
+    label indices) join each image as K one-hot channels (masks.one_hot, ±label_scale). Latents (float, N×C×h×w)
     come with `flipped`, the latents of the mirrored slices, since a flipped latent is not the latent
     of a flipped slice. `cond` (N, K) holds
     each slice's encoded conditions (conditions.py), drawn with the same indices as the images.
@@ -417,7 +417,7 @@ class BatchStream:
 
     def __init__(self, images: np.ndarray, global_batch: int, seed: int, hflip: bool, rank: int = 0, world: int = 1,
                  cond: np.ndarray | torch.Tensor | None = None, flipped: np.ndarray | None = None,
-                 labels: np.ndarray | None = None, n_labels: int = 0):
+                 labels: np.ndarray | None = None, n_labels: int = 0, label_scale: float = 1.0):
         if len(images) < global_batch:
             raise BrainfusionError(
                 f"the data holds {len(images)} slices, fewer than one global batch of {global_batch}; lower train.batch_size or add data."
@@ -425,7 +425,7 @@ class BatchStream:
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.flipped = None if flipped is None else torch.from_numpy(np.ascontiguousarray(flipped))
         self.labels = None if labels is None else torch.from_numpy(np.ascontiguousarray(labels))
-        self.n_labels = n_labels
+        self.n_labels, self.label_scale = n_labels, label_scale
         self.cond = None if cond is None else torch.as_tensor(cond, dtype=torch.float32)
         if self.cond is not None and (self.cond.dim() != 2 or len(self.cond) != len(images)):
             raise BrainfusionError(f"the conditions have shape {tuple(self.cond.shape)}; give one row per slice ({len(images)}).")
@@ -449,7 +449,7 @@ class BatchStream:
         indices = self._indices(step)
         x = to_model_range(self.images[indices]) if self.images.dtype == torch.uint8 else self.images[indices].float()
         if self.labels is not None:  # image and tissue labels as one (1+K)-channel picture, flipped together
-            x = torch.cat([x, one_hot(self.labels[indices], self.n_labels)], 1)
+            x = torch.cat([x, one_hot(self.labels[indices], self.n_labels, self.label_scale)], 1)
         if self.hflip:
             gen = seeded_generator(self.seed, 1, step)
             flip = torch.rand(self.global_batch, generator=gen)[self.rank * self.per_rank :][: self.per_rank] < 0.5

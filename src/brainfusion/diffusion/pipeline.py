@@ -128,4 +128,4 @@ class Pipeline:
         """A given mask as the model's mask channels, after checking it fits the model."""
         if mask is None:
             return None
-        return given_mask_channels(mask, n, self.config.model.image_size, self.config.mask_labels)
+        return given_mask_channels(mask, n, self.config.model.image_size, self.config.mask_labels, self.config.diffusion.mask_scale)

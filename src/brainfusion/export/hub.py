@@ -213,7 +213,7 @@ def make_export_pipeline(model: UNet, config: RunConfig) -> BrainfusionPipeline:
     unet = BrainfusionUNet(model=raw["model"], formulation=d.formulation, sigma_min=d.sigma_min, sigma_max=d.sigma_max,
                            condition=raw["condition"] if config.condition.fitted else None,
                            masks={"values": values, "names": list(mask_names(values)),
-                                  "given": "clean" if d.given_mask_share else "replace"} if values else None)
+                                  "scale": d.mask_scale, "given": "clean" if d.given_mask_share else "replace"} if values else None)
     unet.net.load_state_dict(model.state_dict())
     if d.formulation == "edm":
         scheduler = EDMEulerScheduler(sigma_min=d.sigma_min, sigma_max=d.sigma_max, sigma_data=d.sigma_data, rho=d.rho,

@@ -45,8 +45,8 @@ SHIPPED_MODULE = "brainfusion_hub"  # model_index.json's library of the custom c
 class BrainfusionUNet(ModelMixin, ConfigMixin):
     """brainfusion's U-Net as a diffusers model; `timestep` follows the scheduler's convention. `condition` is
     the run's condition section (config.ConditionConfig, vocabulary included) for a conditional network. `masks`
-    ({"values": [...], "names": [...], "given": "clean" | "replace"}) marks a network trained with tissue masks: its
-    last K channels are one-hot labels, and the pipeline needs the label values to write masks as `brainfusion sample`
+    ({"values": [...], "names": [...], "scale": s, "given": "clean" | "replace"}) marks a network trained with tissue masks: its
+    last K channels are one-hot labels (±s), and the pipeline needs the label values to write masks as `brainfusion sample`
     does, and how to hold a given mask: handed to the network clean (trained with given_mask_share) or by replacement."""
 
     config_name = "config.json"
@@ -179,7 +179,8 @@ class BrainfusionPipeline(DiffusionPipeline):
         """A given mask as the mask channels to hold fixed; only EDM's Euler scheduler steps in σ, where that is exact."""
         if mask is None:
             return None
-        known = given_mask_channels(mask, n, self.unet.config.model["image_size"], len(self.unet.mask_values))
+        masks = self.unet.config.masks or {}
+        known = given_mask_channels(mask, n, self.unet.config.model["image_size"], len(self.unet.mask_values), masks.get("scale", 1.0))
         if not isinstance(self.scheduler, EDMEulerScheduler):
             raise BrainfusionError("a given mask needs a model of the EDM formulation; this export samples with DDIM (VP).")
         return known.to(self.unet.device)

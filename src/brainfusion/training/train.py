@@ -201,7 +201,7 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
         fit_statistics(config, images)
         images, flipped = normalise(config, images), normalise(config, flipped)
     stream = BatchStream(images, tcfg.batch_size, tcfg.seed, config.data.hflip, ctx.rank, ctx.world, cond=cond, flipped=flipped,
-                         labels=masks, n_labels=config.mask_labels)
+                         labels=masks, n_labels=config.mask_labels, label_scale=config.diffusion.mask_scale)
     torch.manual_seed(tcfg.seed)
     model = UNet(config.model)
     if ctx.is_main and progress:  # the count costs ~1.2 s of start-up: interactive runs only
