@@ -177,3 +177,29 @@ def test_reverse_process_frames():
     # asking for more frames than steps gives one per step
     _, many = _run("ddim", seed=0, steps=5, frames=60)
     assert len(many) == 6
+
+
+@pytest.mark.parametrize("formulation,sampler", [("edm", "dpm++sde"), ("edm", "heun"), ("vp", "dpm++"), ("vp", "ddim")])
+def test_denoised_frames_are_the_estimates_not_the_noisy_states(formulation, sampler):
+    """Latent runs' GIF frames: x̂₀ of the step just taken (no starting noise); the last is the result."""
+    cfg, shape = DiffusionConfig(formulation=formulation), (2, 1, 8, 8)
+    target = torch.linspace(-0.5, 0.5, 64).view(1, 1, 8, 8)
+
+    def network(x, t):  # a denoiser that knows the answer: D(x) = target at every level
+        if formulation == "edm":  # F such that c_skip·x + c_out·F = target; the input is c_in·x
+            sigma = torch.exp(t.float()[:, None, None, None] / 1000 * (torch.tensor(80.0).log() - torch.tensor(0.002).log())
+                              + torch.tensor(0.002).log())
+            c_in, c_skip, c_out = 1 / (sigma**2 + 0.25).sqrt(), 0.25 / (sigma**2 + 0.25), sigma * 0.5 / (sigma**2 + 0.25).sqrt()
+            return (target - c_skip * x / c_in) / c_out
+        schedule = NoiseSchedule(cfg)  # v = √ᾱ ε − √(1−ᾱ) x₀ with ε from x_t
+        a, s = schedule.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1), (1 - schedule.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+        return (a * (x - a * target) / s - s * target).float()
+
+    args = (network, cfg, shape, sampler, 5, torch.Generator().manual_seed(0))
+    x, noisy = sample(*args, frames=3, clamp=False)
+    _, denoised = sample(*args[:-1], torch.Generator().manual_seed(0), frames=3, clamp=False, frames_denoised=True)
+    assert len(noisy) == 4 and len(denoised) == 3
+    assert noisy[0].std() > 1  # x_T: noise
+    for frame in denoised:
+        torch.testing.assert_close(frame.float(), target.expand(shape), atol=1e-3, rtol=0)
+    torch.testing.assert_close(denoised[-1], x, atol=1e-3, rtol=0)

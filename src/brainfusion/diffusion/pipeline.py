@@ -77,7 +77,7 @@ class Pipeline:
         whatever the condition, so a condition's effect can be seen image by image.
         `mask` (a model trained with masks): label indices (n, H, W) the images are generated to fit.
         `on_frames(batch_start, frames)` receives `frames` uint8 snapshots of each batch's reverse
-        process; `progress(k)` is called after every network step; `cancel()` returning True stops
+        process (x_t from the starting noise on; latent runs: the decoded denoised estimate); `progress(k)` is called after every network step; `cancel()` returning True stops
         the call with `Cancelled`.
         """
         return self.pairs(n, seed, sampler, steps, batch_size, first_index, frames, on_frames, progress, cancel,
@@ -114,7 +114,7 @@ class Pipeline:
             x, snaps = sample(self.network, self.config.diffusion, (count, channels, size, size), sampler, steps, gens,
                               frames=frames if on_frames else 0, progress=tick, cond=None if cond is None else cond[rows],
                               guidance=guidance, clamp=self.decoder is None, known=None if known is None else known[rows],
-                              known_clean=clean)
+                              known_clean=clean, frames_denoised=self.decoder is not None)
             if self.decoder is not None:
                 x, snaps = self.decoder(x), [self.decoder(f) for f in snaps]
             if on_frames is not None:

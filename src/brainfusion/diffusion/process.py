@@ -173,6 +173,7 @@ def sample(
     clamp: bool = True,
     known: torch.Tensor | None = None,
     known_clean: bool = False,
+    frames_denoised: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run the reverse process from pure noise; returns the images and `frames` snapshots of x_t.
 
@@ -182,7 +183,8 @@ def sample(
     [-1, 1], the range of slices; latents (latent.py) have no such range. `known` (N, k, H, W) fixes
     the last k channels (a given tissue mask) and generates the rest to fit them (EDM runs): by
     replacement, or with `known_clean` by handing them to the network clean, as a model trained with
-    diffusion.given_mask_share has learnt them.
+    diffusion.given_mask_share has learnt them. With `frames_denoised` the snapshots are the network's
+    denoised estimate x̂₀ at those steps instead of x_t (latent runs: a noisy latent decodes to nothing).
     """
     if cond is not None:
         model = classifier_free_guidance(model, cond, guidance)
@@ -200,8 +202,14 @@ def sample(
         if known is not None:
             denoise = with_known_channels(denoise, known)
             x[:, -known.shape[1] :] = known if known_clean else x[:, -known.shape[1] :] + known
-        trajectory = EDM_SAMPLERS[sampler](denoise, x, sigmas, generator=generator)
-        return _run(x, trajectory, steps, frames, progress, clamp)
+        latest = {}
+
+        def recorded(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            latest["x0"] = denoise(x, sigma)
+            return latest["x0"]
+
+        trajectory = EDM_SAMPLERS[sampler](recorded, x, sigmas, generator=generator)
+        return _run(x, trajectory, steps, frames, progress, clamp, (lambda: latest["x0"]) if frames_denoised else None)
     if known is not None:
         raise BrainfusionError("a given mask needs a model of the EDM formulation (the default recipe); retrain with --recipe edm.")
     scheduler = make_scheduler(cfg, sampler)
@@ -209,24 +217,31 @@ def sample(
     x = x * scheduler.init_noise_sigma
     noise = {} if sampler == "heun" else {"generator": generator}  # Heun is deterministic and takes none
 
+    schedule, latest = NoiseSchedule(cfg), {}
+
     def trajectory():
         nonlocal x
         for t in scheduler.timesteps:
             t_batch = torch.full((shape[0],), int(t), dtype=torch.long)
             output = model(scheduler.scale_model_input(x, t), t_batch)
-            x = scheduler.step(output, t, x, **noise).prev_sample
+            step = scheduler.step(output, t, x, **noise)
+            x0 = getattr(step, "pred_original_sample", None)  # DPM-Solver's output has none: from the VP x_t it was given
+            latest["x0"] = schedule.predict_x0(output, x, t_batch) if x0 is None and frames_denoised else x0
+            x = step.prev_sample
             yield x
 
-    return _run(x, trajectory(), len(scheduler.timesteps), frames, progress, clamp)
+    return _run(x, trajectory(), len(scheduler.timesteps), frames, progress, clamp, (lambda: latest["x0"]) if frames_denoised else None)
 
 
-def _run(x: torch.Tensor, trajectory, n: int, frames: int, progress: Callable | None, clamp: bool = True):
-    """Drain a sampler's trajectory of n states, keeping `frames` evenly spaced snapshots."""
+def _run(x: torch.Tensor, trajectory, n: int, frames: int, progress: Callable | None, clamp: bool = True,
+         estimate: Callable[[], torch.Tensor] | None = None):
+    """Drain a sampler's trajectory of n states, keeping `frames` evenly spaced snapshots: of x (the start
+    too), or of `estimate()` (the denoised estimate of the step just taken)."""
     keep = set(torch.linspace(0, n - 1, frames).round().long().tolist()) if frames else set()
-    snapshots = [x.clone()] if frames else []
+    snapshots = [x.clone()] if frames and estimate is None else []
     for i, x in enumerate(trajectory):
         if i in keep:
-            snapshots.append(x.clone())
+            snapshots.append((x if estimate is None else estimate()).clone())
         if progress is not None:
             progress(1)
     return (x.clamp(-1, 1) if clamp else x), snapshots
