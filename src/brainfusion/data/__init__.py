@@ -1,1 +1,1 @@
-"""Data: slices from MRI sources (cache, batch stream), the demo set, and condition labels."""
+"""Data: slices and tissue masks from MRI sources (layouts, DICOM, subjects, cache, batch stream), the demo set, and condition labels."""

@@ -1,1 +1,1 @@
-"""Diffusion: the VP and EDM processes, samplers and guidance, the sampling pipeline, and writing samples."""
+"""Diffusion: the VP and EDM processes and their loss, samplers and guidance, the sampling pipeline, and writing samples."""

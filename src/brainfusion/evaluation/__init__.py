@@ -1,1 +1,1 @@
-"""Evaluation: image metrics, reports, and the conditional checks with their classifier judge."""
+"""Evaluation: image metrics, reports, the conditional checks with their classifier judge, and the segmenter judge."""
