@@ -162,7 +162,7 @@ def test_a_two_channel_model_trains_and_samples(formulation):
     assert out.shape == (3, 2, 16, 16) and out.dtype == np.uint8
 
 
-def test_a_checkpoint_from_before_the_edm_formulation_loads_as_vp(tmp_path):
+def test_a_checkpoint_from_before_the_edm_formulation_or_mask_scale_loads_as_trained(tmp_path):
     import json
 
     from safetensors.torch import load_file, save_file
@@ -173,9 +173,11 @@ def test_a_checkpoint_from_before_the_edm_formulation_loads_as_vp(tmp_path):
     path = write_tiny_checkpoint(tmp_path / "ckpts")
     header = json.loads(path.with_suffix(".json").read_text())
     del header["config"]["diffusion"]["formulation"]  # what every checkpoint written before EDM looks like
+    del header["config"]["diffusion"]["mask_scale"]  # ... and before the label channels' scale could be chosen
     save_file(load_file(str(path)), str(path), metadata={"brainfusion": json.dumps(header, sort_keys=True)})
     path.with_suffix(".json").write_text(json.dumps(header, indent=2, sort_keys=True))
-    assert load_checkpoint(path).config.diffusion.formulation == "vp"
+    loaded = load_checkpoint(path).config.diffusion
+    assert loaded.formulation == "vp" and loaded.mask_scale == 1.0
     assert RunConfig().diffusion.formulation == "edm"
 
 

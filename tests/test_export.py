@@ -266,7 +266,7 @@ def test_a_mask_export_holds_a_given_mask_with_and_without_brainfusion(exported_
     ours = Pipeline.from_checkpoint(run, precision="fp32")
     images, labels = ours.pairs(2, seed=7, sampler="ddim", steps=3, mask=given)
     assert np.array_equal(labels, given) and np.array_equal(out.images, images)  # `sample --given-mask`'s images
-    assert pipe.unet.config.masks["given"] == "replace" and pipe.unet.config.masks["scale"] == 1.0  # the defaults
+    assert pipe.unet.config.masks["given"] == "replace" and pipe.unet.config.masks["scale"] == 0.5  # the defaults
     pipe.unet.register_to_config(masks={**pipe.unet.config.masks, "given": "clean"})  # as if trained with it
     clean = pipe(num_images=2, seed=7, num_inference_steps=3, mask=given)
     assert np.array_equal(clean.images, ours.pairs(2, seed=7, sampler="ddim", steps=3, mask=given, mask_clean=True)[0])

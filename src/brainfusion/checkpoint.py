@@ -253,11 +253,16 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
+# fields added after checkpoints were written without them → the value those runs were trained with,
+# whatever today's default is: the VP process before EDM; ±1 label channels before diffusion.mask_scale
+_TRAINED_BEFORE = {"formulation": "vp", "mask_scale": 1.0}
+
+
 def _upgrade(raw: dict) -> dict:
-    """A checkpoint stores every config field; one without `diffusion.formulation` predates the EDM
-    formulation and was trained with the VP process, whatever today's default is."""
-    if isinstance(raw, dict) and isinstance(raw.get("diffusion"), dict) and "formulation" not in raw["diffusion"]:
-        raw = {**raw, "diffusion": {**raw["diffusion"], "formulation": "vp"}}
+    """A checkpoint stores every config field; one missing a field of _TRAINED_BEFORE predates it."""
+    if isinstance(raw, dict) and isinstance(raw.get("diffusion"), dict):
+        missing = {k: v for k, v in _TRAINED_BEFORE.items() if k not in raw["diffusion"]}
+        raw = {**raw, "diffusion": {**raw["diffusion"], **missing}}
     return raw
 
 
