@@ -33,7 +33,7 @@ TRAIN_FLAGS = {
     "mask_loss_share": ("diffusion.mask_loss_share", float, "share of the loss on the mask channels together (0: every channel alike)"),
     "given_mask_share": ("diffusion.given_mask_share", float, "share of training images given their mask clean, so the model also "
                          "learns to fit a given mask (0: off; sample --given-mask then fixes the mask channels by replacement)"),
-    "mask_scale": ("diffusion.mask_scale", float, "the one-hot mask channels are ±this (default 1, the image's range)"),
+    "mask_scale": ("diffusion.mask_scale", float, "the one-hot mask channels are ±this (default 0.5; 1 is the image's range)"),
     "holdout_subjects": ("data.holdout_subjects", float, "keep whole subjects out of training: a number (e.g. 2) or a share (e.g. 0.2); "
                          "drawn from --seed and recorded in the run's config"),
     "patch_size": ("model.patch_size", int, "1 (default), 2 or 4: pixel-unshuffle factor before the U-Net (2 is ~3x cheaper a step, worse per CPU minute)"),

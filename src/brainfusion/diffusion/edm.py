@@ -63,7 +63,7 @@ class EDMProcess:
         x_in = c_in * x if given is None else torch.where(given, x0, c_in * x)
         prediction = (model(x_in, c_noise) if cond is None else model(x_in, c_noise, cond)).float()
         target = (x0 - c_skip * x) / c_out
-        weight = None if self.channel_weight is None else self.channel_weight.to(x0.device)
+        weight = self.channel_weight
         if given is not None:
             weight = (~given).float() if weight is None else weight * ~given
         return denoising_loss(prediction, target, self.config.loss, weight)

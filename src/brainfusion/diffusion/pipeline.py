@@ -77,8 +77,9 @@ class Pipeline:
         whatever the condition, so a condition's effect can be seen image by image.
         `mask` (a model trained with masks): label indices (n, H, W) the images are generated to fit.
         `on_frames(batch_start, frames)` receives `frames` uint8 snapshots of each batch's reverse
-        process (x_t from the starting noise on; latent runs: the decoded denoised estimate); `progress(k)` is called after every network step; `cancel()` returning True stops
-        the call with `Cancelled`.
+        process (x_t from the starting noise on; latent runs: the decoded denoised estimate);
+        `progress(k)` is called after every network step; `cancel()` returning True stops the call
+        with `Cancelled`.
         """
         return self.pairs(n, seed, sampler, steps, batch_size, first_index, frames, on_frames, progress, cancel,
                           condition, guidance, mask)[0]

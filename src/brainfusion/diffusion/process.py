@@ -90,8 +90,7 @@ class NoiseSchedule:
         """The seed's loss: smooth-L1 (or MSE) between the target and the network's output."""
         x_t = self.q_sample(x0, t, noise)
         prediction = (model(x_t, t) if cond is None else model(x_t, t, cond)).float()
-        weight = None if self.channel_weight is None else self.channel_weight.to(x0.device)
-        return denoising_loss(prediction, self.target(x0, t, noise), self.config.loss, weight)
+        return denoising_loss(prediction, self.target(x0, t, noise), self.config.loss, self.channel_weight)
 
 
 def make_process(cfg: DiffusionConfig, channel_weight: torch.Tensor | None = None):
@@ -203,12 +202,9 @@ def sample(
             denoise = with_known_channels(denoise, known)
             x[:, -known.shape[1] :] = known if known_clean else x[:, -known.shape[1] :] + known
         latest = {}
-
-        def recorded(x: torch.Tensor, sigma: float) -> torch.Tensor:
-            latest["x0"] = denoise(x, sigma)
-            return latest["x0"]
-
-        trajectory = EDM_SAMPLERS[sampler](recorded, x, sigmas, generator=generator)
+        if frames_denoised:
+            denoise = _recording(denoise, latest)
+        trajectory = EDM_SAMPLERS[sampler](denoise, x, sigmas, generator=generator)
         return _run(x, trajectory, steps, frames, progress, clamp, (lambda: latest["x0"]) if frames_denoised else None)
     if known is not None:
         raise BrainfusionError("a given mask needs a model of the EDM formulation (the default recipe); retrain with --recipe edm.")
@@ -217,7 +213,7 @@ def sample(
     x = x * scheduler.init_noise_sigma
     noise = {} if sampler == "heun" else {"generator": generator}  # Heun is deterministic and takes none
 
-    schedule, latest = NoiseSchedule(cfg), {}
+    schedule, latest = NoiseSchedule(cfg) if frames_denoised else None, {}
 
     def trajectory():
         nonlocal x
@@ -225,12 +221,23 @@ def sample(
             t_batch = torch.full((shape[0],), int(t), dtype=torch.long)
             output = model(scheduler.scale_model_input(x, t), t_batch)
             step = scheduler.step(output, t, x, **noise)
-            x0 = getattr(step, "pred_original_sample", None)  # DPM-Solver's output has none: from the VP x_t it was given
-            latest["x0"] = schedule.predict_x0(output, x, t_batch) if x0 is None and frames_denoised else x0
+            if frames_denoised:  # DPM-Solver's step output has no x̂₀: from the VP x_t it was given
+                x0 = getattr(step, "pred_original_sample", None)
+                latest["x0"] = schedule.predict_x0(output, x, t_batch) if x0 is None else x0
             x = step.prev_sample
             yield x
 
     return _run(x, trajectory(), len(scheduler.timesteps), frames, progress, clamp, (lambda: latest["x0"]) if frames_denoised else None)
+
+
+def _recording(denoise: Callable, latest: dict) -> Callable:
+    """`denoise`, keeping its newest output in latest["x0"]: the denoised frames' source."""
+
+    def recorded(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        latest["x0"] = denoise(x, sigma)
+        return latest["x0"]
+
+    return recorded
 
 
 def _run(x: torch.Tensor, trajectory, n: int, frames: int, progress: Callable | None, clamp: bool = True,

@@ -232,7 +232,7 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
     if slices.skipped and ctx.is_main:
         log.warning("%d bad file(s) were skipped; see the warnings above", len(slices.skipped))
     return Session(
-        config, ctx, stream, make_process(config.diffusion, _channel_weight(config)), model, torch.compile(net) if tcfg.compile else net, ema, optimizer,
+        config, ctx, stream, make_process(config.diffusion, _channel_weight(config, ctx.device)), model, torch.compile(net) if tcfg.compile else net, ema, optimizer,
         dtype, memory_format, start_step, min(budget_steps) if budget_steps else None,
         time.monotonic() + tcfg.time_budget_min * 60 if tcfg.time_budget_min else None,
         int(state.extra.get("nonfinite_skipped", 0)) if state is not None else 0,  # the CSV column carries over a resume
@@ -240,9 +240,10 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
     )
 
 
-def _channel_weight(config: RunConfig) -> torch.Tensor | None:
+def _channel_weight(config: RunConfig, device: torch.device) -> torch.Tensor | None:
     images = config.model.in_channels - config.mask_labels
-    return channel_weights(images, config.mask_labels, config.diffusion.mask_loss_share)
+    weight = channel_weights(images, config.mask_labels, config.diffusion.mask_loss_share)
+    return None if weight is None else weight.to(device)
 
 
 def _given_masks(config: RunConfig, step: int, channels: int) -> torch.Tensor | None:
