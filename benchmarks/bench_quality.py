@@ -15,8 +15,9 @@
    slices. The floor row is `--n` training slices scored the same way.
 
 At `--image-size 256` (issue 18) two more kinds of recipe compete at equal total CPU minutes:
-`latent` trains an autoencoder for `--ae-share` of the budget (`brainfusion train-autoencoder`) and the
-default U-Net on its latents for the rest (`train --autoencoder`), one pair of runs per budget;
+`latent` trains one autoencoder for `--ae-minutes` (`brainfusion train-autoencoder`), counted in every
+latent budget, and the default U-Net on its latents for the rest (`train --autoencoder`), one run
+resumed from budget to budget as the others are (a user trains the autoencoder once, too);
 `up64:RECIPE` trains RECIPE at 64² and upsamples its samples bicubically to the image size (what a
 user had before the latent route). The floor is training slices at the image size.
 
@@ -146,14 +147,16 @@ def _load(path: Path, size: int = 64) -> np.ndarray:
     return load_slices(DataConfig(path=str(path), split="train", image_size=size), progress=False).images
 
 
-def train_budget(name: str, minutes: float, rates: dict, work: Path, train_dir: Path, size: int, ae_share: float) -> tuple[Path, int]:
+def train_budget(name: str, minutes: float, rates: dict, work: Path, train_dir: Path, size: int, ae_minutes: float) -> tuple[Path, int]:
     """Train recipe `name` for `minutes` CPU minutes (steps from `rates`); returns its checkpoint and step."""
-    if name == "latent":  # the autoencoder's minutes count: a pair of runs per budget
-        ae_run, ae_steps = work / "runs" / f"ae@{minutes:g}", round(ae_share * minutes * rates["autoencoder"])
+    if name == "latent":  # the autoencoder's minutes count in every budget
+        if minutes <= ae_minutes:
+            raise SystemExit(f"a latent budget of {minutes:g} minutes leaves nothing after --ae-minutes {ae_minutes:g}.")
+        ae_run, ae_steps = work / "runs" / f"ae@{ae_minutes:g}", round(ae_minutes * rates["autoencoder"])
         if not _checkpoint_at(ae_run, ae_steps).is_file():
-            _train(None, train_dir, ae_run, ae_steps, ["--image-size", str(size), "--crop-size", "0", "--no-rfid",
-                                                       "--checkpoint-every", str(ae_steps)], "train-autoencoder")
-        run, step = work / "runs" / f"latent@{minutes:g}", round((1 - ae_share) * minutes * rates["latent"])
+            _train(None, train_dir, ae_run, ae_steps, ["--image-size", str(size), "--no-rfid", "--checkpoint-every", str(ae_steps)],
+                   "train-autoencoder")
+        run, step = work / "runs" / f"latent_ae{ae_minutes:g}", round((minutes - ae_minutes) * rates["latent"])
         extra = ["--image-size", str(size), "--autoencoder", str(ae_run)]
         config_path = None
     else:
@@ -174,8 +177,7 @@ def calibrate_all(names: list[str], pinned: dict, work: Path, train_dir: Path, s
             if kind in pinned:
                 rates[kind] = pinned[kind]
             elif kind == "autoencoder":
-                rates[kind] = calibrate(kind, None, train_dir, work, 30, ["--image-size", str(size), "--crop-size", "0", "--no-rfid"],
-                                        "train-autoencoder")
+                rates[kind] = calibrate(kind, None, train_dir, work, 60, ["--image-size", str(size), "--no-rfid"], "train-autoencoder")
             elif kind == "latent":  # the default U-Net on the latent grid costs what it costs on pixels of that size
                 rates[kind] = calibrate("latent-grid", work / "recipes" / "edm.json", train_dir, work, 60,
                                         ["--image-size", str(size // 4)])
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sampler", default=FAST_SAMPLER)
     p.add_argument("--steps", type=int, default=FAST_STEPS)
     p.add_argument("--image-size", type=int, default=64, help="train and score at this size (256: the latent and up64: recipes)")
-    p.add_argument("--ae-share", type=float, default=0.5, help="share of a latent budget spent on the autoencoder")
+    p.add_argument("--ae-minutes", type=float, default=10, help="CPU minutes of the one autoencoder every latent budget counts")
     args = p.parse_args(argv)
     budgets = sorted(float(b) for b in args.budgets.split(","))
     pinned = {k: float(v) for k, v in (kv.split("=") for kv in args.steps_per_min.split(",") if kv)}
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         for minutes in budgets:
             key = f"{name}@{minutes:g}"
             if key not in done:
-                checkpoint, step = train_budget(name, minutes, rates, args.work, train_dir, size, args.ae_share)
+                checkpoint, step = train_budget(name, minutes, rates, args.work, train_dir, size, args.ae_minutes)
                 scores = evaluate_checkpoint(checkpoint, real, train, len(real), args.sampler, args.steps)
                 save_grid(scores.pop("images"), args.work / "grids" / f"{key.replace(':', '_')}.png")
                 done[key] = {**scores, "recipe": name, "minutes": minutes, "step": step, "n": len(real), "size": size,

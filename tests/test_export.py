@@ -193,7 +193,8 @@ def test_a_latent_export_decodes_through_its_vae_with_and_without_brainfusion(ex
 
     vae = json.loads((folder / "vae" / "config.json").read_text())
     latent = ours.config.latent
-    assert vae["autoencoder"]["channels"] == [16, 16, 16] and vae["autoencoder"]["latent_channels"] == 2
+    assert vae["autoencoder"]["channels"] == [16, 16] and vae["autoencoder"]["latent_channels"] == 2 and vae["patch"] == 2
+    assert vae["autoencoder"]["in_channels"] == vae["autoencoder"]["out_channels"] == 4
     assert (vae["mean"], vae["std"], vae["factor"], vae["latent_std"]) == (list(latent.mean), list(latent.std), 4, 0.5)
     assert json.loads((folder / "model_index.json").read_text())["vae"] == ["brainfusion_hub", "BrainfusionVAE"]
     assert {"vae/brainfusion_hub.py", "vae/diffusion_pytorch_model.safetensors"} <= set(json.loads((folder / MANIFEST).read_text())["sha256"])

@@ -15,8 +15,8 @@ from brainfusion.config import AutoencoderConfig, AutoencoderRunConfig, DataConf
 from brainfusion.data.slices import BatchStream
 from brainfusion.evaluation.metrics.distances import masked_ssim, ssim
 
-SIZE = 32  # slices; the autoencoder makes 8×8 latents of them
-AE_TINY = ["--image-size", str(SIZE), "--ae-channels", "16,16,16", "--latent-channels", "2", "--crop-size", "16",
+SIZE = 32  # slices; the autoencoder (2×2 pixel blocks, then one 2x level) makes 8×8 latents of them
+AE_TINY = ["--image-size", str(SIZE), "--ae-patch", "2", "--ae-channels", "16,16", "--latent-channels", "2", "--crop-size", "16",
            "--disc-layers", "2", "--batch-size", "2", "--adv-start", "2", "--checkpoint-every", "2", "--sample-every", "0", "--score-n", "4", "--no-rfid"]
 LATENT_TINY = ["--image-size", str(SIZE), "--base-channels", "8", "--channel-mults", "1,2", "--attention-resolutions", "",
                "--batch-size", "2", "--checkpoint-every", "2", "--sample-every", "0"]
@@ -97,6 +97,28 @@ def test_autoencoder_config_refusals():
     with pytest.raises(Exception, match="crop_size"):
         AutoencoderRunConfig(data=DataConfig(image_size=32), autoencoder=AutoencoderConfig(crop_size=20),
                              train=TrainConfig(max_steps=1)).validate()
+    with pytest.raises(Exception, match="autoencoder.patch 1 with 1 level"):
+        AutoencoderRunConfig(data=DataConfig(image_size=32), autoencoder=AutoencoderConfig(patch=1, channels=(16,)),
+                             train=TrainConfig(max_steps=1)).validate()
+
+
+def test_pixel_blocks_are_channels_of_the_network_and_old_autoencoders_load_without_them():
+    from brainfusion.checkpoint import _upgrade
+    from brainfusion.models.autoencoder import PixelBlocks, build_autoencoder, monai_autoencoder
+
+    cfg = AutoencoderConfig(patch=4, channels=(16,), latent_channels=3)
+    ae = build_autoencoder(cfg).eval()
+    assert isinstance(ae, PixelBlocks) and cfg.factor == 4 and monai_autoencoder(ae).encoder.blocks[0].in_channels == 16
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mu, _ = ae.encode(x)
+        assert mu.shape == (2, 3, 8, 8) and ae.decode(mu).shape == (2, 1, 32, 32)
+        # the network's 16 input channels are the 4×4 pixel blocks
+        blocks = torch.nn.functional.pixel_unshuffle(x, 4)
+        assert torch.equal(monai_autoencoder(ae).encode(blocks)[0], mu)
+    raw = AutoencoderRunConfig().to_dict()
+    del raw["autoencoder"]["patch"]
+    assert AutoencoderRunConfig.from_dict(_upgrade(raw)).autoencoder.patch == 1
 
 
 def test_latent_stream_flips_by_choosing_the_encoded_mirror():

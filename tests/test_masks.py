@@ -290,3 +290,21 @@ def test_evaluate_scores_the_images_of_a_mask_model_not_its_masks(pairs, cli, tm
                            "--image-size", "32", "--out", "e")
     assert status == 0, err
     assert "evaluated 3 generated" in out
+
+
+def test_a_run_from_before_mask_scale_resumes_and_a_joint_run_keeps_its_scale(tmp_path):
+    """A checkpoint older than diffusion.mask_scale loads at ±1; without masks that field must not block a resume."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from brainfusion.config import RunConfig
+    from brainfusion.training.train import _check_resumable
+
+    fresh = RunConfig()
+    old = SimpleNamespace(config=RunConfig(diffusion=dataclasses.replace(fresh.diffusion, mask_scale=1.0)), path=tmp_path / "c.safetensors")
+    _check_resumable(fresh, old)
+    joint = RunConfig()
+    joint.data.masks, joint.data.mask_values = "layout", (0, 85, 170, 255)
+    old.config.data.masks, old.config.data.mask_values = "layout", (0, 85, 170, 255)
+    with pytest.raises(BrainfusionError, match="different model or diffusion config"):
+        _check_resumable(joint, old)

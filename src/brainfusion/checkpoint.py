@@ -254,15 +254,18 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 # fields added after checkpoints were written without them → the value those runs were trained with,
-# whatever today's default is: the VP process before EDM; ±1 label channels before diffusion.mask_scale
-_TRAINED_BEFORE = {"formulation": "vp", "mask_scale": 1.0}
+# whatever today's default is: the VP process before EDM; ±1 label channels before diffusion.mask_scale;
+# autoencoders on the pixels before autoencoder.patch
+_TRAINED_BEFORE = {"diffusion": {"formulation": "vp", "mask_scale": 1.0}, "autoencoder": {"patch": 1}}
 
 
 def _upgrade(raw: dict) -> dict:
     """A checkpoint stores every config field; one missing a field of _TRAINED_BEFORE predates it."""
-    if isinstance(raw, dict) and isinstance(raw.get("diffusion"), dict):
-        missing = {k: v for k, v in _TRAINED_BEFORE.items() if k not in raw["diffusion"]}
-        raw = {**raw, "diffusion": {**raw["diffusion"], **missing}}
+    if not isinstance(raw, dict):
+        return raw
+    for section, fields in _TRAINED_BEFORE.items():
+        if isinstance(raw.get(section), dict):
+            raw = {**raw, section: {**fields, **raw[section]}}
     return raw
 
 

@@ -85,7 +85,9 @@ AUTOENCODER_FLAGS = {
     "image_size": ("data.image_size", int, "square slice size, divisible by the compression (default 256)"),
     "sample_every": ("train.sample_every", int, "steps between reconstruction previews (0: never)"),
     "latent_channels": ("autoencoder.latent_channels", int, "channels of the latent (default 4)"),
-    "ae_channels": ("autoencoder.channels", str, "widths per level; 3 levels compress 4x per side (default 16,32,64)"),
+    "ae_channels": ("autoencoder.channels", str, "widths per level; each level after the first halves the size (default 64)"),
+    "ae_patch": ("autoencoder.patch", int, "the network sees each PxP pixel block as P² channels; compression is "
+                 "P·2^(levels−1) (default 4)"),
     "crop_size": ("autoencoder.crop_size", int, "train on random crops of this size (default 0: whole slices)"),
     "kl_weight": ("autoencoder.kl_weight", float, "KL weight (default 1e-6)"),
     "ssim_weight": ("autoencoder.ssim_weight", float, "SSIM loss weight (default 0.5)"),

@@ -195,14 +195,14 @@ def _ship_code(folder: Path) -> None:
 
 def make_vae(config: RunConfig) -> BrainfusionVAE:
     """A latent run's `vae` component: the autoencoder whose SHA-256 the run recorded, and the run's latent statistics."""
-    from ..models.autoencoder import autoencoder_arguments, load_autoencoder
+    from ..models.autoencoder import autoencoder_arguments, load_autoencoder, monai_autoencoder
     from ..models.latent import LATENT_STD
 
     latent = config.latent
     ae, state, _ = load_autoencoder(latent.autoencoder, torch.device("cpu"), latent.sha256)
     vae = BrainfusionVAE(autoencoder=autoencoder_arguments(state.config.autoencoder), mean=list(latent.mean), std=list(latent.std),
-                         factor=latent.factor, latent_std=LATENT_STD)
-    vae.ae.load_state_dict(ae.state_dict())
+                         factor=latent.factor, latent_std=LATENT_STD, patch=state.config.autoencoder.patch)
+    vae.ae.load_state_dict(monai_autoencoder(ae).state_dict())
     return vae.eval()
 
 

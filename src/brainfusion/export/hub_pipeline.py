@@ -72,13 +72,14 @@ class BrainfusionUNet(ModelMixin, ConfigMixin):
 class BrainfusionVAE(ModelMixin, ConfigMixin):
     """A latent run's autoencoder: MONAI's AutoencoderKL built from its constructor arguments (`autoencoder`), and
     the per-channel latent `mean` and `std` with which the run scaled latents to std `latent_std` (latent.py).
-    Decoding undoes that scaling first, z = x / latent_std · std + mean, as `latent.LatentDecoder` does."""
+    Decoding undoes that scaling first, z = x / latent_std · std + mean, as `latent.LatentDecoder` does; with
+    `patch` p > 1 the network's p² output channels are p×p pixel blocks (models/autoencoder.PixelBlocks)."""
 
     config_name = "config.json"
 
     @register_to_config
     def __init__(self, autoencoder: dict | None = None, mean: tuple[float, ...] = (), std: tuple[float, ...] = (),
-                 factor: int = 4, latent_std: float = 0.5):
+                 factor: int = 4, latent_std: float = 0.5, patch: int = 1):
         super().__init__()
         try:
             from monai.networks.nets import AutoencoderKL
@@ -92,7 +93,8 @@ class BrainfusionVAE(ModelMixin, ConfigMixin):
         mean = torch.tensor(self.config.mean, dtype=torch.float32, device=x.device).view(shape)
         std = torch.tensor(self.config.std, dtype=torch.float32, device=x.device).view(shape)
         z = x.float() / self.config.latent_std * std + mean
-        return self.ae.decode(z.to(self.device)).float().clamp(-1, 1)
+        x = self.ae.decode(z.to(self.device)).float()
+        return torch.nn.functional.pixel_shuffle(x, self.config.patch).clamp(-1, 1)
 
 
 @dataclass

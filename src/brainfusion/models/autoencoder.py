@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import AUTOENCODER, load_checkpoint, load_weights, resolve_checkpoint
@@ -23,21 +24,47 @@ from ..fileio import file_digest
 
 
 def autoencoder_arguments(cfg: AutoencoderConfig) -> dict:
-    """MONAI AutoencoderKL's constructor arguments for 1-channel slices, without attention (CPU cost; no gain
-    measured at 4x); an export's `vae/config.json` records them, so diffusers rebuilds the same network."""
-    levels = len(cfg.channels)
+    """MONAI AutoencoderKL's constructor arguments for 1-channel slices seen as `patch`² channels, without attention
+    (CPU cost; no gain measured at 4x); an export's `vae/config.json` records them, so diffusers rebuilds the network."""
+    levels, blocks = len(cfg.channels), cfg.patch**2
     return dict(
-        spatial_dims=2, in_channels=1, out_channels=1, channels=tuple(cfg.channels), latent_channels=cfg.latent_channels,
+        spatial_dims=2, in_channels=blocks, out_channels=blocks, channels=tuple(cfg.channels), latent_channels=cfg.latent_channels,
         num_res_blocks=(cfg.res_blocks,) * levels, norm_num_groups=cfg.norm_groups, attention_levels=(False,) * levels,
         with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
     )
 
 
+class PixelBlocks(nn.Module):
+    """Space-to-depth around an autoencoder: each p×p block of pixels enters as p² channels and leaves the same way.
+
+    The network then runs at 1/p of the resolution, where a 2-core CPU is fast: with patch 4 and one level of
+    64 channels MONAI's AutoencoderKL trains 27 img/s at 256² against 3.6 for three levels (16, 32, 64) on
+    the pixels (fwd + bwd, bf16, batch 8). The idea is DC-AE's space-to-channel shortcut (Chen et al. 2024)
+    taken all the way; the blocks are un-shuffled exactly, so nothing is lost before the network.
+    """
+
+    def __init__(self, inner: nn.Module, patch: int):
+        super().__init__()
+        self.inner, self.patch = inner, patch
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner.encode(F.pixel_unshuffle(x, self.patch))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(self.inner.decode(z), self.patch)
+
+
 def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
-    """MONAI AutoencoderKL as `autoencoder_arguments` describes it."""
+    """MONAI AutoencoderKL as `autoencoder_arguments` describes it, inside `PixelBlocks` when it sees pixel blocks."""
     from monai.networks.nets import AutoencoderKL
 
-    return AutoencoderKL(**autoencoder_arguments(cfg))
+    ae = AutoencoderKL(**autoencoder_arguments(cfg))
+    return PixelBlocks(ae, cfg.patch) if cfg.patch > 1 else ae
+
+
+def monai_autoencoder(ae: nn.Module) -> nn.Module:
+    """The MONAI network inside `ae` (what an export's `vae` holds; it does the pixel blocks itself)."""
+    return ae.inner if isinstance(ae, PixelBlocks) else ae
 
 
 def build_discriminator(cfg: AutoencoderConfig) -> nn.Module:

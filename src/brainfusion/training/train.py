@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import signal
@@ -155,9 +156,18 @@ def _resume_state(config: RunConfig, resume: bool):
     return state
 
 
+_MASK_FIELDS = {"mask_loss_share": 0.0, "given_mask_share": 0.0, "mask_scale": 1.0}
+
+
+def _process(config: RunConfig):
+    """The diffusion config that shapes training; the mask fields only where there are masks (a run from before
+    mask_scale existed still resumes without naming it)."""
+    return config.diffusion if config.mask_labels else dataclasses.replace(config.diffusion, **_MASK_FIELDS)
+
+
 def _check_resumable(config: RunConfig, state) -> None:
     """Once the data has fixed the network's channels (masks): the checkpoint must be of this model and process."""
-    if state is not None and (state.config.model != config.model or state.config.diffusion != config.diffusion):
+    if state is not None and (state.config.model != config.model or _process(state.config) != _process(config)):
         raise BrainfusionError(
             f"{state.path} was trained with a different model or diffusion config; resume with the same config "
             f"(see {state.path.with_suffix('.json')})."
