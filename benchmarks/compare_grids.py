@@ -1,4 +1,4 @@
-"""Real slices beside generated ones, for the README: the first k tiles of two grids, 2x zoom.
+"""Real slices beside generated ones, for the README: the first k tiles of two or more grids side by side, 2x zoom.
 
     python benchmarks/compare_grids.py runs/bench_quality/grids/heldout.png runs/bench_quality/grids/edm@60.png \
         --out docs/images/kaggle_samples.png
@@ -28,16 +28,15 @@ def tiles(grid_png: Path, tile: int, pad: int = 2) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("left", type=Path)
-    p.add_argument("right", type=Path)
+    p.add_argument("grids", type=Path, nargs="+", help="grid PNGs, left to right (the real one first)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tile", type=int, default=64, help="tile size in the grids, pixels")
     p.add_argument("--k", type=int, default=16, help="tiles from each grid (a square number)")
     p.add_argument("--zoom", type=int, default=2)
     args = p.parse_args(argv)
-    halves = [make_grid(tiles(path, args.tile)[: args.k]).repeat(args.zoom, 0).repeat(args.zoom, 1) for path in (args.left, args.right)]
-    gap = np.full((halves[0].shape[0], 16), 255, np.uint8)
-    save_png(np.concatenate([halves[0], gap, halves[1]], axis=1), args.out)
+    panels = [make_grid(tiles(path, args.tile)[: args.k]).repeat(args.zoom, 0).repeat(args.zoom, 1) for path in args.grids]
+    gap = np.full((panels[0].shape[0], 16), 255, np.uint8)
+    save_png(np.concatenate([part for panel in panels for part in (gap, panel)][1:], axis=1), args.out)
     print(f"wrote {args.out}")
 
 
