@@ -131,6 +131,15 @@ def test_latent_stream_flips_by_choosing_the_encoded_mirror():
         assert torch.equal(got, row) or torch.equal(got, -row)
     assert any(torch.equal(got, -row) for got, row in zip(batch, rows))
 
+    from brainfusion.data.masks import one_hot
+
+    labels = np.random.default_rng(1).integers(0, 3, (4, 4, 4)).astype(np.uint8)  # slices of 4², latents of 2²
+    stream = BatchStream(latents, 4, seed=0, hflip=True, flipped=mirrored, labels=labels, n_labels=3)
+    indices = stream._indices(0)
+    masks = one_hot(torch.from_numpy(labels[indices.numpy()]), 3, grid=2)
+    for got, row, mask in zip(stream.batch(0), stream.images[indices], masks):  # the labels flip with the latent
+        assert torch.equal(got, torch.cat([row, mask])) or torch.equal(got, torch.cat([-row, mask.flip(-1)]))
+
 
 def test_masked_ssim_with_a_full_mask_is_ssim():
     gen = torch.Generator().manual_seed(0)
@@ -138,3 +147,48 @@ def test_masked_ssim_with_a_full_mask_is_ssim():
     full = torch.ones_like(x, dtype=torch.bool)
     assert torch.allclose(masked_ssim(x, y, full), ssim(x, y), atol=1e-6)
     assert torch.allclose(masked_ssim(x, x, full), torch.ones(3), atol=1e-5)
+
+
+def test_mask_channels_on_a_latent_grid_are_each_blocks_label_shares():
+    from brainfusion.data.masks import labels_from_channels, one_hot
+
+    labels = torch.from_numpy(np.random.default_rng(0).integers(0, 3, (2, 8, 8)))
+    coarse = one_hot(labels, 3, 0.5, grid=2)
+    shares = torch.nn.functional.one_hot(labels, 3).float().reshape(2, 2, 4, 2, 4, 3).mean((2, 4)).permute(0, 3, 1, 2)
+    torch.testing.assert_close(coarse, (2 * shares - 1) * 0.5)
+    assert torch.equal(labels_from_channels(one_hot(labels, 3, 0.5), 8), labels.to(torch.uint8))  # the pixel grid: exact
+
+
+def test_a_latent_run_with_masks_makes_full_size_pairs_and_exports_them(cli, oasis32, tmp_path):
+    from brainfusion.data.masks import fit_square_labels
+    from brainfusion.diffusion.pipeline import Pipeline
+    from brainfusion.export.hub import BrainfusionPipeline
+    from brainfusion.export.hub_pipeline import MANIFEST
+
+    assert cli("train-autoencoder", "--data", oasis32, "--out-dir", tmp_path / "ae", "--max-steps", "2", *AE_TINY)[0] == 0
+    status, _, err = cli("train", "--data", oasis32, "--masks", "--autoencoder", tmp_path / "ae", "--out-dir", tmp_path / "ldm",
+                         "--max-steps", "2", *LATENT_TINY, "--lr", "3e-3")
+    assert status == 0, err
+    config = json.loads((tmp_path / "ldm" / "config.json").read_text())
+    assert config["model"]["in_channels"] == 2 + 4 and config["model"]["image_size"] == SIZE // 4
+
+    pipe = Pipeline.from_checkpoint(tmp_path / "ldm", precision="fp32")
+    images, labels = pipe.pairs(3, seed=7, sampler="ddim", steps=3)
+    assert images.shape == labels.shape == (3, SIZE, SIZE) and labels.max() < 4
+    seg = np.asarray(Image.open(sorted((oasis32 / "keras_png_slices_seg_validate").iterdir())[0]))
+    given = np.stack([fit_square_labels(np.searchsorted((0, 85, 170, 255), seg).astype(np.uint8), 4, SIZE)] * 2)
+    held_images, held = pipe.pairs(2, seed=7, sampler="ddim", steps=3, mask=given)
+    assert np.array_equal(held, given) and not np.array_equal(held_images, images[:2])
+
+    assert cli("export", tmp_path / "ldm", "--out", tmp_path / "export")[0] == 0
+    hub = BrainfusionPipeline.from_pretrained(tmp_path / "export")
+    hub.set_progress_bar_config(disable=True)
+    out = hub(num_images=3, seed=7, num_inference_steps=3)
+    assert np.array_equal(out.images, images) and np.array_equal(out.masks, np.array((0, 85, 170, 255), np.uint8)[labels])
+    fitted = hub(num_images=2, seed=7, num_inference_steps=3, mask=given)
+    assert np.array_equal(fitted.images, held_images) and np.array_equal(fitted.masks, np.array((0, 85, 170, 255), np.uint8)[given])
+    manifest = json.loads((tmp_path / "export" / MANIFEST).read_text())
+    assert [c["holds"] for c in manifest["channels"][:3]] == ["latent channel 0", "latent channel 1", manifest["channels"][2]["holds"]]
+    assert manifest["channels"][2]["channel"] == 2 and "share" in manifest["channels"][2]["holds"]
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "channels 0..1 the slice's latent" in card and "| 2 | 0 | background |" in card

@@ -450,7 +450,8 @@ class RunConfig(_Serialised):
 
     @property
     def mask_labels(self) -> int:
-        """Tissue labels generated with each image (0: images only); channel 0 is the image, 1..K the labels."""
+        """Tissue labels generated with each image (0: images only): the network's last K channels (the first
+        are the image, or its latent's channels)."""
         return len(self.data.mask_values) if self.data.masks else 0
 
     def validate(self) -> None:
@@ -463,13 +464,8 @@ class RunConfig(_Serialised):
                 )
             self.model.image_size = self.data.image_size // self.latent.factor
             self.model.in_channels = self.latent.channels
-        if self.data.masks and self.latent.active:
-            raise BrainfusionError(
-                "tissue masks (data.masks) are learnt by pixel diffusion only for now; train without latent.autoencoder, "
-                "or without masks."
-            )
-        if self.data.masks and self.data.mask_values:  # the image and one channel per tissue label, generated together
-            self.model.in_channels = 1 + len(self.data.mask_values)
+        if self.data.masks and self.data.mask_values:  # the image (or its latent) and one channel per tissue label, generated together
+            self.model.in_channels = (self.latent.channels if self.latent.active and self.latent.factor else 1) + self.mask_labels
         self.condition.validate()
         if self.condition.fitted:  # the network's condition inputs follow the vocabulary
             categorical, continuous = self.condition.names()

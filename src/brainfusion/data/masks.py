@@ -145,11 +145,29 @@ def read_mask_volume(path: Path, image_shape: tuple[int, ...], kept: np.ndarray,
     return np.stack([fit_square_labels(np.ascontiguousarray(m), len(values), size) for m in labels]), values
 
 
-def one_hot(labels, n_labels: int, scale: float = 1.0):
-    """Label indices (N, H, W) → channels (N, K, H, W) in the model's range: −scale absent, +scale present."""
+def one_hot(labels, n_labels: int, scale: float = 1.0, grid: int | None = None):
+    """Label indices (N, H, W) → channels (N, K, grid, grid) in the model's range: −scale absent, +scale present.
+
+    A latent run's network works on a coarser grid than its slices (256² slices, 64² latents); there
+    each channel is the label's area share of each block (average pooling of the one-hot picture), so
+    a tissue boundary inside a block survives as a fraction, which `labels_from_channels` reads back
+    sub-block sharp."""
     import torch
 
-    return torch.nn.functional.one_hot(labels.long(), n_labels).permute(0, 3, 1, 2).float().mul(2).sub(1).mul(scale)
+    x = torch.nn.functional.one_hot(labels.long(), n_labels).permute(0, 3, 1, 2).float().mul(2).sub(1).mul(scale)
+    if grid is not None and grid != x.shape[-1]:
+        x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // grid)
+    return x
+
+
+def labels_from_channels(channels, size: int):
+    """The inverse of `one_hot`: label channels (N, K, g, g) → uint8 label indices (N, size, size), the channels
+    resized bilinearly first where the grid is coarser than the slices (latent runs)."""
+    import torch
+
+    if channels.shape[-1] != size:
+        channels = torch.nn.functional.interpolate(channels.float(), size=(size, size), mode="bilinear", align_corners=False)
+    return channels.argmax(1).to(torch.uint8)
 
 
 def label_image(labels: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
@@ -167,8 +185,8 @@ def label_indices(image: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
     return lookup[image]
 
 
-def given_mask_channels(mask, n: int, size: int, n_labels: int, scale: float = 1.0):
-    """A given mask (label indices (n, size, size)) as the model's mask channels, after checking it fits the model.
+def given_mask_channels(mask, n: int, size: int, n_labels: int, scale: float = 1.0, grid: int | None = None):
+    """A given mask (label indices (n, size, size)) as the model's mask channels on its `grid`, after checking it fits the model.
     Shared by brainfusion's sampling pipeline and the exported one, so both refuse the same masks in the same words."""
     import torch
 
@@ -180,7 +198,7 @@ def given_mask_channels(mask, n: int, size: int, n_labels: int, scale: float = 1
             f"the given masks have shape {tuple(mask.shape)} and labels {int(mask.min())}..{int(mask.max())}; "
             f"this model needs ({n}, {size}, {size}) label indices in 0..{n_labels - 1}."
         )
-    return one_hot(mask, n_labels, scale)
+    return one_hot(mask, n_labels, scale, grid)
 
 
 def check_mask_config(config: DataConfig) -> None:

@@ -409,7 +409,8 @@ class BatchStream:
     Batch `step` depends only on (seed, step): the epoch permutation is seeded by the epoch and
     the flips by the step, so a resumed run sees exactly the batches an uninterrupted one would,
     and rank r of W processes takes its own slice of the same global batch. `labels` (N×S×S tissue
-    label indices) join each image as K one-hot channels (masks.one_hot, ±label_scale). Latents (float, N×C×h×w)
+    label indices) join each image as K one-hot channels (masks.one_hot, ±label_scale; on a latent's grid, each
+    block's label shares). Latents (float, N×C×h×w)
     come with `flipped`, the latents of the mirrored slices, since a flipped latent is not the latent
     of a flipped slice. `cond` (N, K) holds
     each slice's encoded conditions (conditions.py), drawn with the same indices as the images.
@@ -448,12 +449,15 @@ class BatchStream:
         """uint8 slices in the model's range, or float latents as they are (their flips are encoded copies)."""
         indices = self._indices(step)
         x = to_model_range(self.images[indices]) if self.images.dtype == torch.uint8 else self.images[indices].float()
-        if self.labels is not None:  # image and tissue labels as one (1+K)-channel picture, flipped together
-            x = torch.cat([x, one_hot(self.labels[indices], self.n_labels, self.label_scale)], 1)
+        image_channels = x.shape[1]
+        if self.labels is not None:  # image (or latent) and tissue labels as one picture, flipped together
+            x = torch.cat([x, one_hot(self.labels[indices], self.n_labels, self.label_scale, x.shape[-1])], 1)
         if self.hflip:
             gen = seeded_generator(self.seed, 1, step)
             flip = torch.rand(self.global_batch, generator=gen)[self.rank * self.per_rank :][: self.per_rank] < 0.5
-            mirrored = x.flip(-1) if self.flipped is None else self.flipped[indices].float()
+            mirrored = x.flip(-1)
+            if self.flipped is not None:
+                mirrored = torch.cat([self.flipped[indices].float(), mirrored[:, image_channels:]], 1)
             x = torch.where(flip[:, None, None, None], mirrored, x)
         return x
 

@@ -16,7 +16,7 @@ import torch
 from ..checkpoint import load_checkpoint, load_weights
 from ..config import FAST_SAMPLER, FAST_STEPS, RunConfig
 from ..data.conditions import Request, encode_guided_request
-from ..data.masks import given_mask_channels
+from ..data.masks import given_mask_channels, labels_from_channels
 from ..data.slices import to_uint8
 from ..errors import BrainfusionError
 from ..models.latent import LatentDecoder
@@ -75,7 +75,8 @@ class Pipeline:
         model. `guidance` is the classifier-free guidance scale s (process.classifier_free_guidance):
         1 plain conditional, 0 unconditional, > 1 stronger. Image i of a seed gets the same noise
         whatever the condition, so a condition's effect can be seen image by image.
-        `mask` (a model trained with masks): label indices (n, H, W) the images are generated to fit.
+        `mask` (a model trained with masks): label indices (n, H, W) the images are generated to fit; they
+        come back as the images' labels.
         `on_frames(batch_start, frames)` receives `frames` uint8 snapshots of each batch's reverse
         process (x_t from the starting noise on; latent runs: the decoded denoised estimate);
         `progress(k)` is called after every network step; `cancel()` returning True stops the call
@@ -116,17 +117,21 @@ class Pipeline:
                               frames=frames if on_frames else 0, progress=tick, cond=None if cond is None else cond[rows],
                               guidance=guidance, clamp=self.decoder is None, known=None if known is None else known[rows],
                               known_clean=clean, frames_denoised=self.decoder is not None)
-            if self.decoder is not None:
-                x, snaps = self.decoder(x), [self.decoder(f) for f in snaps]
             if on_frames is not None:
-                on_frames(start, [to_uint8(f[:, : f.shape[1] - k].clamp(-1, 1)) for f in snaps])
-            images.append(to_uint8(x[:, : x.shape[1] - k]))
-            if k:
-                labels.append(x[:, -k:].argmax(1).to(torch.uint8).numpy())
+                on_frames(start, [to_uint8(self._decode(f[:, : channels - k]).clamp(-1, 1)) for f in snaps])
+            images.append(to_uint8(self._decode(x[:, : channels - k])))
+            if k:  # a given mask is what the image was made for; a latent run's label shares come back at full size
+                labels.append(np.asarray(mask)[rows].astype(np.uint8) if mask is not None else
+                              labels_from_channels(x[:, channels - k :], self.config.data.image_size).numpy())
         return np.concatenate(images), np.concatenate(labels) if k else None
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The image channels as slices: a latent run's through its autoencoder."""
+        return x if self.decoder is None else self.decoder(x)
 
     def _known(self, mask: np.ndarray | torch.Tensor | None, n: int) -> torch.Tensor | None:
         """A given mask as the model's mask channels, after checking it fits the model."""
         if mask is None:
             return None
-        return given_mask_channels(mask, n, self.config.model.image_size, self.config.mask_labels, self.config.diffusion.mask_scale)
+        return given_mask_channels(mask, n, self.config.data.image_size, self.config.mask_labels, self.config.diffusion.mask_scale,
+                                   self.config.model.image_size)

@@ -112,7 +112,7 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
     if cfg.given_mask:
         if not state.config.mask_labels:
             raise BrainfusionError(f"{state.path} was trained without masks; sample it without a given mask, or train with masks.")
-        given = read_given_masks(cfg.given_mask, state.config.data.mask_values, state.config.model.image_size)
+        given = read_given_masks(cfg.given_mask, state.config.data.mask_values, state.config.data.image_size)
     run_dir = run_folder(state.path)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "samples" / (f"{cfg.sampler}-{steps}" + _condition_suffix(cfg))
     images_dir = out_dir / "images"

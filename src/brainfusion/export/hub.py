@@ -230,10 +230,13 @@ def channel_layout(config: RunConfig) -> dict:
     tool other than the pipeline) needs to know which channel is which and what label value each one-hot channel means."""
     if not config.mask_labels:
         return {}
-    values = config.data.mask_values
-    labels = [{"channel": 1 + k, "holds": "one-hot label (-1 absent, +1 present)", "index": k, "value": v, "name": name}
-              for k, (v, name) in enumerate(zip(values, mask_names(values)))]
-    return {"channels": [{"channel": 0, "holds": "image"}, *labels]}
+    values, scale = config.data.mask_values, config.diffusion.mask_scale
+    first = config.model.in_channels - config.mask_labels  # the image, or its latent's channels
+    share = " (each latent block's share of the label)" if config.latent.active else ""
+    labels = [{"channel": first + k, "holds": f"one-hot label (-{scale:g} absent, +{scale:g} present){share}", "index": k, "value": v,
+               "name": name} for k, (v, name) in enumerate(zip(values, mask_names(values)))]
+    image = [{"channel": c, "holds": "image" if not config.latent.active else f"latent channel {c}"} for c in range(first)]
+    return {"channels": [*image, *labels]}
 
 
 def export_run(checkpoint: Path | str, out: Path | str, metrics: Path | None = None) -> Path:

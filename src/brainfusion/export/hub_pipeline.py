@@ -31,7 +31,7 @@ from diffusers.utils import BaseOutput
 
 from ..config import RunConfig
 from ..data.conditions import Request, encode_guided_request
-from ..data.masks import given_mask_channels, label_image
+from ..data.masks import given_mask_channels, label_image, labels_from_channels
 from ..data.slices import to_uint8
 from ..diffusion.process import classifier_free_guidance
 from ..errors import BrainfusionError
@@ -145,7 +145,7 @@ class BrainfusionPipeline(DiffusionPipeline):
         model, 0 the unconditional one, above 1 stronger.
 
         A model trained with tissue masks also returns `masks`: uint8 (N, H, W) in the run's label values, as
-        `brainfusion sample` writes its seg files (with "pt", the K one-hot channels in [-1, 1]). `mask` (label
+        `brainfusion sample` writes its seg files (with "pt", the K label channels in [-1, 1], on a latent export's latent grid). `mask` (label
         indices (N, H, W), EDM exports) is a given mask: it is held fixed and the images are generated to fit it.
         """
         cond = encode_guided_request(self.unet.conditions, condition, num_images, guidance_scale)
@@ -170,11 +170,14 @@ class BrainfusionPipeline(DiffusionPipeline):
             x = self.scheduler.step(out, t, x).prev_sample
         if known is not None:
             x[:, -k:] = known  # σ = 0
-        x = (x.clamp(-1, 1) if self.vae is None else self.vae.decode_latents(x)).cpu()  # latents have no range to clamp to
-        images, channels = x[:, : x.shape[1] - k], x[:, x.shape[1] - k :]
+        images, channels = x[:, : x.shape[1] - k], x[:, x.shape[1] - k :].clamp(-1, 1).cpu()
+        images = (images.clamp(-1, 1) if self.vae is None else self.vae.decode_latents(images)).cpu()  # latents have no range to clamp to
         if output_type == "pt":
             return BrainfusionOutput(images=images, masks=channels if values else None)
-        masks = label_image(channels.argmax(1).to(torch.uint8).numpy(), values) if values else None
+        if not values:
+            return BrainfusionOutput(images=to_uint8(images), masks=None)
+        labels = np.asarray(mask) if mask is not None else labels_from_channels(channels, images.shape[-1]).numpy()
+        masks = label_image(labels.astype(np.uint8), values)
         return BrainfusionOutput(images=to_uint8(images), masks=masks)
 
     def _given(self, mask: np.ndarray | torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -182,7 +185,9 @@ class BrainfusionPipeline(DiffusionPipeline):
         if mask is None:
             return None
         masks = self.unet.config.masks or {}
-        known = given_mask_channels(mask, n, self.unet.config.model["image_size"], len(self.unet.mask_values), masks.get("scale", 1.0))
+        grid = self.unet.config.model["image_size"]
+        size = grid * (self.vae.config.factor if self.vae is not None else 1)
+        known = given_mask_channels(mask, n, size, len(self.unet.mask_values), masks.get("scale", 1.0), grid)
         if not isinstance(self.scheduler, EDMEulerScheduler):
             raise BrainfusionError("a given mask needs a model of the EDM formulation; this export samples with DDIM (VP).")
         return known.to(self.unet.device)
