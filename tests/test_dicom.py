@@ -159,3 +159,36 @@ def test_a_bad_series_can_be_skipped_and_the_cli_names_it(tmp_path, phantom, ass
     assert len(slices.skipped) == 1 and "gap" in slices.skipped[0]
     assert_user_error(["data", "inspect", "--data", tmp_path / "data", "--image-size", "16"], str(tmp_path / "data" / "gap"),
                       "a slice is missing", "--on-bad-file skip")
+
+
+def _labels(volume: np.ndarray) -> np.ndarray:
+    """Tissue-like labels of the phantom: 1 in the blob, 2 on the orientation marker."""
+    return ((volume > 0).astype(np.int16) + (volume >= 400)).astype(np.int16)
+
+
+def test_a_series_takes_its_label_volume_like_the_same_voxels_in_nifti(tmp_path, phantom):
+    volume = phantom()
+    write_series(tmp_path / "dicom" / "subject1", volume)
+    for folder in ("masks", "nifti", "nifti_masks"):
+        (tmp_path / folder).mkdir()
+    save_as_nifti(_labels(volume), tmp_path / "masks" / "subject1_dseg.nii.gz")  # named by the series' folder
+    save_as_nifti(volume, tmp_path / "nifti" / "same.nii.gz")
+    save_as_nifti(_labels(volume), tmp_path / "nifti_masks" / "same_dseg.nii.gz")
+    from_dicom = _load(tmp_path / "dicom", masks=str(tmp_path / "masks"))
+    from_nifti = _load(tmp_path / "nifti", masks=str(tmp_path / "nifti_masks"))
+    assert from_dicom.mask_values == from_nifti.mask_values == (0, 1, 2)
+    assert np.array_equal(from_dicom.labels, from_nifti.labels) and np.array_equal(from_dicom.images, from_nifti.images)
+    assert all(set(np.unique(m[img > 0]).tolist()) - {0} for img, m in zip(from_dicom.images, from_dicom.labels))
+
+
+def test_a_series_label_volume_off_its_grid_or_missing_is_refused(tmp_path, phantom):
+    volume = phantom()
+    write_series(tmp_path / "dicom" / "subject1", volume)
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(BrainfusionError, match=r"no mask \(looked for subject1\.nii\.gz"):  # none there yet
+        _load(tmp_path / "dicom", masks=str(tmp_path / "masks"))
+    shifted = np.diag([-1.0, -1.0, SPACING, 1.0])
+    shifted[:3, 3] = ORIGIN * [-1, -1, 1] + [0, 0, 3.0]  # the same shape, 3 mm higher: another grid
+    nib.save(nib.Nifti1Image(_labels(volume), shifted), tmp_path / "masks" / "subject1_seg.nii.gz")
+    with pytest.raises(BrainfusionError, match=r"subject1_seg\.nii\.gz lies elsewhere .* 3 mm"):
+        _load(tmp_path / "dicom", masks=str(tmp_path / "masks"))

@@ -27,6 +27,7 @@ from ..images import fit_square
 
 MASK_LAYOUT = "layout"  # data.masks value: the OASIS layout's own keras_png_slices_seg_* folders
 MAX_LABELS = 16
+AFFINE_TOLERANCE_MM = 0.01  # a DICOM series' label volume and the series agree on where each voxel lies to this
 _SUFFIXES = ("_seg", "_dseg", "_mask", "_labels")
 
 
@@ -55,6 +56,8 @@ def mask_candidates(image: Path, root: Path, masks: str) -> list[Path]:
         names += [stem + s + ".nii.gz" for s in ("",) + _SUFFIXES]
     elif suffix.lower() == ".nii.gz":
         names += [stem + s + ".nii" for s in ("",) + _SUFFIXES]
+    elif not suffix:  # a DICOM series, named by its folder: its label volume (dcm2niix's grid)
+        names = [stem + s + ext for s in ("",) + _SUFFIXES for ext in (".nii.gz", ".nii")]
     out = []
     for name in dict.fromkeys(names):
         out += [folder / relative.parent / name, folder / name]
@@ -122,9 +125,10 @@ def read_mask_slice(path: Path, image_shape: tuple[int, int], values: tuple[int,
 
 
 def read_mask_volume(path: Path, image_shape: tuple[int, ...], kept: np.ndarray, values: tuple[int, ...] | None,
-                     size: int) -> tuple[np.ndarray, tuple[int, ...]]:
+                     size: int, affine: np.ndarray | None = None) -> tuple[np.ndarray, tuple[int, ...]]:
     """A label volume → the label indices of the image's kept axial slices (RAS+, like the image),
-    and the label values (read from this volume when the run has none yet)."""
+    and the label values (read from this volume when the run has none yet). With the image's RAS+ `affine`
+    (a DICOM series, whose labels come from another tool), the label voxels must lie where the image's do."""
     import nibabel as nib
 
     volume = nib.as_closest_canonical(nib.load(str(path)))
@@ -132,6 +136,9 @@ def read_mask_volume(path: Path, image_shape: tuple[int, ...], kept: np.ndarray,
         volume = volume.slicer[..., 0]
     if tuple(volume.shape) != tuple(image_shape):
         raise ValueError(f"its mask {path} has shape {tuple(volume.shape)}, its image {tuple(image_shape)}; masks must match their image voxel for voxel")
+    if affine is not None and not np.allclose(volume.affine, affine, atol=AFFINE_TOLERANCE_MM):
+        raise ValueError(f"its mask {path} lies elsewhere in the scanner's space than the series (the affines differ by up to "
+                         f"{np.abs(volume.affine - affine).max():.3g} mm); write the labels on the series' own grid, e.g. from its dcm2niix NIfTI")
     data = np.asarray(volume.dataobj)
     if data.dtype.kind == "f":
         if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):

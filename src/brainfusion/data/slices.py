@@ -236,14 +236,17 @@ def _cache_key(files: list[Path], config: DataConfig) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps([CACHE_VERSION, config.image_size, config.min_brain_fraction, config.on_bad_file,
                               source_of(config), config.masks, list(config.mask_values)]).encode())
+    stamped = []
     for path in files:
         # an Analyze .hdr keeps its voxels in the .img beside it: a changed .img must invalidate the cache too
-        parts = [path, path.with_suffix(".img")] if _suffix(path) == ".hdr" else [path]
+        stamped += [path, path.with_suffix(".img")] if _suffix(path) == ".hdr" else [path]
         if config.masks:
-            parts += [next((m for m in mask_candidates(path, Path(config.path), config.masks) if m.is_file()), Path("-"))]
-        for part in parts:
-            stat = part.stat() if part.exists() else None
-            digest.update(f"{part}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}\n".encode())
+            stamped += [next((m for m in mask_candidates(path, Path(config.path), config.masks) if m.is_file()), Path("-"))]
+    if config.masks and config.masks != MASK_LAYOUT:  # a DICOM series' label volume is named by its folder, not by a file
+        stamped += sorted(m for m in Path(config.masks).rglob("*") if m.is_file())
+    for part in stamped:
+        stat = part.stat() if part.exists() else None
+        digest.update(f"{part}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -313,10 +316,14 @@ def _decode(unit: _Unit, config: DataConfig, values):
     as they stand after this unit. Raises on any defect."""
     size, label = config.image_size, None
     if unit.series is not None:
-        if config.masks:
-            raise ValueError("masks pair with image and volume files, not DICOM series; convert the series to NIfTI (dcm2niix)")
         image = series_image(unit.series, MAX_SIDE, MAX_VOXELS)
-        return _axial_slices(image, size, config.min_brain_fraction)[:2] + (None, values)
+        stack, level, kept, shape = _axial_slices(image, size, config.min_brain_fraction)
+        if config.masks:
+            import nibabel as nib
+
+            label, values = read_mask_volume(find_mask(unit.path, config), shape, kept, values, size,
+                                             affine=nib.as_closest_canonical(image).affine)
+        return stack, level, label, values
     if not unit.path.is_file():  # a FIFO or device would block or stream forever; a dangling link has no data
         raise ValueError("it is not a regular file")
     if _suffix(unit.path) in VOLUME_SUFFIXES:
