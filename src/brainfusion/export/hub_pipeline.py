@@ -93,8 +93,8 @@ class BrainfusionVAE(ModelMixin, ConfigMixin):
         mean = torch.tensor(self.config.mean, dtype=torch.float32, device=x.device).view(shape)
         std = torch.tensor(self.config.std, dtype=torch.float32, device=x.device).view(shape)
         z = x.float() / self.config.latent_std * std + mean
-        x = self.ae.decode(z.to(self.device)).float()
-        return torch.nn.functional.pixel_shuffle(x, self.config.patch).clamp(-1, 1)
+        blocks = self.ae.decode(z.to(self.device)).float()
+        return torch.nn.functional.pixel_shuffle(blocks, self.config.patch).clamp(-1, 1)
 
 
 @dataclass
