@@ -18,21 +18,14 @@ import numpy as np
 import torch
 
 from brainfusion.config import DataConfig
-from brainfusion.data.slices import load_slices, to_model_range, to_uint8
+from brainfusion.data.slices import load_slices
 from brainfusion.diffusion.pipeline import Pipeline
 from brainfusion.evaluation.metrics.distances import radial_power_spectrum, spectrum_distance
-from brainfusion.models.autoencoder import encode_mean
+from brainfusion.training.train_autoencoder import reconstruct
 
 
 def power(images: np.ndarray) -> np.ndarray:
     return radial_power_spectrum(torch.from_numpy(images).float()[:, None] / 255.0)[1]
-
-
-@torch.no_grad()
-def reconstruct(ae: torch.nn.Module, images: np.ndarray, batch: int = 32) -> np.ndarray:
-    out = [to_uint8(ae.decode(encode_mean(ae, to_model_range(torch.from_numpy(images[s : s + batch])))).clamp(-1, 1))
-           for s in range(0, len(images), batch)]
-    return np.concatenate(out)
 
 
 def bands(p: np.ndarray, reference: np.ndarray, size: int) -> str:
@@ -55,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     real = load_slices(DataConfig(path=str(args.heldout), split="train", image_size=size), progress=False).images
     real = real[np.random.default_rng(0).choice(len(real), min(args.n_real, len(real)), replace=False)]
     reference = power(real)
-    print(f"reconstructions ({args.n}): {bands(power(reconstruct(pipe.decoder.ae, real[: args.n])), reference, size)}")
+    print(f"reconstructions ({args.n}): {bands(power(reconstruct(pipe.decoder.ae, real[: args.n], pipe.device, None)), reference, size)}")
     print(f"samples ({args.n}): {bands(power(pipe(args.n, seed=args.seed)), reference, size)}")
     print(f"real, first {args.n}: {bands(power(real[: args.n]), reference, size)}")
 
