@@ -149,6 +149,22 @@ def test_masked_ssim_with_a_full_mask_is_ssim():
     assert torch.allclose(masked_ssim(x, x, full), torch.ones(3), atol=1e-5)
 
 
+def test_the_autoencoders_ssim_loss_is_monais_with_its_gradient():
+    from monai.losses import SSIMLoss
+
+    from brainfusion.training.train_autoencoder import ssim_loss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 40, 40, generator=g) * 2 - 1
+    ours = (x + 0.2 * torch.randn(x.shape, generator=g)).requires_grad_()
+    theirs = ours.detach().clone().requires_grad_()
+    a, b = ssim_loss(ours, x), SSIMLoss(spatial_dims=2, data_range=2.0)(theirs, x)
+    a.backward()
+    b.backward()
+    assert 0.05 < b.item() < 0.9 and torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(ours.grad, theirs.grad, atol=1e-6)
+
+
 def test_mask_channels_on_a_latent_grid_are_each_blocks_label_shares():
     from brainfusion.data.masks import labels_from_channels, one_hot
 

@@ -103,8 +103,8 @@ def _band(size: int, window: int, sigma: float, device=None) -> torch.Tensor:
     return m
 
 
-def _ssim_maps(x: torch.Tensor, y: torch.Tensor, window: int, sigma: float, k1=0.01, k2=0.03):
-    """SSIM and contrast-structure maps [N, H-w+1, W-w+1], data range 1, 'valid' window positions.
+def ssim_maps(x: torch.Tensor, y: torch.Tensor, window: int, sigma: float, k1=0.01, k2=0.03):
+    """SSIM and contrast-structure maps [N, H-w+1, W-w+1], data range 1 (scale k1, k2 for another), 'valid' window positions.
 
     The separable Gaussian filter is applied as two batched matrix products with banded matrices
     (Gv X Gh): on CPU this is ~5-10x faster than conv2d with a single-channel kernel.
@@ -127,15 +127,15 @@ def _ssim_maps(x: torch.Tensor, y: torch.Tensor, window: int, sigma: float, k1=0
 
 
 def _ssim_terms(x: torch.Tensor, y: torch.Tensor, window: int, sigma: float, k1=0.01, k2=0.03):
-    """Per-image mean SSIM and mean contrast-structure term (of `_ssim_maps`)."""
-    full, cs = _ssim_maps(x, y, window, sigma, k1, k2)
+    """Per-image mean SSIM and mean contrast-structure term (of `ssim_maps`)."""
+    full, cs = ssim_maps(x, y, window, sigma, k1, k2)
     return full.flatten(1).mean(1), cs.flatten(1).mean(1)
 
 
 @torch.inference_mode()
 def masked_ssim(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
     """Per-image SSIM averaged over the window centres inside `mask` [N,1,H,W] (e.g. the brain, not the background)."""
-    full, _ = _ssim_maps(x, y, window, sigma)
+    full, _ = ssim_maps(x, y, window, sigma)
     r = window // 2
     inside = mask[:, 0, r : r + full.shape[-2], r : r + full.shape[-1]].float()
     return (full * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp_min(1)
