@@ -147,6 +147,9 @@ def _load(path: Path, size: int = 64) -> np.ndarray:
     return load_slices(DataConfig(path=str(path), split="train", image_size=size), progress=False).images
 
 
+LATENT_KINDS = ("autoencoder", "autoencoder-adv", "latent")  # the rates the latent route needs
+
+
 def autoencoder_steps(minutes: float, rates: dict) -> int:
     """Autoencoder steps in `minutes`: its adversarial phase (from `adv_start`) runs at its own, lower rate.
 
@@ -185,7 +188,7 @@ def calibrate_all(names: list[str], pinned: dict, work: Path, train_dir: Path, s
     """Steps per CPU minute of every run kind the recipes need (pinned ones are not timed)."""
     rates = {}
     for name in names:
-        for kind in (("autoencoder", "autoencoder-adv", "latent") if name == "latent" else (name,)):
+        for kind in (LATENT_KINDS if name == "latent" else (name,)):
             if kind in pinned:
                 rates[kind] = pinned[kind]
             elif kind.startswith("autoencoder"):
@@ -250,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
                 scores = evaluate_checkpoint(checkpoint, real, train, len(real), args.sampler, args.steps)
                 save_grid(scores.pop("images"), args.work / "grids" / f"{key.replace(':', '_')}.png")
                 done[key] = {**scores, "recipe": name, "minutes": minutes, "step": step, "n": len(real), "size": size,
-                             "steps_per_min": {k: v for k, v in rates.items() if k in (name, "autoencoder", "autoencoder-adv", "latent")}}
+                             "steps_per_min": {k: v for k, v in rates.items() if k == name or k in LATENT_KINDS}}
             write_outputs(done, args.work)
             print(f"{key}: FID {done[key]['FID_inception']:.1f} (floor {done['floor']['FID_inception']:.1f})", flush=True)
     print((args.work / "quality.md").read_text())
