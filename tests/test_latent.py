@@ -97,6 +97,9 @@ def test_autoencoder_config_refusals():
     with pytest.raises(Exception, match="crop_size"):
         AutoencoderRunConfig(data=DataConfig(image_size=32), autoencoder=AutoencoderConfig(crop_size=20),
                              train=TrainConfig(max_steps=1)).validate()
+    with pytest.raises(Exception, match="2×2 pixel blocks need training crops of at least 64"):
+        AutoencoderRunConfig(data=DataConfig(image_size=32), autoencoder=AutoencoderConfig(disc_patch=2),
+                             train=TrainConfig(max_steps=1)).validate()
     with pytest.raises(Exception, match="autoencoder.patch 1 with 1 level"):
         AutoencoderRunConfig(data=DataConfig(image_size=32), autoencoder=AutoencoderConfig(patch=1, channels=(16,)),
                              train=TrainConfig(max_steps=1)).validate()
@@ -119,6 +122,26 @@ def test_pixel_blocks_are_channels_of_the_network_and_old_autoencoders_load_with
     raw = AutoencoderRunConfig().to_dict()
     del raw["autoencoder"]["patch"]
     assert AutoencoderRunConfig.from_dict(_upgrade(raw)).autoencoder.patch == 1
+
+
+def test_a_discriminator_on_pixel_blocks_sees_every_pixel_at_half_the_resolution():
+    from brainfusion.models.autoencoder import PixelBlockDiscriminator, build_discriminator
+
+    torch.manual_seed(0)
+    pixels = build_discriminator(AutoencoderConfig(disc_layers=2)).eval()
+    blocks = build_discriminator(AutoencoderConfig(disc_layers=2, disc_patch=2)).eval()  # BatchNorm: no batch coupling
+    assert isinstance(blocks, PixelBlockDiscriminator) and blocks.inner.initial_conv.conv.in_channels == 4
+    x = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = blocks(x)[-1]
+        assert torch.equal(out, blocks.inner(torch.nn.functional.pixel_unshuffle(x, 2))[-1])
+        # the same layers on 2×2 blocks: a patch map of half the side, so a quarter of the convolutions' work
+        assert out.shape[-1] < pixels(x)[-1].shape[-1] and out.shape[-1] == pixels(x[..., ::2, ::2])[-1].shape[-1]
+    # one pixel changed inside a block changes the verdict: nothing is pooled away
+    y = x.clone()
+    y[0, 0, 31, 31] += 1
+    with torch.no_grad():
+        assert not torch.equal(blocks(y)[-1][0], out[0]) and torch.equal(blocks(y)[-1][1], out[1])
 
 
 def test_latent_stream_flips_by_choosing_the_encoded_mirror():

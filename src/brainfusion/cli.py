@@ -94,6 +94,7 @@ AUTOENCODER_FLAGS = {
     "adv_weight": ("autoencoder.adv_weight", float, "patch adversarial loss weight (default 0.01; 0: none)"),
     "adv_start": ("autoencoder.adv_start", int, "steps before the adversarial loss joins (default 2000)"),
     "disc_layers": ("autoencoder.disc_layers", int, "layers of the patch discriminator (default 3; crops of 2^(layers+2) px at least)"),
+    "disc_patch": ("autoencoder.disc_patch", int, "the discriminator sees PxP pixel blocks as P² channels (default 1: pixels)"),
     "heldout": ("score.heldout", str, "held-out slices scored at the end (default: an OASIS layout's validate split)"),
     "score_n": ("score.n", int, "held-out slices scored at the end (default 500)"),
     "no_rfid": ("score.inception", None, "skip rFID (the Inception network is slow on CPUs)"),

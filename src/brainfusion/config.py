@@ -342,6 +342,9 @@ class AutoencoderConfig:
     adv_start: int = 2000  # steps of reconstruction alone before the patch discriminator joins (Esser et al. 2021)
     disc_channels: int = 32
     disc_layers: int = 3
+    # 1 (default): the discriminator sees pixels. p > 1: p×p pixel blocks as p² channels, so its convolutions run
+    # at 1/p of the resolution (about p² fewer multiply-adds) and each of its patches spans p× more pixels
+    disc_patch: int = 1
 
     @property
     def factor(self) -> int:
@@ -367,11 +370,12 @@ class AutoencoderConfig:
                 f"autoencoder.crop_size {self.crop_size} must be 0 (whole slices) or at most image_size {image_size} and "
                 f"divisible by {self.factor}."
             )
-        seen = self.crop_size or image_size
-        if self.adv_weight and (self.disc_layers < 1 or seen < 2 ** (self.disc_layers + 2)):
+        seen, need = self.crop_size or image_size, self.disc_patch * 2 ** (self.disc_layers + 2)
+        if self.adv_weight and (self.disc_layers < 1 or self.disc_patch < 1 or seen < need or seen % self.disc_patch):
             raise BrainfusionError(
-                f"the patch discriminator's {self.disc_layers} layers need training crops of at least {2 ** (self.disc_layers + 2)} "
-                f"pixels, not {seen}; raise autoencoder.crop_size, lower autoencoder.disc_layers or set autoencoder.adv_weight=0."
+                f"the patch discriminator's {self.disc_layers} layers on {self.disc_patch}×{self.disc_patch} pixel blocks need "
+                f"training crops of at least {need} pixels, divisible by {self.disc_patch}, not {seen}; raise "
+                "autoencoder.crop_size, lower autoencoder.disc_layers or autoencoder.disc_patch, or set autoencoder.adv_weight=0."
             )
         if min(self.l1_weight, self.ssim_weight, self.kl_weight, self.adv_weight) < 0 or self.adv_start < 0:
             raise BrainfusionError("the autoencoder's loss weights and autoencoder.adv_start must not be negative.")

@@ -67,11 +67,25 @@ def monai_autoencoder(ae: nn.Module) -> nn.Module:
     return ae.inner if isinstance(ae, PixelBlocks) else ae
 
 
+class PixelBlockDiscriminator(nn.Module):
+    """A discriminator that sees each p×p pixel block as p² channels (as `PixelBlocks` does for the autoencoder):
+    the blocks are un-shuffled exactly, so the pixel-scale detail is all there, at 1/p of the resolution."""
+
+    def __init__(self, inner: nn.Module, patch: int):
+        super().__init__()
+        self.inner, self.patch = inner, patch
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.inner(F.pixel_unshuffle(x, self.patch))
+
+
 def build_discriminator(cfg: AutoencoderConfig) -> nn.Module:
-    """MONAI's PatchGAN discriminator (Isola et al. 2017), as its brain LDM tutorial uses it."""
+    """MONAI's PatchGAN discriminator (Isola et al. 2017), as its brain LDM tutorial uses it, on pixels or blocks."""
     from monai.networks.nets import PatchDiscriminator
 
-    return PatchDiscriminator(spatial_dims=2, num_layers_d=cfg.disc_layers, channels=cfg.disc_channels, in_channels=1, out_channels=1)
+    disc = PatchDiscriminator(spatial_dims=2, num_layers_d=cfg.disc_layers, channels=cfg.disc_channels,
+                              in_channels=cfg.disc_patch**2, out_channels=1)
+    return PixelBlockDiscriminator(disc, cfg.disc_patch) if cfg.disc_patch > 1 else disc
 
 
 def encode_mean(ae: nn.Module, x: torch.Tensor) -> torch.Tensor:
