@@ -100,6 +100,9 @@ def test_autoencoder_config_refusals():
     with pytest.raises(Exception, match="2×2 pixel blocks need training crops of at least 64"):
         AutoencoderRunConfig(data=DataConfig(image_size=32), autoencoder=AutoencoderConfig(disc_patch=2),
                              train=TrainConfig(max_steps=1)).validate()
+    with pytest.raises(Exception, match="latents of odd side 3"):
+        AutoencoderRunConfig(data=DataConfig(image_size=32), autoencoder=AutoencoderConfig(scale_equivariance=1, adv_weight=0, crop_size=12),
+                             train=TrainConfig(max_steps=1)).validate()
     with pytest.raises(Exception, match="autoencoder.patch 1 with 1 level"):
         AutoencoderRunConfig(data=DataConfig(image_size=32), autoencoder=AutoencoderConfig(patch=1, channels=(16,)),
                              train=TrainConfig(max_steps=1)).validate()
@@ -231,3 +234,26 @@ def test_a_latent_run_with_masks_makes_full_size_pairs_and_exports_them(cli, oas
     assert manifest["channels"][2]["channel"] == 2 and "share" in manifest["channels"][2]["holds"]
     card = (tmp_path / "export" / "README.md").read_text()
     assert "channels 0..1 the slice's latent" in card and "| 2 | 0 | background |" in card
+
+
+def test_scale_equivariance_asks_the_pooled_latent_to_decode_to_the_pooled_slice():
+    from brainfusion.training.train_autoencoder import scale_equivariance_loss
+
+    class Upsampler(torch.nn.Module):  # a decoder that commutes with pooling on piecewise-constant slices
+        def __init__(self, gain: float = 1.0):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.tensor(gain))
+
+        def decode(self, z):
+            return self.gain * torch.nn.functional.interpolate(z, scale_factor=4, mode="nearest")
+
+    coarse = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = torch.nn.functional.interpolate(coarse, scale_factor=8, mode="nearest")
+    z = torch.nn.functional.avg_pool2d(x, 4)
+    off = torch.autocast("cpu", enabled=False)
+    assert scale_equivariance_loss(Upsampler(), z, x, off).item() == pytest.approx(0, abs=1e-7)
+    wrong = Upsampler(0.5)
+    loss = scale_equivariance_loss(wrong, z, x, off)
+    assert loss.item() == pytest.approx(0.5 * x.abs().mean().item(), rel=1e-5)
+    loss.backward()
+    assert wrong.gain.grad < 0  # it pulls the decoder towards the pooled slice

@@ -91,6 +91,8 @@ AUTOENCODER_FLAGS = {
     "crop_size": ("autoencoder.crop_size", int, "train on random crops of this size (default 0: whole slices)"),
     "kl_weight": ("autoencoder.kl_weight", float, "KL weight (default 1e-6)"),
     "ssim_weight": ("autoencoder.ssim_weight", float, "SSIM loss weight (default 0.5)"),
+    "scale_equivariance": ("autoencoder.scale_equivariance", float, "weight of the loss that makes the 2x-pooled latent "
+                           "decode to the 2x-pooled slice (smoother latents for diffusion; default 0: off)"),
     "adv_weight": ("autoencoder.adv_weight", float, "patch adversarial loss weight (default 0.01; 0: none)"),
     "adv_start": ("autoencoder.adv_start", int, "steps before the adversarial loss joins (default 2000)"),
     "disc_layers": ("autoencoder.disc_layers", int, "layers of the patch discriminator (default 3; crops of 2^(layers+2) px at least)"),

@@ -338,6 +338,10 @@ class AutoencoderConfig:
     l1_weight: float = 1.0
     ssim_weight: float = 0.5
     kl_weight: float = 1e-6  # MONAI's brain LDM tutorial's weight: enough to keep latents bounded, not to blur them
+    # weight of the scale-equivariance loss (Skorokhodov et al. 2025, "Improving the Diffusability of Autoencoders"):
+    # the 2×-average-pooled latent must decode to the 2×-average-pooled slice, which keeps high frequencies the
+    # slice lacks out of the latent, where a diffusion model has to learn them. 0 (default): off
+    scale_equivariance: float = 0.0
     adv_weight: float = 0.01
     adv_start: int = 2000  # steps of reconstruction alone before the patch discriminator joins (Esser et al. 2021)
     disc_channels: int = 32
@@ -371,13 +375,18 @@ class AutoencoderConfig:
                 f"divisible by {self.factor}."
             )
         seen, need = self.crop_size or image_size, self.disc_patch * 2 ** (self.disc_layers + 2)
+        if self.scale_equivariance and (seen // self.factor) % 2:
+            raise BrainfusionError(
+                f"autoencoder.scale_equivariance pools the latent 2×, but slices (or crops) of {seen} make latents of odd side "
+                f"{seen // self.factor}; use a size divisible by {2 * self.factor} or set autoencoder.scale_equivariance=0."
+            )
         if self.adv_weight and (self.disc_layers < 1 or self.disc_patch < 1 or seen < need or seen % self.disc_patch):
             raise BrainfusionError(
                 f"the patch discriminator's {self.disc_layers} layers on {self.disc_patch}×{self.disc_patch} pixel blocks need "
                 f"training crops of at least {need} pixels, divisible by {self.disc_patch}, not {seen}; raise "
                 "autoencoder.crop_size, lower autoencoder.disc_layers or autoencoder.disc_patch, or set autoencoder.adv_weight=0."
             )
-        if min(self.l1_weight, self.ssim_weight, self.kl_weight, self.adv_weight) < 0 or self.adv_start < 0:
+        if min(self.l1_weight, self.ssim_weight, self.kl_weight, self.adv_weight, self.scale_equivariance) < 0 or self.adv_start < 0:
             raise BrainfusionError("the autoencoder's loss weights and autoencoder.adv_start must not be negative.")
 
 
