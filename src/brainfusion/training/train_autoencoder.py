@@ -123,8 +123,9 @@ def scale_equivariance_loss(ae: torch.nn.Module, z: torch.Tensor, x: torch.Tenso
     """L1 between the decoded 2×-average-pooled latent and the 2×-average-pooled slice (Skorokhodov et al. 2025).
 
     A latent that decodes correctly when coarsened holds the slice's structure at every scale and no
-    high-frequency code the slice lacks; such latents are easier for a diffusion model to learn. The
-    pooled decode costs a quarter of the full one."""
+    high-frequency code the slice lacks; such latents are easier for a diffusion model to learn. At weight
+    1 on the 2-core CPU (20.2 img/s against 24.7), the 60-minute latent route's FD_domain fell from 0.384 to
+    0.313 and its FID from 188.4 to 181.6, for 0.7 dB of reconstruction (docs/latent.md)."""
     pool = torch.nn.functional.avg_pool2d
     with autocast:
         coarse = ae.decode(pool(z, 2)).float()
