@@ -16,9 +16,10 @@
    half: the real ones repeated up to the generated count).
 4. Per-tissue Dice (CSF, grey, white matter) over every pixel of the unseen subjects' slices,
    mean ± standard deviation over seeds; and mask fidelity: the Dice between each generated mask
-   and what the segmenter trained on all real subjects (first seed) reads in its generated image.
-   Given-mask fidelity: the unseen subjects' own masks given to the joint model (`--given-n` of
-   them, `Pipeline.pairs(mask=...)`), and the same segmenter's reading of the images made for them.
+   and what a judge reads in its generated image: the same segmenter trained on every real training pair for
+   `--judge-steps` (longer than the arms, so its own errors cap the score less; its Dice on the unseen subjects
+   is printed beside). Given-mask fidelity: the unseen subjects' own masks given to the joint model (`--given-n`
+   of them, `Pipeline.pairs(mask=...)`), and the judge's reading of the images made for them.
 
 Outputs in --work: results.json, segment.md (the table), segment.png (Dice per arm and K),
 pairs.png (generated images with their masks as overlays, beside real unseen pairs), given.png
@@ -98,7 +99,27 @@ def run_arm(images, labels, test_images, test_labels, n_labels, steps, seed):
     t0 = time.monotonic()
     net = train_segmenter(images, labels, n_labels, steps=steps, seed=seed)
     dice = dice_per_label(segment(net, test_images), test_labels, n_labels)
-    return net, dice, time.monotonic() - t0
+    return dice, time.monotonic() - t0
+
+
+def judge_pairs(args, real, test, gen, n_labels):
+    """Mask fidelity and given-mask fidelity, read by a judge: the segmenter trained on every real training pair for
+    `--judge-steps`. A judge's own errors cap the fidelity it can certify, so it trains longer than the arms: 1,600
+    steps score 0.896 mean Dice on the unseen subjects against 0.858 for 400 (demo set, 64²)."""
+    judge = train_segmenter(*real, n_labels, steps=args.judge_steps, seed=0)
+    judge_dice = dice_per_label(segment(judge, test[0]), test[1], n_labels)
+    print(f"judge ({args.judge_steps} steps, every real subject) on the unseen subjects: {np.round(judge_dice, 3).tolist()} "
+          f"mean {np.nanmean(judge_dice):.3f}", flush=True)
+    read = segment(judge, gen[0])
+    fidelity = dice_per_label(read, gen[1], n_labels)
+    print(f"mask fidelity (the judge on generated images): {np.round(fidelity, 3).tolist()} mean {np.nanmean(fidelity):.3f}", flush=True)
+    given = given_fidelity(args, judge, test[1][:: max(1, len(test[1]) // args.given_n)][: args.given_n], n_labels)
+    for mode, dice in given.items():
+        print(f"given-mask fidelity, {mode} (unseen subjects' masks given): {np.round(dice, 3).tolist()} mean {np.nanmean(dice):.3f}",
+              flush=True)
+    save_png(make_grid(np.concatenate([overlay_labels(gen[0][:8], gen[1][:8]), overlay_labels(gen[0][:8], read[:8]),
+                                       overlay_labels(test[0][::31][:8], test[1][::31][:8])]), nrow=8), Path(args.work) / "pairs.png")
+    return judge_dice, fidelity, given
 
 
 def arms_for(k_name, seed, real, gen, subjects, n_gen):
@@ -176,6 +197,7 @@ def main() -> None:
     ap.add_argument("--gen-seed", type=int, default=1234)
     ap.add_argument("--sampler", default="dpm++sde")
     ap.add_argument("--sample-steps", type=int, default=25)
+    ap.add_argument("--judge-steps", type=int, default=1600, help="steps of the segmenter that judges mask fidelity (all real pairs)")
     ap.add_argument("--given-n", type=int, default=100, help="unseen masks given to the joint model for the given-mask fidelity")
     args = ap.parse_args()
     work = Path(args.work)
@@ -192,41 +214,29 @@ def main() -> None:
     if gen_seconds:
         print(f"generated {len(gen_images)} pairs in {gen_seconds:.0f} s ({len(gen_images) / gen_seconds:.2f} pairs/s)", flush=True)
 
-    rows, fidelity, given = [], None, None
+    judge_dice, fidelity, given = judge_pairs(args, (images, labels), (test_images, test_labels), (gen_images, gen_labels), n_labels)
+    rows = []
     for k in ks:
         for seed in seeds:
             arms, n_real, n_gen = arms_for(k, seed, (images, labels), (gen_images, gen_labels), subjects, len(gen_images))
             for arm, (x, y) in arms.items():
-                net, dice, seconds = run_arm(x, y, test_images, test_labels, n_labels, args.steps, seed)
+                dice, seconds = run_arm(x, y, test_images, test_labels, n_labels, args.steps, seed)
                 slices = {"real": n_real, "generated": n_gen, "real+generated": n_real + len(gen_images)}[arm]
                 rows.append({"k": k, "seed": seed, "arm": arm, "slices": slices, "dice": dice.tolist(), "seconds": seconds})
                 print(f"K={k} seed={seed} {arm:15s} {slices:5d} slices: Dice {np.round(dice, 3).tolist()} "
                       f"mean {np.nanmean(dice):.3f} ({seconds:.0f} s)", flush=True)
-                if k == "all" and arm == "real" and fidelity is None:
-                    read = segment(net, gen_images)
-                    fidelity = dice_per_label(read, gen_labels, n_labels)
-                    print(f"mask fidelity (real-trained segmenter on generated images): {np.round(fidelity, 3).tolist()} "
-                          f"mean {np.nanmean(fidelity):.3f}", flush=True)
-                    given = given_fidelity(args, net, test_labels[:: max(1, len(test_labels) // args.given_n)][: args.given_n], n_labels)
-                    for mode, dice in given.items():
-                        print(f"given-mask fidelity, {mode} (unseen subjects' masks given): {np.round(dice, 3).tolist()} "
-                              f"mean {np.nanmean(dice):.3f}", flush=True)
-                    save_png(make_grid(np.concatenate([overlay_labels(gen_images[:8], gen_labels[:8]),
-                                                       overlay_labels(gen_images[:8], read[:8]),
-                                                       overlay_labels(test_images[::31][:8], test_labels[::31][:8])]), nrow=8),
-                             work / "pairs.png")
 
     summary, table = summarise(rows, names)
     plot(summary, ks, work / "segment.png")
     result = {"args": vars(args), "rows": rows, "summary": summary, "tissues": names,
-              "fidelity": None if fidelity is None else {"per_tissue": fidelity.tolist(), "mean": float(np.nanmean(fidelity))},
-              "given_mask_fidelity": None if given is None else {mode: {"per_tissue": dice.tolist(), "mean": float(np.nanmean(dice))}
-                                                                 for mode, dice in given.items()},
+              "judge_dice": {"per_tissue": judge_dice.tolist(), "mean": float(np.nanmean(judge_dice))},
+              "fidelity": {"per_tissue": fidelity.tolist(), "mean": float(np.nanmean(fidelity))},
+              "given_mask_fidelity": {mode: {"per_tissue": dice.tolist(), "mean": float(np.nanmean(dice))} for mode, dice in given.items()},
               "generation_seconds": gen_seconds}
     atomic_write_text(work / "results.json", json.dumps(result, indent=2))
-    fidelity_line = "" if fidelity is None else (f"\nMask fidelity: {np.round(fidelity, 3).tolist()}, mean {np.nanmean(fidelity):.3f}\n" +
-                                                 "".join(f"Given-mask fidelity, {mode}: {np.round(dice, 3).tolist()}, mean {np.nanmean(dice):.3f}\n"
-                                                         for mode, dice in given.items()))
+    fidelity_line = (f"\nJudge ({args.judge_steps} steps) on unseen subjects: {np.round(judge_dice, 3).tolist()}, mean {np.nanmean(judge_dice):.3f}\n"
+                     f"Mask fidelity: {np.round(fidelity, 3).tolist()}, mean {np.nanmean(fidelity):.3f}\n" +
+                     "".join(f"Given-mask fidelity, {mode}: {np.round(dice, 3).tolist()}, mean {np.nanmean(dice):.3f}\n" for mode, dice in given.items()))
     atomic_write_text(work / "segment.md", table + "\n" + fidelity_line)
     print(table + "\n" + fidelity_line)
 
