@@ -125,7 +125,8 @@ def scale_equivariance_loss(ae: torch.nn.Module, z: torch.Tensor, x: torch.Tenso
     A latent that decodes correctly when coarsened holds the slice's structure at every scale and no
     high-frequency code the slice lacks; such latents are easier for a diffusion model to learn. At weight
     1 on the 2-core CPU (20.2 img/s against 24.7), the 60-minute latent route's FD_domain fell from 0.384 to
-    0.313 and its FID from 188.4 to 181.6, for 0.7 dB of reconstruction (docs/latent.md)."""
+    0.313 and its FID from 188.4 to 181.6, for 0.7 dB of reconstruction; at 120 minutes FD_domain 0.297 but
+    FID 148.6 against 143.0 without it, within the noise of n = 500, so it is off by default (docs/latent.md)."""
     pool = torch.nn.functional.avg_pool2d
     with autocast:
         coarse = ae.decode(pool(z, 2)).float()
