@@ -19,7 +19,9 @@ At `--image-size 256` (issue 18) two more kinds of recipe compete at equal total
 latent budget, and the default U-Net on its latents for the rest (`train --autoencoder`), one run
 resumed from budget to budget as the others are (a user trains the autoencoder once, too);
 `up64:RECIPE` trains RECIPE at 64² and upsamples its samples bicubically to the image size (what a
-user had before the latent route). The floor is training slices at the image size.
+user had before the latent route). `latent:RECIPE` puts RECIPE's config on the latents, e.g. a noise level
+distribution screened for them (`--recipes latent:pm04=pm04.json`, a file of overrides on the defaults). The
+floor is training slices at the image size.
 
     python benchmarks/bench_quality.py --data ../shared/data/kaggle-alzheimer-mri-train --image-size 256 \
         --work runs/bench_quality_256 --recipes latent,edm-p4-shift,up64:edm --budgets 20
@@ -150,6 +152,16 @@ def _load(path: Path, size: int = 64) -> np.ndarray:
 LATENT_KINDS = ("autoencoder", "autoencoder-adv", "latent")  # the rates the latent route needs
 
 
+def is_latent(name: str) -> bool:
+    """`latent` (the default U-Net config on latents) or `latent:RECIPE` (a recipe's config on them)."""
+    return name == "latent" or name.startswith("latent:")
+
+
+def recipe_of(name: str) -> str:
+    """The recipe whose config a route trains: `up64:edm` and `latent:X` name it, bare `latent` is the default's."""
+    return "edm" if name == "latent" else name.partition(":")[2] or name
+
+
 def autoencoder_steps(minutes: float, rates: dict) -> int:
     """Autoencoder steps in `minutes`: its adversarial phase (from `adv_start`) runs at its own, lower rate.
 
@@ -164,21 +176,21 @@ def autoencoder_steps(minutes: float, rates: dict) -> int:
 
 def train_budget(name: str, minutes: float, rates: dict, work: Path, train_dir: Path, size: int, ae_minutes: float) -> tuple[Path, int]:
     """Train recipe `name` for `minutes` CPU minutes (steps from `rates`); returns its checkpoint and step."""
-    if name == "latent":  # the autoencoder's minutes count in every budget
+    if is_latent(name):  # the autoencoder's minutes count in every budget
         if minutes <= ae_minutes:
             raise SystemExit(f"a latent budget of {minutes:g} minutes leaves nothing after --ae-minutes {ae_minutes:g}.")
         ae_run, ae_steps = work / "runs" / f"ae@{ae_minutes:g}", autoencoder_steps(ae_minutes, rates)
         if not _checkpoint_at(ae_run, ae_steps).is_file():
             _train(None, train_dir, ae_run, ae_steps, ["--image-size", str(size), "--no-rfid", "--checkpoint-every", str(ae_steps)],
                    "train-autoencoder")
-        run, step = work / "runs" / f"latent_ae{ae_minutes:g}", round((minutes - ae_minutes) * rates["latent"])
+        tag = "" if name == "latent" else f"{recipe_of(name)}_"
+        run, step = work / "runs" / f"latent_{tag}ae{ae_minutes:g}", round((minutes - ae_minutes) * rates["latent"])
         extra = ["--image-size", str(size), "--autoencoder", str(ae_run)]
-        config_path = None
+        config_path = None if name == "latent" else work / "recipes" / f"{recipe_of(name)}.json"
     else:
-        recipe = name.removeprefix("up64:")
         run, step = work / "runs" / name.replace(":", "_"), round(minutes * rates[name])
         extra = ["--image-size", str(64 if name.startswith("up64:") else size)]
-        config_path = work / "recipes" / f"{recipe}.json"
+        config_path = work / "recipes" / f"{recipe_of(name)}.json"
     if not _checkpoint_at(run, step).is_file():
         _train(config_path, train_dir, run, step, ["--checkpoint-every", str(step), *extra])
     return _checkpoint_at(run, step), step
@@ -188,7 +200,7 @@ def calibrate_all(names: list[str], pinned: dict, work: Path, train_dir: Path, s
     """Steps per CPU minute of every run kind the recipes need (pinned ones are not timed)."""
     rates = {}
     for name in names:
-        for kind in (LATENT_KINDS if name == "latent" else (name,)):
+        for kind in (LATENT_KINDS if is_latent(name) else (name,)):
             if kind in pinned:
                 rates[kind] = pinned[kind]
             elif kind.startswith("autoencoder"):
@@ -199,7 +211,7 @@ def calibrate_all(names: list[str], pinned: dict, work: Path, train_dir: Path, s
                 rates[kind] = calibrate("latent-grid", work / "recipes" / "edm.json", train_dir, work, 60,
                                         ["--image-size", str(size // 4)])
             else:
-                rates[kind] = calibrate(kind, work / "recipes" / f"{kind.removeprefix('up64:')}.json", train_dir, work, 60,
+                rates[kind] = calibrate(kind, work / "recipes" / f"{recipe_of(kind)}.json", train_dir, work, 60,
                                         ["--image-size", str(64 if kind.startswith("up64:") else size)])
             print(f"{kind}: {rates[kind]:.1f} steps per CPU minute", flush=True)
     return rates
@@ -240,9 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.recipes.split(","):
         name, _, overrides = spec.partition("=")
         if overrides:
-            RECIPES[name] = json.loads(Path(overrides).read_text())
-        recipe = "edm" if name == "latent" else name.removeprefix("up64:")
-        atomic_write_text(args.work / "recipes" / f"{recipe}.json", recipe_config(recipe).to_json())
+            RECIPES[recipe_of(name)] = json.loads(Path(overrides).read_text())
+        atomic_write_text(args.work / "recipes" / f"{recipe_of(name)}.json", recipe_config(recipe_of(name)).to_json())
         names.append(name)
     rates = calibrate_all(names, pinned, args.work, train_dir, size)
     for name in names:

@@ -293,18 +293,38 @@ def test_an_image_only_export_refuses_a_given_mask(exported):
     assert "channels" not in json.loads((folder / MANIFEST).read_text()) and pipe.unet.config.masks is None
 
 
-def test_a_vp_mask_export_returns_masks_and_refuses_a_given_one(exported_masks, tmp_path):
-    """The DDIM scheduler's loop: masks are the argmax of its last channels, as brainfusion's; no given mask (as `sample`)."""
+def train_and_export(data, tmp_path, *flags):
+    """A mask run on `data` trained with `flags`, exported; its run folder and the export loaded."""
     from brainfusion.cli import main
 
-    _, _, _, data = exported_masks
-    run = tmp_path / "vp"
-    assert main(["--quiet", "train", "--data", str(data), "--masks", "--recipe", "vp", "--out-dir", str(run), *TRAIN]) == 0
+    run = tmp_path / "run"
+    assert main(["--quiet", "train", "--data", str(data), "--masks", *flags, "--out-dir", str(run), *TRAIN]) == 0
     assert main(["--quiet", "export", str(run), "--out", str(tmp_path / "export")]) == 0
     pipe = BrainfusionPipeline.from_pretrained(tmp_path / "export")
     pipe.set_progress_bar_config(disable=True)
+    return run, pipe
+
+
+def test_a_vp_mask_export_returns_masks_and_refuses_a_given_one(exported_masks, tmp_path):
+    """The DDIM scheduler's loop: masks are the argmax of its last channels, as brainfusion's; no given mask (as `sample`)."""
+    run, pipe = train_and_export(exported_masks[3], tmp_path, "--recipe", "vp")
     out = pipe(num_images=3, seed=7, num_inference_steps=3)
     images, labels = Pipeline.from_checkpoint(run, precision="fp32").pairs(3, seed=7, sampler="ddim", steps=3)
     assert np.array_equal(out.images, images) and np.array_equal(out.masks, np.array([0, 85, 170, 255], np.uint8)[labels])
     with pytest.raises(BrainfusionError, match="EDM formulation"):
         pipe(num_images=3, mask=labels)
+
+
+def test_an_ordinal_mask_export_reads_its_one_label_channel_as_brainfusion_does(exported_masks, tmp_path):
+    """One ordinal label channel (diffusion.mask_encoding): the export's masks, given masks, manifest and card follow it."""
+    run, pipe = train_and_export(exported_masks[3], tmp_path, "--mask-encoding", "ordinal")
+    ours = Pipeline.from_checkpoint(run, precision="fp32")
+    images, labels = ours.pairs(3, seed=7, sampler="ddim", steps=3)
+    out = pipe(num_images=3, seed=7, num_inference_steps=3)
+    assert np.array_equal(out.images, images) and np.array_equal(out.masks, np.array([0, 85, 170, 255], np.uint8)[labels])
+    given = labels[:2]
+    held = pipe(num_images=2, seed=7, num_inference_steps=3, mask=given)
+    assert np.array_equal(held.masks, out.masks[:2]) and np.array_equal(held.images, ours.pairs(2, seed=7, sampler="ddim", steps=3, mask=given)[0])
+    channels = json.loads((tmp_path / "export" / MANIFEST).read_text())["channels"]
+    assert len(channels) == 2 and [(v["value"], v["level"]) for v in channels[1]["levels"]][::3] == [(0, -0.5), (255, 0.5)]
+    assert "nearest level" in (tmp_path / "export" / "README.md").read_text()

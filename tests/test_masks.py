@@ -13,7 +13,7 @@ from PIL import Image
 
 from brainfusion.checkpoint import load_checkpoint
 from brainfusion.config import DataConfig
-from brainfusion.data.masks import fit_square_labels, mask_candidates, one_hot
+from brainfusion.data.masks import fit_square_labels, labels_from_channels, mask_candidates, one_hot, ordinal
 from brainfusion.data.slices import BatchStream, load_slices
 from brainfusion.diffusion.pipeline import Pipeline
 from brainfusion.errors import BrainfusionError
@@ -274,6 +274,34 @@ def test_one_hot_is_the_model_range():
     labels = torch.tensor([[[0, 2], [1, 0]]])
     x = one_hot(labels, 3)
     assert x.shape == (1, 3, 2, 2) and x[0, :, 0, 1].tolist() == [-1, -1, 1]
+
+
+def test_ordinal_labels_are_one_channel_of_levels_read_back_exactly(pairs):
+    labels = torch.tensor([[[0, 1], [2, 3]]])
+    x = ordinal(labels, 4, 0.5)
+    assert x.shape == (1, 1, 2, 2) and torch.allclose(x.flatten(), torch.tensor([-0.5, -1 / 6, 1 / 6, 0.5]))
+    assert torch.equal(labels_from_channels(x + 0.08, 2, 4, 0.5, "ordinal"), labels.to(torch.uint8))  # the nearest level
+    big = torch.randint(0, 4, (3, 8, 8))
+    pooled = ordinal(big, 4, 1.0, grid=2)  # a latent's grid: each block's mean level
+    assert torch.allclose(pooled, ordinal(big, 4).reshape(3, 1, 2, 4, 2, 4).mean((3, 5)))
+    slices = load_slices(DataConfig(path=str(pairs), image_size=16, masks="layout"), progress=False)
+    stream = BatchStream(slices.images, 4, seed=0, hflip=True, labels=slices.labels, n_labels=4, label_encoding="ordinal")
+    x = stream.batch(3)
+    assert x.shape == (4, 2, 16, 16)
+    assert torch.equal(labels_from_channels(x[:, 1:], 16, 4, 1.0, "ordinal"), BatchStream(
+        slices.images, 4, seed=0, hflip=True, labels=slices.labels, n_labels=4).batch(3)[:, 1:].argmax(1).to(torch.uint8))
+
+
+def test_an_ordinal_joint_run_samples_pairs_and_holds_a_given_mask(pairs, cli, tmp_path):
+    status, _, err = cli("train", "--data", pairs, "--masks", "--mask-encoding", "ordinal", "--out-dir", "o", "--max-steps", "2", *TRAIN)
+    assert status == 0, err
+    pipe = Pipeline.from_checkpoint(tmp_path / "o", precision="fp32")
+    assert pipe.config.model.in_channels == 2 and pipe.config.diffusion.mask_encoding == "ordinal"
+    images, labels = pipe.pairs(3, seed=0, sampler="dpm++sde", steps=3)
+    assert images.shape == labels.shape == (3, 16, 16) and labels.max() <= 3
+    given = np.stack([fit_square_labels(np.searchsorted(VALUES, np.asarray(Image.open(f))).astype(np.uint8), 4, 16)
+                      for f in sorted((pairs / "keras_png_slices_seg_validate").iterdir())[:2]])
+    assert np.array_equal(pipe.pairs(2, seed=1, sampler="heun", steps=3, mask=given)[1], given)
 
 
 def test_evaluate_scores_the_images_of_a_mask_model_not_its_masks(pairs, cli, tmp_path):

@@ -34,6 +34,8 @@ TRAIN_FLAGS = {
     "given_mask_share": ("diffusion.given_mask_share", float, "share of training images given their mask clean, so the model also "
                          "learns to fit a given mask (0: off; sample --given-mask then fixes the mask channels by replacement)"),
     "mask_scale": ("diffusion.mask_scale", float, "the one-hot mask channels are ±this (default 0.5; 1 is the image's range)"),
+    "mask_encoding": ("diffusion.mask_encoding", str, "one-hot (default: a channel per label) or ordinal (one channel, the labels "
+                      "as levels in their order, -mask_scale to +mask_scale)"),
     "holdout_subjects": ("data.holdout_subjects", float, "keep whole subjects out of training: a number (e.g. 2) or a share (e.g. 0.2); "
                          "drawn from --seed and recorded in the run's config"),
     "patch_size": ("model.patch_size", int, "1 (default), 2 or 4: pixel-unshuffle factor before the U-Net (2 is ~3x cheaper a step, worse per CPU minute)"),

@@ -240,9 +240,13 @@ class DiffusionConfig:
     # σ_data = 0.5 and came out as blobs: at 520 steps on the demo set, Inception FID 283 / 269 / 257 and mask
     # fidelity 0.73 / 0.75 / 0.76 at scale 1 / 0.5 / 0.25, but given-mask fidelity 0.82 / 0.79 / 0.63 (docs/masks.md)
     mask_scale: float = 0.5
+    # joint image+mask runs: "one-hot" (K channels) or "ordinal" (one channel, the labels as evenly spaced levels
+    # from −mask_scale to +mask_scale in their order; OASIS's is the T1 intensity order)
+    mask_encoding: str = "one-hot"
 
     def validate(self) -> None:
         _check_choice("diffusion.formulation", self.formulation, ("vp", "edm"))
+        _check_choice("diffusion.mask_encoding", self.mask_encoding, ("one-hot", "ordinal"))
         if not 0 < self.sigma_min < self.sigma_max or self.sigma_data <= 0 or self.p_std <= 0 or self.rho <= 0:
             raise BrainfusionError(
                 f"diffusion.sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, sigma_data={self.sigma_data}, "
@@ -467,6 +471,11 @@ class RunConfig(_Serialised):
         are the image, or its latent's channels)."""
         return len(self.data.mask_values) if self.data.masks else 0
 
+    @property
+    def mask_channels(self) -> int:
+        """The network's last channels, which carry the labels: K one-hot ones, or one ordinal (0: images only)."""
+        return 0 if not self.mask_labels else 1 if self.diffusion.mask_encoding == "ordinal" else self.mask_labels
+
     def validate(self) -> None:
         self.model.image_size = self.data.image_size
         if self.latent.active and self.latent.factor:  # the U-Net works on the latent grid
@@ -478,7 +487,7 @@ class RunConfig(_Serialised):
             self.model.image_size = self.data.image_size // self.latent.factor
             self.model.in_channels = self.latent.channels
         if self.data.masks and self.data.mask_values:  # the image (or its latent) and one channel per tissue label, generated together
-            self.model.in_channels = (self.latent.channels if self.latent.active and self.latent.factor else 1) + self.mask_labels
+            self.model.in_channels = (self.latent.channels if self.latent.active and self.latent.factor else 1) + self.mask_channels
         self.condition.validate()
         if self.condition.fitted:  # the network's condition inputs follow the vocabulary
             categorical, continuous = self.condition.names()

@@ -26,6 +26,7 @@ from ..errors import BrainfusionError
 from ..images import fit_square
 
 MASK_LAYOUT = "layout"  # data.masks value: the OASIS layout's own keras_png_slices_seg_* folders
+MASK_ENCODINGS = ("one-hot", "ordinal")  # diffusion.mask_encoding: how labels become the model's mask channels
 MAX_LABELS = 16
 AFFINE_TOLERANCE_MM = 0.01  # a DICOM series' label volume and the series agree on where each voxel lies to this
 _SUFFIXES = ("_seg", "_dseg", "_mask", "_labels")
@@ -167,13 +168,41 @@ def one_hot(labels, n_labels: int, scale: float = 1.0, grid: int | None = None):
     return x
 
 
-def labels_from_channels(channels, size: int):
-    """The inverse of `one_hot`: label channels (N, K, g, g) → uint8 label indices (N, size, size), the channels
-    resized bilinearly first where the grid is coarser than the slices (latent runs)."""
+def ordinal(labels, n_labels: int, scale: float = 1.0, grid: int | None = None):
+    """Label indices (N, H, W) → one channel (N, 1, grid, grid): label k at scale·(2k/(K−1) − 1), evenly from −scale to +scale.
+
+    OASIS's order background < CSF < grey < white matter is the T1 intensity order and the anatomical
+    nesting, so this channel is a cartoon of the image itself, where one-hot spreads it over K binary
+    channels. On a latent's grid each block holds its mean level, read back sub-block by `labels_from_channels`."""
+    import torch
+
+    x = labels.float().mul(2 / (n_labels - 1)).sub(1).mul(scale).unsqueeze(1)
+    if grid is not None and grid != x.shape[-1]:
+        x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // grid)
+    return x
+
+
+def mask_channel_count(n_labels: int, encoding: str) -> int:
+    """The model's mask channels for K labels: K one-hot channels, or one ordinal channel (0 without masks)."""
+    return 0 if not n_labels else 1 if encoding == "ordinal" else n_labels
+
+
+def label_channels(labels, n_labels: int, scale: float = 1.0, grid: int | None = None, encoding: str = "one-hot"):
+    """Label indices → the model's mask channels in `encoding` (`one_hot` or `ordinal`)."""
+    return (ordinal if encoding == "ordinal" else one_hot)(labels, n_labels, scale, grid)
+
+
+def labels_from_channels(channels, size: int, n_labels: int = 0, scale: float = 1.0, encoding: str = "one-hot"):
+    """The inverse of `label_channels`: mask channels (N, C, g, g) → uint8 label indices (N, size, size), the channels
+    resized bilinearly first where the grid is coarser than the slices (latent runs); one-hot by the largest channel,
+    ordinal by the nearest level."""
     import torch
 
     if channels.shape[-1] != size:
         channels = torch.nn.functional.interpolate(channels.float(), size=(size, size), mode="bilinear", align_corners=False)
+    if encoding == "ordinal":
+        level = (channels[:, 0].float() / scale + 1) * (n_labels - 1) / 2
+        return level.round().clamp(0, n_labels - 1).to(torch.uint8)
     return channels.argmax(1).to(torch.uint8)
 
 
@@ -192,7 +221,8 @@ def label_indices(image: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
     return lookup[image]
 
 
-def given_mask_channels(mask, n: int, size: int, n_labels: int, scale: float = 1.0, grid: int | None = None):
+def given_mask_channels(mask, n: int, size: int, n_labels: int, scale: float = 1.0, grid: int | None = None,
+                        encoding: str = "one-hot"):
     """A given mask (label indices (n, size, size)) as the model's mask channels on its `grid`, after checking it fits the model.
     Shared by brainfusion's sampling pipeline and the exported one, so both refuse the same masks in the same words."""
     import torch
@@ -205,7 +235,7 @@ def given_mask_channels(mask, n: int, size: int, n_labels: int, scale: float = 1
             f"the given masks have shape {tuple(mask.shape)} and labels {int(mask.min())}..{int(mask.max())}; "
             f"this model needs ({n}, {size}, {size}) label indices in 0..{n_labels - 1}."
         )
-    return one_hot(mask, n_labels, scale, grid)
+    return label_channels(mask, n_labels, scale, grid, encoding)
 
 
 def check_mask_config(config: DataConfig) -> None:

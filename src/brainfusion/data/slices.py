@@ -33,7 +33,7 @@ from ..images import fit_square
 from .cache import SOURCE_KEY, cache_dir, source_of
 from .dicom import Series, group_series, is_dicom_file, series_image
 from .layouts import bids_t1w_files, is_bids_layout, is_oasis1_layout, oasis1_files, subject_of
-from .masks import (MASK_LAYOUT, check_mask_config, default_mask_values, find_mask, mask_candidates, one_hot, read_mask_slice,
+from .masks import (MASK_LAYOUT, check_mask_config, default_mask_values, find_mask, label_channels, mask_candidates, read_mask_slice,
                     read_mask_volume)
 
 log = logging.getLogger(__name__)
@@ -416,8 +416,8 @@ class BatchStream:
     Batch `step` depends only on (seed, step): the epoch permutation is seeded by the epoch and
     the flips by the step, so a resumed run sees exactly the batches an uninterrupted one would,
     and rank r of W processes takes its own slice of the same global batch. `labels` (N×S×S tissue
-    label indices) join each image as K one-hot channels (masks.one_hot, ±label_scale; on a latent's grid, each
-    block's label shares). Latents (float, N×C×h×w)
+    label indices) join each image as its mask channels (masks.label_channels: K one-hot ones at ±label_scale, or
+    one ordinal; on a latent's grid, each block's label shares). Latents (float, N×C×h×w)
     come with `flipped`, the latents of the mirrored slices, since a flipped latent is not the latent
     of a flipped slice. `cond` (N, K) holds
     each slice's encoded conditions (conditions.py), drawn with the same indices as the images.
@@ -425,7 +425,7 @@ class BatchStream:
 
     def __init__(self, images: np.ndarray, global_batch: int, seed: int, hflip: bool, rank: int = 0, world: int = 1,
                  cond: np.ndarray | torch.Tensor | None = None, flipped: np.ndarray | None = None,
-                 labels: np.ndarray | None = None, n_labels: int = 0, label_scale: float = 1.0):
+                 labels: np.ndarray | None = None, n_labels: int = 0, label_scale: float = 1.0, label_encoding: str = "one-hot"):
         if len(images) < global_batch:
             raise BrainfusionError(
                 f"the data holds {len(images)} slices, fewer than one global batch of {global_batch}; lower train.batch_size or add data."
@@ -433,7 +433,7 @@ class BatchStream:
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.flipped = None if flipped is None else torch.from_numpy(np.ascontiguousarray(flipped))
         self.labels = None if labels is None else torch.from_numpy(np.ascontiguousarray(labels))
-        self.n_labels, self.label_scale = n_labels, label_scale
+        self.n_labels, self.label_scale, self.label_encoding = n_labels, label_scale, label_encoding
         self.cond = None if cond is None else torch.as_tensor(cond, dtype=torch.float32)
         if self.cond is not None and (self.cond.dim() != 2 or len(self.cond) != len(images)):
             raise BrainfusionError(f"the conditions have shape {tuple(self.cond.shape)}; give one row per slice ({len(images)}).")
@@ -458,7 +458,7 @@ class BatchStream:
         x = to_model_range(self.images[indices]) if self.images.dtype == torch.uint8 else self.images[indices].float()
         image_channels = x.shape[1]
         if self.labels is not None:  # image (or latent) and tissue labels as one picture, flipped together
-            x = torch.cat([x, one_hot(self.labels[indices], self.n_labels, self.label_scale, x.shape[-1])], 1)
+            x = torch.cat([x, label_channels(self.labels[indices], self.n_labels, self.label_scale, x.shape[-1], self.label_encoding)], 1)
         if self.hflip:
             gen = seeded_generator(self.seed, 1, step)
             flip = torch.rand(self.global_batch, generator=gen)[self.rank * self.per_rank :][: self.per_rank] < 0.5

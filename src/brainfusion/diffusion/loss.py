@@ -6,14 +6,14 @@ import torch
 import torch.nn.functional as F
 
 
-def channel_weights(image_channels: int, mask_labels: int, mask_share: float) -> torch.Tensor | None:
-    """Weights (1, C, 1, 1) over the channels (mean 1) giving the K label channels together `mask_share` of the loss.
+def channel_weights(image_channels: int, mask_channels: int, mask_share: float) -> torch.Tensor | None:
+    """Weights (1, C, 1, 1) over the channels (mean 1) giving the label channels together `mask_share` of the loss.
 
     None for 0 (or no masks): every channel alike, so K one-hot channels carry K/(K+1) of it."""
-    if not mask_labels or not mask_share:
+    if not mask_channels or not mask_share:
         return None
     image = torch.full((image_channels,), (1 - mask_share) / image_channels)
-    labels = torch.full((mask_labels,), mask_share / mask_labels)
+    labels = torch.full((mask_channels,), mask_share / mask_channels)
     weights = torch.cat([image, labels])
     return (weights * len(weights)).view(1, -1, 1, 1)
 

@@ -100,7 +100,7 @@ class Pipeline:
         cond = encode_guided_request(self.config.condition, condition, n, guidance)
         known = self._known(mask, n)
         clean = self.config.diffusion.given_mask_share > 0 if mask_clean is None else mask_clean
-        size, channels, k = self.config.model.image_size, self.config.model.in_channels, self.config.mask_labels
+        size, channels, k = self.config.model.image_size, self.config.model.in_channels, self.config.mask_channels
 
         def tick(step: int) -> None:
             if cancel is not None and cancel():
@@ -122,7 +122,8 @@ class Pipeline:
             images.append(to_uint8(self._decode(x[:, : channels - k])))
             if k:  # a given mask is what the image was made for; a latent run's label shares come back at full size
                 labels.append(np.asarray(mask)[rows].astype(np.uint8) if mask is not None else
-                              labels_from_channels(x[:, channels - k :], self.config.data.image_size).numpy())
+                              labels_from_channels(x[:, channels - k :], self.config.data.image_size, self.config.mask_labels,
+                                                   self.config.diffusion.mask_scale, self.config.diffusion.mask_encoding).numpy())
         return np.concatenate(images), np.concatenate(labels) if k else None
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,5 +134,6 @@ class Pipeline:
         """A given mask as the model's mask channels, after checking it fits the model."""
         if mask is None:
             return None
-        return given_mask_channels(mask, n, self.config.data.image_size, self.config.mask_labels, self.config.diffusion.mask_scale,
-                                   self.config.model.image_size)
+        d = self.config.diffusion
+        return given_mask_channels(mask, n, self.config.data.image_size, self.config.mask_labels, d.mask_scale,
+                                   self.config.model.image_size, d.mask_encoding)

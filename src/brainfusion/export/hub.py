@@ -213,7 +213,8 @@ def make_export_pipeline(model: UNet, config: RunConfig) -> BrainfusionPipeline:
     unet = BrainfusionUNet(model=raw["model"], formulation=d.formulation, sigma_min=d.sigma_min, sigma_max=d.sigma_max,
                            condition=raw["condition"] if config.condition.fitted else None,
                            masks={"values": values, "names": list(mask_names(values)),
-                                  "scale": d.mask_scale, "given": "clean" if d.given_mask_share else "replace"} if values else None)
+                                  "scale": d.mask_scale, "encoding": d.mask_encoding,
+                                  "given": "clean" if d.given_mask_share else "replace"} if values else None)
     unet.net.load_state_dict(model.state_dict())
     if d.formulation == "edm":
         scheduler = EDMEulerScheduler(sigma_min=d.sigma_min, sigma_max=d.sigma_max, sigma_data=d.sigma_data, rho=d.rho,
@@ -231,10 +232,16 @@ def channel_layout(config: RunConfig) -> dict:
     if not config.mask_labels:
         return {}
     values, scale = config.data.mask_values, config.diffusion.mask_scale
-    first = config.model.in_channels - config.mask_labels  # the image, or its latent's channels
-    share = " (each latent block's share of the label)" if config.latent.active else ""
-    labels = [{"channel": first + k, "holds": f"one-hot label (-{scale:g} absent, +{scale:g} present){share}", "index": k, "value": v,
-               "name": name} for k, (v, name) in enumerate(zip(values, mask_names(values)))]
+    first = config.model.in_channels - config.mask_channels  # the image, or its latent's channels
+    if config.diffusion.mask_encoding == "ordinal":
+        share = " (each latent block's mean level)" if config.latent.active else ""
+        levels = [{"index": k, "value": v, "name": name, "level": scale * (2 * k / (len(values) - 1) - 1)}
+                  for k, (v, name) in enumerate(zip(values, mask_names(values)))]
+        labels = [{"channel": first, "holds": f"ordinal label: the nearest level{share}", "levels": levels}]
+    else:
+        share = " (each latent block's share of the label)" if config.latent.active else ""
+        labels = [{"channel": first + k, "holds": f"one-hot label (-{scale:g} absent, +{scale:g} present){share}", "index": k, "value": v,
+                   "name": name} for k, (v, name) in enumerate(zip(values, mask_names(values)))]
     image = [{"channel": c, "holds": "image" if not config.latent.active else f"latent channel {c}"} for c in range(first)]
     return {"channels": [*image, *labels]}
 

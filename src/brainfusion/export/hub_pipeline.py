@@ -31,7 +31,7 @@ from diffusers.utils import BaseOutput
 
 from ..config import RunConfig
 from ..data.conditions import Request, encode_guided_request
-from ..data.masks import given_mask_channels, label_image, labels_from_channels
+from ..data.masks import given_mask_channels, label_image, labels_from_channels, mask_channel_count
 from ..data.slices import to_uint8
 from ..diffusion.process import classifier_free_guidance
 from ..errors import BrainfusionError
@@ -145,19 +145,21 @@ class BrainfusionPipeline(DiffusionPipeline):
         model, 0 the unconditional one, above 1 stronger.
 
         A model trained with tissue masks also returns `masks`: uint8 (N, H, W) in the run's label values, as
-        `brainfusion sample` writes its seg files (with "pt", the K label channels in [-1, 1], on a latent export's latent grid). `mask` (label
+        `brainfusion sample` writes its seg files (with "pt", the label channels in [-1, 1], on a latent export's latent grid). `mask` (label
         indices (N, H, W), EDM exports) is a given mask: it is held fixed and the images are generated to fit it.
         """
         cond = encode_guided_request(self.unet.conditions, condition, num_images, guidance_scale)
         network = self.unet if cond is None else classifier_free_guidance(self.unet, cond.to(self.unet.device), guidance_scale)
-        model, values, k = self.unet.config.model, self.unet.mask_values, len(self.unet.mask_values)
+        model, values, spec = self.unet.config.model, self.unet.mask_values, self.unet.config.masks or {}
+        encoding = spec.get("encoding", "one-hot")
+        k = mask_channel_count(len(values), encoding)
         shape = (num_images, model["in_channels"], model["image_size"], model["image_size"])
         noise = randn(shape, image_generators(seed, range(first_index, first_index + num_images))).to(self.unet.device)
         known = self._given(mask, num_images)
         self.scheduler.set_timesteps(num_inference_steps)
         # EDM starts at σ_max, not diffusers' init_noise_sigma √(σ_max² + 1)
         x = noise * (float(self.scheduler.sigmas[0]) if isinstance(self.scheduler, EDMEulerScheduler) else self.scheduler.init_noise_sigma)
-        clean = (self.unet.config.masks or {}).get("given") == "clean"
+        clean = spec.get("given") == "clean"
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             # edm.with_known_channels's Euler steps, whose denoised mask channels are `known`, keep them at known + σ·noise:
             # written in directly, as the diffusers scheduler has no hook for the denoised estimate
@@ -176,7 +178,8 @@ class BrainfusionPipeline(DiffusionPipeline):
             return BrainfusionOutput(images=images, masks=channels if values else None)
         if not values:
             return BrainfusionOutput(images=to_uint8(images), masks=None)
-        labels = np.asarray(mask) if mask is not None else labels_from_channels(channels, images.shape[-1]).numpy()
+        labels = (np.asarray(mask) if mask is not None else
+                  labels_from_channels(channels, images.shape[-1], len(values), spec.get("scale", 1.0), encoding).numpy())
         masks = label_image(labels.astype(np.uint8), values)
         return BrainfusionOutput(images=to_uint8(images), masks=masks)
 
@@ -187,7 +190,8 @@ class BrainfusionPipeline(DiffusionPipeline):
         masks = self.unet.config.masks or {}
         grid = self.unet.config.model["image_size"]
         size = grid * (self.vae.config.factor if self.vae is not None else 1)
-        known = given_mask_channels(mask, n, size, len(self.unet.mask_values), masks.get("scale", 1.0), grid)
+        known = given_mask_channels(mask, n, size, len(self.unet.mask_values), masks.get("scale", 1.0), grid,
+                                    masks.get("encoding", "one-hot"))
         if not isinstance(self.scheduler, EDMEulerScheduler):
             raise BrainfusionError("a given mask needs a model of the EDM formulation; this export samples with DDIM (VP).")
         return known.to(self.unet.device)

@@ -105,16 +105,23 @@ def _masks(config: RunConfig) -> str:
         return ""
     values, size, k = config.data.mask_values, config.data.image_size, config.mask_labels
     source = "the layout's seg folders" if config.data.masks == MASK_LAYOUT else f"the masks folder `{config.data.masks}`"
-    first, scale = config.model.in_channels - k, config.diffusion.mask_scale
+    c, scale = config.mask_channels, config.diffusion.mask_scale
+    first = config.model.in_channels - c
     image = "channel 0 the slice" if first == 1 else f"channels 0..{first - 1} the slice's latent"
-    where = "" if first == 1 else (" on the latent grid, each block holding its share of each label; the pipeline resizes them "
+    what = "mean level" if c == 1 else "share of each label"
+    where = "" if first == 1 else (f" on the latent grid, each block holding its {what}; the pipeline resizes them "
                                    "bilinearly to the slice before reading the labels")
-    lines = ["## Tissue masks", (
-        f"The model generates image–mask pairs: the U-Net denoises a {first + k}-channel picture, {image} and channels "
-        f"{first}..{first + k - 1} a one-hot map of its {k} tissue labels (−{scale:g} absent, +{scale:g} present){where}, "
-        f"learnt together from {source}. Each pixel's label is the channel that comes out largest."), "",
-        "| channel | label value | tissue |", "|---|---|---|"]
-    lines += [f"| {first + i} | {v} | {name} |" for i, (v, name) in enumerate(zip(values, mask_names(values)))]
+    if c == 1:
+        held = (f"channel {first} its {k} tissue labels as evenly spaced levels from −{scale:g} to +{scale:g} in the order "
+                f"below{where}, learnt together from {source}. Each pixel's label is the nearest level.")
+        rows = [f"| {first}, level {scale * (2 * i / (k - 1) - 1):+.3g} | {v} | {name} |"
+                for i, (v, name) in enumerate(zip(values, mask_names(values)))]
+    else:
+        held = (f"channels {first}..{first + k - 1} a one-hot map of its {k} tissue labels (−{scale:g} absent, +{scale:g} "
+                f"present){where}, learnt together from {source}. Each pixel's label is the channel that comes out largest.")
+        rows = [f"| {first + i} | {v} | {name} |" for i, (v, name) in enumerate(zip(values, mask_names(values)))]
+    lines = ["## Tissue masks", f"The model generates image–mask pairs: the U-Net denoises a {first + c}-channel picture, {image} and {held}",
+             "", "| channel | label value | tissue |", "|---|---|---|", *rows]
     held = values if 0 <= min(values) and max(values) <= 255 else range(k)  # label_image writes indices where values exceed 8 bits
     lines += ["", ("Every call of the pipeline (loaded as under *How to load it*) returns the masks beside the images, "
                    "in the label values above (as `brainfusion sample` writes its `seg_*.png`):"), "", "```python",

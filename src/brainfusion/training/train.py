@@ -156,7 +156,7 @@ def _resume_state(config: RunConfig, resume: bool):
     return state
 
 
-_MASK_FIELDS = {"mask_loss_share": 0.0, "given_mask_share": 0.0, "mask_scale": 1.0}
+_MASK_FIELDS = {"mask_loss_share": 0.0, "given_mask_share": 0.0, "mask_scale": 1.0, "mask_encoding": "one-hot"}
 
 
 def _process(config: RunConfig):
@@ -211,7 +211,8 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
         fit_statistics(config, images)
         images, flipped = normalise(config, images), normalise(config, flipped)
     stream = BatchStream(images, tcfg.batch_size, tcfg.seed, config.data.hflip, ctx.rank, ctx.world, cond=cond, flipped=flipped,
-                         labels=masks, n_labels=config.mask_labels, label_scale=config.diffusion.mask_scale)
+                         labels=masks, n_labels=config.mask_labels, label_scale=config.diffusion.mask_scale,
+                         label_encoding=config.diffusion.mask_encoding)
     torch.manual_seed(tcfg.seed)
     model = UNet(config.model)
     if ctx.is_main and progress:  # the count costs ~1.2 s of start-up: interactive runs only
@@ -251,15 +252,15 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
 
 
 def _channel_weight(config: RunConfig, device: torch.device) -> torch.Tensor | None:
-    images = config.model.in_channels - config.mask_labels
-    weight = channel_weights(images, config.mask_labels, config.diffusion.mask_loss_share)
+    images = config.model.in_channels - config.mask_channels
+    weight = channel_weights(images, config.mask_channels, config.diffusion.mask_loss_share)
     return None if weight is None else weight.to(device)
 
 
 def _given_masks(config: RunConfig, step: int, channels: int) -> torch.Tensor | None:
     """Which images of global batch `step` get their mask channels clean, as a condition (diffusion.given_mask_share):
     (batch, C, 1, 1) bool, drawn from its own key; None when the run has no such share."""
-    share, k, batch = config.diffusion.given_mask_share, config.mask_labels, config.train.batch_size
+    share, k, batch = config.diffusion.given_mask_share, config.mask_channels, config.train.batch_size
     if not (share and k):
         return None
     chosen = torch.rand(batch, generator=seeded_generator(config.train.seed, 4, step)) < share
