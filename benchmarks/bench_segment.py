@@ -102,21 +102,29 @@ def run_arm(images, labels, test_images, test_labels, n_labels, steps, seed):
     return dice, time.monotonic() - t0
 
 
+def dice_text(dice: np.ndarray) -> str:
+    """Per-tissue Dice and their mean, as every line of this benchmark prints them."""
+    return f"{np.round(dice, 3).tolist()} mean {np.nanmean(dice):.3f}"
+
+
+def dice_record(dice: np.ndarray) -> dict:
+    """Per-tissue Dice and their mean, as results.json stores them."""
+    return {"per_tissue": dice.tolist(), "mean": float(np.nanmean(dice))}
+
+
 def judge_pairs(args, real, test, gen, n_labels):
     """Mask fidelity and given-mask fidelity, read by a judge: the segmenter trained on every real training pair for
     `--judge-steps`. A judge's own errors cap the fidelity it can certify, so it trains longer than the arms: 1,600
     steps score 0.897 mean Dice on the unseen subjects against 0.858 for 400 (demo set, 64²)."""
     judge = train_segmenter(*real, n_labels, steps=args.judge_steps, seed=0)
     judge_dice = dice_per_label(segment(judge, test[0]), test[1], n_labels)
-    print(f"judge ({args.judge_steps} steps, every real subject) on the unseen subjects: {np.round(judge_dice, 3).tolist()} "
-          f"mean {np.nanmean(judge_dice):.3f}", flush=True)
+    print(f"judge ({args.judge_steps} steps, every real subject) on the unseen subjects: {dice_text(judge_dice)}", flush=True)
     read = segment(judge, gen[0])
     fidelity = dice_per_label(read, gen[1], n_labels)
-    print(f"mask fidelity (the judge on generated images): {np.round(fidelity, 3).tolist()} mean {np.nanmean(fidelity):.3f}", flush=True)
+    print(f"mask fidelity (the judge on generated images): {dice_text(fidelity)}", flush=True)
     given = given_fidelity(args, judge, test[1][:: max(1, len(test[1]) // args.given_n)][: args.given_n], n_labels)
     for mode, dice in given.items():
-        print(f"given-mask fidelity, {mode} (unseen subjects' masks given): {np.round(dice, 3).tolist()} mean {np.nanmean(dice):.3f}",
-              flush=True)
+        print(f"given-mask fidelity, {mode} (unseen subjects' masks given): {dice_text(dice)}", flush=True)
     save_png(make_grid(np.concatenate([overlay_labels(gen[0][:8], gen[1][:8]), overlay_labels(gen[0][:8], read[:8]),
                                        overlay_labels(test[0][::31][:8], test[1][::31][:8])]), nrow=8), Path(args.work) / "pairs.png")
     return judge_dice, fidelity, given
@@ -223,20 +231,18 @@ def main() -> None:
                 dice, seconds = run_arm(x, y, test_images, test_labels, n_labels, args.steps, seed)
                 slices = {"real": n_real, "generated": n_gen, "real+generated": n_real + len(gen_images)}[arm]
                 rows.append({"k": k, "seed": seed, "arm": arm, "slices": slices, "dice": dice.tolist(), "seconds": seconds})
-                print(f"K={k} seed={seed} {arm:15s} {slices:5d} slices: Dice {np.round(dice, 3).tolist()} "
-                      f"mean {np.nanmean(dice):.3f} ({seconds:.0f} s)", flush=True)
+                print(f"K={k} seed={seed} {arm:15s} {slices:5d} slices: Dice {dice_text(dice)} ({seconds:.0f} s)", flush=True)
 
     summary, table = summarise(rows, names)
     plot(summary, ks, work / "segment.png")
     result = {"args": vars(args), "rows": rows, "summary": summary, "tissues": names,
-              "judge_dice": {"per_tissue": judge_dice.tolist(), "mean": float(np.nanmean(judge_dice))},
-              "fidelity": {"per_tissue": fidelity.tolist(), "mean": float(np.nanmean(fidelity))},
-              "given_mask_fidelity": {mode: {"per_tissue": dice.tolist(), "mean": float(np.nanmean(dice))} for mode, dice in given.items()},
+              "judge_dice": dice_record(judge_dice), "fidelity": dice_record(fidelity),
+              "given_mask_fidelity": {mode: dice_record(dice) for mode, dice in given.items()},
               "generation_seconds": gen_seconds}
     atomic_write_text(work / "results.json", json.dumps(result, indent=2))
-    fidelity_line = (f"\nJudge ({args.judge_steps} steps) on unseen subjects: {np.round(judge_dice, 3).tolist()}, mean {np.nanmean(judge_dice):.3f}\n"
-                     f"Mask fidelity: {np.round(fidelity, 3).tolist()}, mean {np.nanmean(fidelity):.3f}\n" +
-                     "".join(f"Given-mask fidelity, {mode}: {np.round(dice, 3).tolist()}, mean {np.nanmean(dice):.3f}\n" for mode, dice in given.items()))
+    fidelity_line = (f"\nJudge ({args.judge_steps} steps) on unseen subjects: {dice_text(judge_dice)}\n"
+                     f"Mask fidelity: {dice_text(fidelity)}\n" +
+                     "".join(f"Given-mask fidelity, {mode}: {dice_text(dice)}\n" for mode, dice in given.items()))
     atomic_write_text(work / "segment.md", table + "\n" + fidelity_line)
     print(table + "\n" + fidelity_line)
 
