@@ -189,3 +189,16 @@ def test_sampling_builds_no_autograd_graph(formulation):
     pipe = _tiny_pipeline(formulation)
     x, _ = sample(pipe.network, pipe.config.diffusion, (2, 1, 32, 32), "dpm++sde", 3, torch.Generator().manual_seed(0))
     assert not x.requires_grad and x.grad_fn is None
+
+
+def test_training_levels_default_to_edm2s_on_latents():
+    """P_mean left unset resolves by the run's space: −1.2 on pixels (EDM), −0.4 on latents (EDM2); a given value stays."""
+    def resolved(**sections):
+        config = RunConfig.from_dict({"train": {"max_steps": 1}, **sections})
+        config.validate()
+        return config.diffusion.p_mean
+
+    assert RunConfig().diffusion.p_mean is None and RunConfig().to_dict()["diffusion"]["p_mean"] is None
+    assert resolved() == -1.2 and resolved(latent={"autoencoder": "runs/ae"}) == -0.4
+    assert resolved(latent={"autoencoder": "runs/ae"}, diffusion={"p_mean": -1.2}) == -1.2
+    assert resolved(diffusion={"p_mean": None}) == -1.2
