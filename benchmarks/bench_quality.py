@@ -70,6 +70,8 @@ def split_blocks(source: Path, out: Path, holdout: float) -> tuple[Path, Path]:
 
 
 def _train(config_path: Path | None, data: Path, run: Path, steps: int, extra: list[str] = (), command: str = "train") -> None:
+    if config_path is None and command == "train" and (run / "config.json").is_file():  # a run resumes with its own config,
+        config_path = run / "config.json"  # whatever today's defaults are (a latent run from before P_mean −0.4)
     config = ["--config", str(config_path)] if config_path else []
     cmd = [sys.executable, "-m", "brainfusion.cli", "--quiet", command, *config, "--data", str(data),
            "--out-dir", str(run), "--max-steps", str(steps), "--sample-every", "0", "--keep-checkpoints", "20", *extra]
