@@ -205,6 +205,14 @@ class ConditionConfig:
 # −0.4, more weight on high noise, where a latent's coarse layout is decided. At 256² through the 15-minute
 # autoencoder, 60 CPU minutes: FID 153.3 against 167.0 with −1.2 (n = 500; docs/latent.md)
 P_MEAN_PIXELS, P_MEAN_LATENTS = -1.2, -0.4
+MASK_ENCODINGS = ("one-hot", "ordinal")  # diffusion.mask_encoding: how tissue labels become the model's mask channels
+
+
+def mask_channel_count(n_labels: int, encoding: str) -> int:
+    """The model's mask channels for K labels: K one-hot channels, or one ordinal channel (0 without masks)."""
+    return 0 if not n_labels else 1 if encoding == "ordinal" else n_labels
+
+
 SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde", "heun")  # reverse processes `diffusion.process.make_scheduler` builds
 FAST_SAMPLER, FAST_STEPS = "dpm++sde", 25  # what demo, evaluate and training previews sample with (DDPM-1000 quality)
 
@@ -254,7 +262,7 @@ class DiffusionConfig:
         if self.p_mean is None:  # a diffusion config alone is a pixel one; RunConfig.validate resolves latent runs first
             self.p_mean = P_MEAN_PIXELS
         _check_choice("diffusion.formulation", self.formulation, ("vp", "edm"))
-        _check_choice("diffusion.mask_encoding", self.mask_encoding, ("one-hot", "ordinal"))
+        _check_choice("diffusion.mask_encoding", self.mask_encoding, MASK_ENCODINGS)
         if not 0 < self.sigma_min < self.sigma_max or self.sigma_data <= 0 or self.p_std <= 0 or self.rho <= 0:
             raise BrainfusionError(
                 f"diffusion.sigma_min={self.sigma_min}, sigma_max={self.sigma_max}, sigma_data={self.sigma_data}, "
@@ -482,7 +490,7 @@ class RunConfig(_Serialised):
     @property
     def mask_channels(self) -> int:
         """The network's last channels, which carry the labels: K one-hot ones, or one ordinal (0: images only)."""
-        return 0 if not self.mask_labels else 1 if self.diffusion.mask_encoding == "ordinal" else self.mask_labels
+        return mask_channel_count(self.mask_labels, self.diffusion.mask_encoding)
 
     def validate(self) -> None:
         self.model.image_size = self.data.image_size

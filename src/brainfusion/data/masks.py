@@ -26,7 +26,6 @@ from ..errors import BrainfusionError
 from ..images import fit_square
 
 MASK_LAYOUT = "layout"  # data.masks value: the OASIS layout's own keras_png_slices_seg_* folders
-MASK_ENCODINGS = ("one-hot", "ordinal")  # diffusion.mask_encoding: how labels become the model's mask channels
 MAX_LABELS = 16
 AFFINE_TOLERANCE_MM = 0.01  # a DICOM series' label volume and the series agree on where each voxel lies to this
 _SUFFIXES = ("_seg", "_dseg", "_mask", "_labels")
@@ -180,11 +179,6 @@ def ordinal(labels, n_labels: int, scale: float = 1.0, grid: int | None = None):
     if grid is not None and grid != x.shape[-1]:
         x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // grid)
     return x
-
-
-def mask_channel_count(n_labels: int, encoding: str) -> int:
-    """The model's mask channels for K labels: K one-hot channels, or one ordinal channel (0 without masks)."""
-    return 0 if not n_labels else 1 if encoding == "ordinal" else n_labels
 
 
 def label_channels(labels, n_labels: int, scale: float = 1.0, grid: int | None = None, encoding: str = "one-hot"):

@@ -29,9 +29,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 - diffusers finds loadable bases here
 from diffusers.utils import BaseOutput
 
-from ..config import RunConfig
+from ..config import RunConfig, mask_channel_count
 from ..data.conditions import Request, encode_guided_request
-from ..data.masks import given_mask_channels, label_image, labels_from_channels, mask_channel_count
+from ..data.masks import given_mask_channels, label_image, labels_from_channels
 from ..data.slices import to_uint8
 from ..diffusion.process import classifier_free_guidance
 from ..errors import BrainfusionError
