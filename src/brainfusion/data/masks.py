@@ -167,6 +167,11 @@ def one_hot(labels, n_labels: int, scale: float = 1.0, grid: int | None = None):
     return x
 
 
+def ordinal_level(label, n_labels: int, scale: float = 1.0):
+    """Label index k of K (a number or a tensor of them) → its level in the ordinal channel, scale·(2k/(K−1) − 1)."""
+    return (label * (2 / (n_labels - 1)) - 1) * scale
+
+
 def ordinal(labels, n_labels: int, scale: float = 1.0, grid: int | None = None):
     """Label indices (N, H, W) → one channel (N, 1, grid, grid): label k at scale·(2k/(K−1) − 1), evenly from −scale to +scale.
 
@@ -175,7 +180,7 @@ def ordinal(labels, n_labels: int, scale: float = 1.0, grid: int | None = None):
     channels. On a latent's grid each block holds its mean level, read back sub-block by `labels_from_channels`."""
     import torch
 
-    x = labels.float().mul(2 / (n_labels - 1)).sub(1).mul(scale).unsqueeze(1)
+    x = ordinal_level(labels.float(), n_labels, scale).unsqueeze(1)
     if grid is not None and grid != x.shape[-1]:
         x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // grid)
     return x

@@ -44,7 +44,7 @@ import torch
 from diffusers import EDMEulerScheduler
 
 from ..config import RunConfig
-from ..data.masks import mask_names
+from ..data.masks import mask_names, ordinal_level
 from ..diffusion.process import make_scheduler
 from ..errors import BrainfusionError
 from ..models.unet import UNet
@@ -235,7 +235,7 @@ def channel_layout(config: RunConfig) -> dict:
     first = config.model.in_channels - config.mask_channels  # the image, or its latent's channels
     if config.diffusion.mask_encoding == "ordinal":
         share = " (each latent block's mean level)" if config.latent.active else ""
-        levels = [{"index": k, "value": v, "name": name, "level": scale * (2 * k / (len(values) - 1) - 1)}
+        levels = [{"index": k, "value": v, "name": name, "level": ordinal_level(k, len(values), scale)}
                   for k, (v, name) in enumerate(zip(values, mask_names(values)))]
         labels = [{"channel": first, "holds": f"ordinal label: the nearest level{share}", "levels": levels}]
     else:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..checkpoint import run_folder
 from ..config import FOLDER_LABELS, LEVEL_COLUMN, RunConfig
-from ..data.masks import MASK_LAYOUT, mask_names
+from ..data.masks import MASK_LAYOUT, mask_names, ordinal_level
 
 LOAD = """With brainfusion, which checks every file against the export's SHA-256 manifest and runs its own code:
 
@@ -105,16 +105,16 @@ def _masks(config: RunConfig) -> str:
         return ""
     values, size, k = config.data.mask_values, config.data.image_size, config.mask_labels
     source = "the layout's seg folders" if config.data.masks == MASK_LAYOUT else f"the masks folder `{config.data.masks}`"
-    c, scale = config.mask_channels, config.diffusion.mask_scale
+    c, scale, ordinal = config.mask_channels, config.diffusion.mask_scale, config.diffusion.mask_encoding == "ordinal"
     first = config.model.in_channels - c
     image = "channel 0 the slice" if first == 1 else f"channels 0..{first - 1} the slice's latent"
-    what = "mean level" if c == 1 else "share of each label"
+    what = "mean level" if ordinal else "share of each label"
     where = "" if first == 1 else (f" on the latent grid, each block holding its {what}; the pipeline resizes them "
                                    "bilinearly to the slice before reading the labels")
-    if c == 1:
+    if ordinal:
         held = (f"channel {first} its {k} tissue labels as evenly spaced levels from −{scale:g} to +{scale:g} in the order "
                 f"below{where}, learnt together from {source}. Each pixel's label is the nearest level.")
-        rows = [f"| {first}, level {scale * (2 * i / (k - 1) - 1):+.3g} | {v} | {name} |"
+        rows = [f"| {first}, level {ordinal_level(i, k, scale):+.3g} | {v} | {name} |"
                 for i, (v, name) in enumerate(zip(values, mask_names(values)))]
     else:
         held = (f"channels {first}..{first + k - 1} a one-hot map of its {k} tissue labels (−{scale:g} absent, +{scale:g} "
