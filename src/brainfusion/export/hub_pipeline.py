@@ -45,8 +45,9 @@ SHIPPED_MODULE = "brainfusion_hub"  # model_index.json's library of the custom c
 class BrainfusionUNet(ModelMixin, ConfigMixin):
     """brainfusion's U-Net as a diffusers model; `timestep` follows the scheduler's convention. `condition` is
     the run's condition section (config.ConditionConfig, vocabulary included) for a conditional network. `masks`
-    ({"values": [...], "names": [...], "scale": s, "given": "clean" | "replace"}) marks a network trained with tissue masks: its
-    last K channels are one-hot labels (±s), and the pipeline needs the label values to write masks as `brainfusion sample`
+    ({"values": [...], "names": [...], "scale": s, "encoding": "one-hot" | "ordinal", "given": "clean" | "replace"}) marks a
+    network trained with tissue masks: its last channels are the labels (K one-hot at ±s, or one ordinal channel), read
+    once here, and the pipeline needs the label values to write masks as `brainfusion sample`
     does, and how to hold a given mask: handed to the network clean (trained with given_mask_share) or by replacement."""
 
     config_name = "config.json"
@@ -59,7 +60,9 @@ class BrainfusionUNet(ModelMixin, ConfigMixin):
         run.condition.validate()
         self.net = UNet(run.model)
         self.conditions = run.condition  # what encode_request maps {"class": "Mild"} with
-        self.mask_values = tuple((masks or {}).get("values", ()))  # () for an image-only network
+        spec = masks or {}
+        self.mask_values = tuple(spec.get("values", ()))  # () for an image-only network
+        self.mask_scale, self.mask_encoding = spec.get("scale", 1.0), spec.get("encoding", "one-hot")
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1).expand(sample.shape[0])
@@ -151,8 +154,7 @@ class BrainfusionPipeline(DiffusionPipeline):
         cond = encode_guided_request(self.unet.conditions, condition, num_images, guidance_scale)
         network = self.unet if cond is None else classifier_free_guidance(self.unet, cond.to(self.unet.device), guidance_scale)
         model, values, spec = self.unet.config.model, self.unet.mask_values, self.unet.config.masks or {}
-        encoding = spec.get("encoding", "one-hot")
-        k = mask_channel_count(len(values), encoding)
+        k = mask_channel_count(len(values), self.unet.mask_encoding)
         shape = (num_images, model["in_channels"], model["image_size"], model["image_size"])
         noise = randn(shape, image_generators(seed, range(first_index, first_index + num_images))).to(self.unet.device)
         known = self._given(mask, num_images)
@@ -179,7 +181,7 @@ class BrainfusionPipeline(DiffusionPipeline):
         if not values:
             return BrainfusionOutput(images=to_uint8(images), masks=None)
         labels = (np.asarray(mask) if mask is not None else
-                  labels_from_channels(channels, images.shape[-1], len(values), spec.get("scale", 1.0), encoding).numpy())
+                  labels_from_channels(channels, images.shape[-1], len(values), self.unet.mask_scale, self.unet.mask_encoding).numpy())
         masks = label_image(labels.astype(np.uint8), values)
         return BrainfusionOutput(images=to_uint8(images), masks=masks)
 
@@ -187,11 +189,9 @@ class BrainfusionPipeline(DiffusionPipeline):
         """A given mask as the mask channels to hold fixed; only EDM's Euler scheduler steps in σ, where that is exact."""
         if mask is None:
             return None
-        masks = self.unet.config.masks or {}
         grid = self.unet.config.model["image_size"]
         size = grid * (self.vae.config.factor if self.vae is not None else 1)
-        known = given_mask_channels(mask, n, size, len(self.unet.mask_values), masks.get("scale", 1.0), grid,
-                                    masks.get("encoding", "one-hot"))
+        known = given_mask_channels(mask, n, size, len(self.unet.mask_values), self.unet.mask_scale, grid, self.unet.mask_encoding)
         if not isinstance(self.scheduler, EDMEulerScheduler):
             raise BrainfusionError("a given mask needs a model of the EDM formulation; this export samples with DDIM (VP).")
         return known.to(self.unet.device)
