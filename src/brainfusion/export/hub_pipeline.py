@@ -47,7 +47,7 @@ class BrainfusionUNet(ModelMixin, ConfigMixin):
     the run's condition section (config.ConditionConfig, vocabulary included) for a conditional network. `masks`
     ({"values": [...], "names": [...], "scale": s, "encoding": "one-hot" | "ordinal", "given": "clean" | "replace"}) marks a
     network trained with tissue masks: its last channels are the labels (K one-hot at ±s, or one ordinal channel), read
-    once here, and the pipeline needs the label values to write masks as `brainfusion sample`
+    from the config by the properties below, and the pipeline needs the label values to write masks as `brainfusion sample`
     does, and how to hold a given mask: handed to the network clean (trained with given_mask_share) or by replacement."""
 
     config_name = "config.json"
@@ -60,9 +60,23 @@ class BrainfusionUNet(ModelMixin, ConfigMixin):
         run.condition.validate()
         self.net = UNet(run.model)
         self.conditions = run.condition  # what encode_request maps {"class": "Mild"} with
-        spec = masks or {}
-        self.mask_values = tuple(spec.get("values", ()))  # () for an image-only network
-        self.mask_scale, self.mask_encoding = spec.get("scale", 1.0), spec.get("encoding", "one-hot")
+
+    @property
+    def mask_values(self) -> tuple[int, ...]:
+        return tuple((self.config.masks or {}).get("values", ()))  # () for an image-only network
+
+    @property
+    def mask_scale(self) -> float:
+        return (self.config.masks or {}).get("scale", 1.0)
+
+    @property
+    def mask_encoding(self) -> str:
+        return (self.config.masks or {}).get("encoding", "one-hot")
+
+    @property
+    def mask_given_clean(self) -> bool:
+        """Trained with given_mask_share: a given mask is handed to the network clean, not held by replacement."""
+        return (self.config.masks or {}).get("given") == "clean"
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1).expand(sample.shape[0])
@@ -153,7 +167,7 @@ class BrainfusionPipeline(DiffusionPipeline):
         """
         cond = encode_guided_request(self.unet.conditions, condition, num_images, guidance_scale)
         network = self.unet if cond is None else classifier_free_guidance(self.unet, cond.to(self.unet.device), guidance_scale)
-        model, values, spec = self.unet.config.model, self.unet.mask_values, self.unet.config.masks or {}
+        model, values = self.unet.config.model, self.unet.mask_values
         k = mask_channel_count(len(values), self.unet.mask_encoding)
         shape = (num_images, model["in_channels"], model["image_size"], model["image_size"])
         noise = randn(shape, image_generators(seed, range(first_index, first_index + num_images))).to(self.unet.device)
@@ -161,7 +175,7 @@ class BrainfusionPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps)
         # EDM starts at σ_max, not diffusers' init_noise_sigma √(σ_max² + 1)
         x = noise * (float(self.scheduler.sigmas[0]) if isinstance(self.scheduler, EDMEulerScheduler) else self.scheduler.init_noise_sigma)
-        clean = spec.get("given") == "clean"
+        clean = self.unet.mask_given_clean
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             # edm.with_known_channels's Euler steps, whose denoised mask channels are `known`, keep them at known + σ·noise:
             # written in directly, as the diffusers scheduler has no hook for the denoised estimate
