@@ -9,6 +9,8 @@
 2. Generated pairs: `--n-generated` image–mask pairs from the joint model (`train --masks`),
    drawn once (`--gen-seed`) and cached in `<work>/generated.npz`. The generator was trained on
    all training subjects; the question is whether its pairs carry what a segmenter needs.
+   With `--image-model` (a run trained with `--masks --given-mask-share 1`) the pairs come in two
+   stages: the joint run's masks, and that model's images made for them.
 3. Arms, each a MONAI UNet + DiceCELoss (`evaluation/segmenter.py`) trained for the same `--steps`
    (equal compute), for K = `--ks` training subjects (chosen by seed) and `--seeds` seeds:
    `real` (the K subjects' slices), `generated` (as many generated pairs, capped at
@@ -18,7 +20,7 @@
    mean ± standard deviation over seeds; and mask fidelity: the Dice between each generated mask
    and what a judge reads in its generated image: the same segmenter trained on every real training pair for
    `--judge-steps` (longer than the arms, so its own errors cap the score less; its Dice on the unseen subjects
-   is printed beside). Given-mask fidelity: the unseen subjects' own masks given to the joint model (`--given-n`
+   is printed beside). Given-mask fidelity: the unseen subjects' own masks given to the joint (or image) model (`--given-n`
    of them, `Pipeline.pairs(mask=...)`), and the judge's reading of the images made for them.
 
 Outputs in --work: results.json, segment.md (the table), segment.png (Dice per arm and K),
@@ -51,10 +53,16 @@ def load_pairs(data: str, split: str, size: int):
     return slices.images, slices.labels, np.array(slices.subjects), slices.mask_values
 
 
-def generated_pairs(joint: str, n: int, seed: int, work: Path, sampler: str, steps: int):
-    """n image–mask pairs of the joint model, made once and cached by (checkpoint, n, seed, sampler, steps)."""
-    pipe = Pipeline.from_checkpoint(joint)
+def pair_pipeline(args) -> Pipeline:
+    """What draws the pairs: the joint run, or (--image-model) the joint run's masks and that model's images for them."""
+    joint = Pipeline.from_checkpoint(args.joint)
+    return Pipeline.from_checkpoint(args.image_model).use_mask_source(joint) if args.image_model else joint
+
+
+def generated_pairs(pipe: Pipeline, n: int, seed: int, work: Path, sampler: str, steps: int):
+    """n image–mask pairs, made once and cached by (checkpoints, n, seed, sampler, steps)."""
     key = f"{pipe.checkpoint.resolve()}|{n}|{seed}|{sampler}|{steps}"
+    key += f"|masks from {pipe.mask_source.checkpoint.resolve()}" if pipe.mask_source else ""
     cache = work / "generated.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as stored:
@@ -75,15 +83,14 @@ def generated_pairs(joint: str, n: int, seed: int, work: Path, sampler: str, ste
     return images, labels, seconds
 
 
-def given_fidelity(args, segmenter, masks: np.ndarray, n_labels: int) -> dict[str, np.ndarray]:
+def given_fidelity(args, pipe: Pipeline, segmenter, masks: np.ndarray, n_labels: int) -> dict[str, np.ndarray]:
     """Dice between given masks and the segmenter's reading of the images the joint model makes for them, for
     each way of holding the mask the model supports (replacement always; clean, when trained with
     diffusion.given_mask_share); given.png shows the first 8 of the model's own choice (images with the given
     masks, then with the segmenter's reading)."""
-    pipe = Pipeline.from_checkpoint(args.joint)
     trained_clean = pipe.config.diffusion.given_mask_share > 0
     result = {}
-    for clean in (False, True) if trained_clean else (False,):
+    for clean in (True,) if pipe.config.images_for_masks_only else (False, True) if trained_clean else (False,):
         images, labels = pipe.pairs(len(masks), seed=args.gen_seed + 1, sampler=args.sampler, steps=args.sample_steps,
                                     mask=masks, mask_clean=clean)
         assert np.array_equal(labels, masks)
@@ -112,7 +119,7 @@ def dice_record(dice: np.ndarray) -> dict:
     return {"per_tissue": dice.tolist(), "mean": float(np.nanmean(dice))}
 
 
-def judge_pairs(args, real, test, gen, n_labels):
+def judge_pairs(args, pipe, real, test, gen, n_labels):
     """Mask fidelity and given-mask fidelity, read by a judge: the segmenter trained on every real training pair for
     `--judge-steps`. A judge's own errors cap the fidelity it can certify, so it trains longer than the arms: 1,600
     steps score 0.897 mean Dice on the unseen subjects against 0.858 for 400 (demo set, 64²)."""
@@ -122,7 +129,7 @@ def judge_pairs(args, real, test, gen, n_labels):
     read = segment(judge, gen[0])
     fidelity = dice_per_label(read, gen[1], n_labels)
     print(f"mask fidelity (the judge on generated images): {dice_text(fidelity)}", flush=True)
-    given = given_fidelity(args, judge, test[1][:: max(1, len(test[1]) // args.given_n)][: args.given_n], n_labels)
+    given = given_fidelity(args, pipe, judge, test[1][:: max(1, len(test[1]) // args.given_n)][: args.given_n], n_labels)
     for mode, dice in given.items():
         print(f"given-mask fidelity, {mode} (unseen subjects' masks given): {dice_text(dice)}", flush=True)
     save_png(make_grid(np.concatenate([overlay_labels(gen[0][:8], gen[1][:8]), overlay_labels(gen[0][:8], read[:8]),
@@ -196,6 +203,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="an OASIS-layout folder with seg folders (brainfusion data demo)")
     ap.add_argument("--joint", required=True, help="a run trained with --masks (folder or checkpoint)")
+    ap.add_argument("--image-model", default="", help="a run trained with --masks --given-mask-share 1: pairs in two stages, "
+                    "the --joint run's masks and this model's images for them")
     ap.add_argument("--work", default="runs/bench_segment")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--ks", default="2,5,all")
@@ -218,11 +227,12 @@ def main() -> None:
     assert not set(subjects) & set(test_subjects), "the unseen subjects must not be training subjects"
     print(f"real: {len(images)} training slices of {len(np.unique(subjects))} subjects; "
           f"unseen: {len(test_images)} slices of {len(np.unique(test_subjects))} subjects", flush=True)
-    gen_images, gen_labels, gen_seconds = generated_pairs(args.joint, args.n_generated, args.gen_seed, work, args.sampler, args.sample_steps)
+    pipe = pair_pipeline(args)
+    gen_images, gen_labels, gen_seconds = generated_pairs(pipe, args.n_generated, args.gen_seed, work, args.sampler, args.sample_steps)
     if gen_seconds:
         print(f"generated {len(gen_images)} pairs in {gen_seconds:.0f} s ({len(gen_images) / gen_seconds:.2f} pairs/s)", flush=True)
 
-    judge_dice, fidelity, given = judge_pairs(args, (images, labels), (test_images, test_labels), (gen_images, gen_labels), n_labels)
+    judge_dice, fidelity, given = judge_pairs(args, pipe, (images, labels), (test_images, test_labels), (gen_images, gen_labels), n_labels)
     rows = []
     for k in ks:
         for seed in seeds:

@@ -272,6 +272,10 @@ def test_a_mask_export_holds_a_given_mask_with_and_without_brainfusion(exported_
     clean = pipe(num_images=2, seed=7, num_inference_steps=3, mask=given)
     assert np.array_equal(clean.images, ours.pairs(2, seed=7, sampler="ddim", steps=3, mask=given, mask_clean=True)[0])
     assert not np.array_equal(clean.images, out.images)
+    pipe.unet.register_to_config(masks={**pipe.unet.config.masks, "given": "only"})  # as if every mask had been given
+    assert np.array_equal(pipe(num_images=2, seed=7, num_inference_steps=3, mask=given).images, clean.images)
+    with pytest.raises(BrainfusionError, match="given masks only"):
+        pipe(num_images=1, seed=7, num_inference_steps=3)
     pipe.unet.register_to_config(masks={**pipe.unet.config.masks, "given": "replace"})
     assert not np.array_equal(out.images, pipe(num_images=2, seed=7, num_inference_steps=3).images)  # the mask steers them
     with pytest.raises(BrainfusionError, match="label indices in 0..3"):

@@ -215,6 +215,51 @@ def test_given_masks_are_checked(pairs, cli, tmp_path, tiny_checkpoint, assert_u
                       "case_", "outside the label set")
 
 
+def test_two_stage_pairs_a_joint_runs_masks_and_an_image_model_for_given_masks(pairs, cli, tmp_path, tiny_checkpoint,
+                                                                               assert_user_error):
+    from brainfusion.export.modelcard import _masks as model_card_masks
+    from brainfusion.seeding import derive_seed
+
+    for out, extra in (("joint", ()), ("images", ("--given-mask-share", "1", "--sample-every", "1"))):
+        status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", out, "--max-steps", "1", *TRAIN, *extra)
+        assert status == 0, err
+    assert (tmp_path / "images" / "samples" / "step_00000001.png").is_file()  # previews made for training masks
+    joint = Pipeline.from_checkpoint(tmp_path / "joint", precision="fp32")
+    images = Pipeline.from_checkpoint(tmp_path / "images", precision="fp32")
+    assert images.config.images_for_masks_only and not joint.config.images_for_masks_only
+    assert "every call needs one" in model_card_masks(images.config) and "returns the masks" in model_card_masks(joint.config)
+    with pytest.raises(BrainfusionError, match="given masks only"):
+        images.pairs(2, steps=2, sampler="dpm++sde")
+    with pytest.raises(BrainfusionError, match="does not draw masks"):
+        Pipeline.from_checkpoint(tmp_path / "joint").use_mask_source(images)
+    with pytest.raises(BrainfusionError, match="without masks"):
+        Pipeline.from_checkpoint(tiny_checkpoint).use_mask_source(joint)
+
+    masks = joint.pairs(3, seed=2, sampler="dpm++sde", steps=3)[1]
+    drawn, labels = images.use_mask_source(joint).pairs(3, seed=2, sampler="dpm++sde", steps=3, batch_size=2)
+    assert np.array_equal(labels, masks)  # stage one: the joint run's own draw
+    made_for = images.pairs(3, seed=derive_seed(2, 1), sampler="dpm++sde", steps=3, mask=masks)[0]
+    assert np.array_equal(drawn, made_for)  # stage two: images for those masks, on noise of their own
+
+    assert_user_error(["sample", "--checkpoint", "images", "--n", "1", "--steps", "2"], "given masks only")
+    status, _, err = cli("sample", "--checkpoint", "joint", "--n", "2", "--sampler", "dpm++", "--steps", "2", "--out", "j", "--no-gif")
+    assert status == 0, err
+    status, _, err = cli("sample", "--checkpoint", "images", "--mask-model", "joint", "--n", "2", "--sampler", "dpm++",
+                         "--steps", "2", "--out", "two", "--no-gif")
+    assert status == 0, err
+    status, _, err = cli("sample", "--checkpoint", "images", "--given-mask", tmp_path / "j" / "images", "--n", "2",
+                         "--sampler", "dpm++", "--steps", "2", "--out", "given", "--no-gif")
+    assert status == 0, err  # a folder `sample` wrote gives its seg_*.png as the masks
+    for i in range(2):
+        seg = np.asarray(Image.open(tmp_path / "j" / "images" / f"seg_{i:05d}.png"))
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "two" / "images" / f"seg_{i:05d}.png")), seg)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "given" / "images" / f"seg_{i:05d}.png")), seg)
+    assert_user_error(["sample", "--checkpoint", "images", "--mask-model", "joint", "--given-mask", tmp_path / "j" / "images",
+                       "--n", "1"], "not both")
+    assert_user_error(["train", "--data", pairs, "--masks", "--given-mask-share", "1.5", "--out-dir", "x", *TRAIN],
+                      "diffusion.given_mask_share", "[0, 1]")
+
+
 def test_dice_matches_torchmetrics_and_a_segmenter_learns_the_rings():
     from torchmetrics.functional.segmentation import dice_score
 

@@ -32,7 +32,8 @@ TRAIN_FLAGS = {
     "mask_values": ("data.mask_values", str, "the masks' label values in order (default 0,85,170,255; label volumes: read from the files)"),
     "mask_loss_share": ("diffusion.mask_loss_share", float, "share of the loss on the mask channels together (0: every channel alike)"),
     "given_mask_share": ("diffusion.given_mask_share", float, "share of training images given their mask clean, so the model also "
-                         "learns to fit a given mask (0: off; sample --given-mask then fixes the mask channels by replacement)"),
+                         "learns to fit a given mask (0: off; sample --given-mask then fixes the mask channels by replacement; "
+                         "1: an image model for given masks only, sampled with --given-mask or --mask-model)"),
     "mask_scale": ("diffusion.mask_scale", float, "the one-hot mask channels are ±this (default 0.5; 1 is the image's range)"),
     "mask_encoding": ("diffusion.mask_encoding", str, "one-hot (default: a channel per label) or ordinal (one channel, the labels "
                       "as levels in their order, -mask_scale to +mask_scale)"),
@@ -230,7 +231,7 @@ def _sample_config(args: argparse.Namespace, out_dir: str = ""):
         checkpoint=args.checkpoint, out_dir=out_dir or args.out or "", n_images=args.n, batch_size=args.batch_size,
         seed=args.seed, sampler=args.sampler, steps=args.steps, gif=not args.no_gif, use_ema=not args.no_ema,
         precision=args.precision, condition=_parse_condition(args.condition), guidance=args.guidance,
-        given_mask=getattr(args, "given_mask", None) or "",
+        given_mask=getattr(args, "given_mask", None) or "", mask_model=getattr(args, "mask_model", None) or "",
         nifti_mm=args.spacing if getattr(args, "format", "png") == "nifti" else 0.0,
     )
 
@@ -413,6 +414,7 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--sampler", default=FAST_SAMPLER, choices=SAMPLERS)
     p.add_argument("--steps", type=int, default=FAST_STEPS)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--mask-model", metavar="RUN", help="with --checkpoint trained with --masks: draw the masks from this joint run")
     c = p.add_argument_group("conditional checks (a conditional --checkpoint; --n 0 skips the unconditional evaluation)")
     c.add_argument("--conditional", action="store_true",
                    help="judge per class (and slice level) whether samples are what was asked for: conditional.json/.md in --out")
@@ -488,6 +490,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, default=1.0, metavar="MM", help="pixel size written into --format nifti files (default 1.0)")
     p.add_argument("--given-mask", metavar="PNG|DIR",
                    help="models trained with --masks: generate images for these tissue masks (image i gets mask i mod M)")
+    p.add_argument("--mask-model", metavar="RUN",
+                   help="models trained with --masks: draw the masks from this joint run, then this model's images for them")
     p.set_defaults(func=cmd_sample)
 
     _add_evaluate_parser(sub)

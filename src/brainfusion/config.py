@@ -277,9 +277,11 @@ class DiffusionConfig:
         _check_choice("diffusion.schedule", self.schedule, ("linear", "cosine"))
         _check_choice("diffusion.prediction", self.prediction, ("epsilon", "v"))
         _check_choice("diffusion.loss", self.loss, ("smooth_l1", "mse"))
-        for name in ("mask_loss_share", "given_mask_share"):
-            if not 0 <= getattr(self, name) < 1:
-                raise BrainfusionError(f"diffusion.{name} is {getattr(self, name)}; it must be in [0, 1), e.g. 0.5 (0: off).")
+        if not 0 <= self.mask_loss_share < 1:
+            raise BrainfusionError(f"diffusion.mask_loss_share is {self.mask_loss_share}; it must be in [0, 1), e.g. 0.5 (0: off).")
+        if not 0 <= self.given_mask_share <= 1:
+            raise BrainfusionError(f"diffusion.given_mask_share is {self.given_mask_share}; it must be in [0, 1], e.g. 0.2 "
+                                   "(0: off; 1: an image model for given masks only).")
         if self.mask_scale <= 0:
             raise BrainfusionError(f"diffusion.mask_scale is {self.mask_scale}; it must be positive, e.g. 1 or 0.5.")
         if self.given_mask_share and self.formulation != "edm":
@@ -491,6 +493,12 @@ class RunConfig(_Serialised):
     def mask_channels(self) -> int:
         """The network's last channels, which carry the labels: K one-hot ones, or one ordinal (0: images only)."""
         return mask_channel_count(self.mask_labels, self.diffusion.mask_encoding)
+
+    @property
+    def images_for_masks_only(self) -> bool:
+        """Trained with every mask given (diffusion.given_mask_share 1): an image model for given masks, which
+        never learnt to draw masks itself; its pairs need masks from elsewhere (a joint run's)."""
+        return bool(self.mask_labels) and self.diffusion.given_mask_share >= 1
 
     def validate(self) -> None:
         self.model.image_size = self.data.image_size

@@ -22,7 +22,7 @@ from ..errors import BrainfusionError
 from ..models.latent import LatentDecoder
 from ..models.unet import UNet
 from ..runtime import choose_channels_last, choose_precision, network_fn
-from ..seeding import image_generators
+from ..seeding import derive_seed, image_generators
 from .process import sample
 
 
@@ -53,6 +53,27 @@ class Pipeline:
         self.network = network_fn(self.model, self.device, self.dtype, channels_last)
         # latent runs: the autoencoder's decoder, checked against the SHA-256 the run recorded
         self.decoder = decoder or (LatentDecoder.load(config, self.device, self.dtype) if config.latent.active else None)
+        self.mask_source: Pipeline | None = None
+        self.checkpoint: Path | None = None
+
+    def use_mask_source(self, source: "Pipeline") -> "Pipeline":
+        """Draw the masks of `pairs` from another pipeline, then this model's images for them: labels first, then
+        an image made for them, the order of brainSPADE (Fernandez et al. 2022). Meant for an image model trained
+        with every mask given (diffusion.given_mask_share 1) and a joint run as the source."""
+        mine, theirs = self.config, source.config
+        name = source.checkpoint or "the mask source"
+        if not theirs.mask_labels or theirs.images_for_masks_only:
+            raise BrainfusionError(f"{name} does not draw masks; a mask source must be a run trained with masks and without "
+                                   "every mask given (given_mask_share below 1).")
+        if not mine.mask_labels:
+            raise BrainfusionError(f"{self.checkpoint or 'this model'} was trained without masks, so it cannot make images "
+                                   "for a mask source's masks.")
+        if theirs.data.mask_values != mine.data.mask_values or theirs.data.image_size != mine.data.image_size:
+            raise BrainfusionError(f"{name} draws {theirs.data.image_size}² masks with values {list(theirs.data.mask_values)}, "
+                                   f"but this model was trained on {mine.data.image_size}² masks with values "
+                                   f"{list(mine.data.mask_values)}; use a mask source trained on the same labels and size.")
+        self.mask_source = source
+        return self
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Path | str, use_ema: bool = True, device: torch.device | None = None,
@@ -98,6 +119,15 @@ class Pipeline:
         if n <= 0 or batch_size <= 0:
             raise BrainfusionError(f"the image count ({n}) and batch size ({batch_size}) must be positive.")
         cond = encode_guided_request(self.config.condition, condition, n, guidance)
+        if mask is None and self.mask_source is not None:  # stage one; the images get their own noise streams
+            conditional = self.mask_source.config.condition.active
+            mask = self.mask_source.pairs(n, seed, sampler, steps, batch_size, first_index, progress=progress, cancel=cancel,
+                                          condition=condition if conditional else None,
+                                          guidance=guidance if conditional else 1.0)[1]
+            seed = derive_seed(seed, 1)
+        if mask is None and self.config.images_for_masks_only:
+            raise BrainfusionError(f"{self.checkpoint or 'this model'} makes images for given masks only (trained with every "
+                                   "mask given); give it masks, or a joint run to draw them from as its mask source.")
         known = self._known(mask, n)
         clean = self.config.diffusion.given_mask_share > 0 if mask_clean is None else mask_clean
         size, channels, k = self.config.model.image_size, self.config.model.in_channels, self.config.mask_channels

@@ -60,9 +60,11 @@ def read_generated(folder: str | Path, image_size: int, on_bad_file: str = "fail
 
 
 def read_given_masks(path: str, values: tuple[int, ...], size: int) -> np.ndarray:
-    """Label indices (M, size, size) of a mask PNG, or of every mask image in a folder (sorted by name)."""
+    """Label indices (M, size, size) of a mask PNG, or of every mask image in a folder (sorted by name); a folder
+    `sample` wrote, which holds images beside their masks, gives its seg_*.png."""
     root = Path(path)
     files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else [root]
+    files = [f for f in files if f.name.startswith("seg_")] or files
     if not files or not all(f.is_file() for f in files):
         raise BrainfusionError(f"{path} is neither a mask image nor a folder holding some; give a seg PNG or a folder of them.")
     from PIL import Image
@@ -96,6 +98,7 @@ class SampleConfig:
     condition: dict[str, str] | None = None  # conditional models: {name: value}, see Pipeline.__call__
     guidance: float = 1.0  # classifier-free guidance scale
     given_mask: str = ""  # models trained with masks: a seg PNG or a folder of them; image i gets mask i mod M
+    mask_model: str = ""  # or: a joint run whose drawn masks this model makes its images for (Pipeline.use_mask_source)
     nifti_mm: float = 0.0  # > 0: each image (and mask) also as a .nii.gz of this pixel size in mm, beside the PNGs
 
 
@@ -107,8 +110,13 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
     ctx = dist.init()
     model, state = load_model(Path(cfg.checkpoint), cfg.use_ema, ctx.device)
     pipe = Pipeline(model, state.config, ctx.device, cfg.precision)
+    pipe.checkpoint = state.path
     steps = cfg.steps or default_steps(state.config.diffusion, cfg.sampler)
     given = None
+    if cfg.given_mask and cfg.mask_model:
+        raise BrainfusionError("give the masks either as files (given_mask) or as a joint run to draw them from (mask_model), not both.")
+    if cfg.mask_model:
+        pipe.use_mask_source(Pipeline.from_checkpoint(cfg.mask_model, cfg.use_ema, ctx.device, cfg.precision))
     if cfg.given_mask:
         if not state.config.mask_labels:
             raise BrainfusionError(f"{state.path} was trained without masks; sample it without a given mask, or train with masks.")
@@ -159,6 +167,7 @@ def _condition_suffix(cfg: SampleConfig) -> str:
     different conditions and guidance scales do not overwrite each other."""
     parts = [f"{k}={v}" for k, v in (cfg.condition or {}).items()] + ([f"g{cfg.guidance:g}"] if cfg.guidance != 1 else [])
     parts += [f"given-{Path(cfg.given_mask).stem}"] if cfg.given_mask else []
+    parts += [f"masks-{Path(cfg.mask_model).name}"] if cfg.mask_model else []
     return "".join("-" + re.sub(r"[^A-Za-z0-9._=+-]", "_", part) for part in parts)
 
 

@@ -214,7 +214,8 @@ def make_export_pipeline(model: UNet, config: RunConfig) -> BrainfusionPipeline:
                            condition=raw["condition"] if config.condition.fitted else None,
                            masks={"values": values, "names": list(mask_names(values)),
                                   "scale": d.mask_scale, "encoding": d.mask_encoding,
-                                  "given": "clean" if d.given_mask_share else "replace"} if values else None)
+                                  "given": "only" if config.images_for_masks_only else "clean" if d.given_mask_share else "replace"}
+                           if values else None)
     unet.net.load_state_dict(model.state_dict())
     if d.formulation == "edm":
         scheduler = EDMEulerScheduler(sigma_min=d.sigma_min, sigma_max=d.sigma_max, sigma_data=d.sigma_data, rho=d.rho,

@@ -45,10 +45,11 @@ SHIPPED_MODULE = "brainfusion_hub"  # model_index.json's library of the custom c
 class BrainfusionUNet(ModelMixin, ConfigMixin):
     """brainfusion's U-Net as a diffusers model; `timestep` follows the scheduler's convention. `condition` is
     the run's condition section (config.ConditionConfig, vocabulary included) for a conditional network. `masks`
-    ({"values": [...], "names": [...], "scale": s, "encoding": "one-hot" | "ordinal", "given": "clean" | "replace"}) marks a
+    ({"values": [...], "names": [...], "scale": s, "encoding": "one-hot" | "ordinal", "given": "clean" | "replace" | "only"}) marks a
     network trained with tissue masks: its last channels are the labels (K one-hot at ±s, or one ordinal channel), read
     from the config by the properties below, and the pipeline needs the label values to write masks as `brainfusion sample`
-    does, and how to hold a given mask: handed to the network clean (trained with given_mask_share) or by replacement."""
+    does, and how to hold a given mask: handed to the network clean (trained with given_mask_share; "only": every mask
+    was given, so it makes images for given masks only) or by replacement."""
 
     config_name = "config.json"
 
@@ -76,7 +77,12 @@ class BrainfusionUNet(ModelMixin, ConfigMixin):
     @property
     def mask_given_clean(self) -> bool:
         """Trained with given_mask_share: a given mask is handed to the network clean, not held by replacement."""
-        return (self.config.masks or {}).get("given") == "clean"
+        return (self.config.masks or {}).get("given") in ("clean", "only")
+
+    @property
+    def mask_required(self) -> bool:
+        """Trained with every mask given: it never learnt to draw masks, so every call needs one."""
+        return (self.config.masks or {}).get("given") == "only"
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, cond: torch.Tensor | None = None) -> torch.Tensor:
         t = torch.as_tensor(timestep, dtype=torch.float32, device=sample.device).reshape(-1).expand(sample.shape[0])
@@ -202,6 +208,8 @@ class BrainfusionPipeline(DiffusionPipeline):
     def _given(self, mask: np.ndarray | torch.Tensor | None, n: int) -> torch.Tensor | None:
         """A given mask as the mask channels to hold fixed; only EDM's Euler scheduler steps in σ, where that is exact."""
         if mask is None:
+            if self.unet.mask_required:
+                raise BrainfusionError("this model makes images for given masks only (trained with every mask given); pass mask=.")
             return None
         grid = self.unet.config.model["image_size"]
         size = grid * (self.vae.config.factor if self.vae is not None else 1)

@@ -122,6 +122,13 @@ def _masks(config: RunConfig) -> str:
         rows = [f"| {first + i} | {v} | {name} |" for i, (v, name) in enumerate(zip(values, mask_names(values)))]
     lines = ["## Tissue masks", f"The model generates image–mask pairs: the U-Net denoises a {first + c}-channel picture, {image} and {held}",
              "", "| channel | label value | tissue |", "|---|---|---|", *rows]
+    if config.images_for_masks_only:
+        given = held.replace(", learnt together from", ", taken from").split(". Each pixel")[0]
+        lines[1] = (f"The model makes images for given tissue masks: the U-Net denoises {image}, and reads the mask, given "
+                    f"clean in every training step, in {given}.")
+        lines += ["", "It never learnt to draw masks, so every call needs one: `pipe(num_images=N, mask=labels)`, `labels` "
+                  f"label indices 0..{k - 1} of shape (N, {size}, {size}) (a joint model's masks, or your own).", ""]
+        return "\n".join(lines) + "\n"
     held = values if 0 <= min(values) and max(values) <= 255 else range(k)  # label_image writes indices where values exceed 8 bits
     lines += ["", ("Every call of the pipeline (loaded as under *How to load it*) returns the masks beside the images, "
                    "in the label values above (as `brainfusion sample` writes its `seg_*.png`):"), "", "```python",

@@ -120,6 +120,7 @@ class Session:
     real_for_eval: np.ndarray
     scaler: torch.amp.GradScaler | None = None  # fp16 only; its state is checkpointed so resume stays exact
     decoder: LatentDecoder | None = None  # latent runs: turns previews' latents into slices
+    preview_masks: np.ndarray | None = None  # a run given every mask: training masks its previews are made for
 
 
 def checkpoint_to_resume(out_dir: str, resume: bool) -> Path | None:
@@ -248,6 +249,7 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
         time.monotonic() + tcfg.time_budget_min * 60 if tcfg.time_budget_min else None,
         int(state.extra.get("nonfinite_skipped", 0)) if state is not None else 0,  # the CSV column carries over a resume
         slices.images, scaler, None if ae is None else LatentDecoder(ae, config, ctx.device, dtype),
+        masks[np.arange(64) * len(masks) // 64] if config.images_for_masks_only else None,
     )
 
 
@@ -378,12 +380,12 @@ def _count_nonfinite(loss: torch.Tensor, run: int, step: int, limit: int, last_c
 
 
 def _sample_ema(s: Session, n: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """n preview images of the EMA network (and their masks, for a mask run): image i of `seed` is the one
-    `brainfusion sample` would draw."""
+    """n preview images of the EMA network (and their masks, for a mask run; a run given every mask makes them for
+    training masks): image i of `seed` is the one `brainfusion sample` would draw."""
     model = s.ema.shadow
     was = model.training
     pipe = Pipeline(model, s.config, s.ctx.device, s.config.train.precision, s.config.train.channels_last, s.decoder)
-    images, labels = pipe.pairs(n, seed=seed)
+    images, labels = pipe.pairs(n, seed=seed, mask=None if s.preview_masks is None else s.preview_masks[:n])
     model.train(was)
     return images, labels
 
