@@ -112,20 +112,22 @@ def _masks(config: RunConfig) -> str:
     where = "" if first == 1 else (f" on the latent grid, each block holding its {what}; the pipeline resizes them "
                                    "bilinearly to the slice before reading the labels")
     if ordinal:
-        held = (f"channel {first} its {k} tissue labels as evenly spaced levels from −{scale:g} to +{scale:g} in the order "
-                f"below{where}, learnt together from {source}. Each pixel's label is the nearest level.")
+        layout = f"channel {first} its {k} tissue labels as evenly spaced levels from −{scale:g} to +{scale:g} in the order below{where}"
+        reading = "Each pixel's label is the nearest level."
         rows = [f"| {first}, level {ordinal_level(i, k, scale):+.3g} | {v} | {name} |"
                 for i, (v, name) in enumerate(zip(values, mask_names(values)))]
     else:
-        held = (f"channels {first}..{first + k - 1} a one-hot map of its {k} tissue labels (−{scale:g} absent, +{scale:g} "
-                f"present){where}, learnt together from {source}. Each pixel's label is the channel that comes out largest.")
+        layout = f"channels {first}..{first + k - 1} a one-hot map of its {k} tissue labels (−{scale:g} absent, +{scale:g} present){where}"
+        reading = "Each pixel's label is the channel that comes out largest."
         rows = [f"| {first + i} | {v} | {name} |" for i, (v, name) in enumerate(zip(values, mask_names(values)))]
-    lines = ["## Tissue masks", f"The model generates image–mask pairs: the U-Net denoises a {first + c}-channel picture, {image} and {held}",
-             "", "| channel | label value | tissue |", "|---|---|---|", *rows]
     if config.images_for_masks_only:
-        given = held.replace(", learnt together from", ", taken from").split(". Each pixel")[0]
-        lines[1] = (f"The model makes images for given tissue masks: the U-Net denoises {image}, and reads the mask, given "
-                    f"clean in every training step, in {given}.")
+        intro = (f"The model makes images for given tissue masks: the U-Net denoises {image}, and reads the mask, given "
+                 f"clean in every training step, in {layout}, taken from {source}.")
+    else:
+        intro = (f"The model generates image–mask pairs: the U-Net denoises a {first + c}-channel picture, {image} and "
+                 f"{layout}, learnt together from {source}. {reading}")
+    lines = ["## Tissue masks", intro, "", "| channel | label value | tissue |", "|---|---|---|", *rows]
+    if config.images_for_masks_only:
         lines += ["", "It never learnt to draw masks, so every call needs one: `pipe(num_images=N, mask=labels)`, `labels` "
                   f"label indices 0..{k - 1} of shape (N, {size}, {size}) (a joint model's masks, or your own).", ""]
         return "\n".join(lines) + "\n"

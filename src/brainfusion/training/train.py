@@ -157,6 +157,7 @@ def _resume_state(config: RunConfig, resume: bool):
     return state
 
 
+EVAL_SAMPLES = 64  # images the in-training evaluation draws (train.eval_every)
 _MASK_FIELDS = {"mask_loss_share": 0.0, "given_mask_share": 0.0, "mask_scale": 1.0, "mask_encoding": "one-hot"}
 
 
@@ -249,7 +250,7 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
         time.monotonic() + tcfg.time_budget_min * 60 if tcfg.time_budget_min else None,
         int(state.extra.get("nonfinite_skipped", 0)) if state is not None else 0,  # the CSV column carries over a resume
         slices.images, scaler, None if ae is None else LatentDecoder(ae, config, ctx.device, dtype),
-        masks[np.arange(64) * len(masks) // 64] if config.images_for_masks_only else None,
+        masks[np.arange(EVAL_SAMPLES) * len(masks) // EVAL_SAMPLES] if config.images_for_masks_only else None,
     )
 
 
@@ -400,7 +401,7 @@ def _preview(s: Session, path: Path, runlog: RunLog, step: int, n: int = 16) -> 
 def _evaluate_during_training(s: Session, out_dir: Path, step: int, runlog: RunLog) -> None:
     from ..evaluation.evaluate import quick_metrics
 
-    images = _sample_ema(s, 64, s.config.train.seed + 1)[0]
+    images = _sample_ema(s, EVAL_SAMPLES, s.config.train.seed + 1)[0]
     rng = np.random.default_rng(0)
     reference = s.real_for_eval[rng.choice(len(s.real_for_eval), size=min(512, len(s.real_for_eval)), replace=False)]
     metrics = quick_metrics(images, reference)
