@@ -10,7 +10,8 @@
    drawn once (`--gen-seed`) and cached in `<work>/generated.npz`. The generator was trained on
    all training subjects; the question is whether its pairs carry what a segmenter needs.
    With `--image-model` (a run trained with `--masks --given-mask-share 1`) the pairs come in two
-   stages: the joint run's masks, and that model's images made for them.
+   stages: the joint run's masks, and that model's images made for them. `--autoguidance W` guides the
+   joint run by the checkpoint it kept halfway (Karras et al. 2024; `--guide CKPT` picks another).
 3. Arms, each a MONAI UNet + DiceCELoss (`evaluation/segmenter.py`) trained for the same `--steps`
    (equal compute), for K = `--ks` training subjects (chosen by seed) and `--seeds` seeds:
    `real` (the K subjects' slices), `generated` (as many generated pairs, capped at
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from brainfusion.checkpoint import guide_checkpoint
 from brainfusion.config import DataConfig
 from brainfusion.data.masks import mask_names
 from brainfusion.data.slices import load_slices
@@ -56,6 +58,8 @@ def load_pairs(data: str, split: str, size: int):
 def pair_pipeline(args) -> Pipeline:
     """What draws the pairs: the joint run, or (--image-model) the joint run's masks and that model's images for them."""
     joint = Pipeline.from_checkpoint(args.joint)
+    if args.autoguidance != 1:
+        joint.use_guide(Pipeline.from_checkpoint(args.guide or guide_checkpoint(joint.checkpoint)), args.autoguidance)
     return Pipeline.from_checkpoint(args.image_model).use_mask_source(joint) if args.image_model else joint
 
 
@@ -63,6 +67,8 @@ def generated_pairs(pipe: Pipeline, n: int, seed: int, work: Path, sampler: str,
     """n image–mask pairs, made once and cached by (checkpoints, n, seed, sampler, steps)."""
     key = f"{pipe.checkpoint.resolve()}|{n}|{seed}|{sampler}|{steps}"
     key += f"|masks from {pipe.mask_source.checkpoint.resolve()}" if pipe.mask_source else ""
+    guided = pipe.mask_source or pipe
+    key += f"|guided by {guided.guide[0].checkpoint.resolve()} at {guided.guide[1]:g}" if guided.guide else ""
     cache = work / "generated.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as stored:
@@ -205,6 +211,8 @@ def main() -> None:
     ap.add_argument("--joint", required=True, help="a run trained with --masks (folder or checkpoint)")
     ap.add_argument("--image-model", default="", help="a run trained with --masks --given-mask-share 1: pairs in two stages, "
                     "the --joint run's masks and this model's images for them")
+    ap.add_argument("--autoguidance", type=float, default=1.0, help="autoguidance weight of the --joint run (1: none)")
+    ap.add_argument("--guide", default="", help="its guide (default: the checkpoint the --joint run kept at train.guide_at)")
     ap.add_argument("--work", default="runs/bench_segment")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--ks", default="2,5,all")

@@ -179,7 +179,8 @@ def test_two_processes_log_the_one_process_losses(runs):
 
 def test_two_processes_write_the_one_process_weights(runs):
     names = sorted(p.name for p in (runs["two"] / "checkpoints").iterdir())
-    assert names == [f"ckpt_{s:08d}.{ext}" for s in (3, 6) for ext in ("json", "safetensors")], names
+    assert names == [f"ckpt_{s:08d}.{ext}" for s in (3, 6) for ext in ("json", "safetensors")] + ["guide"], names
+    assert sorted(p.name for p in (runs["two"] / "checkpoints" / "guide").iterdir()) == ["ckpt_00000003.json", "ckpt_00000003.safetensors"]
     for step in (3, 6):
         worst = assert_same_tensors(ckpt(runs["one"], step), ckpt(runs["two"], step), atol=1e-4)
         print(f"\nstep {step}: max |weight diff| (model, EMA, Adam moments) {worst:.2e}")

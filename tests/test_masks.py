@@ -381,3 +381,54 @@ def test_a_run_from_before_mask_scale_resumes_and_a_joint_run_keeps_its_scale(tm
     old.config.data.masks, old.config.data.mask_values = "layout", (0, 85, 170, 255)
     with pytest.raises(BrainfusionError, match="different model or diffusion config"):
         _check_resumable(joint, old)
+
+
+def test_autoguidance_mixes_outputs_and_passes_conditions():
+    from brainfusion.diffusion.process import autoguidance
+
+    model = lambda x, t, *c: x * 3 + t.view(-1, 1, 1, 1) + (c[0].sum() if c else 0)  # noqa: E731
+    guide = lambda x, t, *c: x - 1  # noqa: E731
+    x, t, cond = torch.randn(2, 1, 4, 4), torch.tensor([1.0, 2.0]), torch.ones(2, 3)
+    assert autoguidance(model, guide, 1.0) is model
+    for w in (0.0, 2.5):
+        assert torch.allclose(autoguidance(model, guide, w)(x, t), guide(x, t) + w * (model(x, t) - guide(x, t)))
+    assert torch.allclose(autoguidance(model, guide, 2.0)(x, t, cond), 2 * model(x, t, cond) - guide(x, t, cond))
+
+
+def test_a_run_keeps_its_halfway_weights_as_the_autoguidance_guide(pairs, cli, tmp_path, tiny_checkpoint, assert_user_error):
+    from types import SimpleNamespace
+
+    from brainfusion.training.train import _guide_due
+
+    for out, steps in (("joint", "4"), ("half", "2")):
+        status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", out, "--max-steps", steps, *TRAIN)
+        assert status == 0, err
+    kept = sorted((tmp_path / "joint" / "checkpoints" / "guide").glob("*.safetensors"))
+    assert [p.name for p in kept] == ["ckpt_00000002.safetensors"]  # outside the rotation, and without optimiser state
+    a, b = load_checkpoint(kept[0], with_optimizer=False), load_checkpoint(tmp_path / "half", with_optimizer=False)
+    assert all(torch.equal(a.ema[k], b.ema[k]) for k in a.ema)  # the run's own step-2 weights
+
+    pipe = Pipeline.from_checkpoint(tmp_path / "joint", precision="fp32")
+    plain = pipe.pairs(2, seed=3, sampler="dpm++sde", steps=3)
+    itself = Pipeline.from_checkpoint(tmp_path / "joint", precision="fp32")
+    assert all(np.array_equal(u, v) for u, v in zip(pipe.use_guide(itself, 2.0).pairs(2, seed=3, sampler="dpm++sde", steps=3), plain))
+    guided = pipe.use_guide(Pipeline.from_checkpoint(kept[0], precision="fp32"), 2.0).pairs(2, seed=3, sampler="dpm++sde", steps=3)
+    assert not np.array_equal(guided[0], plain[0])
+    status, _, err = cli("sample", "--checkpoint", "joint", "--n", "2", "--sampler", "dpm++sde", "--steps", "3", "--no-gif",
+                         "--autoguidance", "2", "--seed", "3")
+    assert status == 0, err
+    folder = tmp_path / "joint" / "samples" / "dpm++sde-3-ag2" / "images"
+    assert np.array_equal(np.stack([np.asarray(Image.open(folder / f"sample_{i:05d}.png")) for i in range(2)]), guided[0])
+
+    assert_user_error(["sample", "--checkpoint", "joint", "--n", "1", "--autoguidance", "2", "--guide", tiny_checkpoint],
+                      "model.in_channels", "earlier checkpoint")
+    assert_user_error(["sample", "--checkpoint", "half", "--n", "1", "--autoguidance", "-1"], "0 or more")
+    assert_user_error(["train", "--data", pairs, "--masks", "--out-dir", "x", "--guide-at", "1", *TRAIN], "train.guide_at")
+    status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", "none", "--max-steps", "1", "--guide-at", "0", *TRAIN)
+    assert status == 0, err
+    assert_user_error(["sample", "--checkpoint", "none", "--n", "1", "--autoguidance", "2"], "kept no guide checkpoint")
+
+    timed = lambda share: SimpleNamespace(time_share=lambda: share)  # noqa: E731
+    s = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(guide_at=0.5)), max_steps=None)
+    assert not _guide_due(7, s, timed(0.4), tmp_path / "empty") and _guide_due(7, s, timed(0.6), tmp_path / "empty")
+    assert not _guide_due(8, s, timed(0.7), kept[0].parent)  # once per run folder

@@ -156,10 +156,12 @@ def _assert_same_log(run: Path, reference_rows: dict[int, dict]) -> None:
 
 def _assert_tidy(ckpts: Path, keep: int = 3) -> None:
     """Exactly the newest `keep` checkpoint pairs, no temporary files, no sidecar without its checkpoint."""
-    names = sorted(p.name for p in ckpts.iterdir())
+    names = sorted(p.name for p in ckpts.iterdir() if p.name != "guide")
     steps = [int(p.stem[5:]) for p in list_checkpoints(ckpts)]
     assert steps == sorted(steps)[-keep:] and len(steps) == keep, names
     assert names == sorted([f"ckpt_{s:08d}.json" for s in steps] + [f"ckpt_{s:08d}.safetensors" for s in steps]), names
+    guide = sorted(p.suffix for p in (ckpts / "guide").iterdir()) if (ckpts / "guide").is_dir() else []
+    assert guide in ([], [".json", ".safetensors"]), guide  # the autoguidance guide: one pair, outside the rotation
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,16 +292,18 @@ def test_tidy_run_folder_removes_strays_orphans_and_extra_checkpoints(tmp_path):
     (ckpts / ".ckpt_00000010.json.4242.tmp").write_text("{")  # ... or inside the sidecar's
     (ckpts / "ckpt_00000002.json").write_text((ckpts / "ckpt_00000004.json").read_text())  # a kill inside rotation
     (ckpts / "notes.txt").write_text("mine")  # not ours: left alone
+    (ckpts / "guide" / ".ckpt_00000005.safetensors.4242.tmp").mkdir(parents=True)  # killed writing the autoguidance guide
     (run / "samples").mkdir()
     for folder, name in ((run, "loss.png"), (run, "train_log.csv"), (run / "samples", "step_00000008.png")):
         (folder / f".{name}.{DEAD_PID}.tmp").write_bytes(b"half")  # dead writers' files beside the checkpoints
     (run / "samples" / f".grid.png.{os.getpid()}.tmp").write_bytes(b"half")  # a live writer's: left alone
     removed = tidy_run_folder(run, keep=1)
-    assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt_00000006.json", "ckpt_00000006.safetensors", "notes.txt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt_00000006.json", "ckpt_00000006.safetensors", "guide", "notes.txt"]
+    assert not any((ckpts / "guide").iterdir())
     assert sorted(removed) == sorted([
         "checkpoints/.ckpt_00000010.json.4242.tmp", "checkpoints/.ckpt_00000010.safetensors.4242.tmp",
         "checkpoints/ckpt_00000002.json", "checkpoints/ckpt_00000008.json",
-        "checkpoints/ckpt_00000004.json", "checkpoints/ckpt_00000004.safetensors",
+        "checkpoints/ckpt_00000004.json", "checkpoints/ckpt_00000004.safetensors", "checkpoints/guide/.ckpt_00000005.safetensors.4242.tmp",
         f".loss.png.{DEAD_PID}.tmp", f".train_log.csv.{DEAD_PID}.tmp", f"samples/.step_00000008.png.{DEAD_PID}.tmp",
     ])
     assert [p.name for p in run.rglob("*.tmp")] == [f".grid.png.{os.getpid()}.tmp"]
@@ -393,7 +397,7 @@ def test_disk_fault_keeps_the_previous_checkpoint(fault, cli, monkeypatch, slice
     base = ["train", "--data", slices_dir, "--out-dir", run, *TRAIN, "--keep-checkpoints", "2"]
     status, _, err = cli(*base, "--max-steps", "4")
     assert status == 0, err
-    before = {p.name: _sha(p) for p in ckpts.iterdir()}
+    before = {p.name: _sha(p) for p in ckpts.iterdir() if p.is_file()}
     assert sorted(before) == ["ckpt_00000002.json", "ckpt_00000002.safetensors", "ckpt_00000004.json", "ckpt_00000004.safetensors"]
 
     import brainfusion.checkpoint as checkpoint
@@ -419,7 +423,7 @@ def test_disk_fault_keeps_the_previous_checkpoint(fault, cli, monkeypatch, slice
     line = _user_error(cli, *base, "--max-steps", "8", "--resume")
     assert "ckpt_00000006.safetensors" in line and "ckpt_00000004.safetensors is intact" in line
     assert ("No space left" in line) if "ENOSPC" in fault else ("Read-only" in line)
-    after = {p.name: _sha(p) for p in ckpts.iterdir()}
+    after = {p.name: _sha(p) for p in ckpts.iterdir() if p.is_file()}
     assert after == before, "the previous checkpoints changed, or a temporary/orphaned file was left"
     assert load_checkpoint(ckpts / "ckpt_00000004.safetensors").step == 4
 

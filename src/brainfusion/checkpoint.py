@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 FORMAT = "brainfusion-checkpoint-v1"
 DIFFUSION, AUTOENCODER = "diffusion", "autoencoder"  # header "kind"; absent = diffusion (every checkpoint before the autoencoder)
 NAME = re.compile(r"^ckpt_(\d{8})\.safetensors$")
+GUIDE_FOLDER = "guide"  # checkpoints/guide/: the run's autoguidance guide, outside the rotation
 TEMP = re.compile(r"^\..+\.(\d+)" + re.escape(TEMP_SUFFIX) + "$")  # fileio.temp_path: .NAME.PID.tmp
 
 
@@ -209,6 +210,7 @@ def tidy_run_folder(run_dir: Path, keep: int) -> list[str]:
     Returns the paths removed, relative to `run_dir`."""
     run_dir = Path(run_dir)
     removed = [f"checkpoints/{name}" for name in tidy_checkpoints(run_dir / "checkpoints", keep)]
+    removed += [f"checkpoints/{GUIDE_FOLDER}/{name}" for name in tidy_checkpoints(run_dir / "checkpoints" / GUIDE_FOLDER, 1)]
     for folder in (run_dir, run_dir / "samples"):
         for path in sorted(folder.iterdir()) if folder.is_dir() else []:
             match = TEMP.match(path.name)
@@ -229,6 +231,16 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
 def latest_checkpoint(out_dir: Path) -> Path | None:
     found = list_checkpoints(out_dir)
     return found[-1] if found else None
+
+
+def guide_checkpoint(checkpoint: Path) -> Path:
+    """The weights a run kept at train.guide_at of its budget (checkpoints/guide/), the guide of autoguidance."""
+    run = run_folder(Path(checkpoint))
+    found = latest_checkpoint(run / "checkpoints" / GUIDE_FOLDER)
+    if found is None:
+        raise BrainfusionError(f"{run} kept no guide checkpoint (checkpoints/{GUIDE_FOLDER}/, written at train.guide_at of a run); "
+                               "give an earlier checkpoint of the run as the guide.")
+    return found
 
 
 def run_folder(checkpoint: Path) -> Path:

@@ -62,6 +62,7 @@ TRAIN_FLAGS = {
     "channels_last": ("train.channels_last", str, "auto, on or off"),
     "checkpoint_every": ("train.checkpoint_every", int, "steps between checkpoints"),
     "keep_checkpoints": ("train.keep_checkpoints", int, "checkpoints kept"),
+    "guide_at": ("train.guide_at", float, "share of the run whose weights are kept as the autoguidance guide (default 0.5; 0: none)"),
     "sample_every": ("train.sample_every", int, "steps between preview grids (0: never)"),
     "eval_every": ("train.eval_every", int, "steps between quick quality metrics (0: never)"),
     "log_every": ("train.log_every", int, "steps between log lines"),
@@ -232,8 +233,15 @@ def _sample_config(args: argparse.Namespace, out_dir: str = ""):
         seed=args.seed, sampler=args.sampler, steps=args.steps, gif=not args.no_gif, use_ema=not args.no_ema,
         precision=args.precision, condition=_parse_condition(args.condition), guidance=args.guidance,
         given_mask=getattr(args, "given_mask", None) or "", mask_model=getattr(args, "mask_model", None) or "",
+        autoguidance=args.autoguidance, guide=args.guide or "",
         nifti_mm=args.spacing if getattr(args, "format", "png") == "nifti" else 0.0,
     )
+
+
+def _add_autoguidance_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--autoguidance", type=float, default=1.0, metavar="W",
+                   help="guide each step away from a worse checkpoint of the run (Karras et al. 2024): 1 none (default), 2 typical")
+    p.add_argument("--guide", metavar="CKPT", help="the guide for --autoguidance (default: the checkpoint the run kept halfway, --guide-at)")
 
 
 def _parse_condition(pairs: list[str] | None) -> dict[str, str] | None:
@@ -415,6 +423,7 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=FAST_STEPS)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--mask-model", metavar="RUN", help="with --checkpoint trained with --masks: draw the masks from this joint run")
+    _add_autoguidance_flags(p)
     c = p.add_argument_group("conditional checks (a conditional --checkpoint; --n 0 skips the unconditional evaluation)")
     c.add_argument("--conditional", action="store_true",
                    help="judge per class (and slice level) whether samples are what was asked for: conditional.json/.md in --out")
@@ -492,6 +501,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="models trained with --masks: generate images for these tissue masks (image i gets mask i mod M)")
     p.add_argument("--mask-model", metavar="RUN",
                    help="models trained with --masks: draw the masks from this joint run, then this model's images for them")
+    _add_autoguidance_flags(p)
     p.set_defaults(func=cmd_sample)
 
     _add_evaluate_parser(sub)

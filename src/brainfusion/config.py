@@ -307,6 +307,9 @@ class TrainConfig:
     channels_last: str = "auto"
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    # share of the run (of max_steps, else of the time budget) at which the weights are also kept in
+    # checkpoints/guide/, the guide of autoguidance (process.autoguidance); 0: none
+    guide_at: float = 0.5
     sample_every: int = 1000
     eval_every: int = 0
     log_every: int = 10
@@ -328,6 +331,8 @@ class TrainConfig:
         for name in ("checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise BrainfusionError(f"train.{name} must be 1 or more, got {getattr(self, name)}.")
+        if not 0 <= self.guide_at < 1:
+            raise BrainfusionError(f"train.guide_at is a share of the run, 0 (none) up to below 1, got {self.guide_at}.")
         for name in ("epochs", "max_steps", "time_budget_min"):
             if getattr(self, name) < 0:
                 raise BrainfusionError(f"train.{name} must not be negative, got {getattr(self, name)}.")

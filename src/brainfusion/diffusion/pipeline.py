@@ -23,7 +23,7 @@ from ..models.latent import LatentDecoder
 from ..models.unet import UNet
 from ..runtime import choose_channels_last, choose_precision, network_fn
 from ..seeding import derive_seed, image_generators
-from .process import sample
+from .process import autoguidance, sample
 
 
 def load_model(checkpoint: Path, use_ema: bool = True, device: torch.device | None = None):
@@ -54,6 +54,7 @@ class Pipeline:
         # latent runs: the autoencoder's decoder, checked against the SHA-256 the run recorded
         self.decoder = decoder or (LatentDecoder.load(config, self.device, self.dtype) if config.latent.active else None)
         self.mask_source: Pipeline | None = None
+        self.guide: tuple[Pipeline, float] | None = None
         self.checkpoint: Path | None = None
 
     def use_mask_source(self, source: "Pipeline") -> "Pipeline":
@@ -73,6 +74,27 @@ class Pipeline:
                                    f"but this model was trained on {mine.data.image_size}² masks with values "
                                    f"{list(mine.data.mask_values)}; use a mask source trained on the same labels and size.")
         self.mask_source = source
+        return self
+
+    def use_guide(self, guide: "Pipeline", weight: float) -> "Pipeline":
+        """Sample with autoguidance (process.autoguidance): `guide` is a worse version of this model, usually an
+        earlier checkpoint of the same run, and `weight` w > 1 moves each step away from its errors. The guide
+        must read and write the same channels at the same noise levels: same diffusion settings, size,
+        channels, conditions, labels and autoencoder; its widths and depth may differ."""
+        if weight < 0:
+            raise BrainfusionError(f"the autoguidance weight must be 0 or more (1: none, 2: typical), got {weight}.")
+        mine, theirs = self.config, guide.config
+        for key, a, b in (("model.image_size", mine.model.image_size, theirs.model.image_size),
+                          ("model.in_channels", mine.model.in_channels, theirs.model.in_channels),
+                          ("model.class_counts", mine.model.class_counts, theirs.model.class_counts),
+                          ("model.continuous_inputs", mine.model.continuous_inputs, theirs.model.continuous_inputs),
+                          ("data.mask_values", mine.data.mask_values, theirs.data.mask_values),
+                          ("latent.sha256", mine.latent.sha256, theirs.latent.sha256),
+                          ("diffusion", mine.diffusion, theirs.diffusion)):
+            if a != b:
+                raise BrainfusionError(f"the guide {guide.checkpoint or 'model'} has {key} {b}, but {self.checkpoint or 'this model'} "
+                                       f"has {a}; guide with an earlier checkpoint of the same run.")
+        self.guide = (guide, weight)
         return self
 
     @classmethod
@@ -132,6 +154,8 @@ class Pipeline:
         clean = self.config.diffusion.given_mask_share > 0 if mask_clean is None else mask_clean
         size, channels, k = self.config.model.image_size, self.config.model.in_channels, self.config.mask_channels
 
+        network = self.network if self.guide is None else autoguidance(self.network, self.guide[0].network, self.guide[1])
+
         def tick(step: int) -> None:
             if cancel is not None and cancel():
                 raise Cancelled("sampling was cancelled")
@@ -143,7 +167,7 @@ class Pipeline:
             count = min(batch_size, first_index + n - start)
             gens = image_generators(seed, range(start, start + count))
             rows = slice(start - first_index, start - first_index + count)
-            x, snaps = sample(self.network, self.config.diffusion, (count, channels, size, size), sampler, steps, gens,
+            x, snaps = sample(network, self.config.diffusion, (count, channels, size, size), sampler, steps, gens,
                               frames=frames if on_frames else 0, progress=tick, cond=None if cond is None else cond[rows],
                               guidance=guidance, clamp=self.decoder is None, known=None if known is None else known[rows],
                               known_clean=clean, frames_denoised=self.decoder is not None)

@@ -152,6 +152,28 @@ def classifier_free_guidance(model: Callable, cond: torch.Tensor, scale: float) 
     return guided
 
 
+def autoguidance(model: Callable, guide: Callable, weight: float) -> Callable:
+    """The network function (x, t[, cond]) → output guided by a worse version of the same model
+    (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"):
+    out = out_guide + w·(out_model − out_guide). Where the guide errs more than the model, the step moves
+    further from the guide's errors, so samples leave the blurry, ill-formed regions that both share
+    without the loss of variety of classifier-free guidance. w = 1 is the model alone. The guide here
+    is an earlier checkpoint of the same run (train.guide_at), so it costs no training, only a second
+    pass per step; mixing outputs mixes denoised images, as in classifier_free_guidance.
+
+    Measured on the 520-step joint image + mask model of the demo set, with its 260-step checkpoint as the
+    guide (250 pairs, SDE-DPM-Solver++ 25 steps): mask fidelity 0.756 → 0.805 at w = 2 (docs/masks.md).
+    """
+    if weight == 1:
+        return model
+
+    def guided(x: torch.Tensor, t: torch.Tensor, *cond: torch.Tensor) -> torch.Tensor:
+        weak = guide(x, t, *cond)
+        return weak + weight * (model(x, t, *cond) - weak)
+
+    return guided
+
+
 def default_steps(cfg: DiffusionConfig, sampler: str) -> int:
     """Network steps when none are given: the full chain for DDPM (the seed's sampler), 50 for the others."""
     return cfg.timesteps if sampler == "ddpm" else 50

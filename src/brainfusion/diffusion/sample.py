@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .. import distributed as dist
-from ..checkpoint import run_folder
+from ..checkpoint import guide_checkpoint, run_folder
 from ..data.masks import fit_square_labels, label_image, label_indices, to_label_index
 from ..data.slices import IMAGE_SUFFIXES, load_set, read_slice
 from ..errors import BrainfusionError
@@ -97,6 +97,8 @@ class SampleConfig:
     precision: str = "auto"
     condition: dict[str, str] | None = None  # conditional models: {name: value}, see Pipeline.__call__
     guidance: float = 1.0  # classifier-free guidance scale
+    autoguidance: float = 1.0  # autoguidance weight (Pipeline.use_guide); 1: none
+    guide: str = ""  # the guide's checkpoint; default: the one the run kept at train.guide_at
     given_mask: str = ""  # models trained with masks: a seg PNG or a folder of them; image i gets mask i mod M
     mask_model: str = ""  # or: a joint run whose drawn masks this model makes its images for (Pipeline.use_mask_source)
     nifti_mm: float = 0.0  # > 0: each image (and mask) also as a .nii.gz of this pixel size in mm, beside the PNGs
@@ -117,6 +119,9 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
         raise BrainfusionError("give the masks either as files (given_mask) or as a joint run to draw them from (mask_model), not both.")
     if cfg.mask_model:
         pipe.use_mask_source(Pipeline.from_checkpoint(cfg.mask_model, cfg.use_ema, ctx.device, cfg.precision))
+    if cfg.autoguidance != 1:
+        guide = Path(cfg.guide) if cfg.guide else guide_checkpoint(state.path)
+        pipe.use_guide(Pipeline.from_checkpoint(guide, cfg.use_ema, ctx.device, cfg.precision), cfg.autoguidance)
     if cfg.given_mask:
         if not state.config.mask_labels:
             raise BrainfusionError(f"{state.path} was trained without masks; sample it without a given mask, or train with masks.")
@@ -168,6 +173,7 @@ def _condition_suffix(cfg: SampleConfig) -> str:
     parts = [f"{k}={v}" for k, v in (cfg.condition or {}).items()] + ([f"g{cfg.guidance:g}"] if cfg.guidance != 1 else [])
     parts += [f"given-{Path(cfg.given_mask).stem}"] if cfg.given_mask else []
     parts += [f"masks-{Path(cfg.mask_model).name}"] if cfg.mask_model else []
+    parts += [f"ag{cfg.autoguidance:g}"] if cfg.autoguidance != 1 else []
     return "".join("-" + re.sub(r"[^A-Za-z0-9._=+-]", "_", part) for part in parts)
 
 

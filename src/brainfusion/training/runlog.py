@@ -57,6 +57,12 @@ class RunLog:
     def over_time(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
+    def time_share(self) -> float:
+        """The share of the time budget spent so far (0 without one)."""
+        if self.deadline is None:
+            return 0.0
+        return (time.monotonic() - self.t_start) / max(self.deadline - self.t_start, 1e-9)
+
     def step(self, step: int, loss: float, lr: float, images: int, skipped: int, every: int) -> None:
         """Record that `step` steps are done; every `every` steps (and at the last) a CSV row."""
         self.window_images += images

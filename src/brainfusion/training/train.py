@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .. import distributed as dist
-from ..checkpoint import fault_injection_point, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, tidy_run_folder
+from ..checkpoint import GUIDE_FOLDER, fault_injection_point, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, tidy_run_folder
 from ..config import RunConfig
 from ..data.conditions import drop_labels, inherit_vocabulary, label_slices, labelled_subset
 from ..data.slices import BatchStream, load_slices
@@ -342,6 +342,8 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
             step += 1
             runlog.step(step, float(loss), lr_at(step - 1, tcfg), tcfg.batch_size, s.skipped_total, tcfg.log_every)
             fault_injection_point(f"step:{step}")
+            if ctx.is_main and nonfinite_run == 0 and _guide_due(step, s, runlog, ckpt_dir / GUIDE_FOLDER):
+                save_checkpoint(ckpt_dir / GUIDE_FOLDER, step, config, s.model.state_dict(), s.ema.shadow.state_dict(), None, keep=1)
             if step % tcfg.checkpoint_every == 0:
                 # weights whose last loss was NaN/Inf may be the diverged ones: no checkpoint until a finite step
                 if ctx.is_main and nonfinite_run == 0:
@@ -364,6 +366,17 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
         log.info("interrupted at step %d; newest checkpoint %s — continue with --resume", step, last_ckpt)
     dist.shutdown(ctx)
     return TrainResult(out_dir, step, last_ckpt, interrupted, runlog.images_per_s)
+
+
+def _guide_due(step: int, s: Session, runlog: RunLog, folder: Path) -> bool:
+    """Whether this step's weights become the run's autoguidance guide: the step at train.guide_at of the step
+    budget, or else the first step past that share of the time budget (once per run folder)."""
+    share = s.config.train.guide_at
+    if not share:
+        return False
+    if s.max_steps is not None:
+        return step == max(1, round(share * s.max_steps))
+    return runlog.time_share() >= share and latest_checkpoint(folder) is None
 
 
 def _count_nonfinite(loss: torch.Tensor, run: int, step: int, limit: int, last_ckpt: Path | None) -> int:
