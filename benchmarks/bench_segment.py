@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 
-from brainfusion.checkpoint import guide_checkpoint
 from brainfusion.config import DataConfig
 from brainfusion.data.masks import mask_names
 from brainfusion.data.slices import load_slices
@@ -59,7 +58,7 @@ def pair_pipeline(args) -> Pipeline:
     """What draws the pairs: the joint run, or (--image-model) the joint run's masks and that model's images for them."""
     joint = Pipeline.from_checkpoint(args.joint)
     if args.autoguidance != 1:
-        joint.use_guide(Pipeline.from_checkpoint(args.guide or guide_checkpoint(joint.checkpoint)), args.autoguidance)
+        joint.use_kept_guide(args.autoguidance, args.guide or None)
     return Pipeline.from_checkpoint(args.image_model).use_mask_source(joint) if args.image_model else joint
 
 

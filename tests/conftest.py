@@ -14,10 +14,27 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 # On a small shared CPU, two intra-op threads fighting other jobs are several times slower than
-# one; tests are tiny, so one thread is both faster and more repeatable.
-torch.set_num_threads(int(os.environ.get("BRAINFUSION_TEST_THREADS", "1")))
+# one; tests are tiny, so one thread is both faster and more repeatable. NumPy's OpenBLAS too: with its
+# two threads spinning against the other xdist worker, the Inception test's eigh took 22 s instead of 5.
+THREADS = int(os.environ.get("BRAINFUSION_TEST_THREADS", "1"))
+torch.set_num_threads(THREADS)
+threadpool_limits(THREADS, user_api="blas")
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # and the children tests start
+    os.environ.setdefault(_var, str(THREADS))
+
+
+# The modules with the longest tests (tens of seconds: kill-and-resume, torchrun, plain diffusers) go first,
+# each kept whole for its module fixtures, so that xdist's workers steal short tests at the end instead of
+# one worker finishing a long one alone (the suite took 166 s with them in name order).
+SLOW_MODULES = ("test_reliability.py", "test_distributed.py", "test_export.py", "test_classifier.py", "test_evaluate.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_MODULES)))  # stable: each module's order is kept
 
 
 # --------------------------------------------------------------------------------------------

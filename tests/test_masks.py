@@ -414,6 +414,8 @@ def test_a_run_keeps_its_halfway_weights_as_the_autoguidance_guide(pairs, cli, t
     assert all(np.array_equal(u, v) for u, v in zip(pipe.use_guide(itself, 2.0).pairs(2, seed=3, sampler="dpm++sde", steps=3), plain))
     guided = pipe.use_guide(Pipeline.from_checkpoint(kept[0], precision="fp32"), 2.0).pairs(2, seed=3, sampler="dpm++sde", steps=3)
     assert not np.array_equal(guided[0], plain[0])
+    kept_guide = Pipeline.from_checkpoint(tmp_path / "joint", precision="fp32").use_kept_guide(2.0, precision="fp32")
+    assert kept_guide.guide[0].checkpoint == kept[0].resolve() or kept_guide.guide[0].checkpoint == kept[0]
     status, _, err = cli("sample", "--checkpoint", "joint", "--n", "2", "--sampler", "dpm++sde", "--steps", "3", "--no-gif",
                          "--autoguidance", "2", "--seed", "3")
     assert status == 0, err
@@ -429,6 +431,7 @@ def test_a_run_keeps_its_halfway_weights_as_the_autoguidance_guide(pairs, cli, t
     assert_user_error(["sample", "--checkpoint", "none", "--n", "1", "--autoguidance", "2"], "kept no guide checkpoint")
 
     timed = lambda share: SimpleNamespace(time_share=lambda: share)  # noqa: E731
-    s = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(guide_at=0.5)), max_steps=None)
-    assert not _guide_due(7, s, timed(0.4), tmp_path / "empty") and _guide_due(7, s, timed(0.6), tmp_path / "empty")
-    assert not _guide_due(8, s, timed(0.7), kept[0].parent)  # once per run folder
+    s = SimpleNamespace(config=SimpleNamespace(train=SimpleNamespace(guide_at=0.5)), max_steps=None, guide_kept=False)
+    assert not _guide_due(7, s, timed(0.4)) and _guide_due(7, s, timed(0.6))
+    s.guide_kept = True
+    assert not _guide_due(8, s, timed(0.7))  # once per run folder

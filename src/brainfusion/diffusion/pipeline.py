@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import load_checkpoint, load_weights
+from ..checkpoint import guide_checkpoint, load_checkpoint, load_weights
 from ..config import FAST_SAMPLER, FAST_STEPS, RunConfig
 from ..data.conditions import Request, encode_guided_request
 from ..data.masks import given_mask_channels, labels_from_channels
@@ -96,6 +96,15 @@ class Pipeline:
                                        f"has {a}; guide with an earlier checkpoint of the same run.")
         self.guide = (guide, weight)
         return self
+
+    def use_kept_guide(self, weight: float, guide: Path | str | None = None, use_ema: bool = True,
+                       precision: str = "auto") -> "Pipeline":
+        """`use_guide` with a checkpoint loaded onto this pipeline's device: `guide`, or by default the one this
+        model's run kept at train.guide_at of its budget (checkpoint.guide_checkpoint)."""
+        if self.checkpoint is None and guide is None:
+            raise BrainfusionError("this model was not loaded from a run, so it has no kept guide; give the guide's checkpoint.")
+        path = Path(guide) if guide else guide_checkpoint(self.checkpoint)
+        return self.use_guide(Pipeline.from_checkpoint(path, use_ema, self.device, precision), weight)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Path | str, use_ema: bool = True, device: torch.device | None = None,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .. import distributed as dist
-from ..checkpoint import guide_checkpoint, run_folder
+from ..checkpoint import run_folder
 from ..data.masks import fit_square_labels, label_image, label_indices, to_label_index
 from ..data.slices import IMAGE_SUFFIXES, load_set, read_slice
 from ..errors import BrainfusionError
@@ -120,8 +120,7 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
     if cfg.mask_model:
         pipe.use_mask_source(Pipeline.from_checkpoint(cfg.mask_model, cfg.use_ema, ctx.device, cfg.precision))
     if cfg.autoguidance != 1:
-        guide = Path(cfg.guide) if cfg.guide else guide_checkpoint(state.path)
-        pipe.use_guide(Pipeline.from_checkpoint(guide, cfg.use_ema, ctx.device, cfg.precision), cfg.autoguidance)
+        pipe.use_kept_guide(cfg.autoguidance, cfg.guide or None, cfg.use_ema, cfg.precision)
     if cfg.given_mask:
         if not state.config.mask_labels:
             raise BrainfusionError(f"{state.path} was trained without masks; sample it without a given mask, or train with masks.")

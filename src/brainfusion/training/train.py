@@ -121,6 +121,7 @@ class Session:
     scaler: torch.amp.GradScaler | None = None  # fp16 only; its state is checkpointed so resume stays exact
     decoder: LatentDecoder | None = None  # latent runs: turns previews' latents into slices
     preview_masks: np.ndarray | None = None  # a run given every mask: training masks its previews are made for
+    guide_kept: bool = False  # a time-budget run's guide (checkpoints/guide/) is written; read once, not every step
 
 
 def checkpoint_to_resume(out_dir: str, resume: bool) -> Path | None:
@@ -251,6 +252,7 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
         int(state.extra.get("nonfinite_skipped", 0)) if state is not None else 0,  # the CSV column carries over a resume
         slices.images, scaler, None if ae is None else LatentDecoder(ae, config, ctx.device, dtype),
         masks[np.arange(EVAL_SAMPLES) * len(masks) // EVAL_SAMPLES] if config.images_for_masks_only else None,
+        latest_checkpoint(Path(tcfg.out_dir) / "checkpoints" / GUIDE_FOLDER) is not None,
     )
 
 
@@ -342,8 +344,9 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
             step += 1
             runlog.step(step, float(loss), lr_at(step - 1, tcfg), tcfg.batch_size, s.skipped_total, tcfg.log_every)
             fault_injection_point(f"step:{step}")
-            if ctx.is_main and nonfinite_run == 0 and _guide_due(step, s, runlog, ckpt_dir / GUIDE_FOLDER):
+            if ctx.is_main and nonfinite_run == 0 and _guide_due(step, s, runlog):
                 save_checkpoint(ckpt_dir / GUIDE_FOLDER, step, config, s.model.state_dict(), s.ema.shadow.state_dict(), None, keep=1)
+                s.guide_kept = True
             if step % tcfg.checkpoint_every == 0:
                 # weights whose last loss was NaN/Inf may be the diverged ones: no checkpoint until a finite step
                 if ctx.is_main and nonfinite_run == 0:
@@ -368,15 +371,15 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
     return TrainResult(out_dir, step, last_ckpt, interrupted, runlog.images_per_s)
 
 
-def _guide_due(step: int, s: Session, runlog: RunLog, folder: Path) -> bool:
+def _guide_due(step: int, s: Session, runlog: RunLog) -> bool:
     """Whether this step's weights become the run's autoguidance guide: the step at train.guide_at of the step
-    budget, or else the first step past that share of the time budget (once per run folder)."""
+    budget, or else the first step past that share of the time budget (once per run folder: s.guide_kept)."""
     share = s.config.train.guide_at
     if not share:
         return False
     if s.max_steps is not None:
         return step == max(1, round(share * s.max_steps))
-    return runlog.time_share() >= share and latest_checkpoint(folder) is None
+    return not s.guide_kept and runlog.time_share() >= share
 
 
 def _count_nonfinite(loss: torch.Tensor, run: int, step: int, limit: int, last_ckpt: Path | None) -> int:
