@@ -103,8 +103,11 @@ def upsample(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack(resized)
 
 
-def evaluate_checkpoint(checkpoint: Path, real: np.ndarray, train: np.ndarray, n: int, sampler: str, steps: int) -> dict:
+def evaluate_checkpoint(checkpoint: Path, real: np.ndarray, train: np.ndarray, n: int, sampler: str, steps: int,
+                        autoguidance: float = 1.0) -> dict:
     pipe = Pipeline.from_checkpoint(checkpoint)
+    if autoguidance != 1:  # guided by the weights the run kept at train.guide_at (half its steps)
+        pipe.use_kept_guide(autoguidance)
     t0 = time.monotonic()
     generated = pipe(n, seed=12345, sampler=sampler, steps=steps)
     seconds = time.monotonic() - t0
@@ -234,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=FAST_STEPS)
     p.add_argument("--image-size", type=int, default=64, help="train and score at this size (256: the latent and up64: recipes)")
     p.add_argument("--ae-minutes", type=float, default=10, help="CPU minutes of the one autoencoder every latent budget counts")
+    p.add_argument("--autoguidance", type=float, default=1.0,
+                   help="also score each checkpoint guided by its run's halfway weights at this weight (Karras et al. 2024), "
+                        "as recipe 'NAME agW'; 1: plain only")
     args = p.parse_args(argv)
     budgets = sorted(float(b) for b in args.budgets.split(","))
     pinned = {k: float(v) for k, v in (kv.split("=") for kv in args.steps_per_min.split(",") if kv)}
@@ -258,17 +264,20 @@ def main(argv: list[str] | None = None) -> None:
         atomic_write_text(args.work / "recipes" / f"{recipe_of(name)}.json", recipe_config(recipe_of(name)).to_json())
         names.append(name)
     rates = calibrate_all(names, pinned, args.work, train_dir, size)
+    weights = [1.0] + ([args.autoguidance] if args.autoguidance != 1 else [])
     for name in names:
         for minutes in budgets:
-            key = f"{name}@{minutes:g}"
-            if key not in done:
-                checkpoint, step = train_budget(name, minutes, rates, args.work, train_dir, size, args.ae_minutes)
-                scores = evaluate_checkpoint(checkpoint, real, train, len(real), args.sampler, args.steps)
-                save_grid(scores.pop("images"), args.work / "grids" / f"{key.replace(':', '_')}.png")
-                done[key] = {**scores, "recipe": name, "minutes": minutes, "step": step, "n": len(real), "size": size,
-                             "steps_per_min": {k: v for k, v in rates.items() if k == name or k in LATENT_KINDS}}
-            write_outputs(done, args.work)
-            print(f"{key}: FID {done[key]['FID_inception']:.1f} (floor {done['floor']['FID_inception']:.1f})", flush=True)
+            for weight in weights:
+                label = name if weight == 1 else f"{name} ag{weight:g}"
+                key = f"{label}@{minutes:g}"
+                if key not in done:
+                    checkpoint, step = train_budget(name, minutes, rates, args.work, train_dir, size, args.ae_minutes)
+                    scores = evaluate_checkpoint(checkpoint, real, train, len(real), args.sampler, args.steps, weight)
+                    save_grid(scores.pop("images"), args.work / "grids" / f"{key.replace(':', '_').replace(' ', '_')}.png")
+                    done[key] = {**scores, "recipe": label, "minutes": minutes, "step": step, "n": len(real), "size": size,
+                                 "steps_per_min": {k: v for k, v in rates.items() if k == name or k in LATENT_KINDS}}
+                write_outputs(done, args.work)
+                print(f"{key}: FID {done[key]['FID_inception']:.1f} (floor {done['floor']['FID_inception']:.1f})", flush=True)
     print((args.work / "quality.md").read_text())
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from brainfusion.data.conditions import encode_request
-from brainfusion.diffusion.process import sample
+from brainfusion.diffusion.process import autoguidance, sample
 from brainfusion.errors import BrainfusionError
 from brainfusion.export.hub import MANIFEST, BrainfusionPipeline, export_run
 from brainfusion.models.unet import UNet
@@ -51,6 +51,17 @@ def test_diffusers_loads_the_export_and_draws_brainfusions_images(exported):
     assert {p.suffix for p in folder.rglob("*") if p.is_file()} <= {".json", ".safetensors", ".md", ".py"}  # no pickle; .py: the shipped code
     card = (folder / "README.md").read_text()
     assert card.startswith("---\nlicense: mit") and "Not for diagnosis" in card and "from_pretrained" in card
+    # the run kept its step-2 weights (train.guide_at): they travel as guide_unet, and autoguidance matches brainfusion's
+    assert "## Autoguidance" in card and "weights at step 2" in card
+    guided = pipe(num_images=5, seed=7, num_inference_steps=6, output_type="pt", autoguidance=2.0).images
+    ours.use_kept_guide(2.0, precision="fp32")
+    with torch.no_grad():
+        expected, _ = sample(autoguidance(ours.network, ours.guide[0].network, 2.0), ours.config.diffusion, (5, 1, 16, 16),
+                             "ddim", 6, image_generators(7, range(5)))
+    assert (guided - theirs).abs().max() > 1e-3
+    torch.testing.assert_close(guided, expected, atol=1e-5, rtol=0)
+    assert np.array_equal(pipe(num_images=5, seed=7, num_inference_steps=6, autoguidance=2.0).images,
+                          ours(5, seed=7, sampler="ddim", steps=6))
 
 
 @pytest.fixture(scope="module", params=["edm", "vp"])
@@ -99,6 +110,10 @@ def test_an_unconditional_export_refuses_a_condition(exported):
     pipe = BrainfusionPipeline.from_pretrained(folder)
     with pytest.raises(BrainfusionError, match="trained without conditions"):
         pipe(num_images=1, condition={"class": "Dark"})
+    with pytest.raises(BrainfusionError, match="0 or more"):
+        pipe(num_images=1, autoguidance=-1.0)
+    with pytest.raises(BrainfusionError, match="has no guide_unet"):
+        BrainfusionPipeline(unet=pipe.unet, scheduler=pipe.scheduler)(num_images=1, autoguidance=2.0)
     assert "## Conditions" not in (folder / "README.md").read_text()
 
 
@@ -151,15 +166,19 @@ def test_the_export_ships_code_generated_from_brainfusions_own(exported):
 
 def test_plain_diffusers_draws_the_same_images_without_brainfusion(exported_conditional, plain_diffusers):
     """Pixel exports of both formulations (the latent test covers an unconditional network): guided, several
-    conditions, and unconditional draws equal brainfusion's BrainfusionPipeline's, bitwise in uint8."""
+    conditions, an autoguided one and unconditional draws equal brainfusion's BrainfusionPipeline's, bitwise in uint8."""
     _, folder = exported_conditional
     calls = [{"num_images": 4, "seed": 3, "num_inference_steps": 5, "condition": {"class": "Dark"}, "guidance_scale": 2.0},
              {"num_images": 4, "seed": 3, "num_inference_steps": 5, "condition": {"class": "Bright", "level": 0.8}},
-             {"num_images": 4, "seed": 3, "num_inference_steps": 5}]
+             {"num_images": 4, "seed": 3, "num_inference_steps": 5},
+             {"num_images": 4, "seed": 3, "num_inference_steps": 5, "condition": {"class": "Dark"}, "guidance_scale": 2.0,
+              "autoguidance": 2.0}]
     reference = BrainfusionPipeline.from_pretrained(folder)
     reference.set_progress_bar_config(disable=True)
-    for plain, call in zip(plain_diffusers.draw(folder, *calls), calls):
+    drawn = plain_diffusers.draw(folder, *calls)
+    for plain, call in zip(drawn, calls):
         assert np.array_equal(plain, reference(**call).images)
+    assert not np.array_equal(drawn[3], drawn[0])  # autoguided by the shipped guide_unet
 
 
 @pytest.fixture(scope="module")

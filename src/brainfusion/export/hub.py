@@ -206,8 +206,22 @@ def make_vae(config: RunConfig) -> BrainfusionVAE:
     return vae.eval()
 
 
-def make_export_pipeline(model: UNet, config: RunConfig) -> BrainfusionPipeline:
-    """The diffusers pipeline of a trained network and its run config (the condition vocabulary travels in the unet's)."""
+def make_export_pipeline(model: UNet, config: RunConfig, guide: UNet | None = None) -> BrainfusionPipeline:
+    """The diffusers pipeline of a trained network and its run config (the condition vocabulary travels in the unet's),
+    with `guide`, an earlier network of the same run, as the `guide_unet` of autoguidance."""
+    d = config.diffusion
+    unet = _export_unet(model, config)
+    if d.formulation == "edm":
+        scheduler = EDMEulerScheduler(sigma_min=d.sigma_min, sigma_max=d.sigma_max, sigma_data=d.sigma_data, rho=d.rho,
+                                      prediction_type="epsilon", sigma_schedule="karras", final_sigmas_type="zero")
+    else:
+        scheduler = make_scheduler(d, "ddim")
+    vae = make_vae(config) if config.latent.active else None
+    guide_unet = None if guide is None else _export_unet(guide, config)
+    return BrainfusionPipeline(unet=unet, scheduler=scheduler, vae=vae, guide_unet=guide_unet)
+
+
+def _export_unet(model: UNet, config: RunConfig) -> BrainfusionUNet:
     d, raw = config.diffusion, config.to_dict()
     values = list(config.data.mask_values) if config.mask_labels else []
     unet = BrainfusionUNet(model=raw["model"], formulation=d.formulation, sigma_min=d.sigma_min, sigma_max=d.sigma_max,
@@ -217,13 +231,7 @@ def make_export_pipeline(model: UNet, config: RunConfig) -> BrainfusionPipeline:
                                   "given": "only" if config.images_for_masks_only else "clean" if d.given_mask_share else "replace"}
                            if values else None)
     unet.net.load_state_dict(model.state_dict())
-    if d.formulation == "edm":
-        scheduler = EDMEulerScheduler(sigma_min=d.sigma_min, sigma_max=d.sigma_max, sigma_data=d.sigma_data, rho=d.rho,
-                                      prediction_type="epsilon", sigma_schedule="karras", final_sigmas_type="zero")
-    else:
-        scheduler = make_scheduler(d, "ddim")
-    vae = make_vae(config) if config.latent.active else None
-    return BrainfusionPipeline(unet=unet.eval(), scheduler=scheduler, vae=vae)
+    return unet.eval()
 
 
 def channel_layout(config: RunConfig) -> dict:
@@ -248,14 +256,19 @@ def channel_layout(config: RunConfig) -> dict:
 
 
 def export_run(checkpoint: Path | str, out: Path | str, metrics: Path | None = None) -> Path:
-    """Write `checkpoint`'s EMA network as a diffusers folder at `out` (replaced whole, atomically), with its model card."""
-    from ..checkpoint import run_folder
+    """Write `checkpoint`'s EMA network as a diffusers folder at `out` (replaced whole, atomically), with its model card,
+    and the run's autoguidance guide (checkpoints/guide/) as `guide_unet` when it is older than the exported step."""
+    from ..checkpoint import GUIDE_FOLDER, latest_checkpoint, run_folder
     from .modelcard import model_card
     from ..diffusion.pipeline import load_model
 
     model, state = load_model(Path(checkpoint))  # a run folder resolves to its newest checkpoint
-    card = model_card(state.config, state.step, run_folder(state.path), str(out), metrics)
-    pipe = make_export_pipeline(model, state.config)
+    kept = latest_checkpoint(run_folder(state.path) / "checkpoints" / GUIDE_FOLDER)
+    guide, guide_state = load_model(kept) if kept is not None else (None, None)
+    if guide_state is not None and guide_state.step >= state.step:
+        guide, guide_state = None, None
+    card = model_card(state.config, state.step, run_folder(state.path), str(out), metrics, None if guide_state is None else guide_state.step)
+    pipe = make_export_pipeline(model, state.config, guide)
     out = Path(out)
     staging = out.with_name(f".{out.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)

@@ -33,7 +33,7 @@ from ..config import RunConfig, mask_channel_count
 from ..data.conditions import Request, encode_guided_request
 from ..data.masks import given_mask_channels, label_image, labels_from_channels
 from ..data.slices import to_uint8
-from ..diffusion.process import classifier_free_guidance
+from ..diffusion.process import autoguidance, classifier_free_guidance
 from ..errors import BrainfusionError
 from ..models.unet import UNet
 from ..seeding import image_generators, randn
@@ -127,16 +127,17 @@ class BrainfusionOutput(BaseOutput):
 
 
 class BrainfusionPipeline(DiffusionPipeline):
-    """Sampling of an exported model, conditional or not, in pixels or through a `vae`; image i of a seed
-    matches `brainfusion sample`'s with the "ddim" sampler."""
+    """Sampling of an exported model, conditional or not, in pixels or through a `vae`, autoguided by `guide_unet`
+    where the run kept one; image i of a seed matches `brainfusion sample`'s with the "ddim" sampler."""
 
-    _optional_components = ["vae"]
+    _optional_components = ["vae", "guide_unet"]
 
     # ModelMixin, not our classes: under plain diffusers each component comes from its own copy of this code, and diffusers
     # checks it against these hints (it unpacks typing.Optional, not `X | None`), warning at every load otherwise
-    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin, vae: Optional[ModelMixin] = None):
+    def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin, vae: Optional[ModelMixin] = None,
+                 guide_unet: Optional[ModelMixin] = None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, guide_unet=guide_unet)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "BrainfusionPipeline":
@@ -159,7 +160,7 @@ class BrainfusionPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, num_images: int = 16, seed: int = 0, num_inference_steps: int = 50, first_index: int = 0,
                  output_type: str = "uint8", condition: Request | None = None, guidance_scale: float = 1.0,
-                 mask: np.ndarray | torch.Tensor | None = None) -> BrainfusionOutput:
+                 mask: np.ndarray | torch.Tensor | None = None, autoguidance: float = 1.0) -> BrainfusionOutput:
         """`output_type` "uint8" (default) or "pt" (float tensor in [-1, 1], before quantisation).
 
         `condition` (a conditional export) is what brainfusion's `Pipeline` takes: {name: value} for every image,
@@ -170,9 +171,14 @@ class BrainfusionPipeline(DiffusionPipeline):
         A model trained with tissue masks also returns `masks`: uint8 (N, H, W) in the run's label values, as
         `brainfusion sample` writes its seg files (with "pt", the label channels in [-1, 1], on a latent export's latent grid). `mask` (label
         indices (N, H, W), EDM exports) is a given mask: it is held fixed and the images are generated to fit it.
+
+        `autoguidance` w (an export with a `guide_unet`, the run's own earlier weights): each step is the guide's output
+        plus w times the network's departure from it (Karras et al. 2024); 1 is the network alone, 2 typical, and it
+        costs a second network pass a step. It composes with `guidance_scale`.
         """
         cond = encode_guided_request(self.unet.conditions, condition, num_images, guidance_scale)
-        network = self.unet if cond is None else classifier_free_guidance(self.unet, cond.to(self.unet.device), guidance_scale)
+        network = self._autoguided(autoguidance)
+        network = network if cond is None else classifier_free_guidance(network, cond.to(self.unet.device), guidance_scale)
         model, values = self.unet.config.model, self.unet.mask_values
         k = mask_channel_count(len(values), self.unet.mask_encoding)
         shape = (num_images, model["in_channels"], model["image_size"], model["image_size"])
@@ -204,6 +210,17 @@ class BrainfusionPipeline(DiffusionPipeline):
                   labels_from_channels(channels, images.shape[-1], len(values), self.unet.mask_scale, self.unet.mask_encoding).numpy())
         masks = label_image(labels.astype(np.uint8), values)
         return BrainfusionOutput(images=to_uint8(images), masks=masks)
+
+    def _autoguided(self, weight: float):
+        """The unet, or with weight w ≠ 1 the unet autoguided by guide_unet (process.autoguidance), as brainfusion's
+        Pipeline.use_guide mixes them before any classifier-free guidance."""
+        if weight == 1:
+            return self.unet
+        if weight < 0:
+            raise BrainfusionError(f"autoguidance must be 0 or more (1: none, 2: typical), got {weight}.")
+        if self.guide_unet is None:
+            raise BrainfusionError("this export has no guide_unet (its run kept no guide, train.guide_at); call it with autoguidance=1.")
+        return autoguidance(self.unet, self.guide_unet, weight)
 
     def _given(self, mask: np.ndarray | torch.Tensor | None, n: int) -> torch.Tensor | None:
         """A given mask as the mask channels to hold fixed; only EDM's Euler scheduler steps in σ, where that is exact."""

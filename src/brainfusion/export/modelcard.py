@@ -174,7 +174,19 @@ def _conditions(config: RunConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def model_card(config: RunConfig, step: int, run_dir: Path, folder: str, metrics_path: Path | None = None) -> str:
+def _autoguidance(guide_step: int | None) -> str:
+    if guide_step is None:
+        return ""
+    return f"""## Autoguidance
+`guide_unet/` holds this run's own weights at step {guide_step} (`train.guide_at`). `pipe(..., autoguidance=2.0)` steers each
+step away from that weaker network (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"):
+no more training, twice the network passes; 1.0 (the default) samples the network alone.
+
+"""
+
+
+def model_card(config: RunConfig, step: int, run_dir: Path, folder: str, metrics_path: Path | None = None,
+               guide_step: int | None = None) -> str:
     m, d, data, latent = config.model, config.diffusion, config.data, config.latent
     tags = ["- brainfusion", "- diffusion", "- mri", "- brain", "- medical-imaging", "- synthetic-data"]
     tags += ["- class-conditional"] if config.condition.fitted else []
@@ -199,7 +211,7 @@ U-Net of {len(m.channel_mults)} levels (base width {m.base_channels}, multiplier
 batch {config.train.batch_size}, learning rate {config.train.lr}, EMA {config.train.ema_decay}, precision `{config.train.precision}`.
 {_training(run_dir, step)}
 
-{_autoencoder(config)}{_masks(config)}{_conditions(config)}## Evaluation
+{_autoencoder(config)}{_masks(config)}{_conditions(config)}{_autoguidance(guide_step)}## Evaluation
 {_evaluation(metrics_path)}{_conditional_evaluation(metrics_path)}
 
 ## Intended use and limitations
