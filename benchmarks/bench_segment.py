@@ -11,7 +11,8 @@
    all training subjects; the question is whether its pairs carry what a segmenter needs.
    With `--image-model` (a run trained with `--masks --given-mask-share 1`) the pairs come in two
    stages: the joint run's masks, and that model's images made for them. `--autoguidance W` guides the
-   joint run by the checkpoint it kept halfway (Karras et al. 2024; `--guide CKPT` picks another).
+   joint run by the checkpoint it kept halfway (Karras et al. 2024; `--guide CKPT` picks another), and
+   the image model by its own.
 3. Arms, each a MONAI UNet + DiceCELoss (`evaluation/segmenter.py`) trained for the same `--steps`
    (equal compute), for K = `--ks` training subjects (chosen by seed) and `--seeds` seeds:
    `real` (the K subjects' slices), `generated` (as many generated pairs, capped at
@@ -59,15 +60,20 @@ def pair_pipeline(args) -> Pipeline:
     joint = Pipeline.from_checkpoint(args.joint)
     if args.autoguidance != 1:
         joint.use_kept_guide(args.autoguidance, args.guide or None)
-    return Pipeline.from_checkpoint(args.image_model).use_mask_source(joint) if args.image_model else joint
+    if not args.image_model:
+        return joint
+    images = Pipeline.from_checkpoint(args.image_model)
+    if args.autoguidance != 1:  # both stages, each by its own run's guide, as `sample --mask-model` does
+        images.use_kept_guide(args.autoguidance)
+    return images.use_mask_source(joint)
 
 
 def generated_pairs(pipe: Pipeline, n: int, seed: int, work: Path, sampler: str, steps: int):
     """n image–mask pairs, made once and cached by (checkpoints, n, seed, sampler, steps)."""
     key = f"{pipe.checkpoint.resolve()}|{n}|{seed}|{sampler}|{steps}"
     key += f"|masks from {pipe.mask_source.checkpoint.resolve()}" if pipe.mask_source else ""
-    guided = pipe.mask_source or pipe
-    key += f"|guided by {guided.guide[0].checkpoint.resolve()} at {guided.guide[1]:g}" if guided.guide else ""
+    for stage in (pipe.mask_source, pipe):
+        key += f"|guided by {stage.guide[0].checkpoint.resolve()} at {stage.guide[1]:g}" if stage and stage.guide else ""
     cache = work / "generated.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as stored:

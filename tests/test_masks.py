@@ -221,7 +221,8 @@ def test_two_stage_pairs_a_joint_runs_masks_and_an_image_model_for_given_masks(p
     from brainfusion.seeding import derive_seed
 
     for out, extra in (("joint", ()), ("images", ("--given-mask-share", "1", "--sample-every", "1"))):
-        status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", out, "--max-steps", "1", *TRAIN, *extra)
+        status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", out, "--max-steps", "2", "--lr", "1e-2",
+                             "--warmup-steps", "1", *TRAIN, *extra)  # steps 1 and 2 differ, so autoguidance shows
         assert status == 0, err
     assert (tmp_path / "images" / "samples" / "step_00000001.png").is_file()  # previews made for training masks
     joint = Pipeline.from_checkpoint(tmp_path / "joint", precision="fp32")
@@ -254,6 +255,19 @@ def test_two_stage_pairs_a_joint_runs_masks_and_an_image_model_for_given_masks(p
         seg = np.asarray(Image.open(tmp_path / "j" / "images" / f"seg_{i:05d}.png"))
         assert np.array_equal(np.asarray(Image.open(tmp_path / "two" / "images" / f"seg_{i:05d}.png")), seg)
         assert np.array_equal(np.asarray(Image.open(tmp_path / "given" / "images" / f"seg_{i:05d}.png")), seg)
+    # --autoguidance guides both stages, each by the weights its own run kept at step 1
+    status, _, err = cli("sample", "--checkpoint", "images", "--mask-model", "joint", "--n", "2", "--sampler", "dpm++",
+                         "--steps", "2", "--out", "two_ag", "--no-gif", "--autoguidance", "2", "--precision", "fp32")
+    assert status == 0, err
+    load = lambda run: Pipeline.from_checkpoint(tmp_path / run, precision="fp32")  # noqa: E731
+    want = load("images").use_kept_guide(2.0, precision="fp32").use_mask_source(load("joint").use_kept_guide(2.0, precision="fp32"))
+    want_images, want_labels = want.pairs(2, sampler="dpm++", steps=2)
+    values = np.asarray(want.config.data.mask_values)
+    for i in range(2):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "two_ag" / "images" / f"sample_{i:05d}.png")), want_images[i])
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "two_ag" / "images" / f"seg_{i:05d}.png")), values[want_labels[i]])
+    second_only = load("images").use_kept_guide(2.0, precision="fp32").use_mask_source(load("joint")).pairs(2, sampler="dpm++", steps=2)
+    assert not (np.array_equal(second_only[0], want_images) and np.array_equal(second_only[1], want_labels))
     assert_user_error(["sample", "--checkpoint", "images", "--mask-model", "joint", "--given-mask", tmp_path / "j" / "images",
                        "--n", "1"], "not both")
     assert_user_error(["train", "--data", pairs, "--masks", "--given-mask-share", "1.5", "--out-dir", "x", *TRAIN],
@@ -417,7 +431,7 @@ def test_a_run_keeps_its_halfway_weights_as_the_autoguidance_guide(pairs, cli, t
     kept_guide = Pipeline.from_checkpoint(tmp_path / "joint", precision="fp32").use_kept_guide(2.0, precision="fp32")
     assert kept_guide.guide[0].checkpoint == kept[0].resolve() or kept_guide.guide[0].checkpoint == kept[0]
     status, _, err = cli("sample", "--checkpoint", "joint", "--n", "2", "--sampler", "dpm++sde", "--steps", "3", "--no-gif",
-                         "--autoguidance", "2", "--seed", "3")
+                         "--autoguidance", "2", "--seed", "3", "--precision", "fp32")
     assert status == 0, err
     folder = tmp_path / "joint" / "samples" / "dpm++sde-3-ag2" / "images"
     assert np.array_equal(np.stack([np.asarray(Image.open(folder / f"sample_{i:05d}.png")) for i in range(2)]), guided[0])

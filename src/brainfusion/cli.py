@@ -240,7 +240,8 @@ def _sample_config(args: argparse.Namespace, out_dir: str = ""):
 
 def _add_autoguidance_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoguidance", type=float, default=1.0, metavar="W",
-                   help="guide each step away from a worse checkpoint of the run (Karras et al. 2024): 1 none (default), 2 typical")
+                   help="guide each step away from a worse checkpoint of the run (Karras et al. 2024; with --mask-model both "
+                        "runs, each by its own): 1 none (default), 2 typical")
     p.add_argument("--guide", metavar="CKPT", help="the guide for --autoguidance (default: the checkpoint the run kept halfway, --guide-at)")
 
 

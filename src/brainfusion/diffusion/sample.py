@@ -121,6 +121,8 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
         pipe.use_mask_source(Pipeline.from_checkpoint(cfg.mask_model, cfg.use_ema, ctx.device, cfg.precision))
     if cfg.autoguidance != 1:
         pipe.use_kept_guide(cfg.autoguidance, cfg.guide or None, cfg.use_ema, cfg.precision)
+        if pipe.mask_source is not None:  # both stages, each by its own run's guide
+            pipe.mask_source.use_kept_guide(cfg.autoguidance, None, cfg.use_ema, cfg.precision)
     if cfg.given_mask:
         if not state.config.mask_labels:
             raise BrainfusionError(f"{state.path} was trained without masks; sample it without a given mask, or train with masks.")
