@@ -233,11 +233,16 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def kept_guide(checkpoint: Path) -> Path | None:
+    """The weights a run kept at train.guide_at of its budget (checkpoints/guide/), the guide of autoguidance; None if none."""
+    return latest_checkpoint(run_folder(Path(checkpoint)) / "checkpoints" / GUIDE_FOLDER)
+
+
 def guide_checkpoint(checkpoint: Path) -> Path:
-    """The weights a run kept at train.guide_at of its budget (checkpoints/guide/), the guide of autoguidance."""
-    run = run_folder(Path(checkpoint))
-    found = latest_checkpoint(run / "checkpoints" / GUIDE_FOLDER)
+    """`kept_guide`, refusing a run that kept none in one sentence."""
+    found = kept_guide(checkpoint)
     if found is None:
+        run = run_folder(Path(checkpoint))
         raise BrainfusionError(f"{run} kept no guide checkpoint (checkpoints/{GUIDE_FOLDER}/, written at train.guide_at of a run); "
                                "give an earlier checkpoint of the run as the guide.")
     return found

@@ -258,12 +258,12 @@ def channel_layout(config: RunConfig) -> dict:
 def export_run(checkpoint: Path | str, out: Path | str, metrics: Path | None = None) -> Path:
     """Write `checkpoint`'s EMA network as a diffusers folder at `out` (replaced whole, atomically), with its model card,
     and the run's autoguidance guide (checkpoints/guide/) as `guide_unet` when it is older than the exported step."""
-    from ..checkpoint import GUIDE_FOLDER, latest_checkpoint, run_folder
+    from ..checkpoint import kept_guide, run_folder
     from .modelcard import model_card
     from ..diffusion.pipeline import load_model
 
     model, state = load_model(Path(checkpoint))  # a run folder resolves to its newest checkpoint
-    kept = latest_checkpoint(run_folder(state.path) / "checkpoints" / GUIDE_FOLDER)
+    kept = kept_guide(state.path)
     guide, guide_state = load_model(kept) if kept is not None else (None, None)
     if guide_state is not None and guide_state.step >= state.step:
         guide, guide_state = None, None
