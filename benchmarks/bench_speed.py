@@ -708,7 +708,7 @@ def _print_sampling_table(st: Settings, rows: list[dict], metric_note: str) -> N
 def section_sampling(st: Settings, args) -> dict:
     import numpy as np
 
-    from brainfusion.data.slices import to_uint8
+    from brainfusion.data.channels import to_uint8
     from brainfusion.diffusion.pipeline import load_model
     from brainfusion.diffusion.process import sample
     from brainfusion.runtime import choose_precision, network_fn

@@ -24,7 +24,8 @@ import torch
 
 from brainfusion.fileio import atomic_write_text
 from brainfusion.config import DataConfig
-from brainfusion.data.slices import load_slices, to_model_range
+from brainfusion.data.channels import to_model_range
+from brainfusion.data.slices import load_slices
 from brainfusion.diffusion.process import make_process
 from brainfusion.evaluation.evaluate import EvalConfig, evaluate_images
 from brainfusion.diffusion.pipeline import Pipeline

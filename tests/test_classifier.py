@@ -11,6 +11,7 @@ import torch
 from brainfusion.evaluation.classifier import load_classifier, predict, save_classifier, train_classifier, train_regressor
 from brainfusion.evaluation.conditional_checks import check_conditional, conditional_table, resampling_generator
 from brainfusion.errors import BrainfusionError
+from brainfusion.evaluation.evaluate import EvalConfig
 from brainfusion.evaluation.metrics.classification import balanced_accuracy, classification_scores, confusion_matrix, macro_f1
 
 FAST = dict(resolution=16, channels=(8, 16), steps=60, batch_size=32)
@@ -134,7 +135,8 @@ def test_conditional_checks_with_fake_generators():
     right = resampling_generator(held_x, held_y, seed=0)
     wrong = lambda n, c: right(n, (c + 1) % 3)  # noqa: E731 - always the next class
     report = check_conditional({"right": right, "wrong": wrong}, model, held_x, held_y, ["dark", "mid", "bright"],
-                               n_per_class=16, reference=train_x, reference_labels=train_y)
+                               n_per_class=16, reference=train_x, reference_labels=train_y,
+                               eval_config=EvalConfig(diversity_pairs=16, progress=False))  # 500 pairs: 3 s of MS-SSIM
     own = report["classifier_heldout"]["balanced_accuracy"]
     assert own >= 0.95
     assert report["generators"]["right"]["mean_hit_rate"] >= 0.9

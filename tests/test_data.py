@@ -14,7 +14,8 @@ from PIL import Image
 
 from brainfusion.data import slices as data_mod
 from brainfusion.config import DataConfig
-from brainfusion.data.slices import BatchStream, load_slices, read_slice, read_volume_slices, to_model_range, to_uint8
+from brainfusion.data.channels import to_model_range, to_uint8
+from brainfusion.data.slices import BatchStream, load_slices, read_slice, read_volume_slices
 from brainfusion.errors import BrainfusionError
 
 RAS = np.diag([1.0, 1.0, 1.0, 1.0])

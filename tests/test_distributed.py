@@ -4,13 +4,14 @@ The design makes every batch, flip, timestep and noise draw a pure function of (
 `train.batch_size` the global batch split over the ranks, and sample batch b seeded by (seed, b)
 and made by rank b mod W. So two processes must reproduce one process: the same logged losses,
 the same weights, a checkpoint that resumes under another number of processes, and the same
-sample images. Two torchrun launches (about 20 s each on two busy cores); the one-process
-references run in this pytest process to spare a PyTorch import each.
+sample images. One torchrun launch trains and then samples in the same workers (torchrun_commands.py); the
+one-process references run in this pytest process to spare a PyTorch import each.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -44,6 +45,9 @@ TRAIN = [
     "--sample-every", "0", "--precision", "fp32", "--channels-last", "off", "--warmup-steps", "2", "--lr", "1e-3",
     "--seed", "3",
 ]
+SAMPLE_N = 6  # three batches of 2: rank 0 makes batches 0 and 2, rank 1 batch 1
+SAMPLE = ["sample", "--n-images", str(SAMPLE_N), "--batch-size", "2", "--sampler", "ddim", "--steps", "4", "--seed", "5",
+          "--precision", "fp32"]
 
 
 def _child_env() -> dict[str, str]:
@@ -161,9 +165,11 @@ def runs(tmp_path_factory):
         Image.fromarray(image).save(data / f"slice_{i:02d}.png")
     common = ["--quiet", "train", "--data", str(data), *MODEL, *TRAIN]
     one_process([*common, "--max-steps", "8", "--out-dir", str(root / "one")], "train, 1 process, 8 steps")
-    torchrun(["-m", "brainfusion.cli", *common, "--max-steps", "6", "--out-dir", str(root / "two")],
-             "train, torchrun 2 processes, 6 steps")
-    return {"root": root, "common": common, "one": root / "one", "two": root / "two"}
+    sample = ["--quiet", *SAMPLE, "--checkpoint", str(ckpt(root / "two", 6))]
+    driver = str(Path(__file__).with_name("torchrun_commands.py"))
+    commands = [[*common, "--max-steps", "6", "--out-dir", str(root / "two")], [*sample, "--out", str(root / "samples_two")]]
+    torchrun([driver, json.dumps(commands)], "train 6 steps, then sample 6 images, torchrun 2 processes")
+    return {"root": root, "common": common, "sample": sample, "one": root / "one", "two": root / "two"}
 
 
 def test_two_processes_log_the_one_process_losses(runs):
@@ -199,15 +205,9 @@ def test_resume_under_another_number_of_processes(runs):
 
 
 def test_sampling_is_split_across_ranks_and_independent_of_their_number(runs):
-    checkpoint = ckpt(runs["one"], 8)
-    n = 6  # three batches of 2: rank 0 makes batches 0 and 2, rank 1 batch 1
-    args = ["sample", "--checkpoint", str(checkpoint), "--n-images", str(n), "--batch-size", "2", "--sampler", "ddim",
-            "--steps", "4", "--seed", "5", "--precision", "fp32"]
     two_dir, one_dir = runs["root"] / "samples_two", runs["root"] / "samples_one"
-    script = shutil.which("brainfusion", path=str(Path(sys.executable).parent))
-    target = [script] if script else ["-m", "brainfusion.cli"]  # the console script works as torchrun's script
-    torchrun([*target, "--quiet", *args, "--out", str(two_dir)], "sample 6 images, torchrun 2 processes")
-    one_process(["--quiet", *args, "--out", str(one_dir)], "sample 6 images, 1 process")
+    one_process([*runs["sample"], "--out", str(one_dir)], "sample 6 images, 1 process")
+    n = SAMPLE_N
 
     expected = [f"sample_{i:05d}.png" for i in range(n)]
     two = {p.name: np.asarray(Image.open(p)) for p in sorted((two_dir / "images").iterdir())}

@@ -10,7 +10,8 @@ import pytest
 
 from brainfusion.config import DataConfig
 from brainfusion.data import slices as slices_mod
-from brainfusion.data.slices import load_slices, to_uint8
+from brainfusion.data.channels import to_uint8
+from brainfusion.data.slices import load_slices
 from brainfusion.data.subjects import choose_heldout, split_subjects
 from brainfusion.errors import BrainfusionError
 

@@ -157,7 +157,7 @@ def test_latent_stream_flips_by_choosing_the_encoded_mirror():
         assert torch.equal(got, row) or torch.equal(got, -row)
     assert any(torch.equal(got, -row) for got, row in zip(batch, rows))
 
-    from brainfusion.data.masks import one_hot
+    from brainfusion.data.channels import one_hot
 
     labels = np.random.default_rng(1).integers(0, 3, (4, 4, 4)).astype(np.uint8)  # slices of 4², latents of 2²
     stream = BatchStream(latents, 4, seed=0, hflip=True, flipped=mirrored, labels=labels, n_labels=3)
@@ -192,7 +192,7 @@ def test_the_autoencoders_ssim_loss_is_monais_with_its_gradient():
 
 
 def test_mask_channels_on_a_latent_grid_are_each_blocks_label_shares():
-    from brainfusion.data.masks import labels_from_channels, one_hot
+    from brainfusion.data.channels import labels_from_channels, one_hot
 
     labels = torch.from_numpy(np.random.default_rng(0).integers(0, 3, (2, 8, 8)))
     coarse = one_hot(labels, 3, 0.5, grid=2)

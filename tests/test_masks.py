@@ -13,7 +13,8 @@ from PIL import Image
 
 from brainfusion.checkpoint import load_checkpoint
 from brainfusion.config import DataConfig
-from brainfusion.data.masks import fit_square_labels, labels_from_channels, mask_candidates, one_hot, ordinal
+from brainfusion.data.channels import labels_from_channels, one_hot, ordinal
+from brainfusion.data.masks import fit_square_labels, mask_candidates
 from brainfusion.data.slices import BatchStream, load_slices
 from brainfusion.diffusion.pipeline import Pipeline
 from brainfusion.errors import BrainfusionError

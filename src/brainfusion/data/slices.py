@@ -33,8 +33,8 @@ from ..images import fit_square
 from .cache import SOURCE_KEY, cache_dir, source_of
 from .dicom import Series, group_series, is_dicom_file, series_image
 from .layouts import bids_t1w_files, is_bids_layout, is_oasis1_layout, oasis1_files, subject_of
-from .masks import (MASK_LAYOUT, check_mask_config, default_mask_values, find_mask, label_channels, mask_candidates, read_mask_slice,
-                    read_mask_volume)
+from .channels import label_channels, to_model_range
+from .masks import MASK_LAYOUT, check_mask_config, default_mask_values, find_mask, mask_candidates, read_mask_slice, read_mask_volume
 
 log = logging.getLogger(__name__)
 
@@ -398,25 +398,13 @@ def _write_cache(path: Path, slices: SliceSet, source: str) -> None:
         log.warning("could not write the slice cache %s (%s); continuing without it", path, exc)
 
 
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 (N,H,W) or (N,C,H,W) → float in [-1, 1] with a channel axis."""
-    x = images.float().div(127.5).sub(1.0)
-    return x.unsqueeze(1) if x.dim() == 3 else x
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Model-range tensor (N,C,H,W) → uint8 array: (N,H,W) for one channel, else (N,C,H,W)."""
-    images = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-    return images[:, 0] if images.shape[1] == 1 else images
-
-
 class BatchStream:
     """Deterministic training batches drawn from an in-memory uint8 tensor.
 
     Batch `step` depends only on (seed, step): the epoch permutation is seeded by the epoch and
     the flips by the step, so a resumed run sees exactly the batches an uninterrupted one would,
     and rank r of W processes takes its own slice of the same global batch. `labels` (N×S×S tissue
-    label indices) join each image as its mask channels (masks.label_channels: K one-hot ones at ±label_scale, or
+    label indices) join each image as its mask channels (channels.label_channels: K one-hot ones at ±label_scale, or
     one ordinal; on a latent's grid, each block's label shares). Latents (float, N×C×h×w)
     come with `flipped`, the latents of the mirrored slices, since a flipped latent is not the latent
     of a flipped slice. `cond` (N, K) holds

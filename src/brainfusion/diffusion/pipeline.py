@@ -16,8 +16,7 @@ import torch
 from ..checkpoint import guide_checkpoint, load_checkpoint, load_weights
 from ..config import FAST_SAMPLER, FAST_STEPS, RunConfig
 from ..data.conditions import Request, encode_guided_request
-from ..data.masks import given_mask_channels, labels_from_channels
-from ..data.slices import to_uint8
+from ..data.channels import given_mask_channels, labels_from_channels, to_uint8
 from ..errors import BrainfusionError
 from ..models.latent import LatentDecoder
 from ..models.unet import UNet

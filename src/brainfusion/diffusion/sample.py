@@ -18,7 +18,8 @@ import torch
 
 from .. import distributed as dist
 from ..checkpoint import run_folder
-from ..data.masks import fit_square_labels, label_image, label_indices, to_label_index
+from ..data.channels import label_image, label_indices
+from ..data.masks import fit_square_labels, to_label_index
 from ..data.slices import IMAGE_SUFFIXES, load_set, read_slice
 from ..errors import BrainfusionError
 from ..images import make_grid, overlay_labels, save_gif, save_grid, save_nifti_slice, save_png

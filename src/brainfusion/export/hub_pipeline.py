@@ -15,6 +15,7 @@ Table 1, the same as `edm.EDMProcess`; only the noise input differs, 0.25·ln σ
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 from dataclasses import dataclass
@@ -31,8 +32,7 @@ from diffusers.utils import BaseOutput
 
 from ..config import RunConfig, mask_channel_count
 from ..data.conditions import Request, encode_guided_request
-from ..data.masks import given_mask_channels, label_image, labels_from_channels
-from ..data.slices import to_uint8
+from ..data.channels import given_mask_channels, label_image, labels_from_channels, to_uint8
 from ..diffusion.process import autoguidance, classifier_free_guidance
 from ..errors import BrainfusionError
 from ..models.unet import UNet
@@ -104,11 +104,11 @@ class BrainfusionVAE(ModelMixin, ConfigMixin):
     def __init__(self, autoencoder: dict | None = None, mean: tuple[float, ...] = (), std: tuple[float, ...] = (),
                  factor: int = 4, latent_std: float = 0.5, patch: int = 1):
         super().__init__()
-        try:
-            from monai.networks.nets import AutoencoderKL
+        try:  # by name: diffusers imports every package an import line of this file names (and refused a missing one before 0.36)
+            networks = importlib.import_module("monai.networks.nets")
         except ImportError:
             raise BrainfusionError("this export decodes latents with MONAI's AutoencoderKL; install it with `pip install monai`.") from None
-        self.ae = AutoencoderKL(**(autoencoder or {}))
+        self.ae = networks.AutoencoderKL(**(autoencoder or {}))
 
     def decode_latents(self, x: torch.Tensor) -> torch.Tensor:
         """The diffusion model's latents (N, C, h, w) → slices (N, 1, h·factor, w·factor) in [-1, 1]."""

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ..checkpoint import run_folder
 from ..config import FOLDER_LABELS, LEVEL_COLUMN, RunConfig
-from ..data.masks import MASK_LAYOUT, mask_names, ordinal_level
+from ..data.channels import ordinal_level
+from ..data.masks import MASK_LAYOUT, mask_names
 
 LOAD = """With brainfusion, which checks every file against the export's SHA-256 manifest and runs its own code:
 

@@ -17,7 +17,7 @@ import torch
 
 from ..checkpoint import latest_checkpoint, load_checkpoint
 from ..config import RunConfig
-from ..data.slices import to_model_range
+from ..data.channels import to_model_range
 from ..errors import BrainfusionError
 from ..fileio import atomic_output
 from .autoencoder import encode_mean, load_autoencoder

@@ -26,7 +26,8 @@ import torch
 
 from ..checkpoint import AUTOENCODER, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, tidy_run_folder
 from ..config import AutoencoderRunConfig, DataConfig
-from ..data.slices import BatchStream, is_oasis_layout, load_slices, to_uint8
+from ..data.channels import to_model_range, to_uint8
+from ..data.slices import BatchStream, is_oasis_layout, load_slices
 from ..errors import BrainfusionError
 from ..evaluation.metrics.distances import ssim_maps
 from ..fileio import atomic_write_text
@@ -182,7 +183,6 @@ def autoencoder_step(s: AutoencoderSession, step: int) -> torch.Tensor:
 def reconstruct(ae: torch.nn.Module, images: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype | None,
                 batch_size: int = 16) -> np.ndarray:
     """uint8 slices → their uint8 reconstructions through the posterior mean."""
-    from ..data.slices import to_model_range
 
     images = torch.as_tensor(np.asarray(images))
     out = []

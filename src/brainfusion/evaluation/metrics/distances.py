@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import wasserstein_distance
 
 # ----------------------------------------------------------------------------------------------
 # Fréchet distance and KID
@@ -239,6 +238,8 @@ def histogram_distance(h_gen: np.ndarray, h_real: np.ndarray, threshold: int) ->
     Brain voxels are values > `threshold`; the background (most of a slice) would otherwise
     swamp the comparison, so its share is reported separately as the foreground fraction.
     """
+    from scipy.stats import wasserstein_distance  # here: scipy.stats takes 1.6 s to import
+
     levels = np.arange(256)
     fg = levels > threshold
     hg, hr = h_gen[fg].astype(np.float64), h_real[fg].astype(np.float64)
