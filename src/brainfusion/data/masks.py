@@ -8,7 +8,8 @@ matter). Masks are matched to images by name:
   * a masks folder given with `data.masks`: the image's relative path or name, with `case_` read as
     `seg_`, or with `_seg`, `_dseg`, `_mask` or `_labels` before the suffix (`sub01_T1w.nii.gz` ↔
     `sub01_T1w_dseg.nii.gz`).
-Label volumes are cut with the same kept axial slices as their image, so pairs stay aligned.
+Label volumes are cut with the same kept axial slices as their image, so pairs stay aligned. The
+model's label channels (one-hot or ordinal) are `channels.py`'s.
 Resizing keeps labels whole: each label's area fraction is resampled like an image and the largest
 wins (a majority vote over each output pixel's footprint), never a blend of label values.
 """
