@@ -207,14 +207,13 @@ def test_resume_under_another_number_of_processes(runs):
 def test_sampling_is_split_across_ranks_and_independent_of_their_number(runs):
     two_dir, one_dir = runs["root"] / "samples_two", runs["root"] / "samples_one"
     one_process([*runs["sample"], "--out", str(one_dir)], "sample 6 images, 1 process")
-    n = SAMPLE_N
 
-    expected = [f"sample_{i:05d}.png" for i in range(n)]
+    expected = [f"sample_{i:05d}.png" for i in range(SAMPLE_N)]
     two = {p.name: np.asarray(Image.open(p)) for p in sorted((two_dir / "images").iterdir())}
     one = {p.name: np.asarray(Image.open(p)) for p in sorted((one_dir / "images").iterdir())}
     assert sorted(two) == expected and sorted(one) == expected
-    for i in range(n):
-        for j in range(i + 1, n):
+    for i in range(SAMPLE_N):
+        for j in range(i + 1, SAMPLE_N):
             assert not np.array_equal(two[expected[i]], two[expected[j]]), f"images {i} and {j} are identical"
     for name in expected:
         assert np.array_equal(two[name], one[name]), f"{name} depends on the number of processes"

@@ -26,6 +26,11 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return images[:, 0] if images.shape[1] == 1 else images
 
 
+def _on_grid(x: torch.Tensor, grid: int | None) -> torch.Tensor:
+    """Label channels average-pooled onto a coarser `grid` (a latent's), each block holding its label shares or mean level."""
+    return x if grid is None or grid == x.shape[-1] else torch.nn.functional.avg_pool2d(x, x.shape[-1] // grid)
+
+
 def one_hot(labels, n_labels: int, scale: float = 1.0, grid: int | None = None):
     """Label indices (N, H, W) → channels (N, K, grid, grid) in the model's range: −scale absent, +scale present.
 
@@ -34,9 +39,7 @@ def one_hot(labels, n_labels: int, scale: float = 1.0, grid: int | None = None):
     a tissue boundary inside a block survives as a fraction, which `labels_from_channels` reads back
     sub-block sharp."""
     x = torch.nn.functional.one_hot(labels.long(), n_labels).permute(0, 3, 1, 2).float().mul(2).sub(1).mul(scale)
-    if grid is not None and grid != x.shape[-1]:
-        x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // grid)
-    return x
+    return _on_grid(x, grid)
 
 
 def ordinal_level(label, n_labels: int, scale: float = 1.0):
@@ -51,9 +54,7 @@ def ordinal(labels, n_labels: int, scale: float = 1.0, grid: int | None = None):
     nesting, so this channel is a cartoon of the image itself, where one-hot spreads it over K binary
     channels. On a latent's grid each block holds its mean level, read back sub-block by `labels_from_channels`."""
     x = ordinal_level(labels.float(), n_labels, scale).unsqueeze(1)
-    if grid is not None and grid != x.shape[-1]:
-        x = torch.nn.functional.avg_pool2d(x, x.shape[-1] // grid)
-    return x
+    return _on_grid(x, grid)
 
 
 def label_channels(labels, n_labels: int, scale: float = 1.0, grid: int | None = None, encoding: str = "one-hot"):
@@ -73,18 +74,22 @@ def labels_from_channels(channels, size: int, n_labels: int = 0, scale: float = 
     return channels.argmax(1).to(torch.uint8)
 
 
+def _fits_uint8(values: tuple[int, ...]) -> bool:
+    """Whether label values can be written as themselves in a uint8 mask image (else their indices are)."""
+    return min(values) >= 0 and max(values) <= 255
+
+
 def label_image(labels: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
     """Label indices → the run's label values as a uint8 image (OASIS: 0/85/170/255), indices where they do not fit 8 bits:
     one function writes `sample`'s seg files and an export's masks."""
-    lookup = np.asarray(values if max(values) <= 255 and min(values) >= 0 else range(len(values)), dtype=np.uint8)
+    lookup = np.asarray(values if _fits_uint8(values) else range(len(values)), dtype=np.uint8)
     return lookup[labels]
 
 
 def label_indices(image: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
     """The inverse of `label_image`: a written mask back to label indices."""
-    fits = max(values) <= 255 and min(values) >= 0
     lookup = np.zeros(256, np.uint8)
-    lookup[list(values) if fits else list(range(len(values)))] = np.arange(len(values))
+    lookup[list(values) if _fits_uint8(values) else list(range(len(values)))] = np.arange(len(values))
     return lookup[image]
 
 
