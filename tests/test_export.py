@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from brainfusion.config import MASK_SCALES
 from brainfusion.data.conditions import encode_request
 from brainfusion.diffusion.process import autoguidance, sample
 from brainfusion.errors import BrainfusionError
@@ -300,7 +301,7 @@ def test_a_mask_export_holds_a_given_mask_with_and_without_brainfusion(exported_
     ours = Pipeline.from_checkpoint(run, precision="fp32")
     images, labels = ours.pairs(2, seed=7, sampler="ddim", steps=3, mask=given)
     assert np.array_equal(labels, given) and np.array_equal(out.images, images)  # `sample --given-mask`'s images
-    assert pipe.unet.config.masks["given"] == "replace" and pipe.unet.config.masks["scale"] == 0.25  # the defaults
+    assert pipe.unet.config.masks["given"] == "replace" and pipe.unet.config.masks["scale"] == MASK_SCALES["one-hot"]  # the defaults
     pipe.unet.register_to_config(masks={**pipe.unet.config.masks, "given": "clean"})  # as if trained with it
     clean = pipe(num_images=2, seed=7, num_inference_steps=3, mask=given)
     assert np.array_equal(clean.images, ours.pairs(2, seed=7, sampler="ddim", steps=3, mask=given, mask_clean=True)[0])
@@ -363,5 +364,5 @@ def test_an_ordinal_mask_export_reads_its_one_label_channel_as_brainfusion_does(
     held = pipe(num_images=2, seed=7, num_inference_steps=3, mask=given)
     assert np.array_equal(held.masks, out.masks[:2]) and np.array_equal(held.images, ours.pairs(2, seed=7, sampler="ddim", steps=3, mask=given)[0])
     channels = json.loads((tmp_path / "export" / MANIFEST).read_text())["channels"]
-    assert len(channels) == 2 and [(v["value"], v["level"]) for v in channels[1]["levels"]][::3] == [(0, -0.25), (255, 0.25)]
+    assert len(channels) == 2 and [(v["value"], v["level"]) for v in channels[1]["levels"]][::3] == [(0, -MASK_SCALES["ordinal"]), (255, MASK_SCALES["ordinal"])]
     assert "nearest level" in (tmp_path / "export" / "README.md").read_text()

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from brainfusion.checkpoint import load_checkpoint
-from brainfusion.config import DataConfig
+from brainfusion.config import MASK_SCALES, DataConfig
 from brainfusion.data.channels import labels_from_channels, one_hot, ordinal
 from brainfusion.data.masks import fit_square_labels, mask_candidates
 from brainfusion.data.slices import BatchStream, load_slices
@@ -357,6 +357,7 @@ def test_an_ordinal_joint_run_samples_pairs_and_holds_a_given_mask(pairs, cli, t
     assert status == 0, err
     pipe = Pipeline.from_checkpoint(tmp_path / "o", precision="fp32")
     assert pipe.config.model.in_channels == 2 and pipe.config.diffusion.mask_encoding == "ordinal"
+    assert pipe.config.diffusion.mask_scale == MASK_SCALES["ordinal"] != MASK_SCALES["one-hot"]  # each encoding's own default
     images, labels = pipe.pairs(3, seed=0, sampler="dpm++sde", steps=3)
     assert images.shape == labels.shape == (3, 16, 16) and labels.max() <= 3
     given = np.stack([fit_square_labels(np.searchsorted(VALUES, np.asarray(Image.open(f))).astype(np.uint8), 4, 16)

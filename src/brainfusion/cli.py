@@ -34,7 +34,7 @@ TRAIN_FLAGS = {
     "given_mask_share": ("diffusion.given_mask_share", float, "share of training images given their mask clean, so the model also "
                          "learns to fit a given mask (0: off; sample --given-mask then fixes the mask channels by replacement; "
                          "1: an image model for given masks only, sampled with --given-mask or --mask-model)"),
-    "mask_scale": ("diffusion.mask_scale", float, "the one-hot mask channels are ±this (default 0.25; 0.5 or 1 for a model mostly given masks)"),
+    "mask_scale": ("diffusion.mask_scale", float, "the mask channels' scale: one-hot channels are ±this (default 0.25; 0.5 or 1 for a model mostly given masks), the ordinal one spans ±this (default 1)"),
     "mask_encoding": ("diffusion.mask_encoding", str, "one-hot (default: a channel per label) or ordinal (one channel, the labels "
                       "as levels in their order, -mask_scale to +mask_scale)"),
     "holdout_subjects": ("data.holdout_subjects", float, "keep whole subjects out of training: a number (e.g. 2) or a share (e.g. 0.2); "
