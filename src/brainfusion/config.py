@@ -206,7 +206,7 @@ class ConditionConfig:
 # autoencoder, 60 CPU minutes: FID 153.3 against 167.0 with −1.2 (n = 500; docs/latent.md)
 P_MEAN_PIXELS, P_MEAN_LATENTS = -1.2, -0.4
 MASK_ENCODINGS = ("one-hot", "ordinal")  # diffusion.mask_encoding: how tissue labels become the model's mask channels
-MASK_SCALES = {"one-hot": 0.25, "ordinal": 1.0}  # diffusion.mask_scale when not given: each encoding's measured best
+MASK_SCALES = {"one-hot": 0.25, "ordinal": 1.0}  # diffusion.mask_scale when not given: one-hot's best of 1 / 0.5 / 0.25 / 0.1, ordinal's only measured scale
 
 
 def mask_channel_count(n_labels: int, encoding: str) -> int:
@@ -254,8 +254,8 @@ class DiffusionConfig:
     # joint image+mask runs: the label channels' scale; None resolves by encoding (MASK_SCALES). Binary ±1 channels
     # sit far above σ_data = 0.5 and came out as blobs: at 520 steps on the demo set, Inception FID 283 / 269 / 257
     # and mask fidelity 0.73 / 0.75 / 0.76 at one-hot scale 1 / 0.5 / 0.25, but given-mask fidelity 0.82 / 0.79 / 0.63;
-    # at 1,040 steps 0.25 against 0.5: fidelity 0.830 / 0.811, FID 192 / 215. Given masks go to a --given-mask-share 1
-    # model (docs/masks.md). The ordinal channel was measured at scale 1 only, so it keeps 1
+    # at 1,040 steps 0.25 against 0.5: fidelity 0.830 / 0.811, FID 192 / 215; 0.1 at 520 steps: 0.724, FID 261. Given
+    # masks go to a --given-mask-share 1 model (docs/masks.md). The ordinal channel was measured at scale 1 only, so it keeps 1
     mask_scale: float | None = None
     # joint image+mask runs: "one-hot" (K channels) or "ordinal" (one channel, the labels as evenly spaced levels
     # from −mask_scale to +mask_scale in their order; OASIS's is the T1 intensity order)
