@@ -451,3 +451,57 @@ def test_a_run_keeps_its_halfway_weights_as_the_autoguidance_guide(pairs, cli, t
     assert not _guide_due(7, s, timed(0.4)) and _guide_due(7, s, timed(0.6))
     s.guide_kept = True
     assert not _guide_due(8, s, timed(0.7))  # once per run folder
+
+
+def test_self_conditioning_feeds_the_previous_estimate_in_training_and_sampling():
+    from brainfusion.config import DiffusionConfig
+    from brainfusion.diffusion.edm import EDMProcess
+
+    process, g = EDMProcess(DiffusionConfig(self_condition=True)), torch.Generator().manual_seed(0)
+    x0, noise, sigma = torch.randn(2, 2, 4, 4, generator=g), torch.randn(2, 2, 4, 4, generator=g), torch.tensor([0.5, 3.0])
+    seen = []
+
+    def network(x_in, c_noise):  # F reads both halves of its input: x_t and the previous estimate
+        seen.append(x_in)
+        return x_in[:, :2] * 0.5 + x_in[:, 2:] * 0.1
+
+    plain = process.loss(network, x0, sigma, noise)
+    assert len(seen) == 1 and seen[0].shape == (2, 4, 4, 4) and not seen[0][:, 2:].any()  # zeros for "no estimate"
+    seen.clear()
+    first = process.loss(network, x0, sigma, noise, estimate_first=True)
+    c_skip, c_out, c_in, _ = process._broadcast(sigma, x0)
+    x = x0 + sigma.view(-1, 1, 1, 1) * noise
+    assert len(seen) == 2 and torch.allclose(seen[1][:, 2:], c_skip * x + c_out * 0.5 * c_in * x)  # D of the first pass
+    assert not torch.equal(plain, first)
+
+    seen.clear()
+    denoise = process.denoiser(network)
+    out = denoise(x, 3.0)
+    again = denoise(x, 3.0)
+    assert not seen[0][:, 2:].any() and torch.equal(seen[1][:, 2:], out)  # each call hands the network the last output
+    assert not torch.equal(out, again)
+    assert torch.equal(process.denoiser(network)(x, 3.0), out) and not seen[2][:, 2:].any()  # a new trajectory starts from zeros
+
+
+def test_a_self_conditioned_joint_run_resumes_bitwise_samples_pairs_and_refuses_export(pairs, cli, tmp_path, assert_user_error):
+    sc = ("--self-condition",)
+    status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", "straight", "--max-steps", "4", *sc, *TRAIN)
+    assert status == 0, err
+    config = json.loads((tmp_path / "straight" / "config.json").read_text())
+    assert config["diffusion"]["self_condition"] and config["model"]["self_condition"] and config["model"]["in_channels"] == 5
+    for args in (("--max-steps", "2"), ("--max-steps", "4", "--resume")):
+        status, _, err = cli("train", "--data", pairs, "--masks", "--out-dir", "resumed", *args, *sc, *TRAIN)
+        assert status == 0, err
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "ckpt_00000004.safetensors")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "ckpt_00000004.safetensors")
+    assert a.model["stem.weight"].shape[1] == 10  # image + 4 labels, and as many again for the previous estimate
+    for key in a.model:
+        assert torch.equal(a.model[key], b.model[key]) and torch.equal(a.ema[key], b.ema[key]), key
+    pipe = Pipeline.from_checkpoint(tmp_path / "straight", precision="fp32")
+    images, labels = pipe.pairs(3, seed=0, sampler="dpm++sde", steps=3)
+    assert images.shape == labels.shape == (3, 16, 16) and labels.max() <= 3
+    assert np.array_equal(pipe.pairs(3, seed=0, sampler="dpm++sde", steps=3)[0], images)  # no state leaks between calls
+    assert_user_error(["export", "straight", "--out", "hub"], "self-conditioned", "--self-condition")
+    assert not (tmp_path / "hub").exists()
+    assert_user_error(["train", "--data", pairs, "--recipe", "vp", "--patch-size", "1", "--self-condition", "--out-dir", "vp", "--max-steps", "1", *TRAIN],
+                      "diffusion.self_condition", "EDM")

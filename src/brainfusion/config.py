@@ -90,6 +90,13 @@ class ModelConfig:
     # ones; () and 0 build the unconditional network. A run's are set from its condition vocabulary.
     class_counts: tuple[int, ...] = ()
     continuous_inputs: int = 0
+    # set from diffusion.self_condition: in_channels more input channels, for the network's previous estimate
+    self_condition: bool = False
+
+    @property
+    def input_channels(self) -> int:
+        """Channels the network reads: the slice's, and as many again for its previous estimate when self-conditioned."""
+        return self.in_channels * (2 if self.self_condition else 1)
 
     def validate(self) -> None:
         if not 1 <= len(self.channel_mults) <= 6:
@@ -260,6 +267,10 @@ class DiffusionConfig:
     # joint image+mask runs: "one-hot" (K channels) or "ordinal" (one channel, the labels as evenly spaced levels
     # from −mask_scale to +mask_scale in their order; OASIS's is the T1 intensity order)
     mask_encoding: str = "one-hot"
+    # self-conditioning (Chen et al. 2022, "Analog Bits", made for discrete data diffused as real numbers): the
+    # network also reads its own previous denoised estimate (zeros at the first sampling step; in training, half
+    # the batches, from a first pass without gradients). EDM runs only
+    self_condition: bool = False
 
     def validate(self) -> None:
         if self.p_mean is None:  # a diffusion config alone is a pixel one; RunConfig.validate resolves latent runs first
@@ -289,6 +300,8 @@ class DiffusionConfig:
                                    "(0: off; 1: an image model for given masks only).")
         if self.mask_scale <= 0:
             raise BrainfusionError(f"diffusion.mask_scale is {self.mask_scale}; it must be positive, e.g. 1 or 0.5.")
+        if self.self_condition and self.formulation != "edm":
+            raise BrainfusionError("diffusion.self_condition needs the EDM formulation (the default recipe); leave it off for VP runs.")
         if self.given_mask_share and self.formulation != "edm":
             raise BrainfusionError("diffusion.given_mask_share needs the EDM formulation (the default recipe); leave it at 0 for VP runs.")
 
@@ -524,6 +537,7 @@ class RunConfig(_Serialised):
             self.diffusion.p_mean = P_MEAN_LATENTS if self.latent.active else P_MEAN_PIXELS
         if self.data.masks and self.data.mask_values:  # the image (or its latent) and one channel per tissue label, generated together
             self.model.in_channels = (self.latent.channels if self.latent.active and self.latent.factor else 1) + self.mask_channels
+        self.model.self_condition = self.diffusion.self_condition
         self.condition.validate()
         if self.condition.fitted:  # the network's condition inputs follow the vocabulary
             categorical, continuous = self.condition.names()

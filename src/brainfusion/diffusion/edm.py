@@ -53,15 +53,24 @@ class EDMProcess:
         return [c.view(shape) for c in (c_skip, c_out, c_in)] + [c_noise]
 
     def loss(self, model: Callable, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor, cond=None,
-             given: torch.Tensor | None = None) -> torch.Tensor:
+             given: torch.Tensor | None = None, estimate_first: bool = False) -> torch.Tensor:
         """EDM's weighted denoising loss, written as MSE (or smooth-L1) on F's target.
 
         `given` (bool, broadcastable to x0) marks channels handed to the network clean and unscaled instead of
-        noised: a condition, not a target, so they carry no loss (a joint model learning to fit a given mask)."""
+        noised: a condition, not a target, so they carry no loss (a joint model learning to fit a given mask).
+        A self-conditioned run's network reads zeros as its previous estimate, or with `estimate_first` its own
+        denoised estimate from a first pass without gradients (Chen et al. 2022, Analog Bits' training)."""
         c_skip, c_out, c_in, c_noise = self._broadcast(sigma, x0)
         x = x0 + sigma.to(x0.device, torch.float32).view(c_in.shape) * noise
         x_in = c_in * x if given is None else torch.where(given, x0, c_in * x)
-        prediction = (model(x_in, c_noise) if cond is None else model(x_in, c_noise, cond)).float()
+        net = model if cond is None else (lambda x_net, t: model(x_net, t, cond))
+        if self.config.self_condition:
+            previous = torch.zeros_like(x_in)
+            if estimate_first:
+                with torch.no_grad():
+                    previous = c_skip * x + c_out * net(torch.cat([x_in, previous], 1), c_noise).float()
+            x_in = torch.cat([x_in, previous.to(x_in.dtype)], 1)
+        prediction = net(x_in, c_noise).float()
         target = (x0 - c_skip * x) / c_out
         weight = self.channel_weight
         if given is not None:
@@ -70,7 +79,10 @@ class EDMProcess:
 
     def denoiser(self, model: Callable, given: torch.Tensor | None = None) -> Denoiser:
         """D(x, σ) from a network function (x_in, c_noise) → F, for the samplers; `given` (N, k, H, W) replaces
-        the last k channels of the network's input, clean and unscaled, as `loss` trained them."""
+        the last k channels of the network's input, clean and unscaled, as `loss` trained them. A self-conditioned
+        run's denoiser hands the network its own previous output (zeros at the first call), so each call of
+        the returned function belongs to one sampling trajectory."""
+        previous: list[torch.Tensor] = []
 
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
             s = torch.full((x.shape[0],), float(sigma))
@@ -78,7 +90,12 @@ class EDMProcess:
             x_in = c_in * x
             if given is not None:
                 x_in = torch.cat([x_in[:, : -given.shape[1]], given.to(x_in.dtype)], 1)
-            return c_skip * x + c_out * model(x_in, c_noise)
+            if self.config.self_condition:
+                x_in = torch.cat([x_in, previous[-1].to(x_in.dtype) if previous else torch.zeros_like(x_in)], 1)
+            out = c_skip * x + c_out * model(x_in, c_noise)
+            if self.config.self_condition:
+                previous[:] = [out]
+            return out
 
         return denoise
 

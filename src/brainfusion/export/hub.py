@@ -264,6 +264,9 @@ def export_run(checkpoint: Path | str, out: Path | str, metrics: Path | None = N
     from ..diffusion.pipeline import load_model
 
     model, state = load_model(Path(checkpoint))  # a run folder resolves to its newest checkpoint
+    if state.config.diffusion.self_condition:
+        raise BrainfusionError(f"{state.path} is a self-conditioned run, which the diffusers export does not carry yet; "
+                               "sample it with `brainfusion sample`, or export a run trained without --self-condition.")
     kept = kept_guide(state.path)
     guide, guide_state = load_model(kept) if kept is not None else (None, None)
     if guide_state is not None and guide_state.step >= state.step:

@@ -158,6 +158,9 @@ class ConditionEmbedding(nn.Module):
 class UNet(nn.Module):
     """Noise (or v, or EDM's F) predictor of (x_t, t, cond) for slices of `in_channels` channels.
 
+    A self-conditioned network (config.self_condition) reads x_t with its previous estimate stacked behind
+    it (`input_channels`) and still predicts `in_channels`.
+
     `cond` carries the conditions (labels, slice level; `ConditionEmbedding`) of a network whose
     config has `class_counts` or `continuous_inputs`; an unconditional network takes none.
     """
@@ -172,9 +175,9 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(c0, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
         k = cfg.pixel_channels if cfg.patch_size > 1 else 0
         pixels = (k or cfg.in_channels) * cfg.patch_size**2
-        self.pixel_in = nn.Conv2d(cfg.in_channels, k, 3, padding=1) if k else nn.Identity()
+        self.pixel_in = nn.Conv2d(cfg.input_channels, k, 3, padding=1) if k else nn.Identity()
         self.pixel_out = nn.Sequential(nn.SiLU(), nn.Conv2d(k, cfg.in_channels, 3, padding=1)) if k else nn.Identity()
-        self.stem = nn.Conv2d(pixels, c0, 3, padding=1)
+        self.stem = nn.Conv2d((k or cfg.input_channels) * cfg.patch_size**2, c0, 3, padding=1)
         resolutions = [cfg.image_size // cfg.patch_size >> i for i in range(len(widths))]
         self.encoder = nn.ModuleList()
         c_prev = c0

@@ -219,7 +219,7 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
     torch.manual_seed(tcfg.seed)
     model = UNet(config.model)
     if ctx.is_main and progress:  # the count costs ~1.2 s of start-up: interactive runs only
-        flops = training_flops_per_image(model, config.model.image_size, config.model.in_channels)
+        flops = training_flops_per_image(model, config.model.image_size, config.model.input_channels)
         log.info("model: %.2f M parameters, %.2f GFLOP per training image (forward+backward)", count_parameters(model) / 1e6, flops / 1e9)
     ema = EMA(model, tcfg.ema_decay)
     optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
@@ -292,6 +292,8 @@ def training_step(s: Session, step: int) -> torch.Tensor:
         group["lr"] = lr_at(step, tcfg)
     with torch.autocast(device.type, dtype=s.dtype or torch.float32, enabled=s.dtype is not None):
         extra = {} if given is None else {"given": given[lo:hi].to(device)}
+        if s.config.diffusion.self_condition:  # Analog Bits' coin: half the batches see a first estimate
+            extra["estimate_first"] = bool(torch.rand(1, generator=seeded_generator(tcfg.seed, 5, step)) < 0.5)
         loss = s.process.loss(s.forward, x0, levels, noise, cond, **extra)
     loss_mean = dist.mean(loss, ctx)  # the global batch's loss on every rank; non-finite if any rank's is
     s.optimizer.zero_grad(set_to_none=True)
