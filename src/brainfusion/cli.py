@@ -38,7 +38,7 @@ TRAIN_FLAGS = {
     "mask_encoding": ("diffusion.mask_encoding", str, "one-hot (default: a channel per label) or ordinal (one channel, the labels "
                       "as levels in their order, -mask_scale to +mask_scale)"),
     "self_condition": ("diffusion.self_condition", None, "self-conditioning (Analog Bits): the network also reads its previous "
-                       "denoised estimate; EDM runs, not exported yet (docs/masks.md)"),
+                       "denoised estimate; EDM runs; measured no better on the demo set, not exported yet (docs/masks.md)"),
     "holdout_subjects": ("data.holdout_subjects", float, "keep whole subjects out of training: a number (e.g. 2) or a share (e.g. 0.2); "
                          "drawn from --seed and recorded in the run's config"),
     "patch_size": ("model.patch_size", int, "1 (default), 2 or 4: pixel-unshuffle factor before the U-Net (2 is ~3x cheaper a step, worse per CPU minute)"),

@@ -269,7 +269,8 @@ class DiffusionConfig:
     mask_encoding: str = "one-hot"
     # self-conditioning (Chen et al. 2022, "Analog Bits", made for discrete data diffused as real numbers): the
     # network also reads its own previous denoised estimate (zeros at the first sampling step; in training, half
-    # the batches, from a first pass without gradients). EDM runs only
+    # the batches, from a first pass without gradients). EDM runs only. Off: on the demo set at equal minutes
+    # (1,500 steps against 1,720) a joint run's mask fidelity 0.846 / FID 145 against 0.8505 / 121 without it
     self_condition: bool = False
 
     def validate(self) -> None:
