@@ -82,20 +82,19 @@ class EDMProcess:
         the last k channels of the network's input, clean and unscaled, as `loss` trained them. A self-conditioned
         run's denoiser hands the network its own previous output (zeros at the first call), so each call of
         the returned function belongs to one sampling trajectory."""
-        previous: list[torch.Tensor] = []
+        previous: torch.Tensor | None = None
 
         def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            nonlocal previous
             s = torch.full((x.shape[0],), float(sigma))
             c_skip, c_out, c_in, c_noise = self._broadcast(s, x)
             x_in = c_in * x
             if given is not None:
                 x_in = torch.cat([x_in[:, : -given.shape[1]], given.to(x_in.dtype)], 1)
             if self.config.self_condition:
-                x_in = torch.cat([x_in, previous[-1].to(x_in.dtype) if previous else torch.zeros_like(x_in)], 1)
-            out = c_skip * x + c_out * model(x_in, c_noise)
-            if self.config.self_condition:
-                previous[:] = [out]
-            return out
+                x_in = torch.cat([x_in, torch.zeros_like(x_in) if previous is None else previous.to(x_in.dtype)], 1)
+            previous = c_skip * x + c_out * model(x_in, c_noise)
+            return previous
 
         return denoise
 
