@@ -12,7 +12,8 @@
    With `--image-model` (a run trained with `--masks --given-mask-share 1`) the pairs come in two
    stages: the joint run's masks, and that model's images made for them. `--autoguidance W` guides the
    joint run by the checkpoint it kept halfway (Karras et al. 2024; `--guide CKPT` picks another), and
-   the image model by its own.
+   the image model by its own. With `--label-model` (a run trained with `--masks --given-image-share 1`) the
+   order turns: `--joint` names an image-only run, whose images that label model draws tissue labels for.
 3. Arms, each a MONAI UNet + DiceCELoss (`evaluation/segmenter.py`) trained for the same `--steps`
    (equal compute), for K = `--ks` training subjects (chosen by seed) and `--seeds` seeds:
    `real` (the K subjects' slices), `generated` (as many generated pairs, capped at
@@ -56,10 +57,16 @@ def load_pairs(data: str, split: str, size: int):
 
 
 def pair_pipeline(args) -> Pipeline:
-    """What draws the pairs: the joint run, or (--image-model) the joint run's masks and that model's images for them."""
+    """What draws the pairs: the joint run, or (--image-model) the joint run's masks and that model's images for them,
+    or (--label-model) the --joint run's images, an image-only run's, and that label model's labels for them."""
     joint = Pipeline.from_checkpoint(args.joint)
     if args.autoguidance != 1:
         joint.use_kept_guide(args.autoguidance, args.guide or None)
+    if args.label_model:
+        labels = Pipeline.from_checkpoint(args.label_model)
+        if args.autoguidance != 1:
+            labels.use_kept_guide(args.autoguidance)
+        return labels.use_image_source(joint)
     if not args.image_model:
         return joint
     images = Pipeline.from_checkpoint(args.image_model)
@@ -72,7 +79,8 @@ def generated_pairs(pipe: Pipeline, n: int, seed: int, work: Path, sampler: str,
     """n image–mask pairs, made once and cached by (checkpoints, n, seed, sampler, steps)."""
     key = f"{pipe.checkpoint.resolve()}|{n}|{seed}|{sampler}|{steps}"
     key += f"|masks from {pipe.mask_source.checkpoint.resolve()}" if pipe.mask_source else ""
-    for stage in (pipe.mask_source, pipe):
+    key += f"|images from {pipe.image_source.checkpoint.resolve()}" if pipe.image_source else ""
+    for stage in (pipe.mask_source, pipe.image_source, pipe):
         key += f"|guided by {stage.guide[0].checkpoint.resolve()} at {stage.guide[1]:g}" if stage and stage.guide else ""
     cache = work / "generated.npz"
     if cache.is_file():
@@ -101,6 +109,8 @@ def given_fidelity(args, pipe: Pipeline, segmenter, masks: np.ndarray, n_labels:
     masks, then with the segmenter's reading)."""
     trained_clean = pipe.config.diffusion.given_mask_share > 0
     result = {}
+    if pipe.config.masks_for_images_only:  # a label model makes no images for masks
+        return result
     for clean in (True,) if pipe.config.images_for_masks_only else (False, True) if trained_clean else (False,):
         images, labels = pipe.pairs(len(masks), seed=args.gen_seed + 1, sampler=args.sampler, steps=args.sample_steps,
                                     mask=masks, mask_clean=clean)
@@ -213,7 +223,10 @@ def plot(summary, ks, path):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True, help="an OASIS-layout folder with seg folders (brainfusion data demo)")
-    ap.add_argument("--joint", required=True, help="a run trained with --masks (folder or checkpoint)")
+    ap.add_argument("--joint", required=True, help="a run trained with --masks (folder or checkpoint); with --label-model, "
+                    "an image-only run")
+    ap.add_argument("--label-model", default="", help="a run trained with --masks --given-image-share 1: pairs in two stages, "
+                    "the --joint run's images and this model's labels for them")
     ap.add_argument("--image-model", default="", help="a run trained with --masks --given-mask-share 1: pairs in two stages, "
                     "the --joint run's masks and this model's images for them")
     ap.add_argument("--autoguidance", type=float, default=1.0, help="autoguidance weight of the --joint run (1: none)")

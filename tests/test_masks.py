@@ -275,6 +275,65 @@ def test_two_stage_pairs_a_joint_runs_masks_and_an_image_model_for_given_masks(p
                       "diffusion.given_mask_share", "[0, 1]")
 
 
+def test_image_first_pairs_an_image_only_runs_images_and_a_label_model_for_given_images(pairs, cli, tmp_path, assert_user_error):
+    from brainfusion.diffusion.edm import EDMProcess
+    from brainfusion.seeding import derive_seed
+    from brainfusion.training.train import _given_channels
+
+    for out, extra in (("image", ()), ("labels", ("--masks", "--recipe", "edm-labels", "--sample-every", "1"))):
+        status, _, err = cli("train", "--data", pairs, "--out-dir", out, "--max-steps", "2", "--lr", "1e-2",
+                             "--warmup-steps", "1", *TRAIN, *extra)  # steps 1 and 2 differ, so autoguidance shows
+        assert status == 0, err
+    assert (tmp_path / "labels" / "samples" / "step_00000001.png").is_file()  # previews label training images
+    image = Pipeline.from_checkpoint(tmp_path / "image", precision="fp32")
+    labels = Pipeline.from_checkpoint(tmp_path / "labels", precision="fp32")
+    assert labels.config.masks_for_images_only and not labels.config.images_for_masks_only
+    assert (labels.config.diffusion.p_mean, labels.config.diffusion.mask_scale, labels.config.model.channel_mults) == (2.0, 1.0, (1, 2, 4, 4))
+    given = _given_channels(labels.config, 0, labels.config.model.in_channels)  # every image given, no label channel
+    assert given[:, 0].all() and not given[:, 1:].any()
+    x0, noise, out = torch.randn(2, 5, 16, 16), torch.randn(2, 5, 16, 16), torch.randn(4, 5, 16, 16)
+    process, sigma = EDMProcess(labels.config.diffusion), torch.tensor([0.5, 2.0])
+    loss = lambda image_out, label_out: process.loss(lambda x, t: torch.cat([image_out, label_out], 1), x0, sigma, noise,  # noqa: E731
+                                                     given=given[:2])
+    assert loss(out[:2, :1], out[:2, 1:]) == loss(out[2:, :1], out[:2, 1:])  # the given image carries no loss
+    assert loss(out[:2, :1], out[:2, 1:]) != loss(out[:2, :1], out[2:, 1:])  # the labels carry it all
+
+    with pytest.raises(BrainfusionError, match="given images only"):
+        labels.pairs(2, steps=2, sampler="dpm++sde")
+    with pytest.raises(BrainfusionError, match="image-only pixel run"):
+        Pipeline.from_checkpoint(tmp_path / "labels").use_image_source(labels)
+    with pytest.raises(BrainfusionError, match="draws no labels"):
+        image.use_image_source(image)
+
+    drawn = image(3, seed=2, sampler="dpm++sde", steps=3)
+    got_images, got_labels = labels.use_image_source(image).pairs(3, seed=2, sampler="dpm++sde", steps=3, batch_size=2)
+    assert np.array_equal(got_images, drawn)  # stage one: the image-only run's own draw, untouched
+    again = Pipeline.from_checkpoint(tmp_path / "labels", precision="fp32").pairs(3, seed=derive_seed(2, 1), sampler="dpm++sde",
+                                                                                  steps=3, image=drawn)
+    assert np.array_equal(again[0], drawn) and np.array_equal(again[1], got_labels)  # stage two: labels on noise of their own
+    assert got_labels.shape == (3, 16, 16) and got_labels.max() < 4
+
+    status, _, err = cli("sample", "--checkpoint", "labels", "--image-model", "image", "--n", "2", "--sampler", "dpm++",
+                         "--steps", "2", "--out", "two", "--no-gif", "--autoguidance", "2", "--precision", "fp32")
+    assert status == 0, err  # --autoguidance guides both stages, each by the weights its own run kept
+    load = lambda run: Pipeline.from_checkpoint(tmp_path / run, precision="fp32")  # noqa: E731
+    want = load("labels").use_kept_guide(2.0, precision="fp32").use_image_source(load("image").use_kept_guide(2.0, precision="fp32"))
+    want_images, want_labels = want.pairs(2, sampler="dpm++", steps=2)
+    values = np.asarray(VALUES)
+    for i in range(2):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "two" / "images" / f"sample_{i:05d}.png")), want_images[i])
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "two" / "images" / f"seg_{i:05d}.png")), values[want_labels[i]])
+    assert_user_error(["sample", "--checkpoint", "labels", "--n", "1", "--steps", "2"], "given images only")
+    assert_user_error(["sample", "--checkpoint", "labels", "--image-model", "image", "--mask-model", "labels", "--n", "1"],
+                      "leave out given_mask and mask_model")
+    assert_user_error(["export", "labels", "--out", "x"], "label model for given images")
+    assert not (tmp_path / "x").exists()
+    assert_user_error(["train", "--data", pairs, "--masks", "--given-image-share", "0.6", "--given-mask-share", "0.6",
+                       "--out-dir", "y", *TRAIN], "diffusion.given_image_share", "add up to 1")
+    assert_user_error(["train", "--data", pairs, "--given-image-share", "1", "--out-dir", "y", *TRAIN], "needs masks", "--masks")
+    assert not (tmp_path / "y").exists()
+
+
 def test_dice_matches_torchmetrics_and_a_segmenter_learns_the_rings():
     from torchmetrics.functional.segmentation import dice_score
 

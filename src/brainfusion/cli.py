@@ -34,6 +34,9 @@ TRAIN_FLAGS = {
     "given_mask_share": ("diffusion.given_mask_share", float, "share of training images given their mask clean, so the model also "
                          "learns to fit a given mask (0: off; sample --given-mask then fixes the mask channels by replacement; "
                          "1: an image model for given masks only, sampled with --given-mask or --mask-model)"),
+    "given_image_share": ("diffusion.given_image_share", float, "share of training images given clean, their labels to be "
+                          "drawn (1: a label model that draws the tissue labels of another run's images, sampled with --image-model; "
+                          "with given images its pairs keep the image-only model's realism, docs/masks.md)"),
     "mask_scale": ("diffusion.mask_scale", float, "the mask channels' scale: one-hot channels are ±this (default 0.25; 0.5 or 1 for a model mostly given masks), the ordinal one spans ±this (default 1)"),
     "mask_encoding": ("diffusion.mask_encoding", str, "one-hot (default: a channel per label) or ordinal (one channel, the labels "
                       "as levels in their order, -mask_scale to +mask_scale)"),
@@ -153,7 +156,8 @@ def _add_flags(parser: argparse.ArgumentParser, flags: dict) -> None:
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="JSON or TOML file with data/model/diffusion/train sections")
-    parser.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe applied over the config (edm: the default; edm-p2 and vp: the earlier defaults)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe applied over the config (edm: the default; edm-p2 and vp: the earlier defaults; "
+                        "edm-labels: with --masks, a label model for an image-only run's images, sampled with --image-model)")
     _add_flags(parser, TRAIN_FLAGS)
 
 
@@ -235,6 +239,7 @@ def _sample_config(args: argparse.Namespace, out_dir: str = ""):
         seed=args.seed, sampler=args.sampler, steps=args.steps, gif=not args.no_gif, use_ema=not args.no_ema,
         precision=args.precision, condition=_parse_condition(args.condition), guidance=args.guidance,
         given_mask=getattr(args, "given_mask", None) or "", mask_model=getattr(args, "mask_model", None) or "",
+        image_model=getattr(args, "image_model", None) or "",
         autoguidance=args.autoguidance, guide=args.guide or "",
         nifti_mm=args.spacing if getattr(args, "format", "png") == "nifti" else 0.0,
     )
@@ -242,7 +247,7 @@ def _sample_config(args: argparse.Namespace, out_dir: str = ""):
 
 def _add_autoguidance_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoguidance", type=float, default=1.0, metavar="W",
-                   help="guide each step away from a worse checkpoint of the run (Karras et al. 2024; with --mask-model both "
+                   help="guide each step away from a worse checkpoint of the run (Karras et al. 2024; with --mask-model or --image-model both "
                         "runs, each by its own): 1 none (default), 2 typical")
     p.add_argument("--guide", metavar="CKPT", help="the guide for --autoguidance (default: the checkpoint the run kept halfway, --guide-at)")
 
@@ -504,6 +509,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="models trained with --masks: generate images for these tissue masks (image i gets mask i mod M)")
     p.add_argument("--mask-model", metavar="RUN",
                    help="models trained with --masks: draw the masks from this joint run, then this model's images for them")
+    p.add_argument("--image-model", metavar="RUN",
+                   help="label models (trained with --masks --given-image-share 1): draw the images from this image-only run, "
+                        "then this model's tissue labels for them")
     _add_autoguidance_flags(p)
     p.set_defaults(func=cmd_sample)
 

@@ -258,6 +258,9 @@ class DiffusionConfig:
     # joint image+mask runs (EDM): the share of training images whose mask channels the network is given clean
     # instead of noised, so the same model also learns to make an image for a mask a user brings
     given_mask_share: float = 0.0
+    # image+mask runs (EDM): the share of training images handed to the network clean, their labels drawn for them;
+    # 1 makes a label model for given images only (masks for the images of an image-only run: `sample --image-model`)
+    given_image_share: float = 0.0
     # joint image+mask runs: the label channels' scale; None resolves by encoding (MASK_SCALES). Binary ±1 channels
     # sit far above σ_data = 0.5 and came out as blobs: at 520 steps on the demo set, Inception FID 283 / 269 / 257
     # and mask fidelity 0.73 / 0.75 / 0.76 at one-hot scale 1 / 0.5 / 0.25, but given-mask fidelity 0.82 / 0.79 / 0.63;
@@ -299,12 +302,16 @@ class DiffusionConfig:
         if not 0 <= self.given_mask_share <= 1:
             raise BrainfusionError(f"diffusion.given_mask_share is {self.given_mask_share}; it must be in [0, 1], e.g. 0.2 "
                                    "(0: off; 1: an image model for given masks only).")
+        if not (0 <= self.given_image_share <= 1 and self.given_image_share + self.given_mask_share <= 1 + 1e-9):
+            raise BrainfusionError(f"diffusion.given_image_share is {self.given_image_share}; it must be in [0, 1] and leave "
+                                   f"room for given_mask_share ({self.given_mask_share}): the two shares add up to 1 at most.")
         if self.mask_scale <= 0:
             raise BrainfusionError(f"diffusion.mask_scale is {self.mask_scale}; it must be positive, e.g. 1 or 0.5.")
         if self.self_condition and self.formulation != "edm":
             raise BrainfusionError("diffusion.self_condition needs the EDM formulation (the default recipe); leave it off for VP runs.")
-        if self.given_mask_share and self.formulation != "edm":
-            raise BrainfusionError("diffusion.given_mask_share needs the EDM formulation (the default recipe); leave it at 0 for VP runs.")
+        for key, share in (("given_mask_share", self.given_mask_share), ("given_image_share", self.given_image_share)):
+            if share and self.formulation != "edm":
+                raise BrainfusionError(f"diffusion.{key} needs the EDM formulation (the default recipe); leave it at 0 for VP runs.")
 
 
 @dataclass
@@ -524,6 +531,12 @@ class RunConfig(_Serialised):
         never learnt to draw masks itself; its pairs need masks from elsewhere (a joint run's)."""
         return bool(self.mask_labels) and self.diffusion.given_mask_share >= 1
 
+    @property
+    def masks_for_images_only(self) -> bool:
+        """Trained with every image given (diffusion.given_image_share 1): a label model, which draws the tissue labels
+        of images it is handed and never learnt to draw an image; its pairs need images from elsewhere."""
+        return bool(self.mask_labels) and self.diffusion.given_image_share >= 1
+
     def validate(self) -> None:
         self.model.image_size = self.data.image_size
         if self.latent.active and self.latent.factor:  # the U-Net works on the latent grid
@@ -539,6 +552,12 @@ class RunConfig(_Serialised):
         if self.data.masks and self.data.mask_values:  # the image (or its latent) and one channel per tissue label, generated together
             self.model.in_channels = (self.latent.channels if self.latent.active and self.latent.factor else 1) + self.mask_channels
         self.model.self_condition = self.diffusion.self_condition
+        if self.diffusion.given_image_share and not self.data.masks:
+            raise BrainfusionError("diffusion.given_image_share trains a model to draw the labels of given images, so it "
+                                   "needs masks; add --masks (or --masks DIR).")
+        if self.diffusion.given_image_share and self.latent.active:
+            raise BrainfusionError("diffusion.given_image_share needs a pixel run: a latent run's label model would need the "
+                                   "autoencoder's latents of every given image; train it without --autoencoder.")
         self.condition.validate()
         if self.condition.fitted:  # the network's condition inputs follow the vocabulary
             categorical, continuous = self.condition.names()
@@ -562,6 +581,14 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # shifted to the resolution, log-SNR by 2·ln(64/256), i.e. σ × 4: P_mean −1.2 + ln 4
     "edm-p4-shift": {"diffusion": {"formulation": "edm", "loss": "mse", "p_mean": -1.2 + math.log(4)},
                      "model": {"pixel_channels": 0, "patch_size": 4}},
+    # a label model for given images (train --masks --recipe edm-labels; sample --image-model): every image given
+    # clean, so the labels must be read from it, which happens at high noise, where P_mean 1.2 puts the training;
+    # ±1 label channels, a small U-Net (2.9× the default's img/s) and the segmenter's lr with cosine decay. On the
+    # demo set, 400 steps, sampled labels of unseen real slices: Dice 0.58 with the defaults, 0.73 with ±1 and
+    # P_mean 0.4, 0.81 with lr 2e-3 too, 0.84 with P_mean 1.2 (docs/masks.md)
+    "edm-labels": {"diffusion": {"formulation": "edm", "loss": "mse", "given_image_share": 1.0, "mask_scale": 1.0, "p_mean": 2.0},
+                   "model": {"pixel_channels": 0, "patch_size": 1, "base_channels": 16, "channel_mults": (1, 2, 4, 4)},
+                   "train": {"lr": 2e-3, "warmup_steps": 50}},
 }
 
 

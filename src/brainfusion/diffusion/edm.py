@@ -77,9 +77,10 @@ class EDMProcess:
             weight = (~given).float() if weight is None else weight * ~given
         return denoising_loss(prediction, target, self.config.loss, weight)
 
-    def denoiser(self, model: Callable, given: torch.Tensor | None = None) -> Denoiser:
+    def denoiser(self, model: Callable, given: torch.Tensor | None = None, first: bool = False) -> Denoiser:
         """D(x, σ) from a network function (x_in, c_noise) → F, for the samplers; `given` (N, k, H, W) replaces
-        the last k channels of the network's input, clean and unscaled, as `loss` trained them. A self-conditioned
+        the last k channels of the network's input (with `first`, the first k: a given image), clean and unscaled,
+        as `loss` trained them. A self-conditioned
         run's denoiser hands the network its own previous output (zeros at the first call), so each call of
         the returned function belongs to one sampling trajectory."""
         previous: torch.Tensor | None = None
@@ -90,7 +91,7 @@ class EDMProcess:
             c_skip, c_out, c_in, c_noise = self._broadcast(s, x)
             x_in = c_in * x
             if given is not None:
-                x_in = torch.cat([x_in[:, : -given.shape[1]], given.to(x_in.dtype)], 1)
+                x_in = replace_channels(x_in, given.to(x_in.dtype), first)
             if self.config.self_condition:
                 x_in = torch.cat([x_in, torch.zeros_like(x_in) if previous is None else previous.to(x_in.dtype)], 1)
             previous = c_skip * x + c_out * model(x_in, c_noise)
@@ -102,16 +103,20 @@ class EDMProcess:
         return karras_sigmas(steps, self.config.sigma_min, self.config.sigma_max, self.config.rho)
 
 
-def with_known_channels(denoise: Denoiser, known: torch.Tensor) -> Denoiser:
-    """Generate the first channels given the last ones (RePaint's replacement, Lugmayr et al. 2022, made
-    exact for σ-space samplers): the denoised estimate of the last `known.shape[1]` channels is `known`
-    itself, so the sampler keeps those channels of x at known + σ·noise all the way down while the
-    network sees them at every level, and they land on `known` exactly at σ = 0."""
-    k = known.shape[1]
+def replace_channels(x: torch.Tensor, part: torch.Tensor, first: bool = False) -> torch.Tensor:
+    """x with its last `part.shape[1]` channels (with `first`, its first ones) replaced by `part`."""
+    k = part.shape[1]
+    return torch.cat([part, x[:, k:]], 1) if first else torch.cat([x[:, :-k], part], 1)
+
+
+def with_known_channels(denoise: Denoiser, known: torch.Tensor, first: bool = False) -> Denoiser:
+    """Generate the first channels given the last ones, or with `first` the last given the first (RePaint's
+    replacement, Lugmayr et al. 2022, made exact for σ-space samplers): the denoised estimate of the known
+    channels is `known` itself, so the sampler keeps those channels of x at known + σ·noise all the way down
+    while the network sees them at every level, and they land on `known` exactly at σ = 0."""
 
     def denoise_given(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        out = denoise(x, sigma)
-        return torch.cat([out[:, :-k], known.to(out.dtype)], 1)
+        return replace_channels(denoise(x, sigma), known.to(x.dtype), first)
 
     return denoise_given
 

@@ -16,7 +16,7 @@ import torch
 from ..checkpoint import guide_checkpoint, load_checkpoint, load_weights
 from ..config import FAST_SAMPLER, FAST_STEPS, RunConfig
 from ..data.conditions import Request, encode_guided_request
-from ..data.channels import given_mask_channels, labels_from_channels, to_uint8
+from ..data.channels import given_mask_channels, labels_from_channels, to_model_range, to_uint8
 from ..errors import BrainfusionError
 from ..models.latent import LatentDecoder
 from ..models.unet import UNet
@@ -53,6 +53,7 @@ class Pipeline:
         # latent runs: the autoencoder's decoder, checked against the SHA-256 the run recorded
         self.decoder = decoder or (LatentDecoder.load(config, self.device, self.dtype) if config.latent.active else None)
         self.mask_source: Pipeline | None = None
+        self.image_source: Pipeline | None = None
         self.guide: tuple[Pipeline, float] | None = None
         self.checkpoint: Path | None = None
 
@@ -73,6 +74,22 @@ class Pipeline:
                                    f"but this model was trained on {mine.data.image_size}² masks with values "
                                    f"{list(mine.data.mask_values)}; use a mask source trained on the same labels and size.")
         self.mask_source = source
+        return self
+
+    def use_image_source(self, source: "Pipeline") -> "Pipeline":
+        """Draw the images of `pairs` from another pipeline, then this model's labels for them: the image first, as an
+        image-only model makes it, then its tissue labels, p(image)·p(labels | image). Meant for a label model trained
+        with every image given (diffusion.given_image_share 1) and an image-only run of the same size as the source;
+        diffusion segmentation (Wolleb et al. 2022) hands a network the image beside the noisy labels alike."""
+        mine, theirs = self.config, source.config
+        name = source.checkpoint or "the image source"
+        if not mine.masks_for_images_only:
+            raise BrainfusionError(f"{self.checkpoint or 'this model'} was not trained with every image given "
+                                   "(given_image_share 1), so it draws no labels for another model's images.")
+        if theirs.mask_labels or theirs.latent.active or theirs.data.image_size != mine.data.image_size:
+            raise BrainfusionError(f"{name} must be an image-only pixel run at {mine.data.image_size}² to serve as the image "
+                                   "source; use a run trained without --masks and without --autoencoder at that size.")
+        self.image_source = source
         return self
 
     def use_guide(self, guide: "Pipeline", weight: float) -> "Pipeline":
@@ -141,11 +158,13 @@ class Pipeline:
               on_frames: Callable[[int, list[np.ndarray]], None] | None = None,
               progress: Callable[[int], None] | None = None, cancel: Callable[[], bool] | None = None,
               condition: Request | None = None, guidance: float = 1.0,
-              mask: np.ndarray | None = None, mask_clean: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+              mask: np.ndarray | None = None, mask_clean: bool | None = None,
+              image: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """As `__call__`, and each image's tissue labels (uint8 (n, H, W) indices into the run's
         data.mask_values; None for a model trained without masks). A given `mask` is handed to the network
         clean when the model was trained so (diffusion.given_mask_share), else held by replacement;
-        `mask_clean` overrides that choice (the benchmark measures both)."""
+        `mask_clean` overrides that choice (the benchmark measures both). A given `image` (uint8 (n, H, W)), for a
+        model trained with diffusion.given_image_share, comes back with the labels the model draws for it."""
         if n <= 0 or batch_size <= 0:
             raise BrainfusionError(f"the image count ({n}) and batch size ({batch_size}) must be positive.")
         cond = encode_guided_request(self.config.condition, condition, n, guidance)
@@ -155,11 +174,20 @@ class Pipeline:
                                           condition=condition if conditional else None,
                                           guidance=guidance if conditional else 1.0)[1]
             seed = derive_seed(seed, 1)
+        if image is None and self.image_source is not None:  # stage one; the labels get their own noise streams
+            image = self.image_source(n, seed, sampler, steps, batch_size, first_index, progress=progress, cancel=cancel)
+            seed = derive_seed(seed, 1)
+        if image is not None and mask is not None:
+            raise BrainfusionError("give a model either an image to label or a mask to make an image for, not both.")
+        if image is None and self.config.masks_for_images_only:
+            raise BrainfusionError(f"{self.checkpoint or 'this model'} draws labels for given images only (trained with every "
+                                   "image given); give it images, or an image-only run to draw them from as its image source.")
         if mask is None and self.config.images_for_masks_only:
             raise BrainfusionError(f"{self.checkpoint or 'this model'} makes images for given masks only (trained with every "
                                    "mask given); give it masks, or a joint run to draw them from as its mask source.")
-        known = self._known(mask, n)
+        known = self._known(mask, n) if image is None else self._known_image(image, n)
         clean = self.config.diffusion.given_mask_share > 0 if mask_clean is None else mask_clean
+        clean = clean if image is None else self.config.diffusion.given_image_share > 0
         size, channels, k = self.config.model.image_size, self.config.model.in_channels, self.config.mask_channels
 
         network = self.network if self.guide is None else autoguidance(self.network, self.guide[0].network, self.guide[1])
@@ -178,10 +206,10 @@ class Pipeline:
             x, snaps = sample(network, self.config.diffusion, (count, channels, size, size), sampler, steps, gens,
                               frames=frames if on_frames else 0, progress=tick, cond=None if cond is None else cond[rows],
                               guidance=guidance, clamp=self.decoder is None, known=None if known is None else known[rows],
-                              known_clean=clean, frames_denoised=self.decoder is not None)
+                              known_clean=clean, frames_denoised=self.decoder is not None, known_first=image is not None)
             if on_frames is not None:
                 on_frames(start, [to_uint8(self._decode(f[:, : channels - k]).clamp(-1, 1)) for f in snaps])
-            images.append(to_uint8(self._decode(x[:, : channels - k])))
+            images.append(np.asarray(image)[rows].astype(np.uint8) if image is not None else to_uint8(self._decode(x[:, : channels - k])))
             if k:  # a given mask is what the image was made for; a latent run's label shares come back at full size
                 labels.append(np.asarray(mask)[rows].astype(np.uint8) if mask is not None else
                               labels_from_channels(x[:, channels - k :], self.config.data.image_size, self.config.mask_labels,
@@ -191,6 +219,14 @@ class Pipeline:
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
         """The image channels as slices: a latent run's through its autoencoder."""
         return x if self.decoder is None else self.decoder(x)
+
+    def _known_image(self, image: np.ndarray, n: int) -> torch.Tensor:
+        """Given images (uint8 (n, H, W)) as the model's image channel, after checking they fit the model."""
+        size = self.config.data.image_size
+        if not self.config.mask_labels or np.shape(image) != (n, size, size):
+            raise BrainfusionError(f"the given images have shape {np.shape(image)}; this model labels {size}² images, "
+                                   f"({n}, {size}, {size}) uint8, and must be trained with --masks.")
+        return to_model_range(torch.as_tensor(np.asarray(image, dtype=np.uint8)))
 
     def _known(self, mask: np.ndarray | torch.Tensor | None, n: int) -> torch.Tensor | None:
         """A given mask as the model's mask channels, after checking it fits the model."""

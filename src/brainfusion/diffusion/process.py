@@ -23,7 +23,7 @@ from ..config import SAMPLERS, DiffusionConfig
 from ..data.conditions import NULL
 from ..errors import BrainfusionError
 from ..seeding import randn
-from .edm import EDM_SAMPLERS, EDMProcess, with_known_channels
+from .edm import EDM_SAMPLERS, EDMProcess, replace_channels, with_known_channels
 from .loss import denoising_loss
 
 
@@ -195,6 +195,7 @@ def sample(
     known: torch.Tensor | None = None,
     known_clean: bool = False,
     frames_denoised: bool = False,
+    known_first: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run the reverse process from pure noise; returns the images and `frames` snapshots of x_t.
 
@@ -204,7 +205,8 @@ def sample(
     [-1, 1], the range of slices; latents (latent.py) have no such range. `known` (N, k, H, W) fixes
     the last k channels (a given tissue mask) and generates the rest to fit them (EDM runs): by
     replacement, or with `known_clean` by handing them to the network clean, as a model trained with
-    diffusion.given_mask_share has learnt them. With `frames_denoised` the snapshots are the network's
+    diffusion.given_mask_share has learnt them; with `known_first` it fixes the first channels instead (an image
+    whose labels a model trained with diffusion.given_image_share draws). With `frames_denoised` the snapshots are the network's
     denoised estimate x̂₀ at those steps instead of x_t (latent runs: a noisy latent decodes to nothing).
     """
     if cond is not None:
@@ -219,10 +221,10 @@ def sample(
         process = EDMProcess(cfg)
         sigmas = process.sigmas(steps)
         x = x * sigmas[0].item()
-        denoise = process.denoiser(model, given=known if known_clean else None)
+        denoise = process.denoiser(model, given=known if known_clean else None, first=known_first)
         if known is not None:
-            denoise = with_known_channels(denoise, known)
-            x[:, -known.shape[1] :] = known if known_clean else x[:, -known.shape[1] :] + known
+            denoise = with_known_channels(denoise, known, known_first)
+            x = replace_channels(x, known if known_clean else known + _part(x, known.shape[1], known_first), known_first)
         latest = {}
         if frames_denoised:
             denoise = _recording(denoise, latest)
@@ -250,6 +252,11 @@ def sample(
             yield x
 
     return _run(x, trajectory(), len(scheduler.timesteps), frames, progress, clamp, (lambda: latest["x0"]) if frames_denoised else None)
+
+
+def _part(x: torch.Tensor, k: int, first: bool) -> torch.Tensor:
+    """x's first (or last) k channels."""
+    return x[:, :k] if first else x[:, -k:]
 
 
 def _recording(denoise: Callable, latest: dict) -> Callable:

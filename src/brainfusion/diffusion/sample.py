@@ -102,6 +102,7 @@ class SampleConfig:
     guide: str = ""  # the guide's checkpoint; default: the one the run kept at train.guide_at
     given_mask: str = ""  # models trained with masks: a seg PNG or a folder of them; image i gets mask i mod M
     mask_model: str = ""  # or: a joint run whose drawn masks this model makes its images for (Pipeline.use_mask_source)
+    image_model: str = ""  # label models: an image-only run whose images this model draws labels for (Pipeline.use_image_source)
     nifti_mm: float = 0.0  # > 0: each image (and mask) also as a .nii.gz of this pixel size in mm, beside the PNGs
 
 
@@ -118,12 +119,18 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
     given = None
     if cfg.given_mask and cfg.mask_model:
         raise BrainfusionError("give the masks either as files (given_mask) or as a joint run to draw them from (mask_model), not both.")
+    if cfg.image_model and (cfg.given_mask or cfg.mask_model):
+        raise BrainfusionError("a label model takes its images from an image model (image_model); it makes no images for "
+                               "masks, so leave out given_mask and mask_model.")
     if cfg.mask_model:
         pipe.use_mask_source(Pipeline.from_checkpoint(cfg.mask_model, cfg.use_ema, ctx.device, cfg.precision))
+    if cfg.image_model:
+        pipe.use_image_source(Pipeline.from_checkpoint(cfg.image_model, cfg.use_ema, ctx.device, cfg.precision))
     if cfg.autoguidance != 1:
         pipe.use_kept_guide(cfg.autoguidance, cfg.guide or None, cfg.use_ema, cfg.precision)
-        if pipe.mask_source is not None:  # both stages, each by its own run's guide
-            pipe.mask_source.use_kept_guide(cfg.autoguidance, None, cfg.use_ema, cfg.precision)
+        for source in (pipe.mask_source, pipe.image_source):  # both stages, each by its own run's guide
+            if source is not None:
+                source.use_kept_guide(cfg.autoguidance, None, cfg.use_ema, cfg.precision)
     if cfg.given_mask:
         if not state.config.mask_labels:
             raise BrainfusionError(f"{state.path} was trained without masks; sample it without a given mask, or train with masks.")
@@ -175,6 +182,7 @@ def _condition_suffix(cfg: SampleConfig) -> str:
     parts = [f"{k}={v}" for k, v in (cfg.condition or {}).items()] + ([f"g{cfg.guidance:g}"] if cfg.guidance != 1 else [])
     parts += [f"given-{Path(cfg.given_mask).stem}"] if cfg.given_mask else []
     parts += [f"masks-{Path(cfg.mask_model).name}"] if cfg.mask_model else []
+    parts += [f"images-{Path(cfg.image_model).name}"] if cfg.image_model else []
     parts += [f"ag{cfg.autoguidance:g}"] if cfg.autoguidance != 1 else []
     return "".join("-" + re.sub(r"[^A-Za-z0-9._=+-]", "_", part) for part in parts)
 

@@ -267,6 +267,9 @@ def export_run(checkpoint: Path | str, out: Path | str, metrics: Path | None = N
     if state.config.diffusion.self_condition:
         raise BrainfusionError(f"{state.path} is a self-conditioned run, which the diffusers export does not carry yet; "
                                "sample it with `brainfusion sample`, or export a run trained without --self-condition.")
+    if state.config.masks_for_images_only:
+        raise BrainfusionError(f"{state.path} is a label model for given images, which the diffusers export does not carry "
+                               "yet; export its image run, and draw the labels with `brainfusion sample --image-model`.")
     kept = kept_guide(state.path)
     guide, guide_state = load_model(kept) if kept is not None else (None, None)
     if guide_state is not None and guide_state.step >= state.step:

@@ -121,6 +121,7 @@ class Session:
     scaler: torch.amp.GradScaler | None = None  # fp16 only; its state is checkpointed so resume stays exact
     decoder: LatentDecoder | None = None  # latent runs: turns previews' latents into slices
     preview_masks: np.ndarray | None = None  # a run given every mask: training masks its previews are made for
+    preview_images: np.ndarray | None = None  # a run given every image: training images its previews label
     guide_kept: bool = False  # a time-budget run's guide (checkpoints/guide/) is written; read once, not every step
 
 
@@ -159,7 +160,7 @@ def _resume_state(config: RunConfig, resume: bool):
 
 
 EVAL_SAMPLES = 64  # images the in-training evaluation draws (train.eval_every)
-_MASK_FIELDS = {"mask_loss_share": 0.0, "given_mask_share": 0.0, "mask_scale": 1.0, "mask_encoding": "one-hot"}
+_MASK_FIELDS = {"mask_loss_share": 0.0, "given_mask_share": 0.0, "given_image_share": 0.0, "mask_scale": 1.0, "mask_encoding": "one-hot"}
 
 
 def _process(config: RunConfig):
@@ -218,6 +219,7 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
                          label_encoding=config.diffusion.mask_encoding)
     torch.manual_seed(tcfg.seed)
     model = UNet(config.model)
+    preview = np.arange(EVAL_SAMPLES) * len(images) // EVAL_SAMPLES  # the training pairs a run given masks or images previews
     if ctx.is_main and progress:  # the count costs ~1.2 s of start-up: interactive runs only
         flops = training_flops_per_image(model, config.model.image_size, config.model.input_channels)
         log.info("model: %.2f M parameters, %.2f GFLOP per training image (forward+backward)", count_parameters(model) / 1e6, flops / 1e9)
@@ -251,7 +253,8 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
         time.monotonic() + tcfg.time_budget_min * 60 if tcfg.time_budget_min else None,
         int(state.extra.get("nonfinite_skipped", 0)) if state is not None else 0,  # the CSV column carries over a resume
         slices.images, scaler, None if ae is None else LatentDecoder(ae, config, ctx.device, dtype),
-        masks[np.arange(EVAL_SAMPLES) * len(masks) // EVAL_SAMPLES] if config.images_for_masks_only else None,
+        masks[preview] if config.images_for_masks_only else None,
+        np.asarray(images)[preview] if config.masks_for_images_only else None,
         latest_checkpoint(Path(tcfg.out_dir) / "checkpoints" / GUIDE_FOLDER) is not None,
     )
 
@@ -262,15 +265,17 @@ def _channel_weight(config: RunConfig, device: torch.device) -> torch.Tensor | N
     return None if weight is None else weight.to(device)
 
 
-def _given_masks(config: RunConfig, step: int, channels: int) -> torch.Tensor | None:
-    """Which images of global batch `step` get their mask channels clean, as a condition (diffusion.given_mask_share):
-    (batch, C, 1, 1) bool, drawn from its own key; None when the run has no such share."""
-    share, k, batch = config.diffusion.given_mask_share, config.mask_channels, config.train.batch_size
-    if not (share and k):
+def _given_channels(config: RunConfig, step: int, channels: int) -> torch.Tensor | None:
+    """Which channels of global batch `step` go to the network clean, as a condition: (batch, C, 1, 1) bool, drawn
+    from its own key (None when the run has neither share). One draw u per image: u < diffusion.given_mask_share
+    gives the image its mask channels; the next given_image_share of [0, 1) gives the labels their image."""
+    d, k, batch = config.diffusion, config.mask_channels, config.train.batch_size
+    if not ((d.given_mask_share or d.given_image_share) and k):
         return None
-    chosen = torch.rand(batch, generator=seeded_generator(config.train.seed, 4, step)) < share
+    u = torch.rand(batch, generator=seeded_generator(config.train.seed, 4, step))
     given = torch.zeros(batch, channels, 1, 1, dtype=torch.bool)
-    given[chosen, channels - k :] = True
+    given[u < d.given_mask_share, channels - k :] = True
+    given[(u >= d.given_mask_share) & (u < d.given_mask_share + d.given_image_share), : channels - k] = True
     return given
 
 
@@ -287,7 +292,7 @@ def training_step(s: Session, step: int) -> torch.Tensor:
     levels, noise = levels[lo:hi].to(device), noise[lo:hi].to(device, memory_format=s.memory_format)
     if cond is not None:  # label dropout, drawn from its own key so it never shares a stream with the network's dropout
         cond = drop_labels(cond, s.config.condition.label_dropout, seeded_generator(tcfg.seed, 3, step, 1), tcfg.batch_size, lo).to(device)
-    given = _given_masks(s.config, step, x0.shape[1])
+    given = _given_channels(s.config, step, x0.shape[1])
     for group in s.optimizer.param_groups:
         group["lr"] = lr_at(step, tcfg)
     with torch.autocast(device.type, dtype=s.dtype or torch.float32, enabled=s.dtype is not None):
@@ -359,7 +364,7 @@ def train(config: RunConfig, resume: bool = False, progress: bool = True) -> Tra
                 dist.barrier(ctx)
             if ctx.is_main and tcfg.sample_every and step % tcfg.sample_every == 0:
                 _preview(s, out_dir / "samples" / f"step_{step:08d}.png", runlog, step)
-            if ctx.is_main and tcfg.eval_every and step % tcfg.eval_every == 0:
+            if ctx.is_main and tcfg.eval_every and step % tcfg.eval_every == 0 and not config.masks_for_images_only:
                 _evaluate_during_training(s, out_dir, step, runlog)
     if ctx.is_main and nonfinite_run == 0 and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}.safetensors")):
         last_ckpt = checkpoint_now()
@@ -400,11 +405,13 @@ def _count_nonfinite(loss: torch.Tensor, run: int, step: int, limit: int, last_c
 
 def _sample_ema(s: Session, n: int, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
     """n preview images of the EMA network (and their masks, for a mask run; a run given every mask makes them for
-    training masks): image i of `seed` is the one `brainfusion sample` would draw."""
+    training masks, one given every image labels training images): image i of `seed` is the one `brainfusion sample`
+    would draw."""
     model = s.ema.shadow
     was = model.training
     pipe = Pipeline(model, s.config, s.ctx.device, s.config.train.precision, s.config.train.channels_last, s.decoder)
-    images, labels = pipe.pairs(n, seed=seed, mask=None if s.preview_masks is None else s.preview_masks[:n])
+    images, labels = pipe.pairs(n, seed=seed, mask=None if s.preview_masks is None else s.preview_masks[:n],
+                                image=None if s.preview_images is None else s.preview_images[:n])
     model.train(was)
     return images, labels
 
