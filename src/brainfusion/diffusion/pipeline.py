@@ -186,8 +186,10 @@ class Pipeline:
             raise BrainfusionError(f"{self.checkpoint or 'this model'} makes images for given masks only (trained with every "
                                    "mask given); give it masks, or a joint run to draw them from as its mask source.")
         known = self._known(mask, n) if image is None else self._known_image(image, n)
-        clean = self.config.diffusion.given_mask_share > 0 if mask_clean is None else mask_clean
-        clean = clean if image is None else self.config.diffusion.given_image_share > 0
+        if image is not None:  # a label model takes its image clean, as trained; anything else holds it by replacement
+            clean = self.config.diffusion.given_image_share > 0
+        else:
+            clean = self.config.diffusion.given_mask_share > 0 if mask_clean is None else mask_clean
         size, channels, k = self.config.model.image_size, self.config.model.in_channels, self.config.mask_channels
 
         network = self.network if self.guide is None else autoguidance(self.network, self.guide[0].network, self.guide[1])
