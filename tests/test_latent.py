@@ -257,3 +257,40 @@ def test_scale_equivariance_asks_the_pooled_latent_to_decode_to_the_pooled_slice
     assert loss.item() == pytest.approx(0.5 * x.abs().mean().item(), rel=1e-5)
     loss.backward()
     assert wrong.gain.grad < 0  # it pulls the decoder towards the pooled slice
+
+
+def test_a_decoder_fine_tune_keeps_every_latent_and_decodes_the_latent_run(cli, assert_user_error, oasis32, tmp_path):
+    from brainfusion.diffusion.pipeline import Pipeline
+
+    ae, dec, ldm = tmp_path / "ae", tmp_path / "dec", tmp_path / "ldm"
+    assert cli("train-autoencoder", "--data", oasis32, "--out-dir", ae, "--max-steps", "2", *AE_TINY)[0] == 0
+    assert cli("train", "--data", oasis32, "--autoencoder", ae, "--out-dir", ldm, "--max-steps", "2", *LATENT_TINY)[0] == 0
+    status, _, err = cli("train-autoencoder", "--data", oasis32, "--out-dir", dec, "--decoder-of", ae, "--max-steps", "3", *AE_TINY,
+                         "--adv-start", "0")
+    assert status == 0, err
+    before, after = _weights(ae), _weights(dec)
+    makes_latents = [k for k in before if k.startswith(("model.vae.inner.encoder.", "model.vae.inner.quant_conv_"))]
+    decodes = [k for k in before if k.startswith(("model.vae.inner.decoder.", "model.vae.inner.post_quant_conv"))]
+    assert makes_latents and all(torch.equal(before[k], after[k]) for k in makes_latents)
+    assert not all(torch.equal(before[k], after[k]) for k in decodes)
+    fine_tune = ["--data", oasis32, "--out-dir", tmp_path / "dec_split", "--decoder-of", ae, *AE_TINY, "--adv-start", "0"]
+    assert cli("train-autoencoder", *fine_tune, "--max-steps", "1")[0] == 0
+    assert cli("train-autoencoder", *fine_tune, "--max-steps", "3", "--resume")[0] == 0
+    assert _same(after, _weights(tmp_path / "dec_split")), "the resumed decoder fine-tune differs from the uninterrupted one"
+
+    plain = Pipeline.from_checkpoint(ldm, precision="fp32")(2, seed=3, sampler="ddim", steps=3)
+    finetuned = Pipeline.from_checkpoint(ldm, precision="fp32", decoder=dec)
+    assert finetuned.config.latent.decoder == str(dec) and len(finetuned.config.latent.decoder_sha256) == 64
+    images = finetuned(2, seed=3, sampler="ddim", steps=3)
+    assert images.shape == plain.shape and not np.array_equal(images, plain)
+    status, out, err = cli("sample", "--checkpoint", ldm, "--decoder", dec, "--n", "2", "--seed", "3", "--sampler", "ddim", "--steps", "3",
+                           "--precision", "fp32", "--no-gif", "--out", tmp_path / "samples")
+    assert status == 0, err
+    assert np.array_equal(np.asarray(Image.open(Path(json.loads(out)["images"]) / "sample_00001.png")), images[1])
+    assert cli("export", ldm, "--decoder", dec, "--out", tmp_path / "export")[0] == 0
+    assert f"with the decoder of `{dec}`" in (tmp_path / "export" / "README.md").read_text()
+
+    # an autoencoder that is no fine-tune of the run's; a fine-tune with another network
+    assert_user_error(["sample", "--checkpoint", ldm, "--decoder", ae, "--n", "1"], str(ae), "not of this run's autoencoder")
+    assert_user_error(["train-autoencoder", "--data", oasis32, "--out-dir", tmp_path / "dec2", "--decoder-of", ae, "--max-steps", "1",
+                       *AE_TINY, "--latent-channels", "3"], "--latent-channels", str(ae))

@@ -106,6 +106,9 @@ AUTOENCODER_FLAGS = {
     "adv_start": ("autoencoder.adv_start", int, "steps before the adversarial loss joins (default 2000)"),
     "disc_layers": ("autoencoder.disc_layers", int, "layers of the patch discriminator (default 3; crops of 2^(layers+2) px at least)"),
     "disc_patch": ("autoencoder.disc_patch", int, "the discriminator sees PxP pixel blocks as P² channels (default 1: pixels)"),
+    "decoder_of": ("autoencoder.decoder_of", str, "fine-tune the decoder of this autoencoder run, its encoder and so its latents "
+                   "frozen; a latent run on that autoencoder then decodes through this one (sample --decoder). Usually with "
+                   "--adv-start 0"),
     "heldout": ("score.heldout", str, "held-out slices scored at the end (default: an OASIS layout's validate split)"),
     "score_n": ("score.n", int, "held-out slices scored at the end (default 500)"),
     "no_rfid": ("score.inception", None, "skip rFID (the Inception network is slow on CPUs)"),
@@ -240,7 +243,7 @@ def _sample_config(args: argparse.Namespace, out_dir: str = ""):
         precision=args.precision, condition=_parse_condition(args.condition), guidance=args.guidance,
         given_mask=getattr(args, "given_mask", None) or "", mask_model=getattr(args, "mask_model", None) or "",
         image_model=getattr(args, "image_model", None) or "",
-        autoguidance=args.autoguidance, guide=args.guide or "",
+        autoguidance=args.autoguidance, guide=args.guide or "", decoder=args.decoder or "",
         nifti_mm=args.spacing if getattr(args, "format", "png") == "nifti" else 0.0,
     )
 
@@ -250,6 +253,11 @@ def _add_autoguidance_flags(p: argparse.ArgumentParser) -> None:
                    help="guide each step away from a worse checkpoint of the run (Karras et al. 2024; with --mask-model or --image-model both "
                         "runs, each by its own): 1 none (default), 2 typical")
     p.add_argument("--guide", metavar="CKPT", help="the guide for --autoguidance (default: the checkpoint the run kept halfway, --guide-at)")
+
+
+def _add_decoder_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decoder", metavar="AE", help="latent runs: decode through this decoder fine-tune of the run's autoencoder "
+                                                   "(train-autoencoder --decoder-of)")
 
 
 def _parse_condition(pairs: list[str] | None) -> dict[str, str] | None:
@@ -340,7 +348,7 @@ def _evaluate_conditional(args: argparse.Namespace, out: Path) -> None:
     config = ConditionalEvalConfig(guidance_scales=scales, n_per_class=args.n_per_class, class_column=args.class_column,
                                    judge_steps=args.judge_steps, seed=args.seed, sampler=args.sampler, steps=args.steps,
                                    batch_size=args.batch_size, image_size=args.image_size, on_bad_file=args.on_bad_file, device=device)
-    pipe = Pipeline.from_checkpoint(args.checkpoint, device=torch.device(device), precision=args.precision)
+    pipe = Pipeline.from_checkpoint(args.checkpoint, device=torch.device(device), precision=args.precision, decoder=args.decoder)
     if args.on_missing_label:
         pipe.config.condition.on_missing_label = args.on_missing_label
     report = evaluate_conditional(pipe, LabelledData(args.train, args.train_split, args.train_labels or ""),
@@ -353,7 +361,7 @@ def _evaluate_conditional(args: argparse.Namespace, out: Path) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from .export.hub import export_run
 
-    out = export_run(args.run, args.out, Path(args.metrics) if args.metrics else None)
+    out = export_run(args.run, args.out, Path(args.metrics) if args.metrics else None, args.decoder)
     print(f"exported to {out} (diffusers layout, model card {out / 'README.md'})")
     if args.push_to_hub:
         from huggingface_hub import upload_folder
@@ -432,6 +440,7 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--mask-model", metavar="RUN", help="with --checkpoint trained with --masks: draw the masks from this joint run")
     _add_autoguidance_flags(p)
+    _add_decoder_flag(p)
     c = p.add_argument_group("conditional checks (a conditional --checkpoint; --n 0 skips the unconditional evaluation)")
     c.add_argument("--conditional", action="store_true",
                    help="judge per class (and slice level) whether samples are what was asked for: conditional.json/.md in --out")
@@ -513,6 +522,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="label models (trained with --masks --given-image-share 1): draw the images from this image-only run, "
                         "then this model's tissue labels for them")
     _add_autoguidance_flags(p)
+    _add_decoder_flag(p)
     p.set_defaults(func=cmd_sample)
 
     _add_evaluate_parser(sub)
@@ -521,6 +531,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder or ckpt_*.safetensors")
     p.add_argument("--out", required=True, help="folder to write (replaced whole)")
     p.add_argument("--metrics", help="an evaluation's metrics.json for the model card")
+    _add_decoder_flag(p)
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload to the Hugging Face Hub (online users; needs a login)")
     p.set_defaults(func=cmd_export)
 

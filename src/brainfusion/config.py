@@ -402,6 +402,11 @@ class AutoencoderConfig:
     # 1 (default): the discriminator sees pixels. p > 1: p×p pixel blocks as p² channels, so its convolutions run
     # at 1/p of the resolution (about p² fewer multiply-adds) and each of its patches spans p× more pixels
     disc_patch: int = 1
+    # a decoder fine-tune, as Stable Diffusion's ft-EMA and ft-MSE decoders were made: start from this autoencoder
+    # run's weights and train the decoder alone, so every latent stays bitwise the same and a latent run trained on
+    # that autoencoder decodes through this one (latent.decoder). "": train encoder and decoder
+    decoder_of: str = ""
+    decoder_of_sha256: str = ""  # of its weights file, recorded when the fine-tune starts
 
     @property
     def factor(self) -> int:
@@ -492,6 +497,8 @@ class LatentConfig:
 
     autoencoder: str = ""  # an autoencoder run folder or checkpoint; "" = pixel diffusion
     sha256: str = ""  # of the autoencoder's weights file, checked at every load
+    decoder: str = ""  # a decoder fine-tune of `autoencoder` (autoencoder.decoder_of) to decode with; "" = its own decoder
+    decoder_sha256: str = ""
     image_size: int = 0  # the pixel size the autoencoder decodes to
     channels: int = 0
     factor: int = 0

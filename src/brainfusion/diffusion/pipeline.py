@@ -18,7 +18,7 @@ from ..config import FAST_SAMPLER, FAST_STEPS, RunConfig
 from ..data.conditions import Request, encode_guided_request
 from ..data.channels import given_mask_channels, labels_from_channels, to_model_range, to_uint8
 from ..errors import BrainfusionError
-from ..models.latent import LatentDecoder
+from ..models.latent import LatentDecoder, use_decoder
 from ..models.unet import UNet
 from ..runtime import choose_channels_last, choose_precision, network_fn
 from ..seeding import derive_seed, image_generators
@@ -124,8 +124,11 @@ class Pipeline:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Path | str, use_ema: bool = True, device: torch.device | None = None,
-                        precision: str = "auto") -> "Pipeline":
+                        precision: str = "auto", decoder: Path | str | None = None) -> "Pipeline":
+        """A run's network; a latent run decodes through its autoencoder or `decoder`, a decoder fine-tune of it."""
         model, state = load_model(Path(checkpoint), use_ema, device)
+        if decoder:
+            use_decoder(state.config, decoder)
         pipe = cls(model, state.config, device, precision)
         pipe.checkpoint = state.path
         return pipe

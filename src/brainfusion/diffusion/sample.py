@@ -23,6 +23,7 @@ from ..data.masks import fit_square_labels, to_label_index
 from ..data.slices import IMAGE_SUFFIXES, load_set, read_slice
 from ..errors import BrainfusionError
 from ..images import make_grid, overlay_labels, save_gif, save_grid, save_nifti_slice, save_png
+from ..models.latent import use_decoder
 from .pipeline import Pipeline, load_model
 from .process import default_steps
 
@@ -100,6 +101,7 @@ class SampleConfig:
     guidance: float = 1.0  # classifier-free guidance scale
     autoguidance: float = 1.0  # autoguidance weight (Pipeline.use_guide); 1: none
     guide: str = ""  # the guide's checkpoint; default: the one the run kept at train.guide_at
+    decoder: str = ""  # latent runs: decode through this decoder fine-tune of the run's autoencoder (models.latent.use_decoder)
     given_mask: str = ""  # models trained with masks: a seg PNG or a folder of them; image i gets mask i mod M
     mask_model: str = ""  # or: a joint run whose drawn masks this model makes its images for (Pipeline.use_mask_source)
     image_model: str = ""  # label models: an image-only run whose images this model draws labels for (Pipeline.use_image_source)
@@ -113,6 +115,8 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
     torch.set_flush_denormal(True)
     ctx = dist.init()
     model, state = load_model(Path(cfg.checkpoint), cfg.use_ema, ctx.device)
+    if cfg.decoder:
+        use_decoder(state.config, cfg.decoder)
     pipe = Pipeline(model, state.config, ctx.device, cfg.precision)
     pipe.checkpoint = state.path
     steps = cfg.steps or default_steps(state.config.diffusion, cfg.sampler)

@@ -197,10 +197,11 @@ def _ship_code(folder: Path) -> None:
 def make_vae(config: RunConfig) -> BrainfusionVAE:
     """A latent run's `vae` component: the autoencoder whose SHA-256 the run recorded, and the run's latent statistics."""
     from ..models.autoencoder import autoencoder_arguments, load_autoencoder, monai_autoencoder
-    from ..models.latent import LATENT_STD
+    from ..models.latent import LATENT_STD, decoding_autoencoder
 
     latent = config.latent
-    ae, state, _ = load_autoencoder(latent.autoencoder, torch.device("cpu"), latent.sha256)
+    path, sha256 = decoding_autoencoder(config)
+    ae, state, _ = load_autoencoder(path, torch.device("cpu"), sha256)
     vae = BrainfusionVAE(autoencoder=autoencoder_arguments(state.config.autoencoder), mean=list(latent.mean), std=list(latent.std),
                          factor=latent.factor, latent_std=LATENT_STD, patch=state.config.autoencoder.patch)
     vae.ae.load_state_dict(monai_autoencoder(ae).state_dict())
@@ -256,14 +257,18 @@ def channel_layout(config: RunConfig) -> dict:
     return {"channels": [*image, *labels]}
 
 
-def export_run(checkpoint: Path | str, out: Path | str, metrics: Path | None = None) -> Path:
+def export_run(checkpoint: Path | str, out: Path | str, metrics: Path | None = None, decoder: Path | str | None = None) -> Path:
     """Write `checkpoint`'s EMA network as a diffusers folder at `out` (replaced whole, atomically), with its model card,
-    and the run's autoguidance guide (checkpoints/guide/) as `guide_unet` when it is older than the exported step."""
+    and the run's autoguidance guide (checkpoints/guide/) as `guide_unet` when it is older than the exported step.
+    A latent run's `vae` is its autoencoder, or `decoder`, a decoder fine-tune of it (models.latent.use_decoder)."""
     from ..checkpoint import kept_guide, run_folder
     from .modelcard import model_card
     from ..diffusion.pipeline import load_model
+    from ..models.latent import use_decoder
 
     model, state = load_model(Path(checkpoint))  # a run folder resolves to its newest checkpoint
+    if decoder:
+        use_decoder(state.config, decoder)
     if state.config.diffusion.self_condition:
         raise BrainfusionError(f"{state.path} is a self-conditioned run, which the diffusers export does not carry yet; "
                                "sample it with `brainfusion sample`, or export a run trained without --self-condition.")

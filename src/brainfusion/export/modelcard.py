@@ -85,7 +85,11 @@ def _autoencoder(config: RunConfig) -> str:
         f"autoencoder `{latent.autoencoder}` (MONAI AutoencoderKL, {latent.factor}× smaller per side, weights SHA-256 "
         f"`{latent.sha256[:16]}…`), which this export ships as its `vae` component. Each latent channel was scaled to std 0.5 "
         "for the diffusion model, and is scaled back before decoding."), ""]
-    path = Path(latent.autoencoder)
+    if latent.decoder:
+        lines[1] = lines[1].replace("which this export ships", f"with the decoder of `{latent.decoder}` (a fine-tune of that "
+                                    f"decoder, its encoder and so its latents unchanged; SHA-256 `{latent.decoder_sha256[:16]}…`), "
+                                    "which this export ships")
+    path = Path(latent.decoder or latent.autoencoder)
     metrics_path = (path if path.is_dir() else run_folder(path)) / "ae_metrics.json"
     if not metrics_path.is_file():
         return "\n".join([*lines, f"Its reconstruction quality is not stated: `{metrics_path}` was not found.", "", ""])

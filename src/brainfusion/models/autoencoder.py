@@ -68,6 +68,31 @@ def monai_autoencoder(ae: nn.Module) -> nn.Module:
     return ae.inner if isinstance(ae, PixelBlocks) else ae
 
 
+def encoder_modules(ae: nn.Module) -> list[nn.Module]:
+    """The parts of an autoencoder that make its latents (posterior mean and σ): frozen in a decoder fine-tune."""
+    inner = monai_autoencoder(ae)
+    return [inner.encoder, inner.quant_conv_mu, inner.quant_conv_log_sigma]
+
+
+ARCHITECTURE_KEYS = ("latent_channels", "patch", "channels", "res_blocks", "norm_groups")
+
+
+def start_from(ae: nn.Module, cfg: AutoencoderConfig, image_size: int, device: torch.device | None = None) -> None:
+    """Load the autoencoder run `cfg.decoder_of` into `ae` (a decoder fine-tune's start) and record its SHA-256;
+    its network and image size must be this run's."""
+    source, state, digest = load_autoencoder(cfg.decoder_of, device)
+    theirs = state.config
+    for key in ARCHITECTURE_KEYS:
+        if getattr(theirs.autoencoder, key) != getattr(cfg, key):
+            raise BrainfusionError(f"the autoencoder {cfg.decoder_of} has autoencoder.{key} {getattr(theirs.autoencoder, key)}, but "
+                                   f"this decoder fine-tune has {getattr(cfg, key)}; give the same network settings as that run.")
+    if theirs.data.image_size != image_size:
+        raise BrainfusionError(f"the autoencoder {cfg.decoder_of} was trained at data.image_size {theirs.data.image_size}; "
+                               "fine-tune its decoder at that size.")
+    ae.load_state_dict(source.state_dict())
+    cfg.decoder_of_sha256 = digest
+
+
 class PixelBlockDiscriminator(nn.Module):
     """A discriminator that sees each p×p pixel block as p² channels (as `PixelBlocks` does for the autoencoder):
     the blocks are un-shuffled exactly, so the pixel-scale detail is all there, at 1/p of the resolution. With

@@ -109,6 +109,29 @@ def normalise(config: RunConfig, latents: np.ndarray) -> np.ndarray:
     return ((x - mean) / std * LATENT_STD).numpy()
 
 
+def decoding_autoencoder(config: RunConfig) -> tuple[str, str]:
+    """The autoencoder run a latent run decodes through and the SHA-256 its weights must have: a decoder fine-tune
+    of its autoencoder if one was chosen (`use_decoder`), else the autoencoder itself."""
+    latent = config.latent
+    return (latent.decoder, latent.decoder_sha256) if latent.decoder else (latent.autoencoder, latent.sha256)
+
+
+def use_decoder(config: RunConfig, decoder: Path | str) -> None:
+    """Decode a latent run through `decoder`, a decoder fine-tune of its autoencoder (autoencoder.decoder_of): its
+    encoder is the one the run's latents came from, so the run's latents mean the same to it. Recorded in config.latent."""
+    if not config.latent.active:
+        raise BrainfusionError(f"{decoder} is an autoencoder, but this is a pixel-diffusion run, which decodes nothing; "
+                               "leave out the decoder.")
+    _, state, digest = load_autoencoder(decoder)
+    source = state.config.autoencoder
+    if source.decoder_of_sha256 != config.latent.sha256:
+        what = f"a decoder fine-tune of {source.decoder_of}" if source.decoder_of else "an autoencoder trained on its own"
+        raise BrainfusionError(f"{decoder} is {what}, not of this run's autoencoder {config.latent.autoencoder}, so it would "
+                               f"decode this run's latents into something else; fine-tune one with autoencoder.decoder_of="
+                               f"{config.latent.autoencoder}.")
+    config.latent.decoder, config.latent.decoder_sha256 = str(decoder), digest
+
+
 class LatentDecoder:
     """The diffusion model's latents → slices in [-1, 1], through the run's autoencoder."""
 
@@ -117,7 +140,8 @@ class LatentDecoder:
 
     @classmethod
     def load(cls, config: RunConfig, device: torch.device, dtype: torch.dtype | None) -> "LatentDecoder":
-        ae, _, _ = load_autoencoder(config.latent.autoencoder, device, config.latent.sha256)
+        path, sha256 = decoding_autoencoder(config)
+        ae, _, _ = load_autoencoder(path, device, sha256)
         return cls(ae, config, device, dtype)
 
     @torch.no_grad()

@@ -32,7 +32,7 @@ from ..errors import BrainfusionError
 from ..evaluation.metrics.distances import ssim_maps
 from ..fileio import atomic_write_text
 from ..images import make_grid, save_png
-from ..models.autoencoder import build_autoencoder, build_discriminator, encode_sample, kl_divergence
+from ..models.autoencoder import build_autoencoder, build_discriminator, encode_sample, encoder_modules, kl_divergence, start_from
 from ..runtime import choose_channels_last, choose_precision
 from ..seeding import seeded_generator
 from .runlog import RunLog
@@ -64,6 +64,8 @@ def _resume(config: AutoencoderRunConfig, resume: bool):
     if newest is None:
         return None
     state = load_checkpoint(newest, kind=AUTOENCODER)
+    if config.autoencoder.decoder_of:  # recorded at the start of the fine-tune; its source need not exist any more
+        config.autoencoder.decoder_of_sha256 = state.config.autoencoder.decoder_of_sha256
     if state.config.autoencoder != config.autoencoder or state.config.data.image_size != config.data.image_size:
         raise BrainfusionError(f"{newest} was trained with a different autoencoder config or image size; resume with the same "
                                f"config (see {newest.with_suffix('.json')}).")
@@ -78,7 +80,13 @@ def set_up(config: AutoencoderRunConfig, resume: bool, progress: bool) -> Autoen
     stream = BatchStream(slices.images, tcfg.batch_size, tcfg.seed, config.data.hflip)
     torch.manual_seed(tcfg.seed)
     ae, disc = build_autoencoder(config.autoencoder), build_discriminator(config.autoencoder)
-    optimizer = torch.optim.Adam([{"params": ae.parameters()}, {"params": disc.parameters()}], lr=tcfg.lr, betas=(0.5, 0.9))
+    if config.autoencoder.decoder_of:
+        if state is None:
+            start_from(ae, config.autoencoder, config.data.image_size)
+        for part in encoder_modules(ae):
+            part.requires_grad_(False)
+    trainable = [p for p in ae.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam([{"params": trainable}, {"params": disc.parameters()}], lr=tcfg.lr, betas=(0.5, 0.9))
     if state is not None:
         load_weights(ae, {k[4:]: v for k, v in state.model.items() if k.startswith("vae.")}, state.path)
         load_weights(disc, {k[5:]: v for k, v in state.model.items() if k.startswith("disc.")}, state.path)
@@ -92,9 +100,10 @@ def set_up(config: AutoencoderRunConfig, resume: bool, progress: bool) -> Autoen
     disc.to(device, memory_format=memory_format)
     optimizer_to(optimizer, device)
     budget = [s for s in (tcfg.max_steps, math.ceil(tcfg.epochs * stream.steps_per_epoch) if tcfg.epochs else 0) if s]
-    n_params = sum(p.numel() for p in ae.parameters())
-    log.info("autoencoder: %.2f M parameters, %dx compression per side, %d latent channels; %d slices of %d², crops of %s, on %s (%s)",
-             n_params / 1e6, config.autoencoder.factor, config.autoencoder.latent_channels, len(slices), config.data.image_size,
+    n_params = sum(p.numel() for p in trainable)
+    log.info("autoencoder: %.2f M parameters trained%s, %dx compression per side, %d latent channels; %d slices of %d², crops of %s, on %s (%s)",
+             n_params / 1e6, f" (the decoder of {config.autoencoder.decoder_of}; its encoder frozen)" if config.autoencoder.decoder_of else "",
+             config.autoencoder.factor, config.autoencoder.latent_channels, len(slices), config.data.image_size,
              config.autoencoder.crop_size or "whole slices", device, f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "fp32")
     Path(tcfg.out_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(tcfg.out_dir) / "config.json", config.to_json())
@@ -165,7 +174,7 @@ def autoencoder_step(s: AutoencoderSession, step: int) -> torch.Tensor:
     loss.backward()
     for p in s.disc.parameters():
         p.grad = None  # the generator step moves the autoencoder alone
-    torch.nn.utils.clip_grad_norm_(s.ae.parameters(), tcfg.grad_clip)
+    torch.nn.utils.clip_grad_norm_([p for p in s.ae.parameters() if p.requires_grad], tcfg.grad_clip)
     s.optimizer.step()
     if adversarial:
         with autocast:
