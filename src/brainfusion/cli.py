@@ -454,6 +454,39 @@ def _add_evaluate_parser(sub) -> None:
     p.set_defaults(func=cmd_evaluate, no_gif=True, no_ema=False, condition=None, guidance=1.0)
 
 
+def _add_sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="generate slices from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a ckpt_*.safetensors file or a run folder")
+    p.add_argument("--out", help="output folder (default: <run>/samples/<sampler>-<steps>)")
+    # --n-images: under torchrun (Python <= 3.11) a bare --n is taken for an abbreviation of torchrun's own --nnodes/--nproc-per-node
+    p.add_argument("--n", "--n-images", dest="n", type=int, default=64, help="number of images")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS,
+                   help="ddpm: the full 1000-step chain (default); dpm++sde matches it in 25 steps")
+    p.add_argument("--steps", type=int, default=0, help="default: 1000 for ddpm, 50 otherwise")
+    p.add_argument("--no-gif", action="store_true")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--condition", nargs="+", metavar="NAME=VALUE",
+                   help="conditional models: e.g. class=ModerateDemented level=0.6 (names left out are not conditioned on)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale: 1 plain conditional (default), 0 unconditional, >1 stronger")
+    p.add_argument("--format", choices=["png", "nifti"], default="png",
+                   help="nifti: each image (and mask) also as a .nii.gz beside its PNG, for ITK-SNAP / FSLeyes")
+    p.add_argument("--spacing", type=float, default=1.0, metavar="MM", help="pixel size written into --format nifti files (default 1.0)")
+    p.add_argument("--given-mask", metavar="PNG|DIR",
+                   help="models trained with --masks: generate images for these tissue masks (image i gets mask i mod M)")
+    p.add_argument("--mask-model", metavar="RUN",
+                   help="models trained with --masks: draw the masks from this joint run, then this model's images for them")
+    p.add_argument("--image-model", metavar="RUN",
+                   help="label models (trained with --masks --given-image-share 1): draw the images from this image-only run, "
+                        "then this model's tissue labels for them")
+    _add_autoguidance_flags(p)
+    _add_decoder_flag(p)
+    p.set_defaults(func=cmd_sample)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brainfusion", description="Diffusion models for brain MRI slices.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -494,36 +527,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out-dir")
     p.set_defaults(func=cmd_train_autoencoder)
 
-    p = sub.add_parser("sample", help="generate slices from a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="a ckpt_*.safetensors file or a run folder")
-    p.add_argument("--out", help="output folder (default: <run>/samples/<sampler>-<steps>)")
-    # --n-images: under torchrun (Python <= 3.11) a bare --n is taken for an abbreviation of torchrun's own --nnodes/--nproc-per-node
-    p.add_argument("--n", "--n-images", dest="n", type=int, default=64, help="number of images")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS,
-                   help="ddpm: the full 1000-step chain (default); dpm++sde matches it in 25 steps")
-    p.add_argument("--steps", type=int, default=0, help="default: 1000 for ddpm, 50 otherwise")
-    p.add_argument("--no-gif", action="store_true")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--condition", nargs="+", metavar="NAME=VALUE",
-                   help="conditional models: e.g. class=ModerateDemented level=0.6 (names left out are not conditioned on)")
-    p.add_argument("--guidance", type=float, default=1.0,
-                   help="classifier-free guidance scale: 1 plain conditional (default), 0 unconditional, >1 stronger")
-    p.add_argument("--format", choices=["png", "nifti"], default="png",
-                   help="nifti: each image (and mask) also as a .nii.gz beside its PNG, for ITK-SNAP / FSLeyes")
-    p.add_argument("--spacing", type=float, default=1.0, metavar="MM", help="pixel size written into --format nifti files (default 1.0)")
-    p.add_argument("--given-mask", metavar="PNG|DIR",
-                   help="models trained with --masks: generate images for these tissue masks (image i gets mask i mod M)")
-    p.add_argument("--mask-model", metavar="RUN",
-                   help="models trained with --masks: draw the masks from this joint run, then this model's images for them")
-    p.add_argument("--image-model", metavar="RUN",
-                   help="label models (trained with --masks --given-image-share 1): draw the images from this image-only run, "
-                        "then this model's tissue labels for them")
-    _add_autoguidance_flags(p)
-    _add_decoder_flag(p)
-    p.set_defaults(func=cmd_sample)
+    _add_sample_parser(sub)
 
     _add_evaluate_parser(sub)
 
