@@ -85,6 +85,9 @@ def test_latent_refusals(cli, assert_user_error, oasis32, tmp_path):
     # the autoencoder retrained after the latent run: its latents would decode into something else
     assert cli("train-autoencoder", "--data", oasis32, "--out-dir", tmp_path / "ae", "--max-steps", "2", "--resume", *AE_TINY)[0] == 0
     assert_user_error(["sample", "--checkpoint", tmp_path / "r2", "--n", "1"], "has changed", "SHA-256")
+    # a resume that would change the autoencoder names what differs
+    assert_user_error(["train-autoencoder", "--data", oasis32, "--out-dir", tmp_path / "ae", "--max-steps", "3", "--resume",
+                       *AE_TINY, "--kl-weight", "0.5"], "--kl-weight (autoencoder.kl_weight) 1e-06 (given 0.5)", "ckpt_00000002.json")
 
 
 def test_autoencoder_config_refusals():
@@ -97,6 +100,11 @@ def test_autoencoder_config_refusals():
     with pytest.raises(Exception, match="crop_size"):
         AutoencoderRunConfig(data=DataConfig(image_size=32), autoencoder=AutoencoderConfig(crop_size=20),
                              train=TrainConfig(max_steps=1)).validate()
+    for size, crop, resolved in ((256, 0, 2), (64, 0, 2), (32, 0, 1), (256, 48, 1)):  # the default: blocks where they fit
+        run = AutoencoderRunConfig(data=DataConfig(image_size=size), autoencoder=AutoencoderConfig(crop_size=crop),
+                                   train=TrainConfig(max_steps=1))
+        run.validate()
+        assert run.autoencoder.disc_patch == resolved
     with pytest.raises(Exception, match="2×2 pixel blocks need training crops of at least 64"):
         AutoencoderRunConfig(data=DataConfig(image_size=32), autoencoder=AutoencoderConfig(disc_patch=2),
                              train=TrainConfig(max_steps=1)).validate()
@@ -123,15 +131,16 @@ def test_pixel_blocks_are_channels_of_the_network_and_old_autoencoders_load_with
         blocks = torch.nn.functional.pixel_unshuffle(x, 4)
         assert torch.equal(monai_autoencoder(ae).encode(blocks)[0], mu)
     raw = AutoencoderRunConfig().to_dict()
-    del raw["autoencoder"]["patch"]
-    assert AutoencoderRunConfig.from_dict(_upgrade(raw)).autoencoder.patch == 1
+    del raw["autoencoder"]["patch"], raw["autoencoder"]["disc_patch"]
+    old = AutoencoderRunConfig.from_dict(_upgrade(raw)).autoencoder
+    assert (old.patch, old.disc_patch) == (1, 1)
 
 
 def test_a_discriminator_on_pixel_blocks_sees_every_pixel_at_half_the_resolution():
     from brainfusion.models.autoencoder import PixelBlockDiscriminator, build_discriminator
 
     torch.manual_seed(0)
-    pixels = build_discriminator(AutoencoderConfig(disc_layers=2)).eval()
+    pixels = build_discriminator(AutoencoderConfig(disc_layers=2, disc_patch=1)).eval()
     blocks = build_discriminator(AutoencoderConfig(disc_layers=2, disc_patch=2)).eval()  # BatchNorm: no batch coupling
     assert isinstance(blocks, PixelBlockDiscriminator) and blocks.inner.initial_conv.conv.in_channels == 4
     x = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(1))

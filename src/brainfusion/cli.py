@@ -105,7 +105,7 @@ AUTOENCODER_FLAGS = {
     "adv_weight": ("autoencoder.adv_weight", float, "patch adversarial loss weight (default 0.01; 0: none)"),
     "adv_start": ("autoencoder.adv_start", int, "steps before the adversarial loss joins (default 2000)"),
     "disc_layers": ("autoencoder.disc_layers", int, "layers of the patch discriminator (default 3; crops of 2^(layers+2) px at least)"),
-    "disc_patch": ("autoencoder.disc_patch", int, "the discriminator sees PxP pixel blocks as P² channels (default 1: pixels)"),
+    "disc_patch": ("autoencoder.disc_patch", int, "the discriminator sees PxP pixel blocks as P² channels (default: 2 where the slices allow, else 1: pixels)"),
     "decoder_of": ("autoencoder.decoder_of", str, "fine-tune the decoder of this autoencoder run, its encoder and so its latents "
                    "frozen; a latent run on that autoencoder then decodes through this one (sample --decoder). Usually with "
                    "--adv-start 0"),

@@ -399,9 +399,10 @@ class AutoencoderConfig:
     adv_start: int = 2000  # steps of reconstruction alone before the patch discriminator joins (Esser et al. 2021)
     disc_channels: int = 32
     disc_layers: int = 3
-    # 1 (default): the discriminator sees pixels. p > 1: p×p pixel blocks as p² channels, so its convolutions run
-    # at 1/p of the resolution (about p² fewer multiply-adds) and each of its patches spans p× more pixels
-    disc_patch: int = 1
+    # 1: the discriminator sees pixels. p > 1: p×p pixel blocks as p² channels, so its convolutions run at 1/p of
+    # the resolution: 14.1 img/s in the adversarial phase at 256² against 7.1 on pixels (2 CPU cores), and two 30-CPU-
+    # minute runs reached rFID 71.1 and 54.7 against 82.2 on pixels. None (default): 2 where the slices allow, else 1
+    disc_patch: int | None = None
     # a decoder fine-tune, as Stable Diffusion's ft-EMA and ft-MSE decoders were made: start from this autoencoder
     # run's weights and train the decoder alone, so every latent stays bitwise the same and a latent run trained on
     # that autoencoder decodes through this one (latent.decoder). "": train encoder and decoder
@@ -432,7 +433,10 @@ class AutoencoderConfig:
                 f"autoencoder.crop_size {self.crop_size} must be 0 (whole slices) or at most image_size {image_size} and "
                 f"divisible by {self.factor}."
             )
-        seen, need = self.crop_size or image_size, self.disc_patch * 2 ** (self.disc_layers + 2)
+        seen = self.crop_size or image_size
+        if self.disc_patch is None:
+            self.disc_patch = 2 if seen >= 2 * 2 ** (self.disc_layers + 2) and seen % 2 == 0 else 1
+        need = self.disc_patch * 2 ** (self.disc_layers + 2)
         if self.scale_equivariance and (seen // self.factor) % 2:
             raise BrainfusionError(
                 f"autoencoder.scale_equivariance pools the latent 2×, but slices (or crops) of {seen} make latents of odd side "

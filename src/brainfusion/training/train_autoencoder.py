@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +67,11 @@ def _resume(config: AutoencoderRunConfig, resume: bool):
     if config.autoencoder.decoder_of:  # recorded at the start of the fine-tune; its source need not exist any more
         config.autoencoder.decoder_of_sha256 = state.config.autoencoder.decoder_of_sha256
     if state.config.autoencoder != config.autoencoder or state.config.data.image_size != config.data.image_size:
-        raise BrainfusionError(f"{newest} was trained with a different autoencoder config or image size; resume with the same "
-                               f"config (see {newest.with_suffix('.json')}).")
+        was, now = ({**{f"autoencoder.{k}": v for k, v in asdict(c.autoencoder).items()}, "data.image_size": c.data.image_size}
+                    for c in (state.config, config))
+        differ = ", ".join(f"{k} {was[k]} (given {now[k]})" for k in was if was[k] != now[k])
+        raise BrainfusionError(f"{newest} was trained with {differ}; resume with the same config (see "
+                               f"{newest.with_suffix('.json')}).")
     return state
 
 
