@@ -272,7 +272,7 @@ def resolve_checkpoint(path: Path) -> Path:
 
 # fields added after checkpoints were written without them → the value those runs were trained with,
 # whatever today's default is: the VP process before EDM; ±1 label channels before diffusion.mask_scale;
-# autoencoders on the pixels before autoencoder.patch
+# autoencoders on the pixels before autoencoder.patch, discriminators on the pixels before autoencoder.disc_patch
 _TRAINED_BEFORE = {"diffusion": {"formulation": "vp", "mask_scale": 1.0}, "autoencoder": {"patch": 1, "disc_patch": 1}}
 
 
