@@ -433,10 +433,10 @@ class AutoencoderConfig:
                 f"autoencoder.crop_size {self.crop_size} must be 0 (whole slices) or at most image_size {image_size} and "
                 f"divisible by {self.factor}."
             )
-        seen = self.crop_size or image_size
+        seen, per_patch = self.crop_size or image_size, 2 ** (self.disc_layers + 2)
         if self.disc_patch is None:
-            self.disc_patch = 2 if seen >= 2 * 2 ** (self.disc_layers + 2) and seen % 2 == 0 else 1
-        need = self.disc_patch * 2 ** (self.disc_layers + 2)
+            self.disc_patch = 2 if seen >= 2 * per_patch and seen % 2 == 0 else 1
+        need = self.disc_patch * per_patch
         if self.scale_equivariance and (seen // self.factor) % 2:
             raise BrainfusionError(
                 f"autoencoder.scale_equivariance pools the latent 2×, but slices (or crops) of {seen} make latents of odd side "
@@ -602,6 +602,18 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
                    "model": {"pixel_channels": 0, "patch_size": 1, "base_channels": 16, "channel_mults": (1, 2, 4, 4)},
                    "train": {"lr": 2e-3, "warmup_steps": 50, "batch_size": 16}},
 }
+
+
+def config_differences(trained: dict[str, Any], given: dict[str, Any]) -> str:
+    """`section.key OLD (given NEW)` for each field where two sets of config sections differ, so a refused resume
+    names what to change; a section is a config dataclass, or a single value under its full key."""
+    def flat(sections: dict[str, Any]) -> dict[str, Any]:
+        return {key: value for name, part in sections.items()
+                for key, value in ({f"{name}.{k}": v for k, v in asdict(part).items()} if dataclasses.is_dataclass(part)
+                                   else {name: part}).items()}
+
+    was, now = flat(trained), flat(given)
+    return ", ".join(f"{k} {was[k]} (given {now.get(k)})" for k in was if was[k] != now.get(k))
 
 
 def recipe_config(name: str, base: dict[str, Any] | None = None) -> RunConfig:

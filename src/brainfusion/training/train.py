@@ -24,7 +24,7 @@ import torch
 
 from .. import distributed as dist
 from ..checkpoint import GUIDE_FOLDER, fault_injection_point, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, tidy_run_folder
-from ..config import RunConfig
+from ..config import RunConfig, config_differences
 from ..data.conditions import drop_labels, inherit_vocabulary, label_slices, labelled_subset
 from ..data.slices import BatchStream, load_slices
 from ..data.subjects import split_subjects
@@ -172,8 +172,9 @@ def _process(config: RunConfig):
 def _check_resumable(config: RunConfig, state) -> None:
     """Once the data has fixed the network's channels (masks): the checkpoint must be of this model and process."""
     if state is not None and (state.config.model != config.model or _process(state.config) != _process(config)):
+        differ = config_differences(*({"model": c.model, "diffusion": _process(c)} for c in (state.config, config)))
         raise BrainfusionError(
-            f"{state.path} was trained with a different model or diffusion config; resume with the same config "
+            f"{state.path} was trained with a different model or diffusion config ({differ}); resume with the same config "
             f"(see {state.path.with_suffix('.json')})."
         )
 

@@ -18,14 +18,14 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..checkpoint import AUTOENCODER, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, tidy_run_folder
-from ..config import AutoencoderRunConfig, DataConfig
+from ..config import AutoencoderRunConfig, DataConfig, config_differences
 from ..data.channels import to_model_range, to_uint8
 from ..data.slices import BatchStream, is_oasis_layout, load_slices
 from ..errors import BrainfusionError
@@ -67,9 +67,8 @@ def _resume(config: AutoencoderRunConfig, resume: bool):
     if config.autoencoder.decoder_of:  # recorded at the start of the fine-tune; its source need not exist any more
         config.autoencoder.decoder_of_sha256 = state.config.autoencoder.decoder_of_sha256
     if state.config.autoencoder != config.autoencoder or state.config.data.image_size != config.data.image_size:
-        was, now = ({**{f"autoencoder.{k}": v for k, v in asdict(c.autoencoder).items()}, "data.image_size": c.data.image_size}
-                    for c in (state.config, config))
-        differ = ", ".join(f"{k} {was[k]} (given {now[k]})" for k in was if was[k] != now[k])
+        differ = config_differences(*({"autoencoder": c.autoencoder, "data.image_size": c.data.image_size}
+                                      for c in (state.config, config)))
         raise BrainfusionError(f"{newest} was trained with {differ}; resume with the same config (see "
                                f"{newest.with_suffix('.json')}).")
     return state
