@@ -339,16 +339,18 @@ def _evaluate_conditional(args: argparse.Namespace, out: Path) -> None:
 
     from .evaluation.conditional_eval import ConditionalEvalConfig, LabelledData, conditional_markdown, evaluate_conditional, write_conditional
     from .diffusion.pipeline import Pipeline
+    from .diffusion.process import default_steps
 
     try:
         scales = tuple(float(g) for g in args.guidance_scales.split(","))
     except ValueError:
         raise BrainfusionError(f"--guidance {args.guidance_scales!r} is not a comma list of numbers; write e.g. --guidance 0,1,2.") from None
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = ConditionalEvalConfig(guidance_scales=scales, n_per_class=args.n_per_class, class_column=args.class_column,
-                                   judge_steps=args.judge_steps, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                                   batch_size=args.batch_size, image_size=args.image_size, on_bad_file=args.on_bad_file, device=device)
     pipe = Pipeline.from_checkpoint(args.checkpoint, device=torch.device(device), precision=args.precision, decoder=args.decoder)
+    steps = args.steps or default_steps(pipe.config.diffusion, args.sampler)  # --steps 0: as `sample` resolves it
+    config = ConditionalEvalConfig(guidance_scales=scales, n_per_class=args.n_per_class, class_column=args.class_column,
+                                   judge_steps=args.judge_steps, seed=args.seed, sampler=args.sampler, steps=steps,
+                                   batch_size=args.batch_size, image_size=args.image_size, on_bad_file=args.on_bad_file, device=device)
     if args.on_missing_label:
         pipe.config.condition.on_missing_label = args.on_missing_label
     report = evaluate_conditional(pipe, LabelledData(args.train, args.train_split, args.train_labels or ""),
@@ -435,8 +437,7 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", default=FAST_SAMPLER, choices=SAMPLERS)
-    p.add_argument("--steps", type=int, default=FAST_STEPS)
+    _add_sampler_flags(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--mask-model", metavar="RUN", help="with --checkpoint trained with --masks: draw the masks from this joint run")
     _add_autoguidance_flags(p)
@@ -454,6 +455,17 @@ def _add_evaluate_parser(sub) -> None:
     p.set_defaults(func=cmd_evaluate, no_gif=True, no_ema=False, condition=None, guidance=1.0)
 
 
+def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    """--sampler and --steps of `sample` and `evaluate`: one default, FAST_SAMPLER for FAST_STEPS, which the Python
+    Pipeline and the diffusers export draw with too, so a figure made one way is reproduced the others; the seed's DDPM
+    chain stays one flag away (`--sampler ddpm`, which takes the run's whole 1,000-step chain unless --steps says otherwise)."""
+    p.add_argument("--sampler", default=FAST_SAMPLER, choices=SAMPLERS,
+                   help=f"{FAST_SAMPLER} (default): SDE-DPM-Solver++, DDPM-1000's quality in {FAST_STEPS} steps; "
+                        "ddpm: the seed's full ancestral chain")
+    p.add_argument("--steps", type=int, default=0,
+                   help=f"network steps (default: {FAST_STEPS}; with --sampler ddpm the run's whole chain, 1000)")
+
+
 def _add_sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="generate slices from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a ckpt_*.safetensors file or a run folder")
@@ -462,9 +474,7 @@ def _add_sample_parser(sub) -> None:
     p.add_argument("--n", "--n-images", dest="n", type=int, default=64, help="number of images")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS,
-                   help="ddpm: the full 1000-step chain (default); dpm++sde matches it in 25 steps")
-    p.add_argument("--steps", type=int, default=0, help="default: 1000 for ddpm, 50 otherwise")
+    _add_sampler_flags(p)
     p.add_argument("--no-gif", action="store_true")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])

@@ -222,7 +222,8 @@ def mask_channel_count(n_labels: int, encoding: str) -> int:
 
 
 SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde", "heun")  # reverse processes `diffusion.process.make_scheduler` builds
-FAST_SAMPLER, FAST_STEPS = "dpm++sde", 25  # what demo, evaluate and training previews sample with (DDPM-1000 quality)
+# every entry point's default draw (sample, evaluate, Pipeline, the diffusers export, demo, training previews): DDPM-1000's quality
+FAST_SAMPLER, FAST_STEPS = "dpm++sde", 25
 
 
 @dataclass

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..config import SAMPLERS, DiffusionConfig
+from ..config import FAST_STEPS, SAMPLERS, DiffusionConfig
 from ..data.conditions import NULL
 from ..errors import BrainfusionError
 from ..seeding import randn
@@ -175,8 +175,9 @@ def autoguidance(model: Callable, guide: Callable, weight: float) -> Callable:
 
 
 def default_steps(cfg: DiffusionConfig, sampler: str) -> int:
-    """Network steps when none are given: the full chain for DDPM (the seed's sampler), 50 for the others."""
-    return cfg.timesteps if sampler == "ddpm" else 50
+    """Network steps when none are given: the full chain for DDPM (the seed's sampler, whose quality the others are
+    measured against), FAST_STEPS for the others, so every entry point that leaves the count out draws alike."""
+    return cfg.timesteps if sampler == "ddpm" else FAST_STEPS
 
 
 @torch.no_grad()
@@ -201,7 +202,7 @@ def sample(
 
     `model` maps (x_t, t) — or (x_t, t, cond) when `cond` (N, K, conditions.py) is given — to the
     network output in float32; `guidance` is the classifier-free guidance scale applied with
-    `cond`. `steps` defaults to T for DDPM and 50 for the fast samplers. `clamp` keeps the result in
+    `cond`. `steps` defaults to T for DDPM and FAST_STEPS (25) for the fast samplers. `clamp` keeps the result in
     [-1, 1], the range of slices; latents (latent.py) have no such range. `known` (N, k, H, W) fixes
     the last k channels (a given tissue mask) and generates the rest to fit them (EDM runs): by
     replacement, or with `known_clean` by handing them to the network clean, as a model trained with

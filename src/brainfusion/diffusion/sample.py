@@ -18,6 +18,7 @@ import torch
 
 from .. import distributed as dist
 from ..checkpoint import run_folder
+from ..config import FAST_SAMPLER
 from ..data.channels import label_image, label_indices
 from ..data.masks import fit_square_labels, to_label_index
 from ..data.slices import IMAGE_SUFFIXES, load_set, read_slice
@@ -91,8 +92,8 @@ class SampleConfig:
     n_images: int = 64
     batch_size: int = 64
     seed: int = 0
-    sampler: str = "ddpm"
-    steps: int = 0  # 0: 1000 for DDPM, 50 for DDIM / DPM-Solver++
+    sampler: str = FAST_SAMPLER  # as the Python Pipeline, `evaluate` and the export draw; "ddpm": the seed's full chain
+    steps: int = 0  # 0: process.default_steps, FAST_STEPS (25), or the whole chain (1,000) for DDPM
     gif: bool = True
     gif_frames: int = 60
     use_ema: bool = True
