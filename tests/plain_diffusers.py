@@ -3,7 +3,8 @@
 A fresh interpreter spends ~3.5 s importing torch and diffusers; the export tests draw four times, so one server
 process imports them once (with brainfusion blocked) and forks a child for each draw. Each child starts with no
 exported code loaded, runs `DiffusionPipeline.from_pretrained(folder[, custom_pipeline=folder], trust_remote_code=True)`
-(diffusers copies the folder's pipeline.py into its modules cache and imports it), saves the images and exits.
+(diffusers copies the folder's pipeline.py into its modules cache and imports it), saves the images (PIL images as
+their uint8 pixels) and the type each call's first image came back as, and exits.
 Run as a script, this file is that server: one JSON request a line on stdin, one exit status a line on stdout.
 """
 
@@ -24,6 +25,13 @@ class _NoBrainfusion(importlib.abc.MetaPathFinder):
             raise ImportError(f"{name} is blocked: the export must load without brainfusion")
 
 
+def _array(images):
+    """A call's images (or masks) as one array: a list of PIL images (output_type "pil") as their stacked pixels."""
+    import numpy as np
+
+    return np.stack([np.asarray(image) for image in images]) if isinstance(images, list) else np.asarray(images)
+
+
 def _draw(request: dict) -> None:
     import numpy as np
     from diffusers import DiffusionPipeline
@@ -32,8 +40,10 @@ def _draw(request: dict) -> None:
     pipe = DiffusionPipeline.from_pretrained(folder, **({"custom_pipeline": folder} if request["named"] else {}), trust_remote_code=True)
     pipe.set_progress_bar_config(disable=True)
     results = [pipe(**call) for call in request["calls"]]
-    np.savez(request["out"], *[r.images for r in results],
-             **{f"masks_{i}": r.masks for i, r in enumerate(results) if r.masks is not None})
+    kinds = [f"{type(r.images[0]).__module__}.{type(r.images[0]).__name__}" if isinstance(r.images, list) else
+             f"{type(r.images).__module__}.{type(r.images).__name__}" for r in results]
+    np.savez(request["out"], *[_array(r.images) for r in results], kinds=np.array(kinds),
+             **{f"masks_{i}": _array(r.masks) for i, r in enumerate(results) if r.masks is not None})
     assert not [m for m in sys.modules if m.split(".")[0] == "brainfusion"]
     print(type(pipe).__module__, type(pipe.unet).__module__)
 
@@ -73,10 +83,11 @@ def _serve() -> None:
 
 
 class PlainDiffusers:
-    """The test side: one server for the session; `draw` returns each call's images (and masks)."""
+    """The test side: one server for the session; `draw` returns each call's images (and masks) as arrays, and
+    `kinds` holds what the last draw's calls returned (e.g. "PIL.Image.Image" for a list of PIL images)."""
 
     def __init__(self, workdir: Path):
-        self.workdir, self.count = Path(workdir), 0
+        self.workdir, self.count, self.kinds = Path(workdir), 0, []
         env = {**os.environ, "HF_MODULES_CACHE": str(self.workdir / "hf_modules"), "HF_HUB_OFFLINE": "1"}
         self.server = subprocess.Popen([sys.executable, __file__], cwd=self.workdir, env=env, text=True,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -97,6 +108,7 @@ class PlainDiffusers:
         assert json.loads(reply) == 0, errors[-4000:]
         assert printed.split() == ["diffusers_modules.local.pipeline", "diffusers_modules.local.brainfusion_hub"], printed + errors[-4000:]
         with np.load(out) as stored:
+            self.kinds = stored["kinds"].tolist()
             if masks:
                 return [(stored[f"arr_{i}"], stored[f"masks_{i}"]) for i in range(len(calls))]
             assert not [name for name in stored.files if name.startswith("masks_")]  # image-only exports return no masks

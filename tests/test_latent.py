@@ -234,9 +234,9 @@ def test_a_latent_run_with_masks_makes_full_size_pairs_and_exports_them(cli, oas
     assert cli("export", tmp_path / "ldm", "--out", tmp_path / "export")[0] == 0
     hub = BrainfusionPipeline.from_pretrained(tmp_path / "export")
     hub.set_progress_bar_config(disable=True)
-    out = hub(num_images=3, seed=7, num_inference_steps=3)
+    out = hub(batch_size=3, seed=7, num_inference_steps=3, sampler="ddim", output_type="uint8")
     assert np.array_equal(out.images, images) and np.array_equal(out.masks, np.array((0, 85, 170, 255), np.uint8)[labels])
-    fitted = hub(num_images=2, seed=7, num_inference_steps=3, mask=given)
+    fitted = hub(batch_size=2, seed=7, num_inference_steps=3, sampler="ddim", output_type="uint8", mask=given)
     assert np.array_equal(fitted.images, held_images) and np.array_equal(fitted.masks, np.array((0, 85, 170, 255), np.uint8)[given])
     manifest = json.loads((tmp_path / "export" / MANIFEST).read_text())
     assert [c["holds"] for c in manifest["channels"][:3]] == ["latent channel 0", "latent channel 1", manifest["channels"][2]["holds"]]

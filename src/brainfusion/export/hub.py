@@ -24,9 +24,9 @@ and std: the run's `ConditionConfig`) in `unet/config.json`, so a request is enc
     from brainfusion.export.hub import BrainfusionPipeline       # brainfusion's classes; or, without brainfusion:
     # pipe = DiffusionPipeline.from_pretrained(FOLDER, custom_pipeline=FOLDER, trust_remote_code=True)
     pipe = BrainfusionPipeline.from_pretrained("runs/demo/export")
-    images = pipe(num_images=16, seed=0, num_inference_steps=50).images   # uint8 (16, 64, 64)
-    pipe(num_images=16, condition={"class": "ModerateDemented"}, guidance_scale=2.0)  # a conditional export
-    out = pipe(num_images=16, seed=0); out.images, out.masks                  # a mask model's image–mask pairs
+    images = pipe(batch_size=16).images        # 16 PIL images: `brainfusion sample --n 16`'s slices (seed 0, dpm++sde, 25 steps)
+    pipe(batch_size=16, condition={"class": "ModerateDemented"}, guidance_scale=2.0)  # a conditional export
+    out = pipe(batch_size=16, seed=3); out.images, out.masks                  # a mask model's image–mask pairs
 
 A model trained with tissue masks keeps its label values and tissue names in `unet/config.json` (`masks`), so the
 pipeline writes masks as `brainfusion sample` writes seg files; the manifest records the channel layout for readers.

@@ -6,10 +6,12 @@ each custom component's module, so plain diffusers loads the folder without brai
 (`hub.shipped_source` says how the file is made). Here, inside brainfusion, `BrainfusionPipeline.from_pretrained`
 builds every component from these classes and never runs the folder's copy.
 
-The scheduler is diffusers' own: `EDMEulerScheduler` for the EDM formulation (its preconditioning is EDM's
-Table 1, the same as `edm.EDMProcess`; only the noise input differs, 0.25·ln σ there and ln σ scaled onto
-0..1000 here, which the U-Net maps), `DDIMScheduler` with v-prediction for VP. Both are the deterministic
-"ddim" sampler of `brainfusion sample`, and the tests check the two give the same images for a seed.
+The pipeline samples with brainfusion's own samplers (`diffusion.process.sample`, shipped with it), so a call draws
+bitwise the slices `brainfusion sample` writes for the same sampler, steps and seeds: by default SDE-DPM-Solver++
+for FAST_STEPS steps, as every brainfusion entry point. The `scheduler` component stays diffusers' own and holds the
+run's noise process, which the samplers read from its config: `EDMEulerScheduler` for the EDM formulation (EDM's
+σ range, σ_data and ρ), `DDIMScheduler` for VP (the β schedule and the network's target). The U-Net's `forward`
+keeps diffusers' timestep convention for anyone who drives it with that scheduler by hand.
 """
 
 from __future__ import annotations
@@ -20,25 +22,28 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Union
 
 import numpy as np
+import PIL.Image
 import torch
-from diffusers import DiffusionPipeline, EDMEulerScheduler
+from diffusers import DiffusionPipeline
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 - diffusers finds loadable bases here
 from diffusers.utils import BaseOutput
 
-from ..config import RunConfig, mask_channel_count
+from ..config import FAST_SAMPLER, FAST_STEPS, DiffusionConfig, RunConfig, mask_channel_count
 from ..data.conditions import Request, encode_guided_request
 from ..data.channels import given_mask_channels, label_image, labels_from_channels, to_uint8
-from ..diffusion.process import autoguidance, classifier_free_guidance
+from ..diffusion.process import autoguidance, sample
 from ..errors import BrainfusionError
 from ..models.unet import UNet
-from ..seeding import image_generators, randn
+from ..runtime import network_fn
+from ..seeding import image_generators
 
 MANIFEST = "brainfusion_export.json"
+OUTPUT_TYPES = ("pil", "np", "pt", "uint8")  # diffusers' three, and brainfusion's uint8 array (what `Pipeline` returns)
 SHIPPED_MODULE = "brainfusion_hub"  # model_index.json's library of the custom components: <component>/brainfusion_hub.py
 
 
@@ -122,13 +127,16 @@ class BrainfusionVAE(ModelMixin, ConfigMixin):
 
 @dataclass
 class BrainfusionOutput(BaseOutput):
-    images: np.ndarray  # uint8 (N, H, W) or (N, C, H, W)
-    masks: Optional[np.ndarray] = None  # a mask model's uint8 (N, H, W) in its label values; None, and absent from keys(), otherwise
+    """diffusers' ImagePipelineOutput with a mask model's masks beside the images, each in the call's output_type."""
+
+    images: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
+    masks: Optional[Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]] = None  # None, and absent from keys(), without masks
 
 
 class BrainfusionPipeline(DiffusionPipeline):
     """Sampling of an exported model, conditional or not, in pixels or through a `vae`, autoguided by `guide_unet`
-    where the run kept one; image i of a seed matches `brainfusion sample`'s with the "ddim" sampler."""
+    where the run kept one, called as diffusers' DDPMPipeline is; image i of a seed is bitwise `brainfusion sample`'s
+    for the same sampler and steps (by default both draw with FAST_SAMPLER for FAST_STEPS steps)."""
 
     _optional_components = ["vae", "guide_unet"]
 
@@ -158,82 +166,125 @@ class BrainfusionPipeline(DiffusionPipeline):
         return pipe
 
     @torch.no_grad()
-    def __call__(self, num_images: int = 16, seed: int = 0, num_inference_steps: int = 50, first_index: int = 0,
-                 output_type: str = "uint8", condition: Request | None = None, guidance_scale: float = 1.0,
-                 mask: np.ndarray | torch.Tensor | None = None, autoguidance: float = 1.0) -> BrainfusionOutput:
-        """`output_type` "uint8" (default) or "pt" (float tensor in [-1, 1], before quantisation).
+    def __call__(self, batch_size: int = 1, generator: Optional[torch.Generator] = None, num_inference_steps: int = FAST_STEPS,
+                 output_type: str = "pil", return_dict: bool = True, *, sampler: str = FAST_SAMPLER, seed: Optional[int] = None,
+                 first_index: int = 0, condition: Request | None = None, guidance_scale: float = 1.0,
+                 mask: np.ndarray | torch.Tensor | None = None, autoguidance: float = 1.0) -> BrainfusionOutput | tuple:
+        """`batch_size` slices in diffusers' convention (as `DDPMPipeline`): `.images` is a list of PIL images (mode "L")
+        by default, exactly the uint8 slices `brainfusion sample` writes for the same seeds; `output_type` "np" gives
+        floats (N, H, W, 1) in [0, 1], "pt" a tensor (N, 1, H, W) in [0, 1] (both before quantisation), "uint8"
+        brainfusion's uint8 array (N, H, W). `return_dict=False` returns the tuple (images,) or (images, masks).
+
+        The default draw is `brainfusion sample`'s: `sampler` "dpm++sde" (SDE-DPM-Solver++) for FAST_STEPS steps;
+        "ddim", "dpm++", "heun" and "ddpm" (the seed's chain: give num_inference_steps=1000) are brainfusion's others.
+
+        Noise is brainfusion's, one stream per image, so image i is the same in any batch: image `first_index` + i of
+        `seed`. `generator=None` and no seed is seed 0, the same slices as `brainfusion sample --seed 0`; a
+        torch.Generator stands for a seed drawn from it, int(torch.randint(2**62, (1,), generator=generator)), so equal
+        generator states give equal slices; give `seed` or `generator`, not both.
 
         `condition` (a conditional export) is what brainfusion's `Pipeline` takes: {name: value} for every image,
-        e.g. {"class": "ModerateDemented", "level": 0.6}, a list of one per image, or an encoded tensor; names
-        left out are not conditioned on. `guidance_scale`: classifier-free guidance, 1 the plain conditional
-        model, 0 the unconditional one, above 1 stronger.
+        e.g. {"class": "ModerateDemented", "level": 0.6}, a list of one per image, or an encoded tensor; names left
+        out are not conditioned on. `guidance_scale`: classifier-free guidance, 1 the plain conditional model, 0 the
+        unconditional one, above 1 stronger. `autoguidance` w (an export with a `guide_unet`, the run's earlier
+        weights): each step is the guide's output plus w times the network's departure from it (Karras et al. 2024);
+        1 the network alone, 2 typical, at a second network pass a step. It composes with `guidance_scale`.
 
-        A model trained with tissue masks also returns `masks`: uint8 (N, H, W) in the run's label values, as
-        `brainfusion sample` writes its seg files (with "pt", the label channels in [-1, 1], on a latent export's latent grid). `mask` (label
-        indices (N, H, W), EDM exports) is a given mask: it is held fixed and the images are generated to fit it.
-
-        `autoguidance` w (an export with a `guide_unet`, the run's own earlier weights): each step is the guide's output
-        plus w times the network's departure from it (Karras et al. 2024); 1 is the network alone, 2 typical, and it
-        costs a second network pass a step. It composes with `guidance_scale`.
+        A model trained with tissue masks also returns `.masks`, in the run's label values as `brainfusion sample`
+        writes its seg files: PIL images, or uint8 (N, H, W) for "np" and "uint8", or for "pt" the label channels
+        in [-1, 1] (on a latent export's latent grid). `mask` (label indices (N, H, W), EDM exports) is a given mask:
+        held fixed, the images generated to fit it.
         """
-        cond = encode_guided_request(self.unet.conditions, condition, num_images, guidance_scale)
-        network = self._autoguided(autoguidance)
-        network = network if cond is None else classifier_free_guidance(network, cond.to(self.unet.device), guidance_scale)
-        model, values = self.unet.config.model, self.unet.mask_values
-        k = mask_channel_count(len(values), self.unet.mask_encoding)
-        shape = (num_images, model["in_channels"], model["image_size"], model["image_size"])
-        noise = randn(shape, image_generators(seed, range(first_index, first_index + num_images))).to(self.unet.device)
-        known = self._given(mask, num_images)
-        self.scheduler.set_timesteps(num_inference_steps)
-        # EDM starts at σ_max, not diffusers' init_noise_sigma √(σ_max² + 1)
-        x = noise * (float(self.scheduler.sigmas[0]) if isinstance(self.scheduler, EDMEulerScheduler) else self.scheduler.init_noise_sigma)
-        clean = self.unet.mask_given_clean
-        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
-            # edm.with_known_channels's Euler steps, whose denoised mask channels are `known`, keep them at known + σ·noise:
-            # written in directly, as the diffusers scheduler has no hook for the denoised estimate
-            if known is not None:
-                x[:, -k:] = known + float(self.scheduler.sigmas[i]) * noise[:, -k:]
-            model_input = self.scheduler.scale_model_input(x, t)
-            if known is not None and clean:  # a model trained with given_mask_share sees a given mask clean, unscaled
-                model_input[:, -k:] = known
-            out = network(model_input, t.reshape(1).expand(num_images))
-            x = self.scheduler.step(out, t, x).prev_sample
-        if known is not None:
-            x[:, -k:] = known  # σ = 0
-        images, channels = x[:, : x.shape[1] - k], x[:, x.shape[1] - k :].clamp(-1, 1).cpu()
-        images = (images.clamp(-1, 1) if self.vae is None else self.vae.decode_latents(images)).cpu()  # latents have no range to clamp to
-        if output_type == "pt":
-            return BrainfusionOutput(images=images, masks=channels if values else None)
-        if not values:
-            return BrainfusionOutput(images=to_uint8(images), masks=None)
-        labels = (np.asarray(mask) if mask is not None else
-                  labels_from_channels(channels, images.shape[-1], len(values), self.unet.mask_scale, self.unet.mask_encoding).numpy())
-        masks = label_image(labels.astype(np.uint8), values)
-        return BrainfusionOutput(images=to_uint8(images), masks=masks)
+        if output_type not in OUTPUT_TYPES:
+            raise BrainfusionError(f"output_type={output_type!r} is unknown; choose one of {', '.join(map(repr, OUTPUT_TYPES))}.")
+        if batch_size < 1:
+            raise BrainfusionError(f"batch_size={batch_size} draws nothing; give 1 or more.")
+        generators = self._generators(generator, seed, first_index, batch_size)
+        cond = encode_guided_request(self.unet.conditions, condition, batch_size, guidance_scale)
+        network, known = self._network(autoguidance), self._given(mask, batch_size)
+        model = self.unet.config.model
+        shape = (batch_size, model["in_channels"], model["image_size"], model["image_size"])
+        with self.progress_bar(total=num_inference_steps) as bar:
+            x, _ = sample(network, self._diffusion(), shape, sampler, num_inference_steps, generators, progress=bar.update,
+                          cond=cond, guidance=guidance_scale, clamp=self.vae is None, known=known,
+                          known_clean=self.unet.mask_given_clean)
+        out = self._output(x, mask, output_type)
+        return out if return_dict else out.to_tuple()
 
-    def _autoguided(self, weight: float):
-        """The unet, or with weight w ≠ 1 the unet autoguided by guide_unet (process.autoguidance), as brainfusion's
-        Pipeline.use_guide mixes them before any classifier-free guidance."""
+    @staticmethod
+    def _generators(generator: Optional[torch.Generator], seed: Optional[int], first_index: int, n: int) -> list[torch.Generator]:
+        """Each image's noise stream, seeding.image_generators as `brainfusion sample` draws them, so an image depends
+        on its seed and index alone; a diffusers-style generator only picks the seed."""
+        if generator is not None and seed is not None:
+            raise BrainfusionError("give either seed= (brainfusion's per-image seeds) or generator=, not both.")
+        if isinstance(generator, torch.Generator):
+            seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+        elif generator is not None:
+            raise BrainfusionError(f"generator= takes one torch.Generator, not a {type(generator).__name__}: the images' "
+                                   "noise streams come from one seed drawn from it; or give seed= instead.")
+        return image_generators(0 if seed is None else seed, range(first_index, first_index + n))
+
+    def _network(self, weight: float):
+        """The unet as brainfusion's samplers call a network ((x, t[, cond]) → float32 on the CPU, in brainfusion's
+        noise input: the inner UNet, not the diffusers-convention forward), and with weight w ≠ 1 autoguided by
+        guide_unet (process.autoguidance), as brainfusion's Pipeline.use_guide mixes them before classifier-free guidance."""
         if weight == 1:
-            return self.unet
+            return self._sampled(self.unet)
         if weight < 0:
             raise BrainfusionError(f"autoguidance must be 0 or more (1: none, 2: typical), got {weight}.")
         if self.guide_unet is None:
             raise BrainfusionError("this export has no guide_unet (its run kept no guide, train.guide_at); call it with autoguidance=1.")
-        return autoguidance(self.unet, self.guide_unet, weight)
+        return autoguidance(self._sampled(self.unet), self._sampled(self.guide_unet), weight)
+
+    @staticmethod
+    def _sampled(unet: ModelMixin):
+        """runtime.network_fn of a component's network: on its device, under autocast where it was loaded in half precision."""
+        return network_fn(unet.net, unet.device, None if unet.dtype == torch.float32 else unet.dtype)
+
+    def _diffusion(self) -> DiffusionConfig:
+        """The run's noise process, read back from the scheduler component that carries it, for brainfusion's samplers."""
+        s, name, formulation = self.scheduler.config, type(self.scheduler).__name__, self.unet.config.formulation
+        if formulation == "edm" and name == "EDMEulerScheduler":
+            return DiffusionConfig(formulation="edm", timesteps=s.num_train_timesteps, sigma_min=s.sigma_min, sigma_max=s.sigma_max,
+                                   sigma_data=s.sigma_data, rho=s.rho)
+        if formulation == "vp" and name == "DDIMScheduler":
+            return DiffusionConfig(formulation="vp", timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
+                                   schedule="linear" if s.beta_schedule == "linear" else "cosine",
+                                   prediction="epsilon" if s.prediction_type == "epsilon" else "v")
+        raise BrainfusionError(f"this export's scheduler is a {name}, not the one it shipped with, which holds the run's noise "
+                               "process; load the export again and choose the sampler with sampler=.")
 
     def _given(self, mask: np.ndarray | torch.Tensor | None, n: int) -> torch.Tensor | None:
-        """A given mask as the mask channels to hold fixed; only EDM's Euler scheduler steps in σ, where that is exact."""
+        """A given mask as the mask channels to hold fixed (process.sample refuses one for a VP model, as for brainfusion's)."""
         if mask is None:
             if self.unet.mask_required:
                 raise BrainfusionError("this model makes images for given masks only (trained with every mask given); pass mask=.")
             return None
         grid = self.unet.config.model["image_size"]
         size = grid * (self.vae.config.factor if self.vae is not None else 1)
-        known = given_mask_channels(mask, n, size, len(self.unet.mask_values), self.unet.mask_scale, grid, self.unet.mask_encoding)
-        if not isinstance(self.scheduler, EDMEulerScheduler):
-            raise BrainfusionError("a given mask needs a model of the EDM formulation; this export samples with DDIM (VP).")
-        return known.to(self.unet.device)
+        return given_mask_channels(mask, n, size, len(self.unet.mask_values), self.unet.mask_scale, grid, self.unet.mask_encoding)
+
+    def _output(self, x: torch.Tensor, mask: np.ndarray | torch.Tensor | None, output_type: str) -> BrainfusionOutput:
+        """The sampled channels as `__call__` returns them: slices decoded (a latent export) and converted, and a mask
+        model's labels, read from its channels as brainfusion's Pipeline reads them, or the given mask itself."""
+        values = self.unet.mask_values
+        k = mask_channel_count(len(values), self.unet.mask_encoding)
+        images, channels = x[:, : x.shape[1] - k], x[:, x.shape[1] - k :].clamp(-1, 1).cpu()
+        images = (images if self.vae is None else self.vae.decode_latents(images)).cpu()  # pixels: sample() clamped them
+        masks = None
+        if values and output_type == "pt":
+            masks = channels
+        elif values:
+            labels = (np.asarray(mask) if mask is not None else
+                      labels_from_channels(channels, images.shape[-1], len(values), self.unet.mask_scale, self.unet.mask_encoding).numpy())
+            masks = label_image(labels.astype(np.uint8), values)
+        if output_type == "pil":
+            return BrainfusionOutput(images=[PIL.Image.fromarray(a) for a in to_uint8(images)],
+                                     masks=None if masks is None else [PIL.Image.fromarray(m) for m in masks])
+        if output_type == "uint8":
+            return BrainfusionOutput(images=to_uint8(images), masks=masks)
+        unit = (images / 2 + 0.5).clamp(0, 1)  # diffusers' postprocessing of a [-1, 1] image
+        return BrainfusionOutput(images=unit.permute(0, 2, 3, 1).numpy() if output_type == "np" else unit, masks=masks)
 
 
 COMPONENTS = {cls.__name__: cls for cls in (BrainfusionUNet, BrainfusionVAE)}

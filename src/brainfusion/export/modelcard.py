@@ -12,27 +12,34 @@ import json
 from pathlib import Path
 
 from ..checkpoint import run_folder
-from ..config import FOLDER_LABELS, LEVEL_COLUMN, RunConfig
+from ..config import FAST_STEPS, FOLDER_LABELS, LEVEL_COLUMN, RunConfig
 from ..data.channels import ordinal_level
 from ..data.masks import MASK_LAYOUT, mask_names
 
-LOAD = """With brainfusion, which checks every file against the export's SHA-256 manifest and runs its own code:
-
-```python
-from brainfusion.export.hub import BrainfusionPipeline   # pip install brainfusion
-
-pipe = BrainfusionPipeline.from_pretrained("{folder}")
-images = pipe(num_images=16, seed=0, num_inference_steps=50{request}).images   # uint8 (16, {size}, {size})
-```
-
-With plain diffusers, no brainfusion needed{needs}: the folder ships its code (`pipeline.py`, and `brainfusion_hub.py`
-in each custom component's folder), which diffusers runs only with `trust_remote_code=True`.
+LOAD = """With plain diffusers, no brainfusion needed{needs}: the folder ships its code (`pipeline.py`, and `brainfusion_hub.py`
+in each custom component's folder), which diffusers runs only with `trust_remote_code=True`. A call follows diffusers'
+convention for unconditional pipelines (`DDPMPipeline`):
 
 ```python
 from diffusers import DiffusionPipeline
 
 pipe = DiffusionPipeline.from_pretrained("{folder}", custom_pipeline="{folder}", trust_remote_code=True)
-images = pipe(num_images=16, seed=0, num_inference_steps=50{request}).images   # uint8 (16, {size}, {size})
+images = pipe(batch_size=16{request}).images   # 16 PIL images, {size}×{size}
+pipe(batch_size=16, num_inference_steps=50, output_type="np").images   # float (16, {size}, {size}, 1) in [0, 1]
+```
+
+By default a call draws with SDE-DPM-Solver++ in {steps} steps from seed 0: the slices `brainfusion sample --n 16` writes.
+`seed=S` gives those of `--seed S` (each image has its own noise, so image i is the same in any batch);
+`generator=torch.Generator().manual_seed(1)` draws the seed from the generator instead. `sampler="ddim"` (or `"dpm++"`,
+`"heun"`, `"ddpm"`) picks another of brainfusion's samplers; `return_dict=False` returns a tuple.
+
+With brainfusion, which checks every file against the export's SHA-256 manifest and runs its own code:
+
+```python
+from brainfusion import BrainfusionPipeline   # pip install brainfusion
+
+pipe = BrainfusionPipeline.from_pretrained("{folder}")
+images = pipe(batch_size=16{request}).images
 ```"""
 
 
@@ -133,17 +140,18 @@ def _masks(config: RunConfig) -> str:
                  f"{layout}, learnt together from {source}. {reading}")
     lines = ["## Tissue masks", intro, "", "| channel | label value | tissue |", "|---|---|---|", *rows]
     if config.images_for_masks_only:
-        lines += ["", "It never learnt to draw masks, so every call needs one: `pipe(num_images=N, mask=labels)`, `labels` "
+        lines += ["", "It never learnt to draw masks, so every call needs one: `pipe(batch_size=N, mask=labels)`, `labels` "
                   f"label indices 0..{k - 1} of shape (N, {size}, {size}) (a joint model's masks, or your own).", ""]
         return "\n".join(lines) + "\n"
     held = values if 0 <= min(values) and max(values) <= 255 else range(k)  # label_image writes indices where values exceed 8 bits
     lines += ["", ("Every call of the pipeline (loaded as under *How to load it*) returns the masks beside the images, "
                    "in the label values above (as `brainfusion sample` writes its `seg_*.png`):"), "", "```python",
-              "out = pipe(num_images=16, seed=0, num_inference_steps=50)",
-              f"images, masks = out.images, out.masks   # uint8 (16, {size}, {size}) each; masks hold {', '.join(map(str, held))}",
+              "out = pipe(batch_size=16)",
+              f"images, masks = out.images, out.masks   # 16 PIL images each, {size}×{size}; masks hold {', '.join(map(str, held))}",
+              f'out = pipe(batch_size=16, output_type="np")   # masks: uint8 (16, {size}, {size}), the same values',
               "```", ""]
     if config.diffusion.formulation == "edm":
-        lines += ["A given mask is held fixed and the images are generated to fit it: `pipe(num_images=N, mask=labels)`, "
+        lines += ["A given mask is held fixed and the images are generated to fit it: `pipe(batch_size=N, mask=labels)`, "
                   f"`labels` label indices 0..{k - 1} of shape (N, {size}, {size}).", ""]
     return "\n".join(lines) + "\n"
 
@@ -226,5 +234,5 @@ batch {config.train.batch_size}, learning rate {config.train.lr}, EMA {config.tr
 - Quality numbers above hold for the reference set named there, not for other scanners or populations.
 
 ## How to load it
-{LOAD.format(folder=folder, size=size, request=_example_request(config), needs=needs)}
+{LOAD.format(folder=folder, size=size, request=_example_request(config), needs=needs, steps=FAST_STEPS)}
 """
