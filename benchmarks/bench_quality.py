@@ -26,6 +26,14 @@ floor is training slices at the image size.
     python benchmarks/bench_quality.py --data ../shared/data/kaggle-alzheimer-mri-train --image-size 256 \
         --work runs/bench_quality_256 --recipes latent,edm-p4-shift,up64:edm --budgets 20
 
+`cascade` trains the base model (`up64:edm`'s run, so the two share its steps) for 1 − `--upsampler-share` of a
+budget and the upsampler (`train --upsample-from 64`, recipe `upsampler`) for the rest, and samples the base's
+64² slices through it. With `cascade` in the recipes the upsampler is also scored alone: held-out slices shrunk to
+64² and brought back, against the originals, beside the same slices enlarged bicubically.
+
+    python benchmarks/bench_quality.py --data ../shared/data/kaggle-alzheimer-mri-train --image-size 256 \
+        --work runs/bench_cascade --recipes cascade,up64:edm --budgets 30 --steps-per-min up64:edm=86
+
 Outputs in --work: results.json (filled as it goes; a rerun skips what is done), quality.md (the
 table) and fid_vs_minutes.png (one line per recipe, the floor dashed).
 """
@@ -105,9 +113,14 @@ def upsample(images: np.ndarray, size: int) -> np.ndarray:
 
 def evaluate_checkpoint(checkpoint: Path, real: np.ndarray, train: np.ndarray, n: int, sampler: str, steps: int,
                         autoguidance: float = 1.0) -> dict:
-    pipe = Pipeline.from_checkpoint(checkpoint)
+    base, upsampler = checkpoint if isinstance(checkpoint, tuple) else (checkpoint, None)
+    pipe = Pipeline.from_checkpoint(base)
+    if upsampler is not None:
+        pipe.use_upsampler(Pipeline.from_checkpoint(upsampler))
     if autoguidance != 1:  # guided by the weights the run kept at train.guide_at (half its steps)
         pipe.use_kept_guide(autoguidance)
+        if pipe.upsampler is not None:
+            pipe.upsampler.use_kept_guide(autoguidance)
     t0 = time.monotonic()
     generated = pipe(n, seed=12345, sampler=sampler, steps=steps)
     seconds = time.monotonic() - t0
@@ -155,6 +168,8 @@ def _load(path: Path, size: int = 64) -> np.ndarray:
 
 
 LATENT_KINDS = ("autoencoder", "autoencoder-adv", "latent")  # the rates the latent route needs
+CASCADE_KINDS = ("up64:edm", "upsampler")  # the rates a cascade needs: its base and its upsampler
+UPSAMPLER_SHARE = [1 / 3]  # of each cascade budget, the upsampler's (--upsampler-share)
 
 
 def is_latent(name: str) -> bool:
@@ -181,6 +196,13 @@ def autoencoder_steps(minutes: float, rates: dict) -> int:
 
 def train_budget(name: str, minutes: float, rates: dict, work: Path, train_dir: Path, size: int, ae_minutes: float) -> tuple[Path, int]:
     """Train recipe `name` for `minutes` CPU minutes (steps from `rates`); returns its checkpoint and step."""
+    if name == "cascade":  # the base's minutes and the upsampler's, both counted
+        base, _ = train_budget("up64:edm", minutes * (1 - UPSAMPLER_SHARE[0]), rates, work, train_dir, size, ae_minutes)
+        run, step = work / "runs" / "upsampler", round(minutes * UPSAMPLER_SHARE[0] * rates["upsampler"])
+        if not _checkpoint_at(run, step).is_file():
+            _train(work / "recipes" / "upsampler.json", train_dir, run, step,
+                   ["--checkpoint-every", str(step), "--image-size", str(size), "--upsample-from", "64"])
+        return (base, _checkpoint_at(run, step)), step
     if is_latent(name):  # the autoencoder's minutes count in every budget
         if minutes <= ae_minutes:
             raise SystemExit(f"a latent budget of {minutes:g} minutes leaves nothing after --ae-minutes {ae_minutes:g}.")
@@ -205,13 +227,16 @@ def calibrate_all(names: list[str], pinned: dict, work: Path, train_dir: Path, s
     """Steps per CPU minute of every run kind the recipes need (pinned ones are not timed)."""
     rates = {}
     for name in names:
-        for kind in (LATENT_KINDS if is_latent(name) else (name,)):
+        for kind in (LATENT_KINDS if is_latent(name) else ("up64:edm", "upsampler") if name == "cascade" else (name,)):
             if kind in pinned:
                 rates[kind] = pinned[kind]
             elif kind.startswith("autoencoder"):
                 adversarial = ["--adv-start", "0"] if kind == "autoencoder-adv" else []
                 rates[kind] = calibrate(kind, None, train_dir, work, 60, ["--image-size", str(size), "--no-rfid", *adversarial],
                                         "train-autoencoder")
+            elif kind == "upsampler":
+                rates[kind] = calibrate(kind, work / "recipes" / "upsampler.json", train_dir, work, 60,
+                                        ["--image-size", str(size), "--upsample-from", "64"])
             elif kind == "latent":  # the default U-Net on the latent grid costs what it costs on pixels of that size
                 rates[kind] = calibrate("latent-grid", work / "recipes" / "edm.json", train_dir, work, 60,
                                         ["--image-size", str(size // 4)])
@@ -240,7 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--autoguidance", type=float, default=1.0,
                    help="also score each checkpoint guided by its run's halfway weights at this weight (Karras et al. 2024), "
                         "as recipe 'NAME agW'; 1: plain only")
+    p.add_argument("--upsampler-share", type=float, default=1 / 3, help="cascade: the share of each budget the upsampler trains")
     args = p.parse_args(argv)
+    UPSAMPLER_SHARE[0] = args.upsampler_share
     budgets = sorted(float(b) for b in args.budgets.split(","))
     pinned = {k: float(v) for k, v in (kv.split("=") for kv in args.steps_per_min.split(",") if kv)}
     train_dir, held_dir = split_blocks(args.data, args.work / "data", args.holdout)
@@ -261,12 +288,13 @@ def main(argv: list[str] | None = None) -> None:
         name, _, overrides = spec.partition("=")
         if overrides:
             RECIPES[recipe_of(name)] = json.loads(Path(overrides).read_text())
-        atomic_write_text(args.work / "recipes" / f"{recipe_of(name)}.json", recipe_config(recipe_of(name)).to_json())
+        for recipe in (("edm", "upsampler") if name == "cascade" else (recipe_of(name),)):
+            atomic_write_text(args.work / "recipes" / f"{recipe}.json", recipe_config(recipe).to_json())
         names.append(name)
     rates = calibrate_all(names, pinned, args.work, train_dir, size)
     weights = [1.0] + ([args.autoguidance] if args.autoguidance != 1 else [])
-    for name in names:
-        for minutes in budgets:
+    for minutes in budgets:  # budget by budget, so a base run that two routes share only ever trains on
+        for name in names:
             for weight in weights:
                 label = name if weight == 1 else f"{name} ag{weight:g}"
                 key = f"{label}@{minutes:g}"
@@ -275,10 +303,43 @@ def main(argv: list[str] | None = None) -> None:
                     scores = evaluate_checkpoint(checkpoint, real, train, len(real), args.sampler, args.steps, weight)
                     save_grid(scores.pop("images"), args.work / "grids" / f"{key.replace(':', '_').replace(' ', '_')}.png")
                     done[key] = {**scores, "recipe": label, "minutes": minutes, "step": step, "n": len(real), "size": size,
-                                 "steps_per_min": {k: v for k, v in rates.items() if k == name or k in LATENT_KINDS}}
+                                 "steps_per_min": {k: v for k, v in rates.items() if k == name or k in LATENT_KINDS + CASCADE_KINDS}}
                 write_outputs(done, args.work)
                 print(f"{key}: FID {done[key]['FID_inception']:.1f} (floor {done['floor']['FID_inception']:.1f})", flush=True)
+    if "cascade" in names:
+        for minutes in budgets:
+            score_upsampler_alone(done, minutes, rates, args, train_dir, real, train)
     print((args.work / "quality.md").read_text())
+
+
+def score_upsampler_alone(done: dict, minutes: float, rates: dict, args, train_dir: Path, real: np.ndarray, train: np.ndarray) -> None:
+    """The cascade's upsampler at `minutes` of the budget on held-out slices shrunk to 64² (as the data loader would
+    shrink them), against the originals, beside bicubic enlargement of the same slices: FID and the rest as above,
+    and PSNR / SSIM inside the brain against each slice's own original."""
+    import torch
+
+    from brainfusion.data.channels import to_model_range, to_uint8
+    from brainfusion.diffusion.upsample import shrink
+    from brainfusion.evaluation.metrics.distances import fidelity_inside_brain
+
+    (_, checkpoint), step = train_budget("cascade", minutes, rates, args.work, train_dir, args.image_size, args.ae_minutes)
+    low = to_uint8(shrink(to_model_range(torch.as_tensor(real)), 64))
+    for label, make in (("upsampler alone", lambda: Pipeline.from_checkpoint(checkpoint).upscale(low, seed=12345)),
+                        ("bicubic alone", lambda: upsample(low, real.shape[-1]))):
+        key = f"{label}@{minutes * UPSAMPLER_SHARE[0]:g}"
+        if key in done:
+            continue
+        t0 = time.monotonic()
+        made = make()
+        seconds = time.monotonic() - t0
+        config = EvalConfig(resolution=real.shape[-1], inception=True, inception_samples=len(real), progress=False)
+        scores = evaluate_images(made, real, train, config)["summary"]
+        save_grid(np.concatenate([real[:8], made[:8]]), args.work / "grids" / f"{key.replace(' ', '_')}.png")
+        done[key] = {**scores, "recipe": label, "minutes": minutes * UPSAMPLER_SHARE[0], "step": step if "upsampler" in label else 0,
+                     "n": len(real), "size": real.shape[-1], **fidelity_inside_brain(made, real), "sampling_s": seconds}
+        write_outputs(done, args.work)
+        print(f"{key}: FID {scores['FID_inception']:.1f}, PSNR {done[key]['psnr_brain']:.2f} dB, SSIM {done[key]['ssim_brain']:.3f} "
+              f"inside the brain (floor FID {done['floor']['FID_inception']:.1f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -423,11 +423,30 @@ def worker_sample(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"] or torch.get_num_threads())
     rss_before = rss_bytes()
     pipe = Pipeline.from_checkpoint(spec["checkpoint"])
+    if spec.get("upsampler"):  # a cascade: the base's slices brought up through the upsampler
+        pipe.use_upsampler(Pipeline.from_checkpoint(spec["upsampler"]))
     t0 = time.perf_counter()
     images = pipe(spec["n"], seed=0, sampler="dpm++sde", steps=25, batch_size=spec["n"])
     seconds = time.perf_counter() - t0
     return dict(seconds=seconds, size=int(images.shape[-1]), n=len(images), peak_rss_mib=peak_rss_bytes() / 2**20,
                 rss_before_mib=rss_before / 2**20, threads=torch.get_num_threads())
+
+
+def worker_train_run(spec: dict) -> dict:
+    """Train a copy of a run's config for spec["steps"] steps from scratch in this process: img/s and peak memory."""
+    import tempfile
+
+    from brainfusion.checkpoint import load_checkpoint, resolve_checkpoint
+    from brainfusion.training.train import train
+
+    torch.set_num_threads(spec["threads"] or torch.get_num_threads())
+    config = load_checkpoint(resolve_checkpoint(Path(spec["run"]) / "checkpoints"), with_optimizer=False).config
+    with tempfile.TemporaryDirectory() as out:
+        config.train.out_dir, config.train.max_steps, config.train.time_budget_min = out, spec["steps"], 0
+        config.train.sample_every, config.train.checkpoint_every, config.train.log_every = 0, spec["steps"], 5
+        result = train(config, progress=False)
+    return dict(images_per_s=result.images_per_s, batch=config.train.batch_size, steps=spec["steps"],
+                peak_rss_mib=peak_rss_bytes() / 2**20, threads=torch.get_num_threads())
 
 
 def run_worker(spec: dict, timeout: float) -> dict:
@@ -772,16 +791,23 @@ def section_256(args, threads: int) -> dict:
     from brainfusion.checkpoint import resolve_checkpoint, run_folder
     from brainfusion.diffusion.pipeline import load_model
 
-    routes = [("64² default (reference)", args.checkpoint), ("256² latent", args.latent_run), ("256² pixel, patch 4", args.pixel_run)]
+    routes = [("64² default (reference)", args.checkpoint), ("256² latent", args.latent_run), ("256² pixel, patch 4", args.pixel_run),
+              ("256² cascade (64² + upsampler)", args.upsampler_run and args.checkpoint)]
     rows, out = [], {}
     for name, path in routes:
         if not path:
             continue
         checkpoint = resolve_checkpoint(Path(path) / "checkpoints" if (Path(path) / "checkpoints").is_dir() else Path(path))
         _, state = load_model(checkpoint)
-        r = run_worker(dict(kind="sample", checkpoint=str(checkpoint), n=64, threads=threads), timeout=3600)
-        run = run_folder(checkpoint)
+        cascade = name.startswith("256² cascade")
+        r = run_worker(dict(kind="sample", checkpoint=str(checkpoint), n=64, threads=threads,
+                            upsampler=args.upsampler_run if cascade else None), timeout=3600)
+        run = Path(args.upsampler_run) if cascade else run_folder(checkpoint)
         r["train_images_per_s"] = _logged_rate(run)
+        if cascade:  # the upsampler trained afresh for a few steps in its own process: img/s and peak memory
+            r["upsampler_training"] = probe = run_worker(dict(kind="train_run", run=str(run), steps=30, threads=threads), timeout=3600)
+            print(f"upsampler training: {probe.get('images_per_s', 0):.1f} img/s, peak RSS {probe.get('peak_rss_mib', 0):.0f} MiB "
+                  f"(30 steps of batch {probe.get('batch')})" if "error" not in probe else f"upsampler training: {probe['error']}")
         if state.config.latent.active:
             r["autoencoder_train_images_per_s"] = _logged_rate(Path(state.config.latent.autoencoder))
         out[name] = r
@@ -842,13 +868,16 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads in every measurement (default: torch's choice)")
     p.add_argument("--latent-run", help="a 256² latent run (train --autoencoder) for section E")
     p.add_argument("--pixel-run", help="a 256² pixel run (recipe edm-p4-shift) for section E")
+    p.add_argument("--upsampler-run", help="an upsampler 64² → 256² (train --upsample-from 64) for section E: the cascade "
+                                           "--checkpoint → it, and its own training img/s and peak memory")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # tables and stderr progress stay in order when piped
 
     if args.worker:
         spec = json.loads(args.worker)
-        print("RESULT " + json.dumps(worker_sample(spec) if spec.get("kind") == "sample" else worker_train(spec)), flush=True)
+        worker = {"sample": worker_sample, "train_run": worker_train_run}.get(spec.get("kind"), worker_train)
+        print("RESULT " + json.dumps(worker(spec)), flush=True)
         return 0
 
     import logging

@@ -12,7 +12,7 @@ files. The property, for every example:
   * never another exception, never a hang (a timer per example), never a silent wrong image
     (an all-NaN or all-Inf volume yields no slices, a huge header is refused before allocation).
 
-The number of files tried is printed at the end (run with -s) and quoted in docs/reliability.md.
+The number of files tried is printed at the end (run with -s) and quoted in docs/concepts/reliability.md.
 """
 
 from __future__ import annotations
@@ -400,6 +400,6 @@ def test_fifo_and_dangling_link_do_not_hang(name, tmp_path):
 
 
 def test_report_counts():
-    """Prints how many files the fuzz tests above fed in (for docs/reliability.md)."""
+    """Prints how many files the fuzz tests above fed in (for docs/concepts/reliability.md)."""
     print(f"\nfuzz: {sum(TRIED.values())} files tried, {sum(v for k, v in TRIED.items() if not k.startswith('good') and k not in ('upper-suffix', 'partial-nan'))} "
           f"of them broken: " + ", ".join(f"{k} {v}" for k, v in sorted(TRIED.items())))

@@ -12,7 +12,7 @@
   * untrusted files (pickles, tampered sidecars, foreign or truncated safetensors) → refused
     through the command line with status 2 and one line, and nothing is ever unpickled.
 
-The counts the kill test reaches are printed (run with -s to see them) and quoted in docs/reliability.md.
+The counts the kill test reaches are printed (run with -s to see them) and quoted in docs/concepts/reliability.md.
 """
 
 from __future__ import annotations
@@ -659,3 +659,69 @@ def test_truncated_safetensors_is_refused_at_any_length(cli, tmp_path):
         tiny_checkpoint.write_bytes(whole[:cut])
         line = _user_error(cli, "sample", "--checkpoint", tiny_checkpoint, "--n", "1", "--steps", "1")
         assert str(tiny_checkpoint) in line, (cut, line)
+
+
+# --------------------------------------------------------------------------------------------
+# f. One writer a folder (fileio.lock_folder)
+# --------------------------------------------------------------------------------------------
+
+
+def _folder_state(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): _sha(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_second_train_into_a_live_run_is_refused_and_the_first_run_stays_its_own(slices_dir, reference, tmp_path, capsys):
+    from brainfusion.cli import main
+
+    run, log, marker = tmp_path / "run", tmp_path / "train.out", tmp_path / "paused"
+    proc = _spawn(slices_dir, run, log, env=_pause_at("step:5", marker))
+    assert _wait_for(marker.exists, proc)  # the first run holds the folder, paused after step 5
+    before = _folder_state(run)
+    for extra in ([], ["--resume"]):  # a second terminal, and a job scheduler's retry
+        started = time.monotonic()
+        assert main(["--quiet", "train", "--data", str(slices_dir), "--out-dir", str(run), "--max-steps", str(STEPS),
+                     *TRAIN, *extra]) == 2
+        assert time.monotonic() - started < 10
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "Traceback" not in err
+        assert f"{run} is in use by process {proc.pid} on " in err and "choose another --out-dir" in err, err
+        assert _folder_state(run) == before  # nothing read, tidied or written
+    _release(marker)
+    assert proc.wait(timeout=WAIT_S) == 0, log.read_text()[-3000:]
+    steps = [int(row.split(",")[0]) for row in (run / "train_log.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, STEPS + 1))  # no step logged twice
+    ref_state, ref_rows = reference
+    _assert_same_state(load_checkpoint(run / "checkpoints" / f"ckpt_{STEPS:08d}.safetensors"), ref_state)
+    _assert_same_log(run, ref_rows)
+
+
+def test_resume_after_a_sigkill_of_the_holder_starts_at_once(slices_dir, reference, tmp_path):
+    from brainfusion.cli import main
+
+    run, log, marker = tmp_path / "run", tmp_path / "train.out", tmp_path / "paused"
+    proc = _spawn(slices_dir, run, log, env=_pause_at("step:4", marker))
+    assert _wait_for(marker.exists, proc)
+    proc.kill()
+    proc.wait(timeout=WAIT_S)
+    assert main(["--quiet", "train", "--data", str(slices_dir), "--out-dir", str(run), "--max-steps", str(STEPS),
+                 *TRAIN, "--resume"]) == 0  # the kernel dropped the lock with its holder: nothing stale to clear
+    _assert_same_state(load_checkpoint(run / "checkpoints" / f"ckpt_{STEPS:08d}.safetensors"), reference[0])
+
+
+def test_a_second_sample_into_the_same_folder_is_refused(slices_dir, tmp_path, capsys):
+    from brainfusion.cli import main
+
+    run, out, log, marker = tmp_path / "run", tmp_path / "samples", tmp_path / "sample.out", tmp_path / "paused"
+    assert main(["--quiet", "train", "--data", str(slices_dir), "--out-dir", str(run), "--max-steps", "2", *TRAIN]) == 0
+    sample = ["--quiet", "sample", "--checkpoint", str(run), "--out", str(out), "--n", "2", "--batch-size", "1",
+              "--sampler", "ddim", "--steps", "2", "--no-gif"]
+    proc = ForkedCLI(sample, log, _pause_at("sample:0", marker), threads=torch.get_num_threads())
+    assert _wait_for(marker.exists, proc)  # the first batch is written, the second not yet
+    before = _folder_state(out)
+    assert main(sample) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is in use by process {proc.pid}" in err and "choose another output folder" in err, err
+    assert _folder_state(out) == before
+    _release(marker)
+    assert proc.wait(timeout=WAIT_S) == 0, log.read_text()[-3000:]
+    assert (out / "grid.png").is_file() and len(list((out / "images").glob("*.png"))) == 2

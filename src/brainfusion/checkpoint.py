@@ -128,7 +128,8 @@ def fault_injection_point(phase: str) -> None:
     process reaches `phase` it writes <file> and waits (up to 10 minutes) until <file>.go exists.
     Phases: "written" (temporary checkpoint written, sidecar not), "sidecar" (sidecar written, not
     renamed), "rotation" (an old checkpoint's weights deleted, its sidecar not yet), "final" (the
-    final checkpoint written, the process not yet done) and "step:<n>" (step n finished).
+    final checkpoint written, the process not yet done), "step:<n>" (step n finished) and, in
+    `brainfusion sample`, "sample:<b>" (batch b written).
     """
     if os.environ.get("BRAINFUSION_PAUSE_AT") != phase or phase in _PAUSED:
         return

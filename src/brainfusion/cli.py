@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -36,12 +35,12 @@ TRAIN_FLAGS = {
                          "1: an image model for given masks only, sampled with --given-mask or --mask-model)"),
     "given_image_share": ("diffusion.given_image_share", float, "share of training images given clean, their labels to be "
                           "drawn (1: a label model that draws the tissue labels of another run's images, sampled with --image-model; "
-                          "with given images its pairs keep the image-only model's realism, docs/masks.md)"),
+                          "with given images its pairs keep the image-only model's realism, docs/research/masks.md)"),
     "mask_scale": ("diffusion.mask_scale", float, "the mask channels' scale: one-hot channels are ±this (default 0.25; 0.5 or 1 for a model mostly given masks), the ordinal one spans ±this (default 1)"),
     "mask_encoding": ("diffusion.mask_encoding", str, "one-hot (default: a channel per label) or ordinal (one channel, the labels "
                       "as levels in their order, -mask_scale to +mask_scale)"),
     "self_condition": ("diffusion.self_condition", None, "self-conditioning (Analog Bits): the network also reads its previous "
-                       "denoised estimate; EDM runs; measured no better on the demo set, not exported yet (docs/masks.md)"),
+                       "denoised estimate; EDM runs; measured no better on the demo set, not exported yet (docs/research/masks.md)"),
     "holdout_subjects": ("data.holdout_subjects", float, "keep whole subjects out of training: a number (e.g. 2) or a share (e.g. 0.2); "
                          "drawn from --seed and recorded in the run's config"),
     "patch_size": ("model.patch_size", int, "1 (default), 2 or 4: pixel-unshuffle factor before the U-Net (2 is ~3x cheaper a step, worse per CPU minute)"),
@@ -83,6 +82,10 @@ TRAIN_FLAGS = {
     "on_missing_label": ("condition.on_missing_label", str, "fail (default) or skip files without a label"),
     "label_dropout": ("condition.label_dropout", float, "share of training conditions dropped, for guidance (default 0.1)"),
     "autoencoder": ("latent.autoencoder", str, "latent diffusion through this autoencoder run (brainfusion train-autoencoder)"),
+    "upsample_from": ("upsample.from_size", int, "train the upsampler of a cascade: slices of this size (e.g. 64) to --image-size "
+                      "(e.g. 256); recipe upsampler unless --recipe is given; sample with sample --upsampler"),
+    "augment_max": ("upsample.augment_max", float, "upsamplers: the highest noise level the low-resolution slice is given in "
+                    "training (default 0.5)"),
 }
 
 
@@ -166,17 +169,13 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_run_config(args: argparse.Namespace) -> RunConfig:
     raw = load_config(args.config).to_dict() if args.config else RunConfig().to_dict()
-    if args.recipe:
-        raw = recipe_config(args.recipe, raw).to_dict()
+    recipe = args.recipe or ("upsampler" if args.upsample_from else None)
+    if recipe:
+        raw = recipe_config(recipe, raw).to_dict()
     _apply_flags(raw, args, TRAIN_FLAGS)
     config = RunConfig.from_dict(raw, source="the command line")
     config.validate()
     return config
-
-
-def _is_main_process() -> bool:
-    """Rank 0 under torchrun (or a plain single process) prints the summary."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -222,11 +221,12 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .distributed import is_main_process
     from .training.train import train
 
     config = build_run_config(args)
     result = train(config, resume=args.resume, progress=not args.quiet)
-    if _is_main_process():
+    if is_main_process():
         print(f"trained to step {result.step}; checkpoint {result.checkpoint}; loss curve {result.out_dir / 'loss.png'}")
     if result.interrupted:
         sys.exit(130)
@@ -245,6 +245,7 @@ def _sample_config(args: argparse.Namespace, out_dir: str = ""):
         image_model=getattr(args, "image_model", None) or "",
         autoguidance=args.autoguidance, guide=args.guide or "", decoder=args.decoder or "",
         nifti_mm=args.spacing if getattr(args, "format", "png") == "nifti" else 0.0,
+        upsampler=getattr(args, "upsampler", None) or "", upsample_augment=getattr(args, "augment", None),
     )
 
 
@@ -272,10 +273,35 @@ def _parse_condition(pairs: list[str] | None) -> dict[str, str] | None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .diffusion.sample import generate
+    from .distributed import is_main_process
 
     result = generate(_sample_config(args), progress=not args.quiet)
-    if _is_main_process():
+    if is_main_process():
         print(json.dumps(result, indent=2))
+
+
+def cmd_upscale(args: argparse.Namespace) -> None:
+    from .diffusion.sample import upscale_folder
+
+    result = upscale_folder(args.checkpoint, args.images, args.out, args.seed, args.sampler, args.steps, args.batch_size,
+                            args.augment, not args.no_ema, args.precision, progress=not args.quiet)
+    print(json.dumps(result, indent=2))
+
+
+def _add_upscale_parser(sub) -> None:
+    p = sub.add_parser("upscale", help="bring your own low-resolution slices up through an upsampler run")
+    p.add_argument("--checkpoint", required=True, help="an upsampler run (train --upsample-from) or its checkpoint")
+    p.add_argument("--images", required=True, help="slices at the upsampler's input size (any folder `data inspect` reads; "
+                                                   "volumes are resliced at that size)")
+    p.add_argument("--out", required=True, help="output folder: images/, sources.csv, grid.png")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--augment", type=float, metavar="SIGMA", help="the noise level the slices are given at (default: the "
+                                                                   "upsampler's, upsample.augment)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    _add_sampler_flags(p)
+    p.set_defaults(func=cmd_upscale)
 
 
 def _load_set(path: str, split: str, size: int, on_bad_file: str):
@@ -293,10 +319,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.conditional and not (args.checkpoint and args.train):
         raise BrainfusionError("--conditional samples a --checkpoint RUN and trains its judges on real training slices; give both "
                                "--checkpoint and --train.")
-    if args.n or not args.conditional:  # --n 0 --conditional: the conditional checks alone
-        _evaluate_set(args, Path(args.out))
-    if args.conditional:
-        _evaluate_conditional(args, Path(args.out))
+    from .fileio import lock_folder
+
+    with lock_folder(args.out, "--out", beside=True):
+        if args.n or not args.conditional:  # --n 0 --conditional: the conditional checks alone
+            _evaluate_set(args, Path(args.out))
+        if args.conditional:
+            _evaluate_conditional(args, Path(args.out))
 
 
 def _evaluate_set(args: argparse.Namespace, out: Path) -> None:
@@ -492,6 +521,10 @@ def _add_sample_parser(sub) -> None:
     p.add_argument("--image-model", metavar="RUN",
                    help="label models (trained with --masks --given-image-share 1): draw the images from this image-only run, "
                         "then this model's tissue labels for them")
+    p.add_argument("--upsampler", metavar="RUN", help="a cascade: bring every slice up through this upsampler run "
+                                                        "(train --upsample-from), e.g. 64² to 256²")
+    p.add_argument("--augment", type=float, metavar="SIGMA", help="with --upsampler: the noise level the low-resolution slices "
+                                                                   "are given at (default: the upsampler's, upsample.augment)")
     _add_autoguidance_flags(p)
     _add_decoder_flag(p)
     p.set_defaults(func=cmd_sample)
@@ -541,6 +574,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     _add_evaluate_parser(sub)
 
+    _add_upscale_parser(sub)
+
     p = sub.add_parser("export", help="a run as a diffusers folder (safetensors) with a model card")
     p.add_argument("run", help="run folder or ckpt_*.safetensors")
     p.add_argument("--out", required=True, help="folder to write (replaced whole)")
@@ -549,7 +584,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload to the Hugging Face Hub (online users; needs a login)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="the main job: demo data → train ~10 min → sample grid and GIF")
+    p = sub.add_parser("demo", help="the main job: demo data → train 8 min → sample grid, GIF and export")
     p.add_argument("--data", default="data/demo")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--minutes", type=float, default=8.0, help="training wall-clock budget")

@@ -210,7 +210,7 @@ class ConditionConfig:
 
 # EDM's training levels σ ~ exp(N(P_mean, 1.2²)): Karras et al.'s (2022) −1.2 on pixels; on latents EDM2's (2024)
 # −0.4, more weight on high noise, where a latent's coarse layout is decided. At 256² through the 15-minute
-# autoencoder, 60 CPU minutes: FID 153.3 against 167.0 with −1.2 (n = 500; docs/latent.md)
+# autoencoder, 60 CPU minutes: FID 153.3 against 167.0 with −1.2 (n = 500; docs/research/latent.md)
 P_MEAN_PIXELS, P_MEAN_LATENTS = -1.2, -0.4
 MASK_ENCODINGS = ("one-hot", "ordinal")  # diffusion.mask_encoding: how tissue labels become the model's mask channels
 MASK_SCALES = {"one-hot": 0.25, "ordinal": 1.0}  # diffusion.mask_scale when not given: one-hot's best of 1 / 0.5 / 0.25 / 0.1, ordinal's only measured scale
@@ -266,7 +266,7 @@ class DiffusionConfig:
     # sit far above σ_data = 0.5 and came out as blobs: at 520 steps on the demo set, Inception FID 283 / 269 / 257
     # and mask fidelity 0.73 / 0.75 / 0.76 at one-hot scale 1 / 0.5 / 0.25, but given-mask fidelity 0.82 / 0.79 / 0.63;
     # at 1,040 steps 0.25 against 0.5: fidelity 0.830 / 0.811, FID 192 / 215; 0.1 at 520 steps: 0.724, FID 261. Given
-    # masks go to a --given-mask-share 1 model (docs/masks.md). The ordinal channel was measured at scale 1 only, so it keeps 1
+    # masks go to a --given-mask-share 1 model (docs/research/masks.md). The ordinal channel was measured at scale 1 only, so it keeps 1
     mask_scale: float | None = None
     # joint image+mask runs: "one-hot" (K channels) or "ordinal" (one channel, the labels as evenly spaced levels
     # from −mask_scale to +mask_scale in their order; OASIS's is the T1 intensity order)
@@ -516,6 +516,34 @@ class LatentConfig:
 
 
 @dataclass
+class UpsampleConfig:
+    """The super-resolution stage of a cascade (Ho et al. 2022, "Cascaded Diffusion Models"; SR3, Saharia et al. 2021).
+
+    The network generates a data.image_size slice given the same slice at `from_size`, upsampled bicubically and
+    stacked in front as a channel it reads clean (SR3's concatenation). Noise conditioning augmentation (CDM,
+    Imagen): in training the low-resolution slice gets Gaussian noise of a level σ ~ U(0, augment_max), which the
+    network is told as a continuous input, so at sampling it can be told to trust a base model's slightly-off
+    slices less; `augment` is that fixed level at sampling.
+    """
+
+    from_size: int = 0  # 0: not an upsampler
+    augment_max: float = 0.5
+    augment: float = 0.1  # the sampling level, in the [-1, 1] units of a slice
+
+    @property
+    def active(self) -> bool:
+        return self.from_size > 0
+
+    def validate(self, image_size: int) -> None:
+        if self.from_size < 0 or (self.active and (image_size % self.from_size or image_size <= self.from_size)):
+            raise BrainfusionError(f"upsample.from_size {self.from_size} must divide data.image_size {image_size} and be smaller, "
+                                   f"e.g. 64 for 256 or 16 for 64.")
+        if not 0 <= self.augment <= self.augment_max or self.augment_max < 0:
+            raise BrainfusionError(f"upsample.augment {self.augment} must lie in [0, upsample.augment_max {self.augment_max}], "
+                                   "the levels the network was trained on.")
+
+
+@dataclass
 class RunConfig(_Serialised):
     """Everything needed to reproduce a training run."""
 
@@ -525,6 +553,7 @@ class RunConfig(_Serialised):
     train: TrainConfig = field(default_factory=TrainConfig)
     condition: ConditionConfig = field(default_factory=ConditionConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
+    upsample: UpsampleConfig = field(default_factory=UpsampleConfig)
 
     @property
     def mask_labels(self) -> int:
@@ -571,12 +600,25 @@ class RunConfig(_Serialised):
             raise BrainfusionError("diffusion.given_image_share needs a pixel run: a latent run's label model would need the "
                                    "autoencoder's latents of every given image; train it without --autoencoder.")
         self.condition.validate()
+        self.upsample.validate(self.data.image_size)
+        if self.upsample.active:
+            self._validate_upsampler()
         if self.condition.fitted:  # the network's condition inputs follow the vocabulary
             categorical, continuous = self.condition.names()
             self.model.class_counts = tuple(len(self.condition.classes[name]) for name in categorical)
             self.model.continuous_inputs = len(continuous)
         for part in (self.data, self.model, self.diffusion, self.train):
             part.validate()
+
+    def _validate_upsampler(self) -> None:
+        """An upsampler reads the low-resolution slice as its first channel and the augmentation level as its one
+        continuous input; the slice it is given carries everything else, so it takes no labels, masks or latents."""
+        if self.latent.active or self.data.masks or self.condition.active or self.diffusion.formulation != "edm":
+            raise BrainfusionError("an upsampler (upsample.from_size) is a pixel EDM run without masks or conditions; leave "
+                                   "out latent.autoencoder, data.masks and condition.labels / slice_level.")
+        if self.diffusion.self_condition:
+            raise BrainfusionError("an upsampler (upsample.from_size) does not take diffusion.self_condition; leave it off.")
+        self.model.in_channels, self.model.continuous_inputs = 2, 1
 
 
 
@@ -598,7 +640,12 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # ±1 label channels, a small U-Net (2.8× the default's img/s) and the segmenter's lr. On the demo set, 400 steps
     # of 32, labels drawn for 50 unseen real slices against their own: Dice 0.58 with the defaults (0.59 at ±1), 0.73
     # with ±1 and P_mean 0.4, 0.81 with lr 2e-3 too, 0.84 with P_mean 1.2, 0.85 with P_mean 2.0; batches of 16 keep
-    # 0.85 in half the minutes, which go to the image model instead (docs/masks.md)
+    # 0.85 in half the minutes, which go to the image model instead (docs/research/masks.md)
+    # the upsampler of a cascade (train --upsample-from 64 --image-size 256): a 4×4 patch stem, so at 256² its levels
+    # run at 64, 32, 16 and 8 as the default U-Net's do at 64², with full-resolution 3×3 convs on each side against a
+    # block pattern, and a narrower width: adding detail to a given slice is a local task
+    "upsampler": {"diffusion": {"formulation": "edm", "loss": "mse"},
+                  "model": {"pixel_channels": 16, "patch_size": 4, "base_channels": 32}},
     "edm-labels": {"diffusion": {"formulation": "edm", "loss": "mse", "given_image_share": 1.0, "mask_scale": 1.0, "p_mean": 2.0},
                    "model": {"pixel_channels": 0, "patch_size": 1, "base_channels": 16, "channel_mults": (1, 2, 4, 4)},
                    "train": {"lr": 2e-3, "warmup_steps": 50, "batch_size": 16}},

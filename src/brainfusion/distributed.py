@@ -4,7 +4,7 @@
 this module only reads them, joins the process group and wraps the model in DDP. A plain
 `brainfusion train` without torchrun is a world of one and touches none of this.
 
-Rules the callers keep (see docs/distributed.md):
+Rules the callers keep (see docs/guides/several-gpus.md):
   * every collective here (`any_flag`, `mean`, `barrier`) is called the same number of times,
     in the same order, on every rank — never inside an `if ctx.is_main:` branch;
   * only rank 0 writes files (checkpoints, logs, pictures, the sample grid);
@@ -34,6 +34,11 @@ class Context:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun, or a plain single process: the one that speaks for the job and owns its folders."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def init() -> Context:

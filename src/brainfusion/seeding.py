@@ -3,8 +3,8 @@
 Keys are mixed by NumPy's `SeedSequence` (a hash designed for this), so (seed, 1) and (seed + 1, 0)
 give unrelated streams, unlike `seed * C + k` arithmetic. The training keys: (seed, 0, epoch) the
 data order, (seed, 1, step) the flips, (seed, 2, step) noise levels and noise, (seed, 3, step)
-the network's dropout, (seed, 3, step, 1) the label dropout of conditional runs and (seed, 4) the
-subjects held out (data/subjects.py); sampling:
+the network's dropout, (seed, 3, step, 1) the label dropout of conditional runs, (seed, 4) the
+subjects held out (data/subjects.py) and (seed, 6, step) an upsampler's noise augmentation; sampling:
 (seed, image index).
 """
 

@@ -23,6 +23,7 @@ from ..models.unet import UNet
 from ..runtime import choose_channels_last, choose_precision, network_fn
 from ..seeding import derive_seed, image_generators
 from .process import autoguidance, sample
+from .upsample import sampling_conditioning
 
 
 def load_model(checkpoint: Path, use_ema: bool = True, device: torch.device | None = None):
@@ -55,6 +56,7 @@ class Pipeline:
         self.mask_source: Pipeline | None = None
         self.image_source: Pipeline | None = None
         self.guide: tuple[Pipeline, float] | None = None
+        self.upsampler: Pipeline | None = None
         self.checkpoint: Path | None = None
 
     def use_mask_source(self, source: "Pipeline") -> "Pipeline":
@@ -91,6 +93,55 @@ class Pipeline:
                                    "source; use a run trained without --masks and without --autoencoder at that size.")
         self.image_source = source
         return self
+
+    def use_upsampler(self, upsampler: "Pipeline") -> "Pipeline":
+        """Bring every image this pipeline makes to the upsampler's size through it: a cascade (Ho et al. 2022), this
+        model's realism at its own size, the upsampler's learnt detail above it. The upsampler must be trained from
+        this model's image size (upsample.from_size), and this model must make pixel slices."""
+        mine, theirs = self.config, upsampler.config
+        name, base = upsampler.checkpoint or "the upsampler", self.checkpoint or "this model"
+        if not theirs.upsample.active:
+            raise BrainfusionError(f"{name} is not an upsampler; train one with upsample.from_size={mine.data.image_size}.")
+        if mine.latent.active or mine.upsample.active:
+            raise BrainfusionError(f"{base} is {'a latent' if mine.latent.active else 'an upsampler'} run; a cascade starts from a "
+                                   "pixel run that generates slices, such as the default 64² model.")
+        if mine.mask_labels:
+            raise BrainfusionError(f"{base} draws tissue masks, which the upsampler does not bring up yet; use an image-only run.")
+        if theirs.upsample.from_size != mine.data.image_size:
+            raise BrainfusionError(f"{name} brings {theirs.upsample.from_size}² slices to {theirs.data.image_size}², but {base} "
+                                   f"makes {mine.data.image_size}² slices; train the upsampler with upsample.from_size "
+                                   f"{mine.data.image_size}, or use a base run of {theirs.upsample.from_size}².")
+        self.upsampler = upsampler
+        return self
+
+    def upscale(self, low: np.ndarray, seed: int = 0, sampler: str = FAST_SAMPLER, steps: int = FAST_STEPS,
+                batch_size: int = 64, first_index: int = 0, augment: float | None = None,
+                progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """An upsampler's slices for low-resolution ones (uint8 (n, h, w) at upsample.from_size): uint8 (n, H, W).
+
+        `augment` is the noise level the low-resolution slices are given at (default upsample.augment): higher
+        trusts them less, so a base model's slightly-off slices are not copied up. Image i of `seed` gets its own
+        noise, as in `__call__`, and its augmentation noise from a second stream of its own."""
+        up = self.config.upsample
+        small, size = up.from_size, self.config.data.image_size
+        if not up.active:
+            raise BrainfusionError(f"{self.checkpoint or 'this model'} is not an upsampler (upsample.from_size is 0).")
+        if np.ndim(low) != 3 or np.shape(low)[1:] != (small, small):
+            raise BrainfusionError(f"the slices to upscale have shape {np.shape(low)}; this upsampler takes {small}×{small} "
+                                   f"slices, (n, {small}, {small}) uint8, and makes {size}×{size} ones.")
+        level = up.augment if augment is None else augment
+        network = self.network if self.guide is None else autoguidance(self.network, self.guide[0].network, self.guide[1])
+        out = []
+        for start in range(first_index, first_index + len(low), batch_size):
+            rows = slice(start - first_index, min(start - first_index + batch_size, len(low)))
+            indices = range(start, start + rows.stop - rows.start)
+            given, cond = sampling_conditioning(to_model_range(torch.as_tensor(np.asarray(low[rows], dtype=np.uint8))), level,
+                                                image_generators(derive_seed(seed, 2), indices), size)
+            x, _ = sample(network, self.config.diffusion, (len(indices), 2, size, size), sampler, steps,
+                          image_generators(seed, indices), progress=progress, cond=cond, known=given, known_clean=True,
+                          known_first=True)
+            out.append(to_uint8(x[:, 1:]))
+        return np.concatenate(out)
 
     def use_guide(self, guide: "Pipeline", weight: float) -> "Pipeline":
         """Sample with autoguidance (process.autoguidance): `guide` is a worse version of this model, usually an
@@ -170,6 +221,9 @@ class Pipeline:
         model trained with diffusion.given_image_share, comes back with the labels the model draws for it."""
         if n <= 0 or batch_size <= 0:
             raise BrainfusionError(f"the image count ({n}) and batch size ({batch_size}) must be positive.")
+        if self.config.upsample.active:
+            raise BrainfusionError(f"{self.checkpoint or 'this model'} is an upsampler: it makes slices from low-resolution "
+                                   "ones (Pipeline.upscale), or serves a base run as its second stage (use_upsampler).")
         cond = encode_guided_request(self.config.condition, condition, n, guidance)
         if mask is None and self.mask_source is not None:  # stage one; the images get their own noise streams
             conditional = self.mask_source.config.condition.active
@@ -219,7 +273,10 @@ class Pipeline:
                 labels.append(np.asarray(mask)[rows].astype(np.uint8) if mask is not None else
                               labels_from_channels(x[:, channels - k :], self.config.data.image_size, self.config.mask_labels,
                                                    self.config.diffusion.mask_scale, self.config.diffusion.mask_encoding).numpy())
-        return np.concatenate(images), np.concatenate(labels) if k else None
+        images = np.concatenate(images)
+        if self.upsampler is not None:  # the cascade's second stage, on noise streams of its own
+            images = self.upsampler.upscale(images, derive_seed(seed, 3), sampler, steps, batch_size, first_index, progress=tick)
+        return images, np.concatenate(labels) if k else None
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
         """The image channels as slices: a latent run's through its autoencoder."""

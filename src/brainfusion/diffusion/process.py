@@ -162,7 +162,7 @@ def autoguidance(model: Callable, guide: Callable, weight: float) -> Callable:
     pass per step; mixing outputs mixes denoised images, as in classifier_free_guidance.
 
     Measured on the 520-step joint image + mask model of the demo set, with its 260-step checkpoint as the
-    guide (250 pairs, SDE-DPM-Solver++ 25 steps): mask fidelity 0.756 → 0.805 at w = 2 (docs/masks.md).
+    guide (250 pairs, SDE-DPM-Solver++ 25 steps): mask fidelity 0.756 → 0.805 at w = 2 (docs/research/masks.md).
     """
     if weight == 1:
         return model

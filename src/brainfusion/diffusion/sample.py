@@ -7,6 +7,7 @@ batch b is handled by rank b mod W, and names (sample_<index>.png) never clash.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -17,12 +18,13 @@ import numpy as np
 import torch
 
 from .. import distributed as dist
-from ..checkpoint import run_folder
-from ..config import FAST_SAMPLER
+from ..checkpoint import fault_injection_point, run_folder
+from ..config import FAST_SAMPLER, DataConfig
 from ..data.channels import label_image, label_indices
 from ..data.masks import fit_square_labels, to_label_index
-from ..data.slices import IMAGE_SUFFIXES, load_set, read_slice
+from ..data.slices import IMAGE_SUFFIXES, decode_slice, discover_files, load_set, load_slices, read_slice
 from ..errors import BrainfusionError
+from ..fileio import atomic_write_text, lock_folder
 from ..images import make_grid, overlay_labels, save_gif, save_grid, save_nifti_slice, save_png
 from ..models.latent import use_decoder
 from .pipeline import Pipeline, load_model
@@ -107,6 +109,8 @@ class SampleConfig:
     mask_model: str = ""  # or: a joint run whose drawn masks this model makes its images for (Pipeline.use_mask_source)
     image_model: str = ""  # label models: an image-only run whose images this model draws labels for (Pipeline.use_image_source)
     nifti_mm: float = 0.0  # > 0: each image (and mask) also as a .nii.gz of this pixel size in mm, beside the PNGs
+    upsampler: str = ""  # a cascade: an upsampler run every image is brought up through (Pipeline.use_upsampler)
+    upsample_augment: float | None = None  # its low-resolution slices' noise level; None: the upsampler's upsample.augment
 
 
 def generate(cfg: SampleConfig, progress: bool = True) -> dict:
@@ -115,10 +119,21 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
         raise BrainfusionError(f"n_images={cfg.n_images} and batch_size={cfg.batch_size} must both be positive.")
     torch.set_flush_denormal(True)
     ctx = dist.init()
-    model, state = load_model(Path(cfg.checkpoint), cfg.use_ema, ctx.device)
+    pipe, steps, given = _prepare(cfg, ctx.device)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else run_folder(pipe.checkpoint) / "samples" / (f"{cfg.sampler}-{steps}" + _condition_suffix(cfg))
+    # rank 0 holds the folder for every rank; the lock lies beside it, so the folder holds the samples alone
+    with lock_folder(out_dir, beside=True) if ctx.is_main else contextlib.nullcontext():
+        result = _draw(cfg, pipe, steps, given, out_dir, ctx, progress)
+    dist.shutdown(ctx)
+    return result
+
+
+def _prepare(cfg: SampleConfig, device: torch.device) -> tuple[Pipeline, int, np.ndarray | None]:
+    """The checkpoint's pipeline with every source and guide the request names, its step count and any given masks."""
+    model, state = load_model(Path(cfg.checkpoint), cfg.use_ema, device)
     if cfg.decoder:
         use_decoder(state.config, cfg.decoder)
-    pipe = Pipeline(model, state.config, ctx.device, cfg.precision)
+    pipe = Pipeline(model, state.config, device, cfg.precision)
     pipe.checkpoint = state.path
     steps = cfg.steps or default_steps(state.config.diffusion, cfg.sampler)
     given = None
@@ -128,20 +143,30 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
         raise BrainfusionError("a label model takes its images from an image model (image_model); it makes no images for "
                                "masks, so leave out given_mask and mask_model.")
     if cfg.mask_model:
-        pipe.use_mask_source(Pipeline.from_checkpoint(cfg.mask_model, cfg.use_ema, ctx.device, cfg.precision))
+        pipe.use_mask_source(Pipeline.from_checkpoint(cfg.mask_model, cfg.use_ema, device, cfg.precision))
     if cfg.image_model:
-        pipe.use_image_source(Pipeline.from_checkpoint(cfg.image_model, cfg.use_ema, ctx.device, cfg.precision))
+        pipe.use_image_source(Pipeline.from_checkpoint(cfg.image_model, cfg.use_ema, device, cfg.precision))
+    if cfg.upsampler:
+        pipe.use_upsampler(Pipeline.from_checkpoint(cfg.upsampler, cfg.use_ema, device, cfg.precision))
+        if cfg.upsample_augment is not None:
+            pipe.upsampler.config.upsample.augment = cfg.upsample_augment
+            pipe.upsampler.config.upsample.validate(pipe.upsampler.config.data.image_size)
     if cfg.autoguidance != 1:
         pipe.use_kept_guide(cfg.autoguidance, cfg.guide or None, cfg.use_ema, cfg.precision)
-        for source in (pipe.mask_source, pipe.image_source):  # both stages, each by its own run's guide
+        for source in (pipe.mask_source, pipe.image_source, pipe.upsampler):  # every stage, each by its own run's guide
             if source is not None:
                 source.use_kept_guide(cfg.autoguidance, None, cfg.use_ema, cfg.precision)
     if cfg.given_mask:
         if not state.config.mask_labels:
             raise BrainfusionError(f"{state.path} was trained without masks; sample it without a given mask, or train with masks.")
         given = read_given_masks(cfg.given_mask, state.config.data.mask_values, state.config.data.image_size)
-    run_dir = run_folder(state.path)
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "samples" / (f"{cfg.sampler}-{steps}" + _condition_suffix(cfg))
+    return pipe, steps, given
+
+
+def _draw(cfg: SampleConfig, pipe: Pipeline, steps: int, given: np.ndarray | None, out_dir: Path, ctx: dist.Context,
+          progress: bool) -> dict:
+    """This process's batches into out_dir/images; rank 0 then checks every process's files and writes the grid."""
+    config = pipe.config
     images_dir = out_dir / "images"
     n_batches = -(-cfg.n_images // cfg.batch_size)
     mine = list(range(ctx.rank, n_batches, ctx.world))
@@ -149,7 +174,7 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
     if progress and ctx.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(mine) * steps, unit="step", desc=f"sampling {cfg.sampler}-{steps}", dynamic_ncols=True)
+        bar = tqdm(total=len(mine) * steps * (2 if pipe.upsampler else 1), unit="step", desc=f"sampling {cfg.sampler}-{steps}", dynamic_ncols=True)
     t0 = time.monotonic()
     gif_path = None
 
@@ -167,8 +192,9 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
                                     progress=bar.update if bar else None, condition=cfg.condition, guidance=cfg.guidance,
                                     mask=mask)
         for i, image in enumerate(images):
-            _write_pair(images_dir, start + i, image, None if labels is None else label_image(labels[i], state.config.data.mask_values),
+            _write_pair(images_dir, start + i, image, None if labels is None else label_image(labels[i], config.data.mask_values),
                         cfg.nifti_mm)
+        fault_injection_point(f"sample:{b}")
     if bar is not None:
         bar.close()
     seconds = time.monotonic() - t0
@@ -176,8 +202,7 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
     done = sum(min(cfg.batch_size, cfg.n_images - b * cfg.batch_size) for b in mine)
     result = {"out_dir": str(out_dir), "images": str(images_dir), "seconds": seconds, "seconds_per_image": seconds / max(1, done)}
     if ctx.is_main:
-        result.update(_collect(cfg, images_dir, out_dir, gif_path, state.config.data.mask_values if state.config.mask_labels else ()))
-    dist.shutdown(ctx)
+        result.update(_collect(cfg, images_dir, out_dir, gif_path, config.data.mask_values if config.mask_labels else ()))
     return result
 
 
@@ -189,6 +214,7 @@ def _condition_suffix(cfg: SampleConfig) -> str:
     parts += [f"masks-{Path(cfg.mask_model).name}"] if cfg.mask_model else []
     parts += [f"images-{Path(cfg.image_model).name}"] if cfg.image_model else []
     parts += [f"ag{cfg.autoguidance:g}"] if cfg.autoguidance != 1 else []
+    parts += [f"up-{Path(cfg.upsampler).name}"] if cfg.upsampler else []
     return "".join("-" + re.sub(r"[^A-Za-z0-9._=+-]", "_", part) for part in parts)
 
 
@@ -214,3 +240,51 @@ def _collect(cfg: SampleConfig, images_dir: Path, out_dir: Path, gif_path: Path 
     if gif_path:
         result["gif"] = str(gif_path)
     return result
+
+
+def _check_upscalable(files: list[Path], small: int, size: int) -> None:
+    """Refuse 2-D image files that are not small×small: the upsampler adds detail to slices of its own input size,
+    and resizing them first would choose for the user what their pixels mean."""
+    for f in files:
+        if f.suffix.lower() in IMAGE_SUFFIXES:
+            try:
+                h, w = decode_slice(f).shape
+            except (OSError, ValueError) as exc:
+                raise BrainfusionError(f"{f} could not be read as a slice ({exc}); remove it or give a folder of readable slices.") from None
+            if (h, w) != (small, small):
+                raise BrainfusionError(f"{f} is {w}×{h} pixels, but this upsampler takes {small}×{small} slices (and makes "
+                                       f"{size}×{size}); resize them to {small}×{small}, or use an upsampler trained from their size.")
+
+
+def upscale_folder(checkpoint: str | Path, images: str | Path, out_dir: str | Path, seed: int = 0, sampler: str = FAST_SAMPLER,
+                   steps: int = 0, batch_size: int = 64, augment: float | None = None, use_ema: bool = True,
+                   precision: str = "auto", progress: bool = True) -> dict:
+    """Bring a folder of low-resolution slices (any source `load_slices` reads; volumes are resliced at the upsampler's
+    input size) up through an upsampler run: out_dir/images/sample_<i>.png, sources.csv (which file each came from)
+    and grid.png."""
+    torch.set_flush_denormal(True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = Pipeline.from_checkpoint(checkpoint, use_ema, device, precision)
+    up, size = pipe.config.upsample, pipe.config.data.image_size
+    if not up.active:
+        raise BrainfusionError(f"{pipe.checkpoint} is not an upsampler; give a run trained with upsample.from_size.")
+    data = DataConfig(path=str(images), image_size=up.from_size, split="all", hflip=False)
+    _check_upscalable(discover_files(data), up.from_size, size)
+    slices = load_slices(data, progress=progress)
+    steps = steps or default_steps(pipe.config.diffusion, sampler)
+    out_dir = Path(out_dir)
+    with lock_folder(out_dir, beside=True):
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=-(-len(slices) // batch_size) * steps, unit="step", desc=f"upscaling to {size}²", dynamic_ncols=True)
+        made = pipe.upscale(slices.images, seed, sampler, steps, batch_size, augment=augment, progress=bar.update if bar else None)
+        if bar is not None:
+            bar.close()
+        for i, image in enumerate(made):
+            save_png(image, sample_path(out_dir / "images", i))
+        rows = [f"{i},{source}" for i, source in enumerate(slices.sources)]
+        atomic_write_text(out_dir / "sources.csv", "\n".join(["index,source", *rows]) + "\n")
+        grid = save_grid(made[:GRID_MAX], out_dir / "grid.png")
+    return {"out_dir": str(out_dir), "images": str(out_dir / "images"), "n": len(made), "grid": str(grid)}

@@ -48,6 +48,7 @@ from ..data.channels import ordinal_level
 from ..data.masks import mask_names
 from ..diffusion.process import make_scheduler
 from ..errors import BrainfusionError
+from ..fileio import lock_folder
 from ..models.unet import UNet
 from .hub_pipeline import (  # noqa: F401 - the public names of brainfusion.export.hub
     COMPONENTS, MANIFEST, SHIPPED_MODULE, BrainfusionOutput, BrainfusionPipeline, BrainfusionUNet, BrainfusionVAE, _digests,
@@ -282,16 +283,17 @@ def export_run(checkpoint: Path | str, out: Path | str, metrics: Path | None = N
     card = model_card(state.config, state.step, run_folder(state.path), str(out), metrics, None if guide_state is None else guide_state.step)
     pipe = make_export_pipeline(model, state.config, guide)
     out = Path(out)
-    staging = out.with_name(f".{out.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    pipe.save_pretrained(staging, safe_serialization=True)
-    _ship_code(staging)
-    manifest = {"checkpoint": str(state.path), "step": state.step, **channel_layout(state.config), "sha256": _digests(staging)}
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    (staging / "README.md").write_text(card)
-    old = out.with_name(f".{out.name}.old")
-    if out.exists():
-        out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    with lock_folder(out, "output folder", beside=True):  # the folder is replaced whole, so its lock lies beside it
+        staging = out.with_name(f".{out.name}.staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        pipe.save_pretrained(staging, safe_serialization=True)
+        _ship_code(staging)
+        manifest = {"checkpoint": str(state.path), "step": state.step, **channel_layout(state.config), "sha256": _digests(staging)}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        (staging / "README.md").write_text(card)
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
     return out

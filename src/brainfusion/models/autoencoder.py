@@ -39,7 +39,7 @@ class PixelBlocks(nn.Module):
 
     The network then runs at 1/p of the resolution, where a 2-core CPU is fast: with patch 4 and one level of
     64 channels MONAI's AutoencoderKL trains 27 img/s at 256² against 3.6 for three levels (16, 32, 64) on
-    the pixels (fwd + bwd, bf16, batch 8); 24.4 img/s in training with its losses (docs/latent.md). The idea
+    the pixels (fwd + bwd, bf16, batch 8); 24.4 img/s in training with its losses (docs/research/latent.md). The idea
     is DC-AE's space-to-channel shortcut (Chen et al. 2024) taken all the way; the blocks are un-shuffled
     exactly, so nothing is lost before the network.
     """

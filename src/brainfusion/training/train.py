@@ -31,8 +31,10 @@ from ..data.subjects import split_subjects
 from ..diffusion.loss import channel_weights
 from ..diffusion.pipeline import Pipeline
 from ..diffusion.process import make_process
+from ..diffusion.upsample import GIVEN_FIRST, shrink, training_pair
+from ..data.channels import to_model_range, to_uint8
 from ..errors import BrainfusionError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, lock_folder
 from ..images import make_grid, overlay_labels, save_png
 from ..models.latent import LatentDecoder, attach_autoencoder, cached_latents, fit_statistics, normalise
 from ..models.unet import UNet, count_parameters, training_flops_per_image
@@ -286,18 +288,23 @@ def training_step(s: Session, step: int) -> torch.Tensor:
     torch.manual_seed(derive_seed(tcfg.seed, 3, step))  # dropout
     images, cond = s.stream.batch_with_cond(step)
     x0 = images.to(device, memory_format=s.memory_format)
+    lo, hi = ctx.rank * s.stream.per_rank, (ctx.rank + 1) * s.stream.per_rank
+    if s.config.upsample.active:  # the low-resolution slice in front, given clean; its augmentation level as the condition
+        x0, cond = training_pair(x0, s.config.upsample, seeded_generator(tcfg.seed, 6, step), slice(lo, hi), tcfg.batch_size)
+        x0 = x0.contiguous(memory_format=s.memory_format)
     gen = seeded_generator(tcfg.seed, 2, step)
     levels = s.process.draw_levels(tcfg.batch_size, gen)
     noise = torch.randn((tcfg.batch_size,) + tuple(x0.shape[1:]), generator=gen)
-    lo, hi = ctx.rank * s.stream.per_rank, (ctx.rank + 1) * s.stream.per_rank
     levels, noise = levels[lo:hi].to(device), noise[lo:hi].to(device, memory_format=s.memory_format)
-    if cond is not None:  # label dropout, drawn from its own key so it never shares a stream with the network's dropout
+    if cond is not None and s.config.condition.active:  # label dropout, from its own key, never the network's dropout's
         cond = drop_labels(cond, s.config.condition.label_dropout, seeded_generator(tcfg.seed, 3, step, 1), tcfg.batch_size, lo).to(device)
     given = _given_channels(s.config, step, x0.shape[1])
     for group in s.optimizer.param_groups:
         group["lr"] = lr_at(step, tcfg)
     with torch.autocast(device.type, dtype=s.dtype or torch.float32, enabled=s.dtype is not None):
         extra = {} if given is None else {"given": given[lo:hi].to(device)}
+        if s.config.upsample.active:
+            extra["given"] = GIVEN_FIRST.to(device)
         if s.config.diffusion.self_condition:  # Analog Bits' coin: half the batches see a first estimate
             extra["estimate_first"] = bool(torch.rand(1, generator=seeded_generator(tcfg.seed, 5, step)) < 0.5)
         loss = s.process.loss(s.forward, x0, levels, noise, cond, **extra)
@@ -319,8 +326,15 @@ def training_step(s: Session, step: int) -> torch.Tensor:
 
 
 def train(config: RunConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train a model as `config` says, writing checkpoints, logs and pictures to train.out_dir."""
+    """Train a model as `config` says, writing checkpoints, logs and pictures to train.out_dir, which this process
+    holds (fileio.lock_folder) from before anything in it is read until it returns; under torchrun rank 0 holds it."""
     config.validate()
+    lock = lock_folder(config.train.out_dir, "train.out_dir") if dist.is_main_process() else contextlib.nullcontext()
+    with lock:
+        return _train(config, resume, progress)
+
+
+def _train(config: RunConfig, resume: bool, progress: bool) -> TrainResult:
     tcfg = config.train
     torch.set_flush_denormal(True)  # tiny Adam moments / zero-initialised layers otherwise hit slow denormal paths
     s = set_up(config, resume, progress)
@@ -411,6 +425,12 @@ def _sample_ema(s: Session, n: int, seed: int) -> tuple[np.ndarray, np.ndarray |
     model = s.ema.shadow
     was = model.training
     pipe = Pipeline(model, s.config, s.ctx.device, s.config.train.precision, s.config.train.channels_last, s.decoder)
+    if s.config.upsample.active:  # an upsampler's previews bring training slices, shrunk, back up
+        picked = s.real_for_eval[np.arange(n) * len(s.real_for_eval) // n]
+        low = to_uint8(shrink(to_model_range(torch.as_tensor(picked)), s.config.upsample.from_size))
+        images = pipe.upscale(low, seed=seed)
+        model.train(was)
+        return images, None
     images, labels = pipe.pairs(n, seed=seed, mask=None if s.preview_masks is None else s.preview_masks[:n],
                                 image=None if s.preview_images is None else s.preview_images[:n])
     model.train(was)

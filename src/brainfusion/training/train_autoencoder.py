@@ -30,7 +30,7 @@ from ..data.channels import to_model_range, to_uint8
 from ..data.slices import BatchStream, is_oasis_layout, load_slices
 from ..errors import BrainfusionError
 from ..evaluation.metrics.distances import ssim_maps
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, lock_folder
 from ..images import make_grid, save_png
 from ..models.autoencoder import build_autoencoder, build_discriminator, encode_sample, encoder_modules, kl_divergence, start_from
 from ..runtime import choose_channels_last, choose_precision
@@ -40,7 +40,6 @@ from .train import TrainResult, _count_nonfinite, _StopSignal, checkpoint_to_res
 
 log = logging.getLogger(__name__)
 
-BRAIN_THRESHOLD = 10  # grey level above which a pixel of a skull-stripped slice counts as brain
 
 
 @dataclass
@@ -138,7 +137,7 @@ def scale_equivariance_loss(ae: torch.nn.Module, z: torch.Tensor, x: torch.Tenso
     high-frequency code the slice lacks; such latents are easier for a diffusion model to learn. At weight
     1 on the 2-core CPU (20.2 img/s against 24.7), the 60-minute latent route's FD_domain fell from 0.384 to
     0.313 and its FID from 188.4 to 181.6, for 0.7 dB of reconstruction; at 120 minutes FD_domain 0.297 but
-    FID 148.6 against 143.0 without it, within the noise of n = 500, so it is off by default (docs/latent.md)."""
+    FID 148.6 against 143.0 without it, within the noise of n = 500, so it is off by default (docs/research/latent.md)."""
     pool = torch.nn.functional.avg_pool2d
     with autocast:
         coarse = ae.decode(pool(z, 2)).float()
@@ -213,8 +212,14 @@ def _preview(s: AutoencoderSession, path: Path) -> None:
 
 
 def train_autoencoder(config: AutoencoderRunConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train an autoencoder as `config` says; checkpoints, log, previews and ae_metrics.json go to train.out_dir."""
+    """Train an autoencoder as `config` says; checkpoints, log, previews and ae_metrics.json go to train.out_dir,
+    which this process holds until it returns (fileio.lock_folder)."""
     config.validate()
+    with lock_folder(config.train.out_dir, "train.out_dir"):
+        return _train_autoencoder(config, resume, progress)
+
+
+def _train_autoencoder(config: AutoencoderRunConfig, resume: bool, progress: bool) -> TrainResult:
     tcfg = config.train
     torch.set_flush_denormal(True)
     s = set_up(config, resume, progress)
@@ -273,7 +278,7 @@ def _heldout(config: AutoencoderRunConfig) -> DataConfig | None:
 def score_autoencoder(ae, config: AutoencoderRunConfig, device: torch.device, dtype, progress: bool = False) -> dict | None:
     """PSNR and SSIM inside the brain, and rFID, of held-out slices' reconstructions (None: no held-out set)."""
     from ..evaluation.evaluate import EvalConfig, inception_distance
-    from ..evaluation.metrics.distances import masked_ssim
+    from ..evaluation.metrics.distances import fidelity_inside_brain
 
     source = _heldout(config)
     if source is None:
@@ -282,11 +287,8 @@ def score_autoencoder(ae, config: AutoencoderRunConfig, device: torch.device, dt
     images = load_slices(source, progress=False).images
     images = images[np.linspace(0, len(images) - 1, min(config.score.n, len(images))).round().astype(int)]
     recon = reconstruct(ae, images, device, dtype)
-    real, fake = torch.from_numpy(images).float()[:, None] / 255, torch.from_numpy(recon).float()[:, None] / 255
-    brain = real > BRAIN_THRESHOLD / 255
-    mse = ((fake - real) ** 2 * brain).flatten(1).sum(1) / brain.flatten(1).sum(1).clamp_min(1)
-    metrics = {"n": len(images), "heldout": source.path, "psnr_brain": float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean()),
-               "ssim_brain": float(masked_ssim(fake, real, brain).mean()), "l1": float((fake - real).abs().mean()), "rfid": None}
+    l1 = float(np.abs(recon.astype(np.float32) - images.astype(np.float32)).mean() / 255)
+    metrics = {"n": len(images), "heldout": source.path, **fidelity_inside_brain(recon, images), "l1": l1, "rfid": None}
     if config.score.inception and len(images) >= 2:
         fid = inception_distance(recon, images, EvalConfig(resolution=config.data.image_size, inception=True, progress=progress,
                                                            inception_samples=len(images), kid_subset_size=min(1000, len(images))))

@@ -140,6 +140,20 @@ def masked_ssim(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, window: in
     return (full * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp_min(1)
 
 
+BRAIN_THRESHOLD = 10  # grey level above which a pixel of a skull-stripped slice counts as brain
+
+
+@torch.inference_mode()
+def fidelity_inside_brain(made: np.ndarray, real: np.ndarray) -> dict[str, float]:
+    """Mean PSNR (dB, data range 1) and SSIM of uint8 slices (N, H, W) against their own originals, inside the brain
+    (the original's pixels above BRAIN_THRESHOLD), where a reconstruction or an upsampled slice is worth judging."""
+    fake, true = (torch.from_numpy(np.asarray(a)).float()[:, None] / 255 for a in (made, real))
+    brain = true > BRAIN_THRESHOLD / 255
+    mse = ((fake - true) ** 2 * brain).flatten(1).sum(1) / brain.flatten(1).sum(1).clamp_min(1)
+    return {"psnr_brain": float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean()),
+            "ssim_brain": float(masked_ssim(fake, true, brain).mean())}
+
+
 @torch.inference_mode()
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, batch: int = 2048) -> torch.Tensor:
     """Per-pair single-scale SSIM of [N,1,H,W] tensors in [0,1] (Gaussian window, valid region)."""

@@ -1,0 +1,55 @@
+"""What the upsampler of a cascade is given: the low-resolution slice, noised and brought to its size.
+
+The upsampler (config.UpsampleConfig) generates a slice's second channel given its first: the same slice at
+`from_size`, noised by a level σ_aug the network is told (noise conditioning augmentation, Ho et al. 2022), then
+upsampled bicubically (SR3's concatenation, Saharia et al. 2021). In training the low-resolution slice is made from
+the batch by averaging pixel blocks and rounding to the uint8 grid, as the data loader shrinks slices (PIL's box
+filter) and as a base model's slices arrive, as uint8.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..config import UpsampleConfig
+from ..seeding import randn
+
+# the channel layout of an upsampler's input: the low-resolution slice first, given clean, then the slice to generate
+GIVEN_FIRST = torch.tensor([True, False]).view(1, 2, 1, 1)
+
+
+def shrink(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Slices in [-1, 1] (N, 1, H, W) at size×size: each pixel block's mean, rounded to the uint8 grid."""
+    small = F.interpolate(x.float(), size=(size, size), mode="area")
+    return ((small + 1) * 127.5).round().clamp(0, 255) / 127.5 - 1
+
+
+def enlarge(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Slices in [-1, 1] brought to size×size bicubically (clamped to the range of slices)."""
+    return F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def conditioning(low: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The given channel (N, 1, size, size) and the network's continuous input (N, 1): `low` noised by `levels`."""
+    noised = low + levels.view(-1, 1, 1, 1) * noise
+    return enlarge(noised, size), levels.view(-1, 1).float()
+
+
+def training_pair(x0: torch.Tensor, cfg: UpsampleConfig, generator: torch.Generator, rows: slice, batch: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch (this process's `rows` of a global batch of `batch`) as the upsampler's input channels and
+    its continuous input: σ_aug ~ U(0, augment_max) per image, with its noise, drawn for the global batch from
+    `generator`, so the pairs are the same in any process count and on resume."""
+    levels = torch.rand(batch, generator=generator) * cfg.augment_max
+    noise = torch.randn((batch, 1, cfg.from_size, cfg.from_size), generator=generator)
+    given, cond = conditioning(shrink(x0, cfg.from_size), levels[rows].to(x0.device), noise[rows].to(x0.device), x0.shape[-1])
+    return torch.cat([given.to(x0.dtype), x0], 1), cond
+
+
+def sampling_conditioning(low: torch.Tensor, level: float, generators: list[torch.Generator], size: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The given channel and continuous input for low-resolution slices (N, 1, h, w) at the fixed level `level`;
+    image i's augmentation noise comes from its own generator."""
+    noise = randn(tuple(low.shape), generators)
+    return conditioning(low.float(), torch.full((low.shape[0],), float(level)), noise, size)
