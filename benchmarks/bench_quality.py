@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="also score each checkpoint guided by its run's halfway weights at this weight (Karras et al. 2024), "
                         "as recipe 'NAME agW'; 1: plain only")
     p.add_argument("--upsampler-share", type=float, default=1 / 3, help="cascade: the share of each budget the upsampler trains")
+    p.add_argument("--no-memorization", action="store_true", help="skip the near-copy search (at 256² it costs more than the "
+                                                                  "FID: SSIM of each slice against its 8 nearest training slices)")
     args = p.parse_args(argv)
     UPSAMPLER_SHARE[0] = args.upsampler_share
     budgets = sorted(float(b) for b in args.budgets.split(","))
@@ -273,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     train_dir, held_dir = split_blocks(args.data, args.work / "data", args.holdout)
     size = args.image_size
     real, train = _load(held_dir, size), _load(train_dir, size)
+    reference = None if args.no_memorization else train  # the training slices the near-copy search runs against
     rng = np.random.default_rng(0)
     real = real[rng.choice(len(real), min(args.n, len(real)), replace=False)]
     save_grid(real[:64], args.work / "grids" / "heldout.png")
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     if "floor" not in done:
         floor = train[rng.choice(len(train), len(real), replace=False)]
         config = EvalConfig(resolution=size, inception=True, inception_samples=len(real), progress=False)
-        done["floor"] = {**evaluate_images(floor, real, train, config)["summary"], "recipe": "floor", "n": len(real)}
+        done["floor"] = {**evaluate_images(floor, real, reference, config)["summary"], "recipe": "floor", "n": len(real)}
         write_outputs(done, args.work)
     names = []
     for spec in args.recipes.split(","):
@@ -300,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
                 key = f"{label}@{minutes:g}"
                 if key not in done:
                     checkpoint, step = train_budget(name, minutes, rates, args.work, train_dir, size, args.ae_minutes)
-                    scores = evaluate_checkpoint(checkpoint, real, train, len(real), args.sampler, args.steps, weight)
+                    scores = evaluate_checkpoint(checkpoint, real, reference, len(real), args.sampler, args.steps, weight)
                     save_grid(scores.pop("images"), args.work / "grids" / f"{key.replace(':', '_').replace(' ', '_')}.png")
                     done[key] = {**scores, "recipe": label, "minutes": minutes, "step": step, "n": len(real), "size": size,
                                  "steps_per_min": {k: v for k, v in rates.items() if k == name or k in LATENT_KINDS + CASCADE_KINDS}}
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{key}: FID {done[key]['FID_inception']:.1f} (floor {done['floor']['FID_inception']:.1f})", flush=True)
     if "cascade" in names:
         for minutes in budgets:
-            score_upsampler_alone(done, minutes, rates, args, train_dir, real, train)
+            score_upsampler_alone(done, minutes, rates, args, train_dir, real, reference)
     print((args.work / "quality.md").read_text())
 
 

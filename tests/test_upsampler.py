@@ -134,3 +134,26 @@ def test_training_pairs_are_the_shrunk_slice_noised_then_enlarged_and_keyed_by_s
     assert small.shape == (6, 1, 4, 4) and torch.allclose(small, torch.nn.functional.avg_pool2d(x0, 4), atol=1 / 127.5)
     clean, _ = training_pair(x0, UpsampleConfig(from_size=4, augment_max=0.0), seeded_generator(0, 6, 3), slice(0, 6), 6)
     assert torch.allclose(clean[:, :1], torch.nn.functional.interpolate(small, size=16, mode="bicubic").clamp(-1, 1))
+
+
+def test_a_cascade_export_draws_brainfusions_cascade_with_plain_diffusers(cli, assert_user_error, runs, tmp_path):
+    from plain_diffusers import PlainDiffusers
+
+    from brainfusion import Pipeline
+
+    base, up = runs
+    folder = tmp_path / "export"
+    assert cli("export", base, "--upsampler", up, "--out", folder)[0] == 0
+    card = (folder / "README.md").read_text()
+    assert "## Second stage: the upsampler" in card and f"{LOW}² slice of the first stage to {HIGH}²" in card
+    (tmp_path / "plain").mkdir()
+    server = PlainDiffusers(tmp_path / "plain")
+    try:
+        (drawn,) = server.draw(folder, {"batch_size": 2, "num_inference_steps": 3})
+    finally:
+        server.close()
+    assert server.kinds == ["PIL.Image.Image"] and drawn.shape == (2, HIGH, HIGH)
+    cascade = Pipeline.from_checkpoint(base, precision="fp32").use_upsampler(Pipeline.from_checkpoint(up, precision="fp32"))
+    assert np.array_equal(drawn, cascade(2, steps=3))  # `sample --upsampler --n 2 --steps 3`'s slices, without brainfusion
+    assert_user_error(["export", up, "--out", tmp_path / "x"], "is an upsampler")
+    assert_user_error(["export", base, "--upsampler", base, "--out", tmp_path / "y"], "not an upsampler")

@@ -392,7 +392,7 @@ def _evaluate_conditional(args: argparse.Namespace, out: Path) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from .export.hub import export_run
 
-    out = export_run(args.run, args.out, Path(args.metrics) if args.metrics else None, args.decoder)
+    out = export_run(args.run, args.out, Path(args.metrics) if args.metrics else None, args.decoder, args.upsampler)
     print(f"exported to {out} (diffusers layout, model card {out / 'README.md'})")
     if args.push_to_hub:
         from huggingface_hub import upload_folder
@@ -469,6 +469,8 @@ def _add_evaluate_parser(sub) -> None:
     _add_sampler_flags(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--mask-model", metavar="RUN", help="with --checkpoint trained with --masks: draw the masks from this joint run")
+    p.add_argument("--upsampler", metavar="RUN", help="with --checkpoint: a cascade, every slice brought up through this "
+                                                      "upsampler run (give --image-size its size)")
     _add_autoguidance_flags(p)
     _add_decoder_flag(p)
     c = p.add_argument_group("conditional checks (a conditional --checkpoint; --n 0 skips the unconditional evaluation)")
@@ -580,6 +582,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder or ckpt_*.safetensors")
     p.add_argument("--out", required=True, help="folder to write (replaced whole)")
     p.add_argument("--metrics", help="an evaluation's metrics.json for the model card")
+    p.add_argument("--upsampler", metavar="RUN", help="a cascade: this upsampler run (train --upsample-from) as the folder's "
+                                                      "second stage, so a call makes its size")
     _add_decoder_flag(p)
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload to the Hugging Face Hub (online users; needs a login)")
     p.set_defaults(func=cmd_export)

@@ -23,7 +23,7 @@ from ..models.unet import UNet
 from ..runtime import choose_channels_last, choose_precision, network_fn
 from ..seeding import derive_seed, image_generators
 from .process import autoguidance, sample
-from .upsample import sampling_conditioning
+from .upsample import check_cascade, upscale_images
 
 
 def load_model(checkpoint: Path, use_ema: bool = True, device: torch.device | None = None):
@@ -98,19 +98,7 @@ class Pipeline:
         """Bring every image this pipeline makes to the upsampler's size through it: a cascade (Ho et al. 2022), this
         model's realism at its own size, the upsampler's learnt detail above it. The upsampler must be trained from
         this model's image size (upsample.from_size), and this model must make pixel slices."""
-        mine, theirs = self.config, upsampler.config
-        name, base = upsampler.checkpoint or "the upsampler", self.checkpoint or "this model"
-        if not theirs.upsample.active:
-            raise BrainfusionError(f"{name} is not an upsampler; train one with upsample.from_size={mine.data.image_size}.")
-        if mine.latent.active or mine.upsample.active:
-            raise BrainfusionError(f"{base} is {'a latent' if mine.latent.active else 'an upsampler'} run; a cascade starts from a "
-                                   "pixel run that generates slices, such as the default 64² model.")
-        if mine.mask_labels:
-            raise BrainfusionError(f"{base} draws tissue masks, which the upsampler does not bring up yet; use an image-only run.")
-        if theirs.upsample.from_size != mine.data.image_size:
-            raise BrainfusionError(f"{name} brings {theirs.upsample.from_size}² slices to {theirs.data.image_size}², but {base} "
-                                   f"makes {mine.data.image_size}² slices; train the upsampler with upsample.from_size "
-                                   f"{mine.data.image_size}, or use a base run of {theirs.upsample.from_size}².")
+        check_cascade(self.config, upsampler.config, str(self.checkpoint or "this model"), str(upsampler.checkpoint or "the upsampler"))
         self.upsampler = upsampler
         return self
 
@@ -130,17 +118,13 @@ class Pipeline:
             raise BrainfusionError(f"the slices to upscale have shape {np.shape(low)}; this upsampler takes {small}×{small} "
                                    f"slices, (n, {small}, {small}) uint8, and makes {size}×{size} ones.")
         level = up.augment if augment is None else augment
-        network = self.network if self.guide is None else autoguidance(self.network, self.guide[0].network, self.guide[1])
+        network = self._guided_network()
         out = []
         for start in range(first_index, first_index + len(low), batch_size):
             rows = slice(start - first_index, min(start - first_index + batch_size, len(low)))
             indices = range(start, start + rows.stop - rows.start)
-            given, cond = sampling_conditioning(to_model_range(torch.as_tensor(np.asarray(low[rows], dtype=np.uint8))), level,
-                                                image_generators(derive_seed(seed, 2), indices), size)
-            x, _ = sample(network, self.config.diffusion, (len(indices), 2, size, size), sampler, steps,
-                          image_generators(seed, indices), progress=progress, cond=cond, known=given, known_clean=True,
-                          known_first=True)
-            out.append(to_uint8(x[:, 1:]))
+            out.append(to_uint8(upscale_images(network, self.config.diffusion, low[rows], level, size, seed, indices, sampler,
+                                               steps, progress)))
         return np.concatenate(out)
 
     def use_guide(self, guide: "Pipeline", weight: float) -> "Pipeline":
@@ -249,7 +233,7 @@ class Pipeline:
             clean = self.config.diffusion.given_mask_share > 0 if mask_clean is None else mask_clean
         size, channels, k = self.config.model.image_size, self.config.model.in_channels, self.config.mask_channels
 
-        network = self.network if self.guide is None else autoguidance(self.network, self.guide[0].network, self.guide[1])
+        network = self._guided_network()
 
         def tick(step: int) -> None:
             if cancel is not None and cancel():
@@ -277,6 +261,10 @@ class Pipeline:
         if self.upsampler is not None:  # the cascade's second stage, on noise streams of its own
             images = self.upsampler.upscale(images, derive_seed(seed, 3), sampler, steps, batch_size, first_index, progress=tick)
         return images, np.concatenate(labels) if k else None
+
+    def _guided_network(self) -> Callable:
+        """The network as the samplers call it, autoguided when a guide is set (use_guide)."""
+        return self.network if self.guide is None else autoguidance(self.network, self.guide[0].network, self.guide[1])
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
         """The image channels as slices: a latent run's through its autoencoder."""

@@ -9,11 +9,17 @@ filter) and as a base model's slices arrive, as uint8.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import UpsampleConfig
-from ..seeding import randn
+from ..config import DiffusionConfig, RunConfig, UpsampleConfig
+from ..data.channels import to_model_range
+from ..errors import BrainfusionError
+from ..seeding import derive_seed, image_generators, randn
+from .process import sample
 
 # the channel layout of an upsampler's input: the low-resolution slice first, given clean, then the slice to generate
 GIVEN_FIRST = torch.tensor([True, False]).view(1, 2, 1, 1)
@@ -53,3 +59,31 @@ def sampling_conditioning(low: torch.Tensor, level: float, generators: list[torc
     image i's augmentation noise comes from its own generator."""
     noise = randn(tuple(low.shape), generators)
     return conditioning(low.float(), torch.full((low.shape[0],), float(level)), noise, size)
+
+
+def upscale_images(network: Callable, diffusion: DiffusionConfig, low: np.ndarray, level: float, size: int, seed: int,
+                   indices: range, sampler: str, steps: int, progress: Callable | None = None) -> torch.Tensor:
+    """An upsampler network's slices (N, 1, size, size) in [-1, 1] for uint8 low-resolution ones (N, h, w), images
+    `indices` of `seed`: the sampler's noise from image_generators(seed, indices), the augmentation noise from a
+    second stream per image. brainfusion's Pipeline and the diffusers export both draw a cascade's second stage here."""
+    given, cond = sampling_conditioning(to_model_range(torch.as_tensor(np.asarray(low, dtype=np.uint8))), level,
+                                        image_generators(derive_seed(seed, 2), indices), size)
+    x, _ = sample(network, diffusion, (len(indices), 2, size, size), sampler, steps, image_generators(seed, indices),
+                  progress=progress, cond=cond, known=given, known_clean=True, known_first=True)
+    return x[:, 1:]
+
+
+def check_cascade(base: RunConfig, upsampler: RunConfig, base_name: str, upsampler_name: str) -> None:
+    """Refuse a cascade that cannot work: the upsampler must be one, trained from the base's image size, and the base a
+    pixel run that makes image-only slices."""
+    if not upsampler.upsample.active:
+        raise BrainfusionError(f"{upsampler_name} is not an upsampler; train one with upsample.from_size={base.data.image_size}.")
+    if base.latent.active or base.upsample.active:
+        raise BrainfusionError(f"{base_name} is {'a latent' if base.latent.active else 'an upsampler'} run; a cascade starts "
+                               "from a pixel run that generates slices, such as the default 64² model.")
+    if base.mask_labels:
+        raise BrainfusionError(f"{base_name} draws tissue masks, which the upsampler does not bring up yet; use an image-only run.")
+    if upsampler.upsample.from_size != base.data.image_size:
+        raise BrainfusionError(f"{upsampler_name} brings {upsampler.upsample.from_size}² slices to {upsampler.data.image_size}², "
+                               f"but {base_name} makes {base.data.image_size}² slices; train the upsampler with upsample.from_size "
+                               f"{base.data.image_size}, or use a base run of {upsampler.upsample.from_size}².")

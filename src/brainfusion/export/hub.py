@@ -47,6 +47,7 @@ from ..config import RunConfig
 from ..data.channels import ordinal_level
 from ..data.masks import mask_names
 from ..diffusion.process import make_scheduler
+from ..diffusion.upsample import check_cascade
 from ..errors import BrainfusionError
 from ..fileio import lock_folder
 from ..models.unet import UNet
@@ -209,9 +210,11 @@ def make_vae(config: RunConfig) -> BrainfusionVAE:
     return vae.eval()
 
 
-def make_export_pipeline(model: UNet, config: RunConfig, guide: UNet | None = None) -> BrainfusionPipeline:
+def make_export_pipeline(model: UNet, config: RunConfig, guide: UNet | None = None,
+                         upsampler: tuple[UNet, RunConfig] | None = None) -> BrainfusionPipeline:
     """The diffusers pipeline of a trained network and its run config (the condition vocabulary travels in the unet's),
-    with `guide`, an earlier network of the same run, as the `guide_unet` of autoguidance."""
+    with `guide`, an earlier network of the same run, as the `guide_unet` of autoguidance, and a cascade's upsampler
+    network and its config as the `upsampler_unet`."""
     d = config.diffusion
     unet = _export_unet(model, config)
     if d.formulation == "edm":
@@ -221,7 +224,8 @@ def make_export_pipeline(model: UNet, config: RunConfig, guide: UNet | None = No
         scheduler = make_scheduler(d, "ddim")
     vae = make_vae(config) if config.latent.active else None
     guide_unet = None if guide is None else _export_unet(guide, config)
-    return BrainfusionPipeline(unet=unet, scheduler=scheduler, vae=vae, guide_unet=guide_unet)
+    upsampler_unet = None if upsampler is None else _export_unet(*upsampler)
+    return BrainfusionPipeline(unet=unet, scheduler=scheduler, vae=vae, guide_unet=guide_unet, upsampler_unet=upsampler_unet)
 
 
 def _export_unet(model: UNet, config: RunConfig) -> BrainfusionUNet:
@@ -232,7 +236,9 @@ def _export_unet(model: UNet, config: RunConfig) -> BrainfusionUNet:
                            masks={"values": values, "names": list(mask_names(values)),
                                   "scale": d.mask_scale, "encoding": d.mask_encoding,
                                   "given": "only" if config.images_for_masks_only else "clean" if d.given_mask_share else "replace"}
-                           if values else None)
+                           if values else None,
+                           upsample={"from_size": config.upsample.from_size, "augment": config.upsample.augment,
+                                     "diffusion": raw["diffusion"]} if config.upsample.active else None)
     unet.net.load_state_dict(model.state_dict())
     return unet.eval()
 
@@ -258,16 +264,24 @@ def channel_layout(config: RunConfig) -> dict:
     return {"channels": [*image, *labels]}
 
 
-def export_run(checkpoint: Path | str, out: Path | str, metrics: Path | None = None, decoder: Path | str | None = None) -> Path:
+def export_run(checkpoint: Path | str, out: Path | str, metrics: Path | None = None, decoder: Path | str | None = None,
+               upsampler: Path | str | None = None) -> Path:
     """Write `checkpoint`'s EMA network as a diffusers folder at `out` (replaced whole, atomically), with its model card,
     and the run's autoguidance guide (checkpoints/guide/) as `guide_unet` when it is older than the exported step.
-    A latent run's `vae` is its autoencoder, or `decoder`, a decoder fine-tune of it (models.latent.use_decoder)."""
+    A latent run's `vae` is its autoencoder, or `decoder`, a decoder fine-tune of it (models.latent.use_decoder).
+    `upsampler`, an upsampler run over this one, makes the folder a cascade: its network is the `upsampler_unet`."""
     from ..checkpoint import kept_guide, run_folder
     from .modelcard import model_card
     from ..diffusion.pipeline import load_model
     from ..models.latent import use_decoder
 
     model, state = load_model(Path(checkpoint))  # a run folder resolves to its newest checkpoint
+    if state.config.upsample.active:
+        raise BrainfusionError(f"{state.path} is an upsampler; export the base run it serves with the upsampler beside it "
+                               f"(upsampler={state.path}).")
+    second = load_model(Path(upsampler)) if upsampler else None
+    if second is not None:
+        check_cascade(state.config, second[1].config, str(state.path), str(second[1].path))
     if decoder:
         use_decoder(state.config, decoder)
     if state.config.diffusion.self_condition:
@@ -280,15 +294,18 @@ def export_run(checkpoint: Path | str, out: Path | str, metrics: Path | None = N
     guide, guide_state = load_model(kept) if kept is not None else (None, None)
     if guide_state is not None and guide_state.step >= state.step:
         guide, guide_state = None, None
-    card = model_card(state.config, state.step, run_folder(state.path), str(out), metrics, None if guide_state is None else guide_state.step)
-    pipe = make_export_pipeline(model, state.config, guide)
+    card = model_card(state.config, state.step, run_folder(state.path), str(out), metrics, None if guide_state is None else guide_state.step,
+                      None if second is None else second[1])
+    pipe = make_export_pipeline(model, state.config, guide, None if second is None else (second[0], second[1].config))
     out = Path(out)
     with lock_folder(out, "output folder", beside=True):  # the folder is replaced whole, so its lock lies beside it
         staging = out.with_name(f".{out.name}.staging")
         shutil.rmtree(staging, ignore_errors=True)
         pipe.save_pretrained(staging, safe_serialization=True)
         _ship_code(staging)
-        manifest = {"checkpoint": str(state.path), "step": state.step, **channel_layout(state.config), "sha256": _digests(staging)}
+        cascade = {} if second is None else {"upsampler_checkpoint": str(second[1].path), "upsampler_step": second[1].step}
+        manifest = {"checkpoint": str(state.path), "step": state.step, **cascade, **channel_layout(state.config),
+                    "sha256": _digests(staging)}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         (staging / "README.md").write_text(card)
         old = out.with_name(f".{out.name}.old")

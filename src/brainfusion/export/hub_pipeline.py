@@ -40,7 +40,8 @@ from ..diffusion.process import autoguidance, sample
 from ..errors import BrainfusionError
 from ..models.unet import UNet
 from ..runtime import network_fn
-from ..seeding import image_generators
+from ..diffusion.upsample import upscale_images
+from ..seeding import derive_seed, image_generators
 
 MANIFEST = "brainfusion_export.json"
 OUTPUT_TYPES = ("pil", "np", "pt", "uint8")  # diffusers' three, and brainfusion's uint8 array (what `Pipeline` returns)
@@ -54,13 +55,14 @@ class BrainfusionUNet(ModelMixin, ConfigMixin):
     network trained with tissue masks: its last channels are the labels (K one-hot at ±s, or one ordinal channel), read
     from the config by the properties below, and the pipeline needs the label values to write masks as `brainfusion sample`
     does, and how to hold a given mask: handed to the network clean (trained with given_mask_share; "only": every mask
-    was given, so it makes images for given masks only) or by replacement."""
+    was given, so it makes images for given masks only) or by replacement. `upsample` ({"from_size": h, "augment": σ,
+    "diffusion": the run's diffusion section}) marks a cascade's upsampler, which reads a low-resolution slice."""
 
     config_name = "config.json"
 
     @register_to_config
     def __init__(self, model: dict | None = None, formulation: str = "edm", sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 condition: dict | None = None, masks: dict | None = None):
+                 condition: dict | None = None, masks: dict | None = None, upsample: dict | None = None):
         super().__init__()
         run = RunConfig.from_dict({"model": model or {}, "condition": condition or {}}, source="unet/config.json")
         run.condition.validate()
@@ -138,14 +140,14 @@ class BrainfusionPipeline(DiffusionPipeline):
     where the run kept one, called as diffusers' DDPMPipeline is; image i of a seed is bitwise `brainfusion sample`'s
     for the same sampler and steps (by default both draw with FAST_SAMPLER for FAST_STEPS steps)."""
 
-    _optional_components = ["vae", "guide_unet"]
+    _optional_components = ["vae", "guide_unet", "upsampler_unet"]
 
     # ModelMixin, not our classes: under plain diffusers each component comes from its own copy of this code, and diffusers
     # checks it against these hints (it unpacks typing.Optional, not `X | None`), warning at every load otherwise
     def __init__(self, unet: ModelMixin, scheduler: SchedulerMixin, vae: Optional[ModelMixin] = None,
-                 guide_unet: Optional[ModelMixin] = None):
+                 guide_unet: Optional[ModelMixin] = None, upsampler_unet: Optional[ModelMixin] = None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, guide_unet=guide_unet)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae, guide_unet=guide_unet, upsampler_unet=upsampler_unet)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "BrainfusionPipeline":
@@ -199,22 +201,25 @@ class BrainfusionPipeline(DiffusionPipeline):
             raise BrainfusionError(f"output_type={output_type!r} is unknown; choose one of {', '.join(map(repr, OUTPUT_TYPES))}.")
         if batch_size < 1:
             raise BrainfusionError(f"batch_size={batch_size} draws nothing; give 1 or more.")
-        generators = self._generators(generator, seed, first_index, batch_size)
+        seed = self._seed(generator, seed)
         cond = encode_guided_request(self.unet.conditions, condition, batch_size, guidance_scale)
         network, known = self._network(autoguidance), self._given(mask, batch_size)
-        model = self.unet.config.model
+        model, indices = self.unet.config.model, range(first_index, first_index + batch_size)
         shape = (batch_size, model["in_channels"], model["image_size"], model["image_size"])
-        with self.progress_bar(total=num_inference_steps) as bar:
-            x, _ = sample(network, self._diffusion(), shape, sampler, num_inference_steps, generators, progress=bar.update,
-                          cond=cond, guidance=guidance_scale, clamp=self.vae is None, known=known,
+        stages = 1 if self.upsampler_unet is None else 2
+        with self.progress_bar(total=num_inference_steps * stages) as bar:
+            x, _ = sample(network, self._diffusion(), shape, sampler, num_inference_steps, image_generators(seed, indices),
+                          progress=bar.update, cond=cond, guidance=guidance_scale, clamp=self.vae is None, known=known,
                           known_clean=self.unet.mask_given_clean)
-        out = self._output(x, mask, output_type)
+            upscale = None if stages == 1 else (  # a cascade's second stage, on noise streams of its own, as brainfusion's
+                lambda low: self._upscaled(low, derive_seed(seed, 3), indices, sampler, num_inference_steps, bar.update))
+            out = self._output(x, mask, output_type, upscale)
         return out if return_dict else out.to_tuple()
 
     @staticmethod
-    def _generators(generator: Optional[torch.Generator], seed: Optional[int], first_index: int, n: int) -> list[torch.Generator]:
-        """Each image's noise stream, seeding.image_generators as `brainfusion sample` draws them, so an image depends
-        on its seed and index alone; a diffusers-style generator only picks the seed."""
+    def _seed(generator: Optional[torch.Generator], seed: Optional[int]) -> int:
+        """The seed of the images' noise streams (seeding.image_generators, as `brainfusion sample` draws them, so an
+        image depends on its seed and index alone); a diffusers-style generator only picks the seed."""
         if generator is not None and seed is not None:
             raise BrainfusionError("give either seed= (brainfusion's per-image seeds) or generator=, not both.")
         if isinstance(generator, torch.Generator):
@@ -222,7 +227,15 @@ class BrainfusionPipeline(DiffusionPipeline):
         elif generator is not None:
             raise BrainfusionError(f"generator= takes one torch.Generator, not a {type(generator).__name__}: the images' "
                                    "noise streams come from one seed drawn from it; or give seed= instead.")
-        return image_generators(0 if seed is None else seed, range(first_index, first_index + n))
+        return 0 if seed is None else seed
+
+    def _upscaled(self, low: np.ndarray, seed: int, indices: range, sampler: str, steps: int, progress) -> torch.Tensor:
+        """The upsampler_unet's slices for the base's uint8 ones, at its own noise process and augmentation level."""
+        up = self.upsampler_unet.config.upsample
+        size = self.upsampler_unet.config.model["image_size"]
+        diffusion = DiffusionConfig(**up["diffusion"])
+        return upscale_images(self._sampled(self.upsampler_unet), diffusion, low, up["augment"], size, seed, indices, sampler,
+                              steps, progress)
 
     def _network(self, weight: float):
         """The unet as brainfusion's samplers call a network ((x, t[, cond]) → float32 on the CPU, in brainfusion's
@@ -264,13 +277,16 @@ class BrainfusionPipeline(DiffusionPipeline):
         size = grid * (self.vae.config.factor if self.vae is not None else 1)
         return given_mask_channels(mask, n, size, len(self.unet.mask_values), self.unet.mask_scale, grid, self.unet.mask_encoding)
 
-    def _output(self, x: torch.Tensor, mask: np.ndarray | torch.Tensor | None, output_type: str) -> BrainfusionOutput:
-        """The sampled channels as `__call__` returns them: slices decoded (a latent export) and converted, and a mask
-        model's labels, read from its channels as brainfusion's Pipeline reads them, or the given mask itself."""
+    def _output(self, x: torch.Tensor, mask: np.ndarray | torch.Tensor | None, output_type: str, upscale=None) -> BrainfusionOutput:
+        """The sampled channels as `__call__` returns them: slices decoded (a latent export), brought up by `upscale` (a
+        cascade) and converted, and a mask model's labels, read from its channels as brainfusion's Pipeline reads them,
+        or the given mask itself."""
         values = self.unet.mask_values
         k = mask_channel_count(len(values), self.unet.mask_encoding)
         images, channels = x[:, : x.shape[1] - k], x[:, x.shape[1] - k :].clamp(-1, 1).cpu()
         images = (images if self.vae is None else self.vae.decode_latents(images)).cpu()  # pixels: sample() clamped them
+        if upscale is not None:  # from the base's uint8 slices, as brainfusion's cascade takes them
+            images = upscale(to_uint8(images)).cpu()
         masks = None
         if values and output_type == "pt":
             masks = channels

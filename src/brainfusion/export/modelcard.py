@@ -187,6 +187,21 @@ def _conditions(config: RunConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _upsampler(state) -> str:
+    """The card's section on a cascade's second stage; empty for a single model."""
+    if state is None:
+        return ""
+    c = state.config
+    return f"""## Second stage: the upsampler
+`upsampler_unet/` brings each {c.upsample.from_size}² slice of the first stage to {c.data.image_size}² (a cascade: Ho et al.
+2022; SR3's concatenation, Saharia et al. 2021): the slice, noised to level {c.upsample.augment:g} and enlarged bicubically, is
+an input channel of a U-Net (base width {c.model.base_channels}, patch size {c.model.patch_size}) that adds the detail.
+Trained on `{c.data.path}` with noise levels up to {c.upsample.augment_max:g} on that input, told to the network.
+{_training(run_folder(state.path), state.step)}
+
+"""
+
+
 def _autoguidance(guide_step: int | None) -> str:
     if guide_step is None:
         return ""
@@ -199,13 +214,17 @@ no more training, twice the network passes; 1.0 (the default) samples the networ
 
 
 def model_card(config: RunConfig, step: int, run_dir: Path, folder: str, metrics_path: Path | None = None,
-               guide_step: int | None = None) -> str:
+               guide_step: int | None = None, upsampler=None) -> str:
+    """The export's README.md; `upsampler` (a checkpoint state) makes it the card of a cascade with that second stage."""
     m, d, data, latent = config.model, config.diffusion, config.data, config.latent
     tags = ["- brainfusion", "- diffusion", "- mri", "- brain", "- medical-imaging", "- synthetic-data"]
     tags += ["- class-conditional"] if config.condition.fitted else []
     tags += ["- latent-diffusion"] if latent.active else []
     tags += ["- segmentation-masks"] if config.mask_labels else []
+    tags += ["- cascade", "- super-resolution"] if upsampler is not None else []
     size, kind = data.image_size, "latent diffusion model" if latent.active else "denoising diffusion model"
+    if upsampler is not None:
+        size, kind = upsampler.config.data.image_size, f"cascade of a {data.image_size}² {kind} and a diffusion upsampler"
     needs = " (only MONAI, `pip install monai`, for the autoencoder)" if latent.active else ""
     yaml = "\n".join(["---", "license: mit", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
                       "tags:", *tags, "---", ""])
@@ -224,7 +243,7 @@ U-Net of {len(m.channel_mults)} levels (base width {m.base_channels}, multiplier
 batch {config.train.batch_size}, learning rate {config.train.lr}, EMA {config.train.ema_decay}, precision `{config.train.precision}`.
 {_training(run_dir, step)}
 
-{_autoencoder(config)}{_masks(config)}{_conditions(config)}{_autoguidance(guide_step)}## Evaluation
+{_upsampler(upsampler)}{_autoencoder(config)}{_masks(config)}{_conditions(config)}{_autoguidance(guide_step)}## Evaluation
 {_evaluation(metrics_path)}{_conditional_evaluation(metrics_path)}
 
 ## Intended use and limitations
