@@ -515,6 +515,9 @@ class LatentConfig:
         return bool(self.autoencoder)
 
 
+AUGMENT_LEVEL = 0.1  # an upsampler's default sampling level of noise conditioning augmentation
+
+
 @dataclass
 class UpsampleConfig:
     """The super-resolution stage of a cascade (Ho et al. 2022, "Cascaded Diffusion Models"; SR3, Saharia et al. 2021).
@@ -528,13 +531,16 @@ class UpsampleConfig:
 
     from_size: int = 0  # 0: not an upsampler
     augment_max: float = 0.5
-    augment: float = 0.1  # the sampling level, in the [-1, 1] units of a slice
+    # the sampling level, in the [-1, 1] units of a slice; None resolves to AUGMENT_LEVEL, or augment_max if lower
+    augment: float | None = None
 
     @property
     def active(self) -> bool:
         return self.from_size > 0
 
     def validate(self, image_size: int) -> None:
+        if self.augment is None:
+            self.augment = min(AUGMENT_LEVEL, self.augment_max)
         if self.from_size < 0 or (self.active and (image_size % self.from_size or image_size <= self.from_size)):
             raise BrainfusionError(f"upsample.from_size {self.from_size} must divide data.image_size {image_size} and be smaller, "
                                    f"e.g. 64 for 256 or 16 for 64.")
