@@ -25,6 +25,7 @@ import torch
 from .. import distributed as dist
 from ..checkpoint import GUIDE_FOLDER, fault_injection_point, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, tidy_run_folder
 from ..config import RunConfig, config_differences
+from ..data.channels import to_model_range, to_uint8
 from ..data.conditions import drop_labels, inherit_vocabulary, label_slices, labelled_subset
 from ..data.slices import BatchStream, load_slices
 from ..data.subjects import split_subjects
@@ -32,7 +33,6 @@ from ..diffusion.loss import channel_weights
 from ..diffusion.pipeline import Pipeline
 from ..diffusion.process import make_process
 from ..diffusion.upsample import GIVEN_FIRST, shrink, training_pair
-from ..data.channels import to_model_range, to_uint8
 from ..errors import BrainfusionError
 from ..fileio import atomic_write_text, lock_folder
 from ..images import make_grid, overlay_labels, save_png
@@ -273,6 +273,8 @@ def _given_channels(config: RunConfig, step: int, channels: int) -> torch.Tensor
     from its own key (None when the run has neither share). One draw u per image: u < diffusion.given_mask_share
     gives the image its mask channels; the next given_image_share of [0, 1) gives the labels their image."""
     d, k, batch = config.diffusion, config.mask_channels, config.train.batch_size
+    if config.upsample.active:  # an upsampler's low-resolution slice, always
+        return GIVEN_FIRST.expand(batch, -1, -1, -1)
     if not ((d.given_mask_share or d.given_image_share) and k):
         return None
     u = torch.rand(batch, generator=seeded_generator(config.train.seed, 4, step))
@@ -303,8 +305,6 @@ def training_step(s: Session, step: int) -> torch.Tensor:
         group["lr"] = lr_at(step, tcfg)
     with torch.autocast(device.type, dtype=s.dtype or torch.float32, enabled=s.dtype is not None):
         extra = {} if given is None else {"given": given[lo:hi].to(device)}
-        if s.config.upsample.active:
-            extra["given"] = GIVEN_FIRST.to(device)
         if s.config.diffusion.self_condition:  # Analog Bits' coin: half the batches see a first estimate
             extra["estimate_first"] = bool(torch.rand(1, generator=seeded_generator(tcfg.seed, 5, step)) < 0.5)
         loss = s.process.loss(s.forward, x0, levels, noise, cond, **extra)
