@@ -97,6 +97,8 @@ def test_cascade_refusals(cli, assert_user_error, runs, slices, tmp_path):
     assert_user_error(["sample", "--checkpoint", base, "--upsampler", base, "--out", tmp_path / "a"], "not an upsampler")
     assert_user_error(["sample", "--checkpoint", up, "--upsampler", up, "--out", tmp_path / "b"], "an upsampler run")
     assert_user_error(["sample", "--checkpoint", up, "--out", tmp_path / "c"], "is an upsampler")
+    assert_user_error(["sample", "--checkpoint", base, "--upsampler", up, "--augment", "0.9", "--out", tmp_path / "g"],
+                      "0.9", "0 to 0.5")
     other = tmp_path / "base32"  # a base whose size the upsampler does not start from
     assert cli("train", "--data", slices, "--out-dir", other, "--max-steps", "1", *BASE_TINY[2:], "--image-size", str(HIGH))[0] == 0
     assert_user_error(["sample", "--checkpoint", other, "--upsampler", up, "--out", tmp_path / "d"], f"{LOW}²", f"{HIGH}²")

@@ -23,7 +23,7 @@ from ..models.unet import UNet
 from ..runtime import choose_channels_last, choose_precision, network_fn
 from ..seeding import derive_seed, image_generators
 from .process import autoguidance, sample
-from .upsample import check_cascade, upscale_images
+from .upsample import check_cascade, sampling_level, upscale_images
 
 
 def load_model(checkpoint: Path, use_ema: bool = True, device: torch.device | None = None):
@@ -57,6 +57,7 @@ class Pipeline:
         self.image_source: Pipeline | None = None
         self.guide: tuple[Pipeline, float] | None = None
         self.upsampler: Pipeline | None = None
+        self.upsample_augment: float | None = None
         self.checkpoint: Path | None = None
 
     def use_mask_source(self, source: "Pipeline") -> "Pipeline":
@@ -94,12 +95,14 @@ class Pipeline:
         self.image_source = source
         return self
 
-    def use_upsampler(self, upsampler: "Pipeline") -> "Pipeline":
+    def use_upsampler(self, upsampler: "Pipeline", augment: float | None = None) -> "Pipeline":
         """Bring every image this pipeline makes to the upsampler's size through it: a cascade (Ho et al. 2022), this
         model's realism at its own size, the upsampler's learnt detail above it. The upsampler must be trained from
-        this model's image size (upsample.from_size), and this model must make pixel slices."""
+        this model's image size (upsample.from_size), and this model must make pixel slices. `augment`: the noise
+        level its low-resolution slices are given at (`upscale`; default the upsampler's upsample.augment)."""
         check_cascade(self.config, upsampler.config, str(self.checkpoint or "this model"), str(upsampler.checkpoint or "the upsampler"))
-        self.upsampler = upsampler
+        sampling_level(upsampler.config.upsample, augment)
+        self.upsampler, self.upsample_augment = upsampler, augment
         return self
 
     def upscale(self, low: np.ndarray, seed: int = 0, sampler: str = FAST_SAMPLER, steps: int = FAST_STEPS,
@@ -114,10 +117,11 @@ class Pipeline:
         small, size = up.from_size, self.config.data.image_size
         if not up.active:
             raise BrainfusionError(f"{self.checkpoint or 'this model'} is not an upsampler (upsample.from_size is 0).")
+
         if np.ndim(low) != 3 or np.shape(low)[1:] != (small, small):
             raise BrainfusionError(f"the slices to upscale have shape {np.shape(low)}; this upsampler takes {small}×{small} "
                                    f"slices, (n, {small}, {small}) uint8, and makes {size}×{size} ones.")
-        level = up.augment if augment is None else augment
+        level = sampling_level(up, augment)
         network = self._guided_network()
         out = []
         for start in range(first_index, first_index + len(low), batch_size):
@@ -259,7 +263,8 @@ class Pipeline:
                                                    self.config.diffusion.mask_scale, self.config.diffusion.mask_encoding).numpy())
         images = np.concatenate(images)
         if self.upsampler is not None:  # the cascade's second stage, on noise streams of its own
-            images = self.upsampler.upscale(images, derive_seed(seed, 3), sampler, steps, batch_size, first_index, progress=tick)
+            images = self.upsampler.upscale(images, derive_seed(seed, 3), sampler, steps, batch_size, first_index,
+                                            self.upsample_augment, progress=tick)
         return images, np.concatenate(labels) if k else None
 
     def _guided_network(self) -> Callable:

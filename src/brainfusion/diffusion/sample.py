@@ -147,10 +147,7 @@ def _prepare(cfg: SampleConfig, device: torch.device) -> tuple[Pipeline, int, np
     if cfg.image_model:
         pipe.use_image_source(Pipeline.from_checkpoint(cfg.image_model, cfg.use_ema, device, cfg.precision))
     if cfg.upsampler:
-        pipe.use_upsampler(Pipeline.from_checkpoint(cfg.upsampler, cfg.use_ema, device, cfg.precision))
-        if cfg.upsample_augment is not None:
-            pipe.upsampler.config.upsample.augment = cfg.upsample_augment
-            pipe.upsampler.config.upsample.validate(pipe.upsampler.config.data.image_size)
+        pipe.use_upsampler(Pipeline.from_checkpoint(cfg.upsampler, cfg.use_ema, device, cfg.precision), cfg.upsample_augment)
     if cfg.autoguidance != 1:
         pipe.use_kept_guide(cfg.autoguidance, cfg.guide or None, cfg.use_ema, cfg.precision)
         for source in (pipe.mask_source, pipe.image_source, pipe.upsampler):  # every stage, each by its own run's guide

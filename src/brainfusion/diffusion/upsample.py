@@ -73,6 +73,17 @@ def upscale_images(network: Callable, diffusion: DiffusionConfig, low: np.ndarra
     return x[:, 1:]
 
 
+def sampling_level(cfg: UpsampleConfig, augment: float | None) -> float:
+    """The augmentation level an upsampler samples at: `augment`, or its run's upsample.augment; only levels it was
+    trained on (0 to augment_max) are accepted."""
+    if augment is None:
+        return cfg.augment
+    if not 0 <= augment <= cfg.augment_max:
+        raise BrainfusionError(f"the augmentation level {augment:g} lies outside the levels this upsampler was trained on, "
+                               f"0 to {cfg.augment_max:g}; give one in that range.")
+    return augment
+
+
 def check_cascade(base: RunConfig, upsampler: RunConfig, base_name: str, upsampler_name: str) -> None:
     """Refuse a cascade that cannot work: the upsampler must be one, trained from the base's image size, and the base a
     pixel run that makes image-only slices."""
