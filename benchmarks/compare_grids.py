@@ -1,5 +1,5 @@
 """Real slices beside generated ones, for the README: the first k tiles of two or more grids side by side, 2x zoom,
-and with --detail a box of each grid's first four tiles enlarged below it.
+and with --detail a box of each grid's first two tiles enlarged 4× below it.
 
     python benchmarks/compare_grids.py runs/bench_quality/grids/heldout.png runs/bench_quality/grids/edm@60.png \
         --out docs/images/kaggle_samples.png
@@ -34,15 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tile", type=int, default=64, help="tile size in the grids, pixels")
     p.add_argument("--k", type=int, default=16, help="tiles from each grid (a square number)")
     p.add_argument("--zoom", type=int, default=2)
-    p.add_argument("--detail", help="y,x,size: below each panel, this box of its first four tiles, enlarged (e.g. the cortex)")
+    p.add_argument("--detail", help="y,x,size: below each panel, this box of its first two tiles enlarged 4× (e.g. the cortex)")
     args = p.parse_args(argv)
     panels = [make_grid(tiles(path, args.tile)[: args.k]).repeat(args.zoom, 0).repeat(args.zoom, 1) for path in args.grids]
     if args.detail:
         y, x, size = (int(v) for v in args.detail.split(","))
         for i, path in enumerate(args.grids):
-            crops = make_grid(tiles(path, args.tile)[:4, y : y + size, x : x + size], nrow=4)
-            factor = max(1, panels[i].shape[1] // crops.shape[1])
-            detail = crops.repeat(factor, 0).repeat(factor, 1)
+            crops = make_grid(tiles(path, args.tile)[:2, y : y + size, x : x + size], nrow=2)
+            detail = crops.repeat(4, 0).repeat(4, 1)
             detail = np.pad(detail, ((8, 0), (0, panels[i].shape[1] - detail.shape[1])), constant_values=255)
             panels[i] = np.concatenate([panels[i], detail], axis=0)
     gap = np.full((panels[0].shape[0], 16), 255, np.uint8)

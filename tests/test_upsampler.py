@@ -125,7 +125,11 @@ def test_training_pairs_are_the_shrunk_slice_noised_then_enlarged_and_keyed_by_s
     cfg = UpsampleConfig(from_size=4, augment_max=0.5)
     x0 = torch.rand(6, 1, 16, 16) * 2 - 1
     full, cond = training_pair(x0, cfg, seeded_generator(0, 6, 3), slice(0, 6), 6)
-    assert full.shape == (6, 2, 16, 16) and cond.shape == (6, 1) and torch.equal(full[:, 1:], x0)
+    assert full.shape == (6, 2, 16, 16) and cond.shape == (6, 1)
+    detail = x0 - torch.nn.functional.interpolate(shrink(x0, 4), size=16, mode="bicubic").clamp(-1, 1)
+    assert torch.allclose(full[:, 1:], detail * cfg.residual_scale)  # what bicubic enlargement misses, scaled
+    plain, _ = training_pair(x0, UpsampleConfig(from_size=4, residual_scale=0), seeded_generator(0, 6, 3), slice(0, 6), 6)
+    assert torch.equal(plain[:, 1:], x0) and torch.equal(plain[:, :1], full[:, :1])
     assert ((cond >= 0) & (cond <= 0.5)).all() and len(set(cond.flatten().tolist())) == 6
     again, cond_again = training_pair(x0, cfg, seeded_generator(0, 6, 3), slice(0, 6), 6)
     assert torch.equal(full, again) and torch.equal(cond, cond_again)

@@ -526,11 +526,17 @@ class UpsampleConfig:
     stacked in front as a channel it reads clean (SR3's concatenation). Noise conditioning augmentation (CDM,
     Imagen): in training the low-resolution slice gets Gaussian noise of a level σ ~ U(0, augment_max), which the
     network is told as a continuous input, so at sampling it can be told to trust a base model's slightly-off
-    slices less; `augment` is that fixed level at sampling.
+    slices less; `augment` is that fixed level at sampling. With `residual_scale` it generates only what bicubic
+    enlargement misses.
     """
 
     from_size: int = 0  # 0: not an upsampler
     augment_max: float = 0.5
+    # > 0: the network generates the residual, the slice minus its enlarged low-resolution version, times this
+    # (SRDiff, Li et al. 2022), so it starts from bicubic upsampling and learns the detail alone. On the development
+    # slices at 256² from 64² that residual has std 0.071 (the slices 0.63): ×7 brings it to σ_data 0.5. 0: the slice
+    # itself (SR3's target): FID 403.5 after 10 CPU minutes against a floor of 77.1, its samples speckled (n = 1,000)
+    residual_scale: float = 7.0
     # the sampling level, in the [-1, 1] units of a slice; None resolves to AUGMENT_LEVEL, or augment_max if lower
     augment: float | None = None
 
@@ -544,6 +550,8 @@ class UpsampleConfig:
         if self.from_size < 0 or (self.active and (image_size % self.from_size or image_size <= self.from_size)):
             raise BrainfusionError(f"upsample.from_size {self.from_size} must divide data.image_size {image_size} and be smaller, "
                                    f"e.g. 64 for 256 or 16 for 64.")
+        if self.residual_scale < 0:
+            raise BrainfusionError(f"upsample.residual_scale is {self.residual_scale:g}; use 0 (the slice itself) or a positive scale.")
         if not 0 <= self.augment <= self.augment_max or self.augment_max < 0:
             raise BrainfusionError(f"upsample.augment {self.augment} must lie in [0, upsample.augment_max {self.augment_max}], "
                                    "the levels the network was trained on.")

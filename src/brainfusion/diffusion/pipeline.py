@@ -127,7 +127,7 @@ class Pipeline:
         for start in range(first_index, first_index + len(low), batch_size):
             rows = slice(start - first_index, min(start - first_index + batch_size, len(low)))
             indices = range(start, start + rows.stop - rows.start)
-            out.append(to_uint8(upscale_images(network, self.config.diffusion, low[rows], level, size, seed, indices, sampler,
+            out.append(to_uint8(upscale_images(network, self.config.diffusion, up, low[rows], level, size, seed, indices, sampler,
                                                steps, progress)))
         return np.concatenate(out)
 

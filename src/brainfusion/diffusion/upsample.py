@@ -42,6 +42,12 @@ def conditioning(low: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor, s
     return enlarge(noised, size), levels.view(-1, 1).float()
 
 
+def target(x0: torch.Tensor, low: torch.Tensor, cfg: UpsampleConfig) -> torch.Tensor:
+    """What the upsampler generates for slices `x0` whose low-resolution version is `low`: the slices, or with
+    residual_scale what bicubic enlargement of `low` misses, scaled."""
+    return x0 if not cfg.residual_scale else (x0 - enlarge(low, x0.shape[-1])) * cfg.residual_scale
+
+
 def training_pair(x0: torch.Tensor, cfg: UpsampleConfig, generator: torch.Generator, rows: slice, batch: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """A training batch (this process's `rows` of a global batch of `batch`) as the upsampler's input channels and
@@ -49,8 +55,9 @@ def training_pair(x0: torch.Tensor, cfg: UpsampleConfig, generator: torch.Genera
     `generator`, so the pairs are the same in any process count and on resume."""
     levels = torch.rand(batch, generator=generator) * cfg.augment_max
     noise = torch.randn((batch, 1, cfg.from_size, cfg.from_size), generator=generator)
-    given, cond = conditioning(shrink(x0, cfg.from_size), levels[rows].to(x0.device), noise[rows].to(x0.device), x0.shape[-1])
-    return torch.cat([given.to(x0.dtype), x0], 1), cond
+    low = shrink(x0, cfg.from_size)
+    given, cond = conditioning(low, levels[rows].to(x0.device), noise[rows].to(x0.device), x0.shape[-1])
+    return torch.cat([given, target(x0.float(), low, cfg)], 1).to(x0.dtype), cond
 
 
 def sampling_conditioning(low: torch.Tensor, level: float, generators: list[torch.Generator], size: int
@@ -61,16 +68,17 @@ def sampling_conditioning(low: torch.Tensor, level: float, generators: list[torc
     return conditioning(low.float(), torch.full((low.shape[0],), float(level)), noise, size)
 
 
-def upscale_images(network: Callable, diffusion: DiffusionConfig, low: np.ndarray, level: float, size: int, seed: int,
-                   indices: range, sampler: str, steps: int, progress: Callable | None = None) -> torch.Tensor:
+def upscale_images(network: Callable, diffusion: DiffusionConfig, cfg: UpsampleConfig, low: np.ndarray, level: float, size: int,
+                   seed: int, indices: range, sampler: str, steps: int, progress: Callable | None = None) -> torch.Tensor:
     """An upsampler network's slices (N, 1, size, size) in [-1, 1] for uint8 low-resolution ones (N, h, w), images
     `indices` of `seed`: the sampler's noise from image_generators(seed, indices), the augmentation noise from a
     second stream per image. brainfusion's Pipeline and the diffusers export both draw a cascade's second stage here."""
-    given, cond = sampling_conditioning(to_model_range(torch.as_tensor(np.asarray(low, dtype=np.uint8))), level,
-                                        image_generators(derive_seed(seed, 2), indices), size)
+    small = to_model_range(torch.as_tensor(np.asarray(low, dtype=np.uint8)))
+    given, cond = sampling_conditioning(small, level, image_generators(derive_seed(seed, 2), indices), size)
     x, _ = sample(network, diffusion, (len(indices), 2, size, size), sampler, steps, image_generators(seed, indices),
-                  progress=progress, cond=cond, known=given, known_clean=True, known_first=True)
-    return x[:, 1:]
+                  progress=progress, cond=cond, clamp=not cfg.residual_scale, known=given, known_clean=True, known_first=True)
+    made = x[:, 1:]
+    return made if not cfg.residual_scale else (enlarge(small, size) + made / cfg.residual_scale).clamp(-1, 1)
 
 
 def sampling_level(cfg: UpsampleConfig, augment: float | None) -> float:

@@ -237,8 +237,7 @@ def _export_unet(model: UNet, config: RunConfig) -> BrainfusionUNet:
                                   "scale": d.mask_scale, "encoding": d.mask_encoding,
                                   "given": "only" if config.images_for_masks_only else "clean" if d.given_mask_share else "replace"}
                            if values else None,
-                           upsample={"from_size": config.upsample.from_size, "augment": config.upsample.augment,
-                                     "diffusion": raw["diffusion"]} if config.upsample.active else None)
+                           upsample={**raw["upsample"], "diffusion": raw["diffusion"]} if config.upsample.active else None)
     unet.net.load_state_dict(model.state_dict())
     return unet.eval()
 

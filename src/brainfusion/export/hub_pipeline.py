@@ -33,7 +33,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401 - diffusers finds loadable bases here
 from diffusers.utils import BaseOutput
 
-from ..config import FAST_SAMPLER, FAST_STEPS, DiffusionConfig, RunConfig, mask_channel_count
+from ..config import FAST_SAMPLER, FAST_STEPS, DiffusionConfig, RunConfig, UpsampleConfig, mask_channel_count
 from ..data.conditions import Request, encode_guided_request
 from ..data.channels import given_mask_channels, label_image, labels_from_channels, to_uint8
 from ..diffusion.process import autoguidance, sample
@@ -55,8 +55,8 @@ class BrainfusionUNet(ModelMixin, ConfigMixin):
     network trained with tissue masks: its last channels are the labels (K one-hot at ±s, or one ordinal channel), read
     from the config by the properties below, and the pipeline needs the label values to write masks as `brainfusion sample`
     does, and how to hold a given mask: handed to the network clean (trained with given_mask_share; "only": every mask
-    was given, so it makes images for given masks only) or by replacement. `upsample` ({"from_size": h, "augment": σ,
-    "diffusion": the run's diffusion section}) marks a cascade's upsampler, which reads a low-resolution slice."""
+    was given, so it makes images for given masks only) or by replacement. `upsample` (the run's upsample section
+    and its "diffusion" section) marks a cascade's upsampler, which reads a low-resolution slice."""
 
     config_name = "config.json"
 
@@ -231,11 +231,11 @@ class BrainfusionPipeline(DiffusionPipeline):
 
     def _upscaled(self, low: np.ndarray, seed: int, indices: range, sampler: str, steps: int, progress) -> torch.Tensor:
         """The upsampler_unet's slices for the base's uint8 ones, at its own noise process and augmentation level."""
-        up = self.upsampler_unet.config.upsample
-        size = self.upsampler_unet.config.model["image_size"]
-        diffusion = DiffusionConfig(**up["diffusion"])
-        return upscale_images(self._sampled(self.upsampler_unet), diffusion, low, up["augment"], size, seed, indices, sampler,
-                              steps, progress)
+        up = dict(self.upsampler_unet.config.upsample)
+        size, diffusion = self.upsampler_unet.config.model["image_size"], DiffusionConfig(**up.pop("diffusion"))
+        settings = UpsampleConfig(**up)
+        return upscale_images(self._sampled(self.upsampler_unet), diffusion, settings, low, settings.augment, size, seed, indices,
+                              sampler, steps, progress)
 
     def _network(self, weight: float):
         """The unet as brainfusion's samplers call a network ((x, t[, cond]) → float32 on the CPU, in brainfusion's
