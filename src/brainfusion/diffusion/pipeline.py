@@ -117,7 +117,6 @@ class Pipeline:
         small, size = up.from_size, self.config.data.image_size
         if not up.active:
             raise BrainfusionError(f"{self.checkpoint or 'this model'} is not an upsampler (upsample.from_size is 0).")
-
         if np.ndim(low) != 3 or np.shape(low)[1:] != (small, small):
             raise BrainfusionError(f"the slices to upscale have shape {np.shape(low)}; this upsampler takes {small}×{small} "
                                    f"slices, (n, {small}, {small}) uint8, and makes {size}×{size} ones.")
