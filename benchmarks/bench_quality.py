@@ -29,7 +29,8 @@ floor is training slices at the image size.
 `cascade` trains the base model (`up64:edm`'s run, so the two share its steps) for 1 − `--upsampler-share` of a
 budget and the upsampler (`train --upsample-from 64`, recipe `upsampler`) for the rest, and samples the base's
 64² slices through it. With `cascade` in the recipes the upsampler is also scored alone: held-out slices shrunk to
-64² and brought back, against the originals, beside the same slices enlarged bicubically.
+64² and brought back, against the originals, beside the same slices enlarged bicubically (`--alone-n` scores
+only the first of the `--n` held-out slices, with a floor of its own at that n).
 
     python benchmarks/bench_quality.py --data ../shared/data/kaggle-alzheimer-mri-train --image-size 256 \
         --work runs/bench_cascade --recipes cascade,up64:edm --budgets 30 --steps-per-min up64:edm=86
@@ -112,11 +113,11 @@ def upsample(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def evaluate_checkpoint(checkpoint: Path, real: np.ndarray, train: np.ndarray, n: int, sampler: str, steps: int,
-                        autoguidance: float = 1.0) -> dict:
+                        autoguidance: float = 1.0, augment: float | None = None) -> dict:
     base, upsampler = checkpoint if isinstance(checkpoint, tuple) else (checkpoint, None)
     pipe = Pipeline.from_checkpoint(base)
     if upsampler is not None:
-        pipe.use_upsampler(Pipeline.from_checkpoint(upsampler))
+        pipe.use_upsampler(Pipeline.from_checkpoint(upsampler), augment)
     if autoguidance != 1:  # guided by the weights the run kept at train.guide_at (half its steps)
         pipe.use_kept_guide(autoguidance)
         if pipe.upsampler is not None:
@@ -148,7 +149,7 @@ def write_outputs(results: dict, work: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
-    for recipe in sorted({r["recipe"] for r in results.values() if r["recipe"] != "floor"}):
+    for recipe in sorted({r["recipe"] for r in results.values() if r["recipe"] != "floor" and "minutes" in r}):
         pts = sorted((r["minutes"], r["FID_inception"]) for r in results.values() if r["recipe"] == recipe)
         ax.plot(*zip(*pts), marker="o", label=recipe)
     if "floor" in results:
@@ -268,6 +269,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--upsampler-share", type=float, default=1 / 3, help="cascade: the share of each budget the upsampler trains")
     p.add_argument("--no-memorization", action="store_true", help="skip the near-copy search (at 256² it costs more than the "
                                                                   "FID: SSIM of each slice against its 8 nearest training slices)")
+    p.add_argument("--alone-n", type=int, default=0, help="cascade: score the upsampler alone on the first N held-out slices "
+                                                          "only, beside a floor at that N (default: all --n)")
+    p.add_argument("--augment", type=float, default=None, help="cascade: the noise level low-resolution slices are "
+                                                              "given at when sampling (default: the upsampler's own)")
     args = p.parse_args(argv)
     UPSAMPLER_SHARE[0] = args.upsampler_share
     budgets = sorted(float(b) for b in args.budgets.split(","))
@@ -300,10 +305,12 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             for weight in weights:
                 label = name if weight == 1 else f"{name} ag{weight:g}"
+                label += f" σ{args.augment:g}" if name == "cascade" and args.augment is not None else ""
                 key = f"{label}@{minutes:g}"
                 if key not in done:
                     checkpoint, step = train_budget(name, minutes, rates, args.work, train_dir, size, args.ae_minutes)
-                    scores = evaluate_checkpoint(checkpoint, real, reference, len(real), args.sampler, args.steps, weight)
+                    scores = evaluate_checkpoint(checkpoint, real, reference, len(real), args.sampler, args.steps, weight,
+                                                 args.augment)
                     save_grid(scores.pop("images"), args.work / "grids" / f"{key.replace(':', '_').replace(' ', '_')}.png")
                     done[key] = {**scores, "recipe": label, "minutes": minutes, "step": step, "n": len(real), "size": size,
                                  "steps_per_min": {k: v for k, v in rates.items() if k == name or k in LATENT_KINDS + CASCADE_KINDS}}
@@ -318,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
 def score_upsampler_alone(done: dict, minutes: float, rates: dict, args, train_dir: Path, real: np.ndarray, train: np.ndarray) -> None:
     """The cascade's upsampler at `minutes` of the budget on held-out slices shrunk to 64² (as the data loader would
     shrink them), against the originals, beside bicubic enlargement of the same slices: FID and the rest as above,
-    and PSNR / SSIM inside the brain against each slice's own original."""
+    and PSNR / SSIM inside the brain against each slice's own original. `--alone-n` scores the first N held-out
+    slices only; their floor (N training slices) is scored at that N too, since FID is biased by n."""
     import torch
 
     from brainfusion.data.channels import to_model_range, to_uint8
@@ -326,23 +334,31 @@ def score_upsampler_alone(done: dict, minutes: float, rates: dict, args, train_d
     from brainfusion.evaluation.metrics.distances import fidelity_inside_brain
 
     (_, checkpoint), step = train_budget("cascade", minutes, rates, args.work, train_dir, args.image_size, args.ae_minutes)
+    n = min(args.alone_n or len(real), len(real))
+    real, tag = real[:n], "" if n == done["floor"]["n"] else f" n{n}"
+    config = EvalConfig(resolution=real.shape[-1], inception=True, inception_samples=n, progress=False)
+    if tag and f"floor{tag}" not in done:
+        floor = _load(train_dir, real.shape[-1])
+        floor = floor[np.random.default_rng(1).choice(len(floor), n, replace=False)]
+        done[f"floor{tag}"] = {**evaluate_images(floor, real, train, config)["summary"], "recipe": f"floor (n = {n})", "n": n}
     low = to_uint8(shrink(to_model_range(torch.as_tensor(real)), 64))
-    for label, make in (("upsampler alone", lambda: Pipeline.from_checkpoint(checkpoint).upscale(low, seed=12345)),
+    level = "" if args.augment is None else f" σ{args.augment:g}"
+    for label, make in ((f"upsampler alone{level}", lambda: Pipeline.from_checkpoint(checkpoint).upscale(
+                            low, seed=12345, sampler=args.sampler, steps=args.steps, augment=args.augment)),
                         ("bicubic alone", lambda: upsample(low, real.shape[-1]))):
-        key = f"{label}@{minutes * UPSAMPLER_SHARE[0]:g}"
+        key = f"{label}@{minutes * UPSAMPLER_SHARE[0]:g}{tag}"
         if key in done:
             continue
         t0 = time.monotonic()
         made = make()
         seconds = time.monotonic() - t0
-        config = EvalConfig(resolution=real.shape[-1], inception=True, inception_samples=len(real), progress=False)
         scores = evaluate_images(made, real, train, config)["summary"]
         save_grid(np.concatenate([real[:8], made[:8]]), args.work / "grids" / f"{key.replace(' ', '_')}.png")
-        done[key] = {**scores, "recipe": label, "minutes": minutes * UPSAMPLER_SHARE[0], "step": step if "upsampler" in label else 0,
-                     "n": len(real), "size": real.shape[-1], **fidelity_inside_brain(made, real), "sampling_s": seconds}
+        done[key] = {**scores, "recipe": label + tag, "minutes": minutes * UPSAMPLER_SHARE[0], "step": step if "upsampler" in label else 0,
+                     "n": n, "size": real.shape[-1], **fidelity_inside_brain(made, real), "sampling_s": seconds}
         write_outputs(done, args.work)
         print(f"{key}: FID {scores['FID_inception']:.1f}, PSNR {done[key]['psnr_brain']:.2f} dB, SSIM {done[key]['ssim_brain']:.3f} "
-              f"inside the brain (floor FID {done['floor']['FID_inception']:.1f})", flush=True)
+              f"inside the brain (floor FID {done[f'floor{tag}']['FID_inception']:.1f})", flush=True)
 
 
 if __name__ == "__main__":
