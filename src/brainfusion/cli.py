@@ -41,6 +41,11 @@ TRAIN_FLAGS = {
                       "as levels in their order, -mask_scale to +mask_scale)"),
     "self_condition": ("diffusion.self_condition", None, "self-conditioning (Analog Bits): the network also reads its previous "
                        "denoised estimate; EDM runs; measured no better on the demo set, not exported yet (docs/research/masks.md)"),
+    "volumes": ("data.volumes", None, "train on whole 3-D volumes (NIfTI, Analyze, DICOM series, BIDS, OASIS-1), each resampled "
+                "brain-centred onto --grid³ voxels of --spacing mm; recipe volume-wavelet unless --recipe is given; "
+                "sample writes NIfTI volumes"),
+    "grid": ("data.grid", int, "volume runs: voxels per side of the grid (default 64; even)"),
+    "spacing": ("data.spacing", float, "volume runs: the grid's voxel size in mm (default 3)"),
     "holdout_subjects": ("data.holdout_subjects", float, "keep whole subjects out of training: a number (e.g. 2) or a share (e.g. 0.2); "
                          "drawn from --seed and recorded in the run's config"),
     "patch_size": ("model.patch_size", int, "1 (default), 2 or 4: pixel-unshuffle factor before the U-Net (2 is ~3x cheaper a step, worse per CPU minute)"),
@@ -169,7 +174,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_run_config(args: argparse.Namespace) -> RunConfig:
     raw = load_config(args.config).to_dict() if args.config else RunConfig().to_dict()
-    recipe = args.recipe or ("upsampler" if args.upsample_from else None)
+    recipe = args.recipe or ("upsampler" if args.upsample_from else "volume-wavelet" if args.volumes else None)
     if recipe:
         raw = recipe_config(recipe, raw).to_dict()
     _apply_flags(raw, args, TRAIN_FLAGS)
@@ -181,12 +186,14 @@ def build_run_config(args: argparse.Namespace) -> RunConfig:
 def cmd_data(args: argparse.Namespace) -> None:
     if args.data_command == "demo":
         from .data.demo import DemoDataConfig, build_demo_dataset
+        from .data.demo_volumes import build_demo_volumes
 
         cfg = DemoDataConfig(seed=args.seed)
         for name in ("n_subjects", "slices_per_subject", "image_size"):
             if getattr(args, name) is not None:
                 setattr(cfg, name, getattr(args, name))
-        summary = build_demo_dataset(Path(args.out), cfg, progress=not args.quiet)
+        build = build_demo_volumes if args.volumes else build_demo_dataset
+        summary = build(Path(args.out), cfg, progress=not args.quiet)
         print(json.dumps(summary, indent=2, default=str))
     else:
         from .config import DataConfig
@@ -319,6 +326,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.conditional and not (args.checkpoint and args.train):
         raise BrainfusionError("--conditional samples a --checkpoint RUN and trains its judges on real training slices; give both "
                                "--checkpoint and --train.")
+    if args.checkpoint:
+        from .checkpoint import load_checkpoint
+
+        if load_checkpoint(Path(args.checkpoint), with_optimizer=False).config.data.volumes:
+            raise BrainfusionError(f"{args.checkpoint} is a volume run, and evaluate scores slices; write its volumes with "
+                                   "`brainfusion sample --checkpoint RUN` and look at them in three planes.")
     from .fileio import lock_folder
 
     with lock_folder(args.out, "--out", beside=True):
@@ -544,7 +557,9 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--n-subjects", dest="n_subjects", type=int)
     d.add_argument("--slices-per-subject", dest="slices_per_subject", type=int)
-    d.add_argument("--image-size", dest="image_size", type=int)
+    d.add_argument("--image-size", dest="image_size", type=int, help="the side of a slice (with --volumes: of a volume's axial plane)")
+    d.add_argument("--volumes", action="store_true", help="write whole NIfTI volumes, their tissue labels and participants.tsv "
+                                                          "(a BIDS-like folder) instead of OASIS-layout slices")
     d = dsub.add_parser("inspect", help="load a data source, report counts and write a montage")
     d.add_argument("--data", required=True)
     d.add_argument("--image-size", type=int, default=64)

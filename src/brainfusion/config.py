@@ -44,8 +44,17 @@ class DataConfig:
     # whole subjects kept out of training (data/subjects.py): a count (>= 1) or a share (< 1); 0 holds out none
     holdout_subjects: float = 0.0
     heldout_subjects: tuple[str, ...] = ()  # the subjects held out, drawn from train.seed when the run starts
+    # whole 3-D volumes instead of slices (data/volumes.py): each is reoriented to RAS+ and resampled, brain-centred,
+    # onto one grid of `grid`³ voxels of `spacing` mm; 64 × 3 mm spans 192 mm, an adult brain with room to spare
+    volumes: bool = False
+    grid: int = 64
+    spacing: float = 3.0
 
     def validate(self) -> None:
+        if self.volumes and (self.grid < 8 or self.grid % 2 or self.grid > 256):
+            raise BrainfusionError(f"data.grid is {self.grid}; give an even number of voxels per side from 8 to 256, e.g. 64.")
+        if self.volumes and not (math.isfinite(self.spacing) and 0 < self.spacing <= 50):
+            raise BrainfusionError(f"data.spacing is {self.spacing:g} mm; give the grid's voxel size in millimetres, e.g. 3.")
         if self.image_size <= 0 or self.image_size % 16:
             raise BrainfusionError(
                 f"image_size {self.image_size} is not a positive multiple of 16; use e.g. 64, 128 or 256."
@@ -92,6 +101,8 @@ class ModelConfig:
     continuous_inputs: int = 0
     # set from diffusion.self_condition: in_channels more input channels, for the network's previous estimate
     self_condition: bool = False
+    # 2: slices; 3: volumes (set from data.volumes), the same U-Net of 3-D convolutions on image_size³ inputs
+    spatial_dims: int = 2
 
     @property
     def input_channels(self) -> int:
@@ -105,6 +116,9 @@ class ModelConfig:
             )
         if self.patch_size not in (1, 2, 4):
             raise BrainfusionError(f"model.patch_size is {self.patch_size}; choose 1, 2 or 4.")
+        _check_choice("model.spatial_dims", self.spatial_dims, (2, 3))
+        if self.spatial_dims == 3 and self.patch_size != 1:
+            raise BrainfusionError(f"model.patch_size is {self.patch_size}, but a 3-D network sees every voxel; use patch_size 1.")
         factor = self.patch_size << len(self.channel_mults)
         if self.image_size % factor:
             raise BrainfusionError(
@@ -212,6 +226,7 @@ class ConditionConfig:
 # −0.4, more weight on high noise, where a latent's coarse layout is decided. At 256² through the 15-minute
 # autoencoder, 60 CPU minutes: FID 153.3 against 167.0 with −1.2 (n = 500; docs/research/latent.md)
 P_MEAN_PIXELS, P_MEAN_LATENTS = -1.2, -0.4
+WAVELET_BANDS = 8  # a volume run's channels: the 2×2×2 Haar bands of one level (diffusion/wavelet.py)
 MASK_ENCODINGS = ("one-hot", "ordinal")  # diffusion.mask_encoding: how tissue labels become the model's mask channels
 MASK_SCALES = {"one-hot": 0.25, "ordinal": 1.0}  # diffusion.mask_scale when not given: one-hot's best of 1 / 0.5 / 0.25 / 0.1, ordinal's only measured scale
 
@@ -593,7 +608,7 @@ class RunConfig(_Serialised):
         return bool(self.mask_labels) and self.diffusion.given_image_share >= 1
 
     def validate(self) -> None:
-        self.model.image_size = self.data.image_size
+        self.model.image_size, self.model.spatial_dims = self.data.image_size, 2
         if self.latent.active and self.latent.factor:  # the U-Net works on the latent grid
             if self.data.image_size != self.latent.image_size:
                 raise BrainfusionError(
@@ -614,6 +629,8 @@ class RunConfig(_Serialised):
             raise BrainfusionError("diffusion.given_image_share needs a pixel run: a latent run's label model would need the "
                                    "autoencoder's latents of every given image; train it without --autoencoder.")
         self.condition.validate()
+        if self.data.volumes:
+            self._validate_volumes()
         self.upsample.validate(self.data.image_size)
         if self.upsample.active:
             self._validate_upsampler()
@@ -623,6 +640,26 @@ class RunConfig(_Serialised):
             self.model.continuous_inputs = len(continuous)
         for part in (self.data, self.model, self.diffusion, self.train):
             part.validate()
+
+    def _validate_volumes(self) -> None:
+        """A volume run is a pixel EDM run on the one-level Haar coefficients of its volumes (diffusion/wavelet.py):
+        WAVELET_BANDS channels of (grid/2)³, a 3-D U-Net; masks, latents, upsamplers and slice levels are slice things."""
+        if self.latent.active or self.data.masks or self.upsample.active or self.condition.slice_level:
+            raise BrainfusionError("a volume run (data.volumes) takes no latent.autoencoder, data.masks, upsample.from_size or "
+                                   "condition.slice_level; leave them out, or train on slices without data.volumes.")
+        d = self.diffusion
+        if d.formulation != "edm" or d.self_condition or d.given_mask_share or d.given_image_share:
+            raise BrainfusionError("a volume run (data.volumes) is an EDM run (diffusion.formulation=edm) without "
+                                   "diffusion.self_condition or given shares; use the volume-wavelet recipe.")
+        if self.train.eval_every:
+            raise BrainfusionError("train.eval_every scores slices during training; set it to 0 for a volume run (data.volumes).")
+        self.data.validate()
+        levels = len(self.model.channel_mults)
+        if (self.data.grid // 2) % (1 << levels):
+            raise BrainfusionError(f"data.grid {self.data.grid} makes {self.data.grid // 2}³ wavelet coefficients, which the U-Net's "
+                                   f"{levels} levels (model.channel_mults) cannot halve {levels} times; use a grid that is a multiple "
+                                   f"of {2 << levels}, or fewer levels.")
+        self.model.spatial_dims, self.model.image_size, self.model.in_channels = 3, self.data.grid // 2, WAVELET_BANDS
 
     def _validate_upsampler(self) -> None:
         """An upsampler reads the low-resolution slice as its first channel and the augmentation level as its one
@@ -660,6 +697,15 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # block pattern, and a narrower width: adding detail to a given slice is a local task
     "upsampler": {"diffusion": {"formulation": "edm", "loss": "mse"},
                   "model": {"pixel_channels": 16, "patch_size": 4, "base_channels": 32}},
+    # a volume run (train --volumes): EDM on one level of 3-D Haar coefficients (WDM, Friedrich et al. 2024), 8 bands
+    # of 32³ for a 64³ grid, through a 7.4 M-parameter 3-D U-Net of four levels (32, 16, 8, 4; attention at 4³ and the
+    # bottleneck), 76.7 GFLOP per training volume (the slice U-Net: 10.9 per slice). Batches of 4 volumes: 0.9 s a step on
+    # 2 cores of an Intel Xeon with AMX (bf16, one thread, the cores shared with other jobs); checkpoints every 100 steps
+    "volume-wavelet": {"diffusion": {"formulation": "edm", "loss": "mse"},
+                       "model": {"pixel_channels": 0, "patch_size": 1, "base_channels": 32, "channel_mults": (1, 2, 2, 4),
+                                 "attention_resolutions": (4,)},
+                       "data": {"volumes": True},
+                       "train": {"batch_size": 4, "lr": 2e-4, "warmup_steps": 100, "checkpoint_every": 100, "sample_every": 500}},
     "edm-labels": {"diffusion": {"formulation": "edm", "loss": "mse", "given_image_share": 1.0, "mask_scale": 1.0, "p_mean": 2.0},
                    "model": {"pixel_channels": 0, "patch_size": 1, "base_channels": 16, "channel_mults": (1, 2, 4, 4)},
                    "train": {"lr": 2e-3, "warmup_steps": 50, "batch_size": 16}},

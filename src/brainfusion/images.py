@@ -1,4 +1,4 @@
-"""Pictures people look at: image grids, GIFs of the reverse process, loss curves.
+"""Pictures people look at: image grids, GIFs of the reverse process, loss curves, volumes' three planes, NIfTI files.
 
 Every file is written to a temporary name and renamed, so a viewer never sees half a picture.
 """
@@ -64,18 +64,47 @@ def save_nifti_slice(image: np.ndarray, path: Path, spacing_mm: float) -> Path:
     """A slice as a one-slice NIfTI (.nii.gz) that ITK-SNAP and FSLeyes open the right way up: voxels in
     RAS+ (the inverse of the loader's `np.rot90` of an axial slice: anterior at the top, the patient's
     left on the left), `spacing_mm` in plane and through it, the affine saying so (qform and sform)."""
+    volume = np.ascontiguousarray(np.rot90(image, -1))[:, :, None]
+    return save_nifti(volume, np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0]), path)
+
+
+def save_nifti(voxels: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    """Voxels (x, y, z) with their voxel-to-world `affine` (mm) as a gzipped NIfTI, the affine in both qform and sform
+    so every viewer places it alike; gzipped without a timestamp, so the same voxels give the same bytes."""
     import gzip
 
     import nibabel as nib
 
-    volume = np.ascontiguousarray(np.rot90(image, -1))[:, :, None]
-    nifti = nib.Nifti1Image(volume, np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0]))
+    nifti = nib.Nifti1Image(voxels, affine)
     nifti.header.set_xyzt_units("mm")
-    nifti.set_qform(nifti.affine, code=1)
-    nifti.set_sform(nifti.affine, code=1)
+    nifti.set_qform(affine, code=1)
+    nifti.set_sform(affine, code=1)
     with atomic_output(path) as tmp:
         Path(tmp).write_bytes(gzip.compress(nifti.to_bytes(), mtime=0))
     return Path(path)
+
+
+def three_planes(volume: np.ndarray) -> list[np.ndarray]:
+    """The axial, coronal and sagittal mid-slices of a volume in (inferior→superior, posterior→anterior,
+    left→right) voxel order (data/volumes.py), each turned so the top of the picture is anterior or superior."""
+    d, h, w = volume.shape
+    return [volume[d // 2][::-1], volume[:, h // 2][::-1], volume[:, :, w // 2][::-1]]
+
+
+def volume_montage(volumes: np.ndarray, pad: int = 2) -> np.ndarray:
+    """One row per volume of its axial, coronal and sagittal mid-slices (uint8 (n, D, H, W) → one uint8 picture)."""
+    rows = []
+    for volume in volumes:
+        planes = three_planes(volume)
+        height = max(p.shape[0] for p in planes)
+        tiles = [np.pad(p, ((0, height - p.shape[0]), (0, pad))) for p in planes]
+        rows.append(np.pad(np.concatenate(tiles, 1), ((0, pad), (0, 0))))
+    return np.concatenate(rows, 0)
+
+
+def axial_frames(volumes: np.ndarray) -> list[np.ndarray]:
+    """The axial slices of volumes (n, D, H, W), inferior to superior, each frame a grid of the n volumes' slice."""
+    return [make_grid(volumes[:, k, ::-1]) for k in range(volumes.shape[1])]
 
 
 def save_grid(images: np.ndarray, path: Path, nrow: int | None = None) -> Path:

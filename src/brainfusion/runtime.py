@@ -54,14 +54,20 @@ def choose_channels_last(setting: str, device: torch.device, dtype: torch.dtype 
     return device.type == "cuda" or dtype is not None
 
 
+def memory_format(channels_last: bool, spatial_dims: int = 2) -> torch.memory_format:
+    """The memory format of channels_last for images (4-D tensors) or volumes (5-D: channels_last_3d)."""
+    if not channels_last:
+        return torch.contiguous_format
+    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+
+
 def network_fn(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None, channels_last: str = "auto"):
     """Wrap a model as (x_t, t[, cond]) → float32 output on CPU, under autocast, for the samplers."""
     use = choose_channels_last(channels_last, device, dtype)
-    memory_format = torch.channels_last if use else torch.contiguous_format
 
     def fn(x, t, cond=None):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            inputs = (x.to(device, memory_format=memory_format), t.to(device))
+            inputs = (x.to(device, memory_format=memory_format(use, x.dim() - 2)), t.to(device))
             return (model(*inputs) if cond is None else model(*inputs, cond.to(device))).float().cpu()
 
     return fn

@@ -23,7 +23,7 @@ from ..fileio import TEMP_SUFFIX
 
 log = logging.getLogger(__name__)
 
-CACHE_PATTERNS = ("slices_*.npz", "latents_*.npz")
+CACHE_PATTERNS = ("slices_*.npz", "latents_*.npz", "volumes_*.npz")
 SOURCE_KEY = "data_source"  # the npz member holding the resolved data path a cache file was built from
 
 

@@ -29,11 +29,13 @@ under its permissive licence (see the README.txt written with each dataset).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -576,6 +578,36 @@ def _check_out_dir(out_dir: Path) -> None:
             )
 
 
+def start_build(out_dir: Path, config: DemoDataConfig) -> tuple[Path, _Template, _Frame]:
+    """The absolute output folder (checked to be free) and the template and frame every subject is drawn in."""
+    # Absolute and normalised, so that "." or "a/.." still have a name to put ".tmp-<pid>" on.
+    out_dir = Path(os.path.abspath(Path(out_dir).expanduser()))
+    _validate(config)
+    _check_out_dir(out_dir)
+    tpl = _load_template()
+    return out_dir, tpl, _frame(tpl)
+
+
+@contextlib.contextmanager
+def built_beside(out_dir: Path) -> Iterator[Path]:
+    """A folder `<out_dir>.tmp-<pid>` to build into, renamed onto `out_dir` when the block ends well and removed when
+    it does not, so an interrupted build never leaves a half-written `out_dir`."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():  # left over from an earlier run that had our pid
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        yield tmp
+        _check_out_dir(out_dir)  # someone may have filled it meanwhile
+        if out_dir.exists():
+            out_dir.rmdir()  # empty folder: replace it
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def build_demo_dataset(out_dir: Path, config: DemoDataConfig = DemoDataConfig(), progress: bool = True) -> dict:
     """Build the demo set into ``out_dir`` (which must not exist, or be empty).
 
@@ -590,20 +622,11 @@ def build_demo_dataset(out_dir: Path, config: DemoDataConfig = DemoDataConfig(),
     from tqdm import tqdm
 
     start = time.perf_counter()
-    # Absolute and normalised, so that "." or "a/.." still have a name to put ".tmp-<pid>" on.
-    out_dir = Path(os.path.abspath(Path(out_dir).expanduser()))
-    _validate(config)
-    _check_out_dir(out_dir)
-    tpl = _load_template()
-    frame = _frame(tpl)
+    out_dir, tpl, frame = start_build(out_dir, config)
     subjects = _split_subjects(config)
     split_of = {i: s for s, idx in subjects.items() for i in idx}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():  # left over from an earlier run that had our pid
-        shutil.rmtree(tmp)
-    try:
+    with built_beside(out_dir) as tmp:
         for s in SPLITS:
             (tmp / _image_dir(s)).mkdir(parents=True)
             (tmp / _seg_dir(s)).mkdir(parents=True)
@@ -627,13 +650,6 @@ def build_demo_dataset(out_dir: Path, config: DemoDataConfig = DemoDataConfig(),
                 bar.update(1)
         (tmp / "README.txt").write_text(_readme(config, subjects, counts), encoding="utf-8")
         (tmp / LABELS_FILE).write_text("\n".join(labels) + "\n", encoding="utf-8")
-        _check_out_dir(out_dir)  # someone may have filled it meanwhile
-        if out_dir.exists():
-            out_dir.rmdir()  # empty folder: replace it
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
     paths: dict[str, str] = {}
     for s in SPLITS:

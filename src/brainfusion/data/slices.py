@@ -453,7 +453,7 @@ class BatchStream:
             mirrored = x.flip(-1)
             if self.flipped is not None:
                 mirrored = torch.cat([self.flipped[indices].float(), mirrored[:, image_channels:]], 1)
-            x = torch.where(flip[:, None, None, None], mirrored, x)
+            x = torch.where(flip.view((-1,) + (1,) * (x.dim() - 1)), mirrored, x)  # slices (N,C,H,W) or volumes (N,C,D,H,W)
         return x
 
     def batch_with_cond(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:

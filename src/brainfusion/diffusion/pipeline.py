@@ -1,4 +1,4 @@
-"""Generate slices in memory from a trained network, as diffusers' `DDPMPipeline` does.
+"""Generate slices (or, for a volume run, volumes) in memory from a trained network, as diffusers' `DDPMPipeline` does.
 
 Load a checkpoint once, then call the pipeline for any number of images: it returns uint8 arrays
 (N, H, W) (`pairs`: with their tissue labels, for a model trained with masks) and never touches the disk; files are the caller's business (`sample.generate`). Image
@@ -20,10 +20,11 @@ from ..data.channels import given_mask_channels, labels_from_channels, to_model_
 from ..errors import BrainfusionError
 from ..models.latent import LatentDecoder, use_decoder
 from ..models.unet import UNet
-from ..runtime import choose_channels_last, choose_precision, network_fn
+from ..runtime import choose_channels_last, choose_precision, memory_format, network_fn
 from ..seeding import derive_seed, image_generators
 from .process import autoguidance, sample
 from .upsample import check_cascade, sampling_level, upscale_images
+from .wavelet import from_coefficients
 
 
 def load_model(checkpoint: Path, use_ema: bool = True, device: torch.device | None = None):
@@ -39,6 +40,18 @@ class Cancelled(Exception):
     """Raised inside a pipeline call when its `cancel` hook returns True."""
 
 
+def _ticker(progress: Callable[[int], None] | None, cancel: Callable[[], bool] | None) -> Callable[[int], None]:
+    """The per-step hook of a pipeline call: stop with `Cancelled` when `cancel()` says so, else report `progress`."""
+
+    def tick(step: int) -> None:
+        if cancel is not None and cancel():
+            raise Cancelled("sampling was cancelled")
+        if progress is not None:
+            progress(step)
+
+    return tick
+
+
 class Pipeline:
     """A trained network with its run config, ready to sample on its device."""
 
@@ -47,7 +60,7 @@ class Pipeline:
         self.device = device or torch.device("cpu")
         self.dtype = choose_precision(precision, self.device)
         use_cl = choose_channels_last(channels_last, self.device, self.dtype)
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last if use_cl else torch.contiguous_format)
+        self.model = model.eval().to(self.device, memory_format=memory_format(use_cl, config.model.spatial_dims))
         self.config = config
         # (x_t, t[, cond]) → float32 output on the CPU: what samplers and diagnostics call
         self.network = network_fn(self.model, self.device, self.dtype, channels_last)
@@ -176,7 +189,8 @@ class Pipeline:
                  on_frames: Callable[[int, list[np.ndarray]], None] | None = None,
                  progress: Callable[[int], None] | None = None, cancel: Callable[[], bool] | None = None,
                  condition: Request | None = None, guidance: float = 1.0, mask: np.ndarray | None = None) -> np.ndarray:
-        """Images first_index .. first_index+n-1 of `seed` as uint8 (n, H, W).
+        """Images first_index .. first_index+n-1 of `seed` as uint8 (n, H, W); a volume run's volumes as uint8 (n, D, H, W)
+        (`volumes`).
 
         `condition` (a conditional model only): {name: value} for all n images, e.g.
         {"class": "ModerateDemented", "level": 0.6}, a list of n such dicts, or an encoded (n, K)
@@ -191,8 +205,37 @@ class Pipeline:
         `progress(k)` is called after every network step; `cancel()` returning True stops the call
         with `Cancelled`.
         """
+        if self.config.data.volumes:
+            if frames or mask is not None:
+                raise BrainfusionError(f"{self.checkpoint or 'this model'} makes volumes, which take no frames or masks.")
+            return self.volumes(n, seed, sampler, steps, batch_size, first_index, progress, cancel, condition, guidance)
         return self.pairs(n, seed, sampler, steps, batch_size, first_index, frames, on_frames, progress, cancel,
                           condition, guidance, mask)[0]
+
+    def volumes(self, n: int, seed: int = 0, sampler: str = FAST_SAMPLER, steps: int = FAST_STEPS, batch_size: int = 4,
+                first_index: int = 0, progress: Callable[[int], None] | None = None, cancel: Callable[[], bool] | None = None,
+                condition: Request | None = None, guidance: float = 1.0) -> np.ndarray:
+        """Volumes first_index .. first_index+n-1 of `seed` of a volume run (data.volumes) as uint8 (n, D, H, W), in
+        (inferior→superior, posterior→anterior, left→right) voxel order on the run's grid (data/volumes.py: its
+        `grid_affine` places them in mm). The network draws the volumes' Haar coefficients (diffusion/wavelet.py)
+        with the EDM samplers unchanged; volume i of a seed gets its own noise, and `condition`, `guidance`,
+        `progress` and `cancel` mean what they mean for `__call__`. A 64³ volume of the volume-wavelet recipe takes 1.5 s
+        with the default sampler (dpm++sde, 25 steps) on 2 cores of an Intel Xeon with AMX (bf16, one thread)."""
+        if not self.config.data.volumes:
+            raise BrainfusionError(f"{self.checkpoint or 'this model'} makes slices, not volumes; call the pipeline instead.")
+        if n <= 0 or batch_size <= 0:
+            raise BrainfusionError(f"the volume count ({n}) and batch size ({batch_size}) must be positive.")
+        cond = encode_guided_request(self.config.condition, condition, n, guidance)
+        network, tick = self._guided_network(), _ticker(progress, cancel)
+        shape = (self.config.model.in_channels,) + (self.config.model.image_size,) * 3
+        out = []
+        for start in range(first_index, first_index + n, batch_size):
+            count = min(batch_size, first_index + n - start)
+            rows = slice(start - first_index, start - first_index + count)
+            x, _ = sample(network, self.config.diffusion, (count,) + shape, sampler, steps, image_generators(seed, range(start, start + count)),
+                          progress=tick, cond=None if cond is None else cond[rows], guidance=guidance, clamp=False)
+            out.append(to_uint8(from_coefficients(x)))
+        return np.concatenate(out)
 
     def pairs(self, n: int, seed: int = 0, sampler: str = FAST_SAMPLER, steps: int = FAST_STEPS,
               batch_size: int = 64, first_index: int = 0, frames: int = 0,
@@ -208,6 +251,9 @@ class Pipeline:
         model trained with diffusion.given_image_share, comes back with the labels the model draws for it."""
         if n <= 0 or batch_size <= 0:
             raise BrainfusionError(f"the image count ({n}) and batch size ({batch_size}) must be positive.")
+        if self.config.data.volumes:
+            raise BrainfusionError(f"{self.checkpoint or 'this model'} makes volumes, which have no tissue labels; call the "
+                                   "pipeline (or Pipeline.volumes) instead.")
         if self.config.upsample.active:
             raise BrainfusionError(f"{self.checkpoint or 'this model'} is an upsampler: it makes slices from low-resolution "
                                    "ones (Pipeline.upscale), or serves a base run as its second stage (use_upsampler).")
@@ -236,14 +282,7 @@ class Pipeline:
             clean = self.config.diffusion.given_mask_share > 0 if mask_clean is None else mask_clean
         size, channels, k = self.config.model.image_size, self.config.model.in_channels, self.config.mask_channels
 
-        network = self._guided_network()
-
-        def tick(step: int) -> None:
-            if cancel is not None and cancel():
-                raise Cancelled("sampling was cancelled")
-            if progress is not None:
-                progress(step)
-
+        network, tick = self._guided_network(), _ticker(progress, cancel)
         images, labels = [], []
         for start in range(first_index, first_index + n, batch_size):
             count = min(batch_size, first_index + n - start)

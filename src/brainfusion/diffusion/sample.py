@@ -29,6 +29,7 @@ from ..images import make_grid, overlay_labels, save_gif, save_grid, save_nifti_
 from ..models.latent import use_decoder
 from .pipeline import Pipeline, load_model
 from .process import default_steps
+from .sample_volumes import draw_volumes
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ class SampleConfig:
 
 
 def generate(cfg: SampleConfig, progress: bool = True) -> dict:
-    """Sample cfg.n_images images into files; returns where the grid, PNGs and GIF went."""
+    """Sample cfg.n_images images (a volume run: volumes) into files; returns where the grid, PNGs and GIF went
+    (a volume run: the NIfTI files, the three-plane montage and the axial GIF, sample_volumes.py)."""
     if cfg.n_images <= 0 or cfg.batch_size <= 0:
         raise BrainfusionError(f"n_images={cfg.n_images} and batch_size={cfg.batch_size} must both be positive.")
     torch.set_flush_denormal(True)
@@ -123,7 +125,10 @@ def generate(cfg: SampleConfig, progress: bool = True) -> dict:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_folder(pipe.checkpoint) / "samples" / (f"{cfg.sampler}-{steps}" + _condition_suffix(cfg))
     # rank 0 holds the folder for every rank; the lock lies beside it, so the folder holds the samples alone
     with lock_folder(out_dir, beside=True) if ctx.is_main else contextlib.nullcontext():
-        result = _draw(cfg, pipe, steps, given, out_dir, ctx, progress)
+        if pipe.config.data.volumes:  # NIfTI volumes and their pictures
+            result = draw_volumes(cfg, pipe, steps, out_dir, ctx, progress)
+        else:
+            result = _draw(cfg, pipe, steps, given, out_dir, ctx, progress)
     dist.shutdown(ctx)
     return result
 

@@ -275,6 +275,9 @@ def export_run(checkpoint: Path | str, out: Path | str, metrics: Path | None = N
     from ..models.latent import use_decoder
 
     model, state = load_model(Path(checkpoint))  # a run folder resolves to its newest checkpoint
+    if state.config.data.volumes:
+        raise BrainfusionError(f"{state.path} is a volume run, which the diffusers export does not carry yet; share its run "
+                               "folder, or the NIfTI volumes `sample` writes.")
     if state.config.upsample.active:
         raise BrainfusionError(f"{state.path} is an upsampler; export the base run it serves with the upsampler beside it "
                                f"(upsampler={state.path}).")

@@ -4,6 +4,10 @@ that fuse the skips, sinusoidal time embeddings through an MLP, and a normalised
 One level per `channel_mults` entry, each halving the resolution (the default four at patch size 2:
 32 → 16 → 8 → 4 → bottleneck at 2 for 64×64 input).
 Attention runs only at the low resolutions named in the config, where it is cheap.
+
+`ModelConfig.spatial_dims` 3 builds the same network from 3-D convolutions, for volumes (a volume run's
+Haar wavelet coefficients, diffusion/wavelet.py): one code path, so conditions, guidance and checkpoints
+work alike, and a 2-D network keeps its parameter names.
 """
 
 from __future__ import annotations
@@ -27,8 +31,16 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def make_norm(kind: str, channels: int, groups: int) -> nn.Module:
-    return nn.GroupNorm(groups, channels) if kind == "group" else nn.BatchNorm2d(channels)
+CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+
+
+def make_norm(kind: str, channels: int, groups: int, dims: int = 2) -> nn.Module:
+    return nn.GroupNorm(groups, channels) if kind == "group" else (nn.BatchNorm2d if dims == 2 else nn.BatchNorm3d)(channels)
+
+
+def _spatial(t: torch.Tensor, dims: int) -> torch.Tensor:
+    """(N, C) → (N, C, 1, …, 1) with one axis per spatial dimension, to broadcast over an image or a volume."""
+    return t.view(t.shape + (1,) * dims)
 
 
 class ResBlock(nn.Module):
@@ -36,41 +48,42 @@ class ResBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, t_dim: int, cfg: ModelConfig):
         super().__init__()
-        self.norm1 = make_norm(cfg.norm, c_in, cfg.norm_groups)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        conv, self.dims = CONV[cfg.spatial_dims], cfg.spatial_dims
+        self.norm1 = make_norm(cfg.norm, c_in, cfg.norm_groups, self.dims)
+        self.conv1 = conv(c_in, c_out, 3, padding=1)
         self.time = nn.Linear(t_dim, 2 * c_out)
-        self.norm2 = make_norm(cfg.norm, c_out, cfg.norm_groups)
+        self.norm2 = make_norm(cfg.norm, c_out, cfg.norm_groups, self.dims)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.conv2 = conv(c_out, c_out, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.skip = conv(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.time(t_emb)[:, :, None, None].chunk(2, dim=1)
+        scale, shift = _spatial(self.time(t_emb), self.dims).chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over pixels, used at low resolutions only."""
+    """Multi-head self-attention over pixels (or voxels), used at low resolutions only."""
 
     def __init__(self, channels: int, heads: int, cfg: ModelConfig):
         super().__init__()
         self.heads = heads
-        self.norm = make_norm(cfg.norm, channels, cfg.norm_groups)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.out = nn.Conv2d(channels, channels, 1)
+        self.norm = make_norm(cfg.norm, channels, cfg.norm_groups, cfg.spatial_dims)
+        self.qkv = CONV[cfg.spatial_dims](channels, 3 * channels, 1)
+        self.out = CONV[cfg.spatial_dims](channels, channels, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        b, c, *space = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, -1).transpose(-1, -2).unbind(1)
         y = F.scaled_dot_product_attention(q, k, v)
-        return x + self.out(y.transpose(-1, -2).reshape(b, c, h, w))
+        return x + self.out(y.transpose(-1, -2).reshape(b, c, *space))
 
 
 class EncoderBlock(nn.Module):
@@ -82,7 +95,7 @@ class EncoderBlock(nn.Module):
             ResBlock(c_in if i == 0 else c_out, c_out, t_dim, cfg) for i in range(cfg.blocks_per_level)
         )
         self.attention = SelfAttention(c_out, cfg.attention_heads, cfg) if use_attention else nn.Identity()
-        self.down = nn.Conv2d(c_out, c_out, 3, stride=2, padding=1)
+        self.down = CONV[cfg.spatial_dims](c_out, c_out, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for block in self.blocks:
@@ -96,7 +109,7 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, c_in: int, c_skip: int, c_out: int, t_dim: int, use_attention: bool, cfg: ModelConfig):
         super().__init__()
-        self.up = nn.Conv2d(c_in, c_in, 3, padding=1)
+        self.up = CONV[cfg.spatial_dims](c_in, c_in, 3, padding=1)
         self.blocks = nn.ModuleList(
             ResBlock(c_in + c_skip if i == 0 else c_out, c_out, t_dim, cfg) for i in range(cfg.blocks_per_level)
         )
@@ -173,11 +186,12 @@ class UNet(nn.Module):
         widths = [c0 * m for m in cfg.channel_mults]
         t_dim = 4 * c0
         self.time_mlp = nn.Sequential(nn.Linear(c0, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
+        conv = CONV[cfg.spatial_dims]
         k = cfg.pixel_channels if cfg.patch_size > 1 else 0
         pixels = (k or cfg.in_channels) * cfg.patch_size**2
         self.pixel_in = nn.Conv2d(cfg.input_channels, k, 3, padding=1) if k else nn.Identity()
         self.pixel_out = nn.Sequential(nn.SiLU(), nn.Conv2d(k, cfg.in_channels, 3, padding=1)) if k else nn.Identity()
-        self.stem = nn.Conv2d((k or cfg.input_channels) * cfg.patch_size**2, c0, 3, padding=1)
+        self.stem = conv((k or cfg.input_channels) * cfg.patch_size**2, c0, 3, padding=1)
         resolutions = [cfg.image_size // cfg.patch_size >> i for i in range(len(widths))]
         self.encoder = nn.ModuleList()
         c_prev = c0
@@ -191,8 +205,8 @@ class UNet(nn.Module):
         for width, res in zip(reversed(widths), reversed(resolutions)):
             self.decoder.append(DecoderBlock(c_prev, width, width, t_dim, res in cfg.attention_resolutions, cfg))
             c_prev = width
-        self.out_norm = make_norm(cfg.norm, c_prev, cfg.norm_groups)
-        self.out = nn.Conv2d(c_prev, pixels, 1)
+        self.out_norm = make_norm(cfg.norm, c_prev, cfg.norm_groups, cfg.spatial_dims)
+        self.out = conv(c_prev, pixels, 1)
         # built last, and only for a conditional config: an unconditional network keeps its parameters and outputs
         conditional = bool(cfg.class_counts or cfg.continuous_inputs)
         self.condition = ConditionEmbedding(cfg.class_counts, cfg.continuous_inputs, t_dim) if conditional else None
@@ -223,12 +237,12 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def training_flops_per_image(model: nn.Module, image_size: int, in_channels: int = 1) -> float:
-    """Forward+backward FLOPs for one image, counted by PyTorch's FlopCounterMode."""
+    """Forward+backward FLOPs for one image (a volume, for a 3-D network), counted by PyTorch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
     # a copy on the meta device: shapes only, so it costs no compute and leaves BatchNorm statistics alone
     probe = copy.deepcopy(model).to("meta").train()
-    x = torch.randn(2, in_channels, image_size, image_size, device="meta")
+    x = torch.randn((2, in_channels) + (image_size,) * getattr(model, "config", ModelConfig()).spatial_dims, device="meta")
     t = torch.tensor([10, 500], device="meta")
     counter = FlopCounterMode(display=False)
     with counter:

@@ -28,17 +28,20 @@ from ..config import RunConfig, config_differences
 from ..data.channels import to_model_range, to_uint8
 from ..data.conditions import drop_labels, inherit_vocabulary, label_slices, labelled_subset
 from ..data.slices import BatchStream, load_slices
+from ..data.volumes import load_volumes
 from ..data.subjects import split_subjects
 from ..diffusion.loss import channel_weights
 from ..diffusion.pipeline import Pipeline
 from ..diffusion.process import make_process
 from ..diffusion.upsample import GIVEN_FIRST, shrink, training_pair
+from ..diffusion.wavelet import to_coefficients
 from ..errors import BrainfusionError
 from ..fileio import atomic_write_text, lock_folder
-from ..images import make_grid, overlay_labels, save_png
+from ..images import make_grid, overlay_labels, save_png, volume_montage
 from ..models.latent import LatentDecoder, attach_autoencoder, cached_latents, fit_statistics, normalise
 from ..models.unet import UNet, count_parameters, training_flops_per_image
 from ..runtime import choose_channels_last, choose_precision, make_grad_scaler
+from ..runtime import memory_format as runtime_memory_format
 from ..seeding import derive_seed, seeded_generator
 from .runlog import RunLog
 
@@ -162,6 +165,7 @@ def _resume_state(config: RunConfig, resume: bool):
 
 
 EVAL_SAMPLES = 64  # images the in-training evaluation draws (train.eval_every)
+VOLUME_PREVIEWS = 4  # volumes a volume run's preview montage shows (train.sample_every)
 _MASK_FIELDS = {"mask_loss_share": 0.0, "given_mask_share": 0.0, "given_image_share": 0.0, "mask_scale": 1.0, "mask_encoding": "one-hot"}
 
 
@@ -201,7 +205,7 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
     state = _resume_state(config, resume)
     if ctx.is_main:  # what killed processes left behind goes before anything is written
         tidy_run_folder(Path(tcfg.out_dir), tcfg.keep_checkpoints)
-    slices, heldout = split_subjects(config.data, load_slices(config.data, progress=progress and ctx.is_main), tcfg.seed)
+    slices, heldout = split_subjects(config.data, _load_data(config, progress and ctx.is_main), tcfg.seed)
     if config.data.masks:  # the label values read with the masks fix the network's channels
         config.data.mask_values = slices.mask_values
         config.validate()
@@ -209,7 +213,9 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
     if tcfg.batch_size % ctx.world:
         raise BrainfusionError(f"train.batch_size={tcfg.batch_size} is the global batch and must divide by the {ctx.world} processes.")
     images, cond = label_slices(config, slices)  # (images, None) for an unconditional run; fits the vocabulary
-    masks = slices.labels
+    masks = getattr(slices, "labels", None)
+    if config.data.volumes:  # (N, D, H, W) volumes get their one channel, as slices get theirs in the stream
+        images = images[:, None]
     if masks is not None and len(masks) != len(images):  # unlabelled slices were left out: their masks go too
         masks = masks[labelled_subset(config.condition, config.data.path, slices)[0]]
     flipped, dtype = None, choose_precision(tcfg.precision, ctx.device)
@@ -229,7 +235,7 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
     ema = EMA(model, tcfg.ema_decay)
     optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr)
     channels_last = choose_channels_last(tcfg.channels_last, ctx.device, dtype)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    memory_format = runtime_memory_format(channels_last, config.model.spatial_dims)
     _place(model, ema, optimizer, state, ctx.device, memory_format)
     scaler = make_grad_scaler(dtype, ctx.device)
     if scaler is not None and state is not None and "grad_scaler" in state.extra:
@@ -239,14 +245,14 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
     start_step = state.step if state is not None else 0
     if ctx.is_main:
         log.info(
-            "training on %s (%s, %s), %d slices, global batch %d (%d per process × %d), lr %.1e, from step %d",
+            "training on %s (%s, %s), %d %s, global batch %d (%d per process × %d), lr %.1e, from step %d",
             ctx.device, f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "fp32", "channels_last" if channels_last else "contiguous",
-            len(slices), tcfg.batch_size, stream.per_rank, ctx.world, tcfg.lr, start_step,
+            len(slices), _items(config), tcfg.batch_size, stream.per_rank, ctx.world, tcfg.lr, start_step,
         )
         Path(tcfg.out_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(tcfg.out_dir) / "config.json", config.to_json())
     if heldout is not None and ctx.is_main:
-        log.info("holding out %d subject(s), %d slices: %s", len(config.data.heldout_subjects), len(heldout),
+        log.info("holding out %d subject(s), %d %s: %s", len(config.data.heldout_subjects), len(heldout), _items(config),
                  ", ".join(config.data.heldout_subjects))
     if slices.skipped and ctx.is_main:
         log.warning("%d bad file(s) were skipped; see the warnings above", len(slices.skipped))
@@ -260,6 +266,15 @@ def set_up(config: RunConfig, resume: bool, progress: bool) -> Session:
         np.asarray(images)[preview] if config.masks_for_images_only else None,
         latest_checkpoint(Path(tcfg.out_dir) / "checkpoints" / GUIDE_FOLDER) is not None,
     )
+
+
+def _load_data(config: RunConfig, progress: bool):
+    """The run's training data: a SliceSet, or for a volume run a VolumeSet (same per-item fields)."""
+    return load_volumes(config.data, progress=progress) if config.data.volumes else load_slices(config.data, progress=progress)
+
+
+def _items(config: RunConfig) -> str:
+    return "volumes" if config.data.volumes else "slices"
 
 
 def _channel_weight(config: RunConfig, device: torch.device) -> torch.Tensor | None:
@@ -294,6 +309,8 @@ def training_step(s: Session, step: int) -> torch.Tensor:
     if s.config.upsample.active:  # the low-resolution slice in front, given clean; its augmentation level as the condition
         x0, cond = training_pair(x0, s.config.upsample, seeded_generator(tcfg.seed, 6, step), slice(lo, hi), tcfg.batch_size)
         x0 = x0.contiguous(memory_format=s.memory_format)
+    if s.config.data.volumes:  # a volume run diffuses the Haar coefficients of its volumes (WDM)
+        x0 = to_coefficients(x0).contiguous(memory_format=s.memory_format)
     gen = seeded_generator(tcfg.seed, 2, step)
     levels = s.process.draw_levels(tcfg.batch_size, gen)
     noise = torch.randn((tcfg.batch_size,) + tuple(x0.shape[1:]), generator=gen)
@@ -438,6 +455,12 @@ def _sample_ema(s: Session, n: int, seed: int) -> tuple[np.ndarray, np.ndarray |
 
 
 def _preview(s: Session, path: Path, runlog: RunLog, step: int, n: int = 16) -> None:
+    if s.config.data.volumes:  # a few volumes' three planes: volume i of the seed is the one `brainfusion sample` draws
+        pipe = Pipeline(s.ema.shadow, s.config, s.ctx.device, s.config.train.precision, s.config.train.channels_last)
+        grid = volume_montage(pipe.volumes(VOLUME_PREVIEWS, s.config.train.seed))
+        save_png(grid, path)
+        runlog.image(step, "samples", grid)
+        return
     images, labels = _sample_ema(s, n, s.config.train.seed)
     grid = make_grid(images if labels is None else overlay_labels(images, labels))
     save_png(grid, path)

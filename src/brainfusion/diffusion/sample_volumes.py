@@ -1,0 +1,87 @@
+"""Write a volume run's samples: NIfTI volumes, a three-plane montage and a GIF through the axial slices.
+
+The volumes come from `Pipeline.volumes` (in memory); this module only writes them, as sample.py does for
+slices. Each is a uint8 `volume_<index>.nii.gz` with the run's grid affine (data/volumes.grid_affine: RAS+,
+data.spacing mm, centred on the world origin) in qform and sform, so ITK-SNAP and FSLeyes open it the right
+way up and to scale. Volume i of a seed is the same in any batch size or process count; under torchrun,
+batch b is drawn by rank b mod W, and rank 0 reads the first volumes back for the pictures.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import distributed as dist
+from ..checkpoint import fault_injection_point
+from ..data.volumes import grid_affine, to_ras_voxels
+from ..errors import BrainfusionError
+from ..images import axial_frames, save_gif, save_nifti, save_png, volume_montage
+from .pipeline import Pipeline
+
+PICTURED = 4  # volumes shown in the montage and the GIF
+
+
+def volume_path(out_dir: Path, index: int) -> Path:
+    """Where volume `index` goes: one name per global index, so ranks never clash."""
+    return out_dir / f"volume_{index:04d}.nii.gz"
+
+
+def _check_request(cfg) -> None:
+    """Options that belong to slices: one sentence naming them."""
+    slice_only = [name for name, value in (("given_mask", cfg.given_mask), ("mask_model", cfg.mask_model),
+                                           ("image_model", cfg.image_model), ("upsampler", cfg.upsampler)) if value]
+    if slice_only:
+        raise BrainfusionError(f"{cfg.checkpoint} is a volume run, which takes no {', '.join(slice_only)}; leave them out.")
+
+
+def draw_volumes(cfg, pipe: Pipeline, steps: int, out_dir: Path, ctx: dist.Context, progress: bool) -> dict:
+    """This process's batches of volumes into out_dir; rank 0 then checks every volume is there and draws the pictures."""
+    _check_request(cfg)
+    data = pipe.config.data
+    affine = grid_affine(data.grid, data.spacing)
+    batch = min(cfg.batch_size, cfg.n_images)
+    mine = list(range(ctx.rank, -(-cfg.n_images // batch), ctx.world))
+    bar = None
+    if progress and ctx.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(mine) * steps, unit="step", desc=f"sampling volumes {cfg.sampler}-{steps}", dynamic_ncols=True)
+    t0 = time.monotonic()
+    for b in mine:
+        start = b * batch
+        count = min(batch, cfg.n_images - start)
+        volumes = pipe.volumes(count, cfg.seed, cfg.sampler, steps, count, start, progress=bar.update if bar else None,
+                               condition=cfg.condition, guidance=cfg.guidance)
+        for i, volume in enumerate(volumes):
+            save_nifti(to_ras_voxels(volume), affine, volume_path(out_dir, start + i))
+        fault_injection_point(f"sample:{b}")
+    if bar is not None:
+        bar.close()
+    seconds = time.monotonic() - t0
+    dist.barrier(ctx)
+    done = sum(min(batch, cfg.n_images - b * batch) for b in mine)
+    result = {"out_dir": str(out_dir), "volumes": str(volume_path(out_dir, 0).parent), "seconds": seconds,
+              "seconds_per_volume": seconds / max(1, done)}
+    if ctx.is_main:
+        result.update(_pictures(cfg, out_dir))
+    return result
+
+
+def _pictures(cfg, out_dir: Path) -> dict:
+    """Check every process's volumes are there; the first PICTURED ones' three planes as montage.png, and a GIF through
+    their axial slices, read back from the files (another process may have drawn them)."""
+    import nibabel as nib
+
+    files = [volume_path(out_dir, i) for i in range(cfg.n_images)]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise BrainfusionError(f"{len(missing)} of the {cfg.n_images} volumes (e.g. {missing[0]}) are missing after every process "
+                               "finished; with several nodes, the output folder must be on a filesystem all of them share.")
+    shown = np.stack([to_ras_voxels(np.asarray(nib.load(str(f)).dataobj, dtype=np.uint8)) for f in files[:PICTURED]])
+    result = {"montage": str(save_png(volume_montage(shown), out_dir / "montage.png"))}
+    if cfg.gif:
+        result["gif"] = str(save_gif(axial_frames(shown), out_dir / "axial.gif"))
+    return result

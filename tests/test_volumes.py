@@ -1,0 +1,137 @@
+"""Whole-brain volumes: the Haar transform, the demo's volumes, volume runs from data to NIfTI samples, resume, and the
+user errors of the volume path. Tiny: 16³ grids of 12 mm, 8-channel U-Nets of two levels, a few steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from brainfusion.diffusion.wavelet import from_coefficients, haar3d, inverse_haar3d, to_coefficients
+
+TINY = ("--grid", "16", "--spacing", "12", "--channel-mults", "1,2", "--base-channels", "8", "--batch-size", "2",
+        "--checkpoint-every", "2", "--sample-every", "0", "--guide-at", "0")
+
+
+@pytest.fixture(scope="module")
+def demo_volumes(tmp_path_factory) -> Path:
+    """Four demo subjects as 16×16×13 volumes (about 13.5 mm voxels), with labels and participants.tsv."""
+    from brainfusion.data.demo import DemoDataConfig
+    from brainfusion.data.demo_volumes import build_demo_volumes
+
+    out = tmp_path_factory.mktemp("demo") / "volumes"
+    build_demo_volumes(out, DemoDataConfig(n_subjects=4, image_size=16), progress=False)
+    return out
+
+
+def test_haar3d_is_orthonormal_and_exactly_inverted():
+    x = torch.randn(2, 3, 4, 6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = haar3d(x)
+    assert y.shape == (2, 24, 2, 3, 4)
+    assert torch.equal(inverse_haar3d(y), x) or (inverse_haar3d(y) - x).abs().max() < 1e-14
+    assert torch.isclose(y.norm(), x.norm(), rtol=1e-12)  # orthonormal: white noise stays white
+    constant = haar3d(torch.full((1, 1, 2, 2, 2), 0.5))[0, :, 0, 0, 0]
+    assert constant[0] == pytest.approx(0.5 * 2 * 2**0.5) and not constant[1:].any()  # band 0 is the low band
+    volume = torch.rand(1, 1, 8, 8, 8) * 2 - 1
+    coefficients = to_coefficients(volume)
+    assert (from_coefficients(coefficients) - volume).abs().max() < 1e-6
+    assert coefficients[:, 0].abs().max() <= 1.0 + 1e-6  # the low band as block means, in the voxels' range
+
+
+def test_demo_volumes_are_ras_nifti_with_labels_and_participants(demo_volumes):
+    image = nib.load(str(demo_volumes / "sub-001" / "anat" / "sub-001_T1w.nii.gz"))
+    labels = nib.load(str(demo_volumes / "derivatives" / "labels" / "sub-001" / "anat" / "sub-001_T1w_dseg.nii.gz"))
+    assert image.shape == labels.shape and image.shape[:2] == (16, 16)
+    assert np.allclose(image.affine, labels.affine) and nib.aff2axcodes(image.affine) == ("R", "A", "S")
+    spacing = image.header.get_zooms()
+    assert np.allclose(spacing, spacing[0]) and 10 < spacing[0] < 16  # isotropic, the frame over 16 voxels
+    assert set(np.unique(np.asarray(labels.dataobj))) <= {0, 85, 170, 255}
+    rows = (demo_volumes / "participants.tsv").read_text().splitlines()
+    assert rows[0].split("\t") == ["participant_id", "ventricles", "ventricle_gain", "atrophy"]
+    assert [r.split("\t")[0] for r in rows[1:]] == ["sub-001", "sub-002", "sub-003", "sub-004"]
+
+
+def test_demo_train_sample_writes_aligned_nifti_volumes(cli, tmp_path):
+    from brainfusion import Pipeline
+    from brainfusion.data.volumes import grid_affine, to_ras_voxels
+
+    status, out, err = cli("data", "demo", "--volumes", "--out", "vols", "--n-subjects", "3", "--image-size", "16")
+    assert status == 0, err
+    status, out, err = cli("train", "--volumes", "--data", "vols", "--out-dir", "run", "--max-steps", "2", "--holdout-subjects", "1", *TINY)
+    assert status == 0, err
+    status, out, err = cli("sample", "--checkpoint", "run", "--n", "2", "--steps", "3", "--out", "samples")
+    assert status == 0, err
+    samples = tmp_path / "samples"
+    assert (samples / "montage.png").is_file() and (samples / "axial.gif").is_file()
+    written = nib.load(str(samples / "volume_0001.nii.gz"))
+    assert written.shape == (16, 16, 16) and written.get_data_dtype() == np.uint8
+    assert np.allclose(written.affine, grid_affine(16, 12.0)) and nib.aff2axcodes(written.affine) == ("R", "A", "S")
+    assert int(written.header["qform_code"]) == int(written.header["sform_code"]) == 1
+    status, _out, err = cli("evaluate", "--checkpoint", "run", "--out", "eval", "--n", "2")
+    assert status == 2 and "volume run" in err and "Traceback" not in err
+    # the pipeline returns the same volume in memory: volume i of a seed has its own noise, in any batch
+    volume = Pipeline.from_checkpoint(tmp_path / "run")(1, seed=0, steps=3, first_index=1)
+    assert volume.shape == (1, 16, 16, 16) and volume.dtype == np.uint8
+    assert np.array_equal(to_ras_voxels(volume[0]), np.asarray(written.dataobj))
+
+
+def test_a_volume_run_resumes_bitwise(demo_volumes, tmp_path):
+    from brainfusion.config import recipe_config
+    from brainfusion.training.train import train
+
+    def config(out: Path, steps: int):
+        c = recipe_config("volume-wavelet")
+        c.data.path, c.data.grid, c.data.spacing = str(demo_volumes), 16, 12.0
+        c.model.channel_mults, c.model.base_channels = (1, 2), 8
+        c.train.out_dir, c.train.max_steps, c.train.batch_size = str(out), steps, 2
+        c.train.checkpoint_every, c.train.sample_every, c.train.guide_at = 2, 0, 0.0
+        return c
+
+    straight = train(config(tmp_path / "straight", 4), progress=False)
+    train(config(tmp_path / "parts", 2), progress=False)
+    resumed = train(config(tmp_path / "parts", 4), resume=True, progress=False)
+    a, b = load_file(str(straight.checkpoint)), load_file(str(resumed.checkpoint))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_slices_given_to_volumes_are_one_sentence(assert_user_error, oasis_root):
+    line = assert_user_error(("train", "--volumes", "--data", oasis_root, "--out-dir", "run", "--max-steps", "1", *TINY),
+                             ".png", "2-D image", "--volumes")
+    assert "--data" in line
+
+
+def test_a_flat_nifti_given_to_volumes_is_one_sentence(assert_user_error, tmp_path):
+    flat = tmp_path / "flat" / "slice.nii.gz"
+    flat.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 1), np.float32), np.eye(4)), str(flat))
+    assert_user_error(("train", "--volumes", "--data", flat.parent, "--out-dir", "run", "--max-steps", "1", *TINY),
+                      "slice.nii.gz", "2-D image")
+
+
+@pytest.mark.parametrize("broken", ["singular", "not-finite"])
+def test_a_volume_whose_affine_cannot_be_resampled_is_one_sentence(assert_user_error, tmp_path, broken):
+    affine = np.diag([1.0, 1.0, 0.0, 1.0]) if broken == "singular" else np.diag([np.nan, 1.0, 1.0, 1.0])
+    bad = tmp_path / "bad" / f"{broken}.nii.gz"
+    bad.parent.mkdir()
+    image = nib.Nifti1Image(np.ones((8, 8, 8), np.float32), None)
+    image.header.set_sform(affine, code=2)  # a header as a broken converter writes it: nibabel reads the sform back as is
+    image.header.set_qform(None, code=0)
+    nib.save(image, str(bad))
+    assert_user_error(("train", "--volumes", "--data", bad.parent, "--out-dir", "run", "--max-steps", "1", *TINY),
+                      bad.name, "affine", "--on-bad-file skip")
+
+
+def test_an_unknown_condition_of_a_conditional_volume_run_is_one_sentence(cli, assert_user_error, demo_volumes):
+    status, _out, err = cli("train", "--volumes", "--data", demo_volumes, "--out-dir", "run", "--max-steps", "1", *TINY,
+                            "--labels", demo_volumes / "participants.tsv", "--label-columns", "ventricles",
+                            "--continuous-columns", "atrophy")
+    assert status == 0, err
+    status, _out, err = cli("sample", "--checkpoint", "run", "--n", "1", "--steps", "2", "--out", "s", "--no-gif",
+                            "--condition", "ventricles=high", "atrophy=0.5", "--guidance", "2")
+    assert status == 0, err
+    assert_user_error(("sample", "--checkpoint", "run", "--n", "1", "--steps", "2", "--out", "s2", "--condition", "age=70"),
+                      "age", "ventricles, atrophy")
