@@ -3,6 +3,7 @@ user errors of the volume path. Tiny: 16³ grids of 12 mm, 8-channel U-Nets of t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -59,9 +60,9 @@ def test_demo_train_sample_writes_aligned_nifti_volumes(cli, tmp_path):
     from brainfusion import Pipeline
     from brainfusion.data.volumes import grid_affine, to_ras_voxels
 
-    status, out, err = cli("data", "demo", "--volumes", "--out", "vols", "--n-subjects", "3", "--image-size", "16")
+    status, out, err = cli("data", "demo", "--volumes", "--out", "vols", "--n-subjects", "4", "--image-size", "16")
     assert status == 0, err
-    status, out, err = cli("train", "--volumes", "--data", "vols", "--out-dir", "run", "--max-steps", "2", "--holdout-subjects", "1", *TINY)
+    status, out, err = cli("train", "--volumes", "--data", "vols", "--out-dir", "run", "--max-steps", "2", "--holdout-subjects", "2", *TINY)
     assert status == 0, err
     status, out, err = cli("sample", "--checkpoint", "run", "--n", "2", "--steps", "3", "--out", "samples")
     assert status == 0, err
@@ -71,7 +72,14 @@ def test_demo_train_sample_writes_aligned_nifti_volumes(cli, tmp_path):
     assert written.shape == (16, 16, 16) and written.get_data_dtype() == np.uint8
     assert np.allclose(written.affine, grid_affine(16, 12.0)) and nib.aff2axcodes(written.affine) == ("R", "A", "S")
     assert int(written.header["qform_code"]) == int(written.header["sform_code"]) == 1
-    status, _out, err = cli("evaluate", "--checkpoint", "run", "--out", "eval", "--n", "2")
+    status, out, err = cli("evaluate", "--checkpoint", "run", "--out", "eval", "--steps", "3")  # as many as were held out
+    assert status == 0, err
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    for plane in ("axial", "coronal", "sagittal"):
+        figure = results["summary"][f"FD_domain_{plane}"]
+        assert np.isfinite(figure["value"]) and np.isfinite(figure["floor"])
+    assert (tmp_path / "eval" / "montage.png").is_file() and "FD_domain" in (tmp_path / "eval" / "results.md").read_text()
+    status, _out, err = cli("evaluate", "--checkpoint", "run", "--out", "eval2", "--real", "vols")
     assert status == 2 and "volume run" in err and "Traceback" not in err
     # the pipeline returns the same volume in memory: volume i of a seed has its own noise, in any batch
     volume = Pipeline.from_checkpoint(tmp_path / "run")(1, seed=0, steps=3, first_index=1)

