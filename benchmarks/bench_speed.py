@@ -23,6 +23,9 @@ Sections (all printed as markdown tables, everything also written to --out as JS
      each, with its peak memory) through --latent-run (latents + one decoder pass) and --pixel-run (the
      4×4 patch stem at 256²), against 64 slices at 64² from --checkpoint; training img/s of each run (and
      of the latent run's autoencoder) as its train_log.csv recorded them.
+  F  volumes: from --volume-run (train --volumes), seconds to sample one volume and 4 volumes in one batch,
+     each in a fresh subprocess with its peak memory, and training volumes/s of a copy of the run trained
+     afresh for a few steps in its own process, beside the run's own logged rate.
 
 bf16 on a CPU without native bf16 (no AVX-512 BF16 / AMX) is emulated and very slow; those rows
 are still measured -- it is the honest finding -- but with very few iterations (see the settings
@@ -826,6 +829,26 @@ def section_256(args, threads: int) -> dict:
     return out
 
 
+def section_volumes(args, threads: int) -> dict:
+    """F: a volume run's seconds per sampled volume (1 and 4 in a batch), training volumes/s and peak memory."""
+    from brainfusion.checkpoint import resolve_checkpoint
+
+    run = Path(args.volume_run)
+    checkpoint = resolve_checkpoint(run / "checkpoints" if (run / "checkpoints").is_dir() else run)
+    out, rows = {}, []
+    for n in (1, 4):
+        r = out[f"sample {n}"] = run_worker(dict(kind="sample", checkpoint=str(checkpoint), n=n, threads=threads), timeout=3600)
+        rows.append([f"sample {n} (one batch)", f"{r['seconds'] / n:.2f} s a volume" if "seconds" in r else r.get("error"),
+                     f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else "–"])
+    r = out["train"] = run_worker(dict(kind="train_run", run=str(run), steps=20, threads=threads), timeout=3600)
+    r["logged_volumes_per_s"] = _logged_rate(run)
+    rows.append([f"train (20 steps of batch {r.get('batch')})", f"{r['images_per_s']:.2f} volumes/s" if "images_per_s" in r else r.get("error"),
+                 f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else "–"])
+    print(f"## F. volumes ({run}; the run logged {r['logged_volumes_per_s'] or 0:.2f} volumes/s)\n")
+    print(md_table(["what", "speed", "peak RSS MiB"], rows) + "\n")
+    return out
+
+
 def section_cuda(st: Settings, models: dict, roof: list[dict], threads: int) -> dict:
     print("## D. CUDA training throughput (bf16 autocast, channels_last, torch.compile, fused Adam)\n")
     flops, specs = {}, []
@@ -870,6 +893,7 @@ def main(argv=None) -> int:
     p.add_argument("--pixel-run", help="a 256² pixel run (recipe edm-p4-shift) for section E")
     p.add_argument("--upsampler-run", help="an upsampler 64² → 256² (train --upsample-from 64) for section E: the cascade "
                                            "--checkpoint → it, and its own training img/s and peak memory")
+    p.add_argument("--volume-run", help="a volume run (train --volumes) for section F")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # tables and stderr progress stay in order when piped
@@ -926,6 +950,12 @@ def main(argv=None) -> int:
         save()
     if "E" in sections:
         results["routes_256"] = section_256(args, args.threads)
+        save()
+    if "F" in sections:
+        if args.volume_run:
+            results["volumes"] = section_volumes(args, args.threads)
+        else:
+            print("## F. Volumes\n\nskipped: give --volume-run RUN (train --volumes).\n")
         save()
     results["header"]["load_average_end"] = list(os.getloadavg())
     results["header"]["total_s"] = time.perf_counter() - t_start
