@@ -41,6 +41,9 @@ def test_haar3d_is_orthonormal_and_exactly_inverted():
     coefficients = to_coefficients(volume)
     assert (from_coefficients(coefficients) - volume).abs().max() < 1e-6
     assert coefficients[:, 0].abs().max() <= 1.0 + 1e-6  # the low band as block means, in the voxels' range
+    scaled = to_coefficients(volume, detail_scale=3.0)
+    assert torch.allclose(scaled[:, 1:], 3 * coefficients[:, 1:]) and torch.equal(scaled[:, :1], coefficients[:, :1])
+    assert (from_coefficients(scaled, detail_scale=3.0) - volume).abs().max() < 1e-6
 
 
 def test_demo_volumes_are_ras_nifti_with_labels_and_participants(demo_volumes):
@@ -143,3 +146,11 @@ def test_an_unknown_condition_of_a_conditional_volume_run_is_one_sentence(cli, a
     assert status == 0, err
     assert_user_error(("sample", "--checkpoint", "run", "--n", "1", "--steps", "2", "--out", "s2", "--condition", "age=70"),
                       "age", "ventricles, atrophy")
+
+
+def test_a_wavelet_detail_scale_out_of_range_names_the_key():
+    from brainfusion.config import DiffusionConfig
+    from brainfusion.errors import BrainfusionError
+
+    with pytest.raises(BrainfusionError, match="diffusion.wavelet_detail_scale"):
+        DiffusionConfig(wavelet_detail_scale=0.0).validate()

@@ -291,6 +291,9 @@ class DiffusionConfig:
     # the batches, from a first pass without gradients). EDM runs only. Off: on the demo set at equal minutes
     # (1,500 steps against 1,720) a joint run's mask fidelity 0.846 / FID 145 against 0.8505 / 121 without it
     self_condition: bool = False
+    # volume runs: the seven Haar detail bands are multiplied by this before diffusion and divided after (diffusion/
+    # wavelet.py), so bands far smaller than sigma_data come back with the network's error divided by it
+    wavelet_detail_scale: float = 1.0
 
     def validate(self) -> None:
         if self.p_mean is None:  # a diffusion config alone is a pixel one; RunConfig.validate resolves latent runs first
@@ -323,6 +326,9 @@ class DiffusionConfig:
                                    f"room for given_mask_share ({self.given_mask_share}): the two shares add up to 1 at most.")
         if self.mask_scale <= 0:
             raise BrainfusionError(f"diffusion.mask_scale is {self.mask_scale}; it must be positive, e.g. 1 or 0.5.")
+        if not (math.isfinite(self.wavelet_detail_scale) and 0 < self.wavelet_detail_scale <= 100):
+            raise BrainfusionError(f"diffusion.wavelet_detail_scale is {self.wavelet_detail_scale}; give a positive factor up "
+                                   "to 100, e.g. 1 (off) or 4.")
         if self.self_condition and self.formulation != "edm":
             raise BrainfusionError("diffusion.self_condition needs the EDM formulation (the default recipe); leave it off for VP runs.")
         for key, share in (("given_mask_share", self.given_mask_share), ("given_image_share", self.given_image_share)):

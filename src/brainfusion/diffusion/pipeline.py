@@ -234,7 +234,7 @@ class Pipeline:
             rows = slice(start - first_index, start - first_index + count)
             x, _ = sample(network, self.config.diffusion, (count,) + shape, sampler, steps, image_generators(seed, range(start, start + count)),
                           progress=tick, cond=None if cond is None else cond[rows], guidance=guidance, clamp=False)
-            out.append(to_uint8(from_coefficients(x)))
+            out.append(to_uint8(from_coefficients(x, self.config.diffusion.wavelet_detail_scale)))
         return np.concatenate(out)
 
     def pairs(self, n: int, seed: int = 0, sampler: str = FAST_SAMPLER, steps: int = FAST_STEPS,

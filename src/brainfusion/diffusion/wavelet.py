@@ -49,12 +49,13 @@ def inverse_haar3d(y: torch.Tensor) -> torch.Tensor:
     return x.reshape(n, bc // 8, 2 * d, 2 * h, 2 * w)
 
 
-def to_coefficients(volumes: torch.Tensor) -> torch.Tensor:
-    """Volumes in [-1, 1] (N, 1, D, H, W) → the network's channels: the Haar bands, the low band as block means."""
+def to_coefficients(volumes: torch.Tensor, detail_scale: float = 1.0) -> torch.Tensor:
+    """Volumes in [-1, 1] (N, 1, D, H, W) → the network's channels: the Haar bands, the low band as block means, the
+    detail bands times `detail_scale` (diffusion.wavelet_detail_scale)."""
     y = haar3d(volumes)
-    return torch.cat([y[:, :1] / LOW_BAND_SCALE, y[:, 1:]], 1)
+    return torch.cat([y[:, :1] / LOW_BAND_SCALE, y[:, 1:] * detail_scale], 1)
 
 
-def from_coefficients(coefficients: torch.Tensor) -> torch.Tensor:
+def from_coefficients(coefficients: torch.Tensor, detail_scale: float = 1.0) -> torch.Tensor:
     """The inverse of `to_coefficients`: the network's 8 channels → volumes (N, 1, D, H, W)."""
-    return inverse_haar3d(torch.cat([coefficients[:, :1] * LOW_BAND_SCALE, coefficients[:, 1:]], 1))
+    return inverse_haar3d(torch.cat([coefficients[:, :1] * LOW_BAND_SCALE, coefficients[:, 1:] / detail_scale], 1))

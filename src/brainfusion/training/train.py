@@ -310,7 +310,7 @@ def training_step(s: Session, step: int) -> torch.Tensor:
         x0, cond = training_pair(x0, s.config.upsample, seeded_generator(tcfg.seed, 6, step), slice(lo, hi), tcfg.batch_size)
         x0 = x0.contiguous(memory_format=s.memory_format)
     if s.config.data.volumes:  # a volume run diffuses the Haar coefficients of its volumes (WDM)
-        x0 = to_coefficients(x0).contiguous(memory_format=s.memory_format)
+        x0 = to_coefficients(x0, s.config.diffusion.wavelet_detail_scale).contiguous(memory_format=s.memory_format)
     gen = seeded_generator(tcfg.seed, 2, step)
     levels = s.process.draw_levels(tcfg.batch_size, gen)
     noise = torch.randn((tcfg.batch_size,) + tuple(x0.shape[1:]), generator=gen)
