@@ -331,12 +331,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.checkpoint:
         from .checkpoint import load_checkpoint
 
-        if load_checkpoint(Path(args.checkpoint), with_optimizer=False).config.data.volumes:
+        config = load_checkpoint(Path(args.checkpoint), with_optimizer=False).config
+        if config.data.volumes:
             if args.generated or args.real or args.train or args.conditional or args.upsampler:
                 raise BrainfusionError(f"{args.checkpoint} is a volume run: evaluate scores its own samples against the "
                                        "subjects it held out, so give only --checkpoint, --n and --out (and --inception).")
             with lock_folder(args.out, "--out", beside=True):
-                return _evaluate_volumes(args, Path(args.out))
+                return _evaluate_volumes(args, Path(args.out), config)
     args.n = 1000 if args.n is None else args.n
     with lock_folder(args.out, "--out", beside=True):
         if args.n or not args.conditional:  # --n 0 --conditional: the conditional checks alone
@@ -366,13 +367,12 @@ def _evaluate_set(args: argparse.Namespace, out: Path) -> None:
     print(f"evaluated {len(generated)} generated vs {len(real)} real slices: FD_domain {domain.get('FD', float('nan')):.4g}; report {report}")
 
 
-def _evaluate_volumes(args: argparse.Namespace, out: Path) -> None:
+def _evaluate_volumes(args: argparse.Namespace, out: Path, run: RunConfig) -> None:
     """A volume run's --n volumes against the subjects it held out, with its training volumes as the floor's and the
     near-copy search's reference (evaluation/volumes.py): results.json, results.md and montage.png in `out`. --n
     defaults to as many volumes as were held out, so the floor (as many training volumes) is at the same n."""
     import numpy as np
 
-    from .checkpoint import load_checkpoint
     from .data.subjects import split_subjects
     from .data.volumes import load_volumes, to_ras_voxels
     from .diffusion.pipeline import Pipeline
@@ -380,11 +380,11 @@ def _evaluate_volumes(args: argparse.Namespace, out: Path) -> None:
     from .fileio import atomic_write_text
     from .images import save_png, volume_montage
 
-    data = load_checkpoint(Path(args.checkpoint), with_optimizer=False).config.data
+    data = run.data
     if not data.heldout_subjects:
         raise BrainfusionError(f"{args.checkpoint} was trained without --holdout-subjects, so it has no held-out subjects to "
                                "score its volumes against; train it again with --holdout-subjects.")
-    train, held = split_subjects(data, load_volumes(data, progress=not args.quiet), 0)
+    train, held = split_subjects(data, load_volumes(data, progress=not args.quiet), run.train.seed)
     pipe = Pipeline.from_checkpoint(args.checkpoint, use_ema=not args.no_ema)
     generated = pipe.volumes(args.n or len(held), seed=args.seed, sampler=args.sampler, steps=args.steps)
     ras = lambda v: np.stack([to_ras_voxels(x) for x in v])  # noqa: E731 - evaluation/volumes.py takes (x, y, z) order
@@ -403,7 +403,7 @@ def _heldout_of_run(args: argparse.Namespace):
     from .checkpoint import load_checkpoint
     from .data.subjects import heldout_slices
 
-    data = load_checkpoint(Path(args.checkpoint), with_optimizer=False).config.data
+    data = run.data
     if not data.heldout_subjects:
         raise BrainfusionError(f"{args.checkpoint} was trained without --holdout-subjects, so it has no held-out subjects to "
                                "score against; give --real SLICES.")
