@@ -403,7 +403,7 @@ def _heldout_of_run(args: argparse.Namespace):
     from .checkpoint import load_checkpoint
     from .data.subjects import heldout_slices
 
-    data = run.data
+    data = load_checkpoint(Path(args.checkpoint), with_optimizer=False).config.data
     if not data.heldout_subjects:
         raise BrainfusionError(f"{args.checkpoint} was trained without --holdout-subjects, so it has no held-out subjects to "
                                "score against; give --real SLICES.")
