@@ -90,12 +90,13 @@ def test_demo_train_sample_writes_aligned_nifti_volumes(cli, tmp_path):
     assert np.array_equal(to_ras_voxels(volume[0]), np.asarray(written.dataobj))
 
 
-def test_a_volume_run_resumes_bitwise(demo_volumes, tmp_path):
+@pytest.mark.parametrize("recipe", ["volume-wavelet", "volume-slabs"])
+def test_a_volume_run_resumes_bitwise(demo_volumes, tmp_path, recipe):
     from brainfusion.config import recipe_config
     from brainfusion.training.train import train
 
     def config(out: Path, steps: int):
-        c = recipe_config("volume-wavelet")
+        c = recipe_config(recipe)
         c.data.path, c.data.grid, c.data.spacing = str(demo_volumes), 16, 12.0
         c.model.channel_mults, c.model.base_channels = (1, 2), 8
         c.train.out_dir, c.train.max_steps, c.train.batch_size = str(out), steps, 2
@@ -154,3 +155,46 @@ def test_a_wavelet_detail_scale_out_of_range_names_the_key():
 
     with pytest.raises(BrainfusionError, match="diffusion.wavelet_detail_scale"):
         DiffusionConfig(wavelet_detail_scale=0.0).validate()
+
+
+@pytest.mark.parametrize("recipe", ["volume-slabs", "volume-slices"])
+def test_a_slab_run_trains_and_samples_conditioned_volumes(cli, tmp_path, demo_volumes, recipe):
+    from brainfusion import Pipeline
+    from brainfusion.data.volumes import to_ras_voxels
+
+    status, _out, err = cli("train", "--recipe", recipe, "--data", demo_volumes, "--out-dir", "run", "--max-steps", "2", *TINY,
+                            "--labels", demo_volumes / "participants.tsv", "--label-columns", "ventricles",
+                            "--continuous-columns", "atrophy")
+    assert status == 0, err
+    status, _out, err = cli("sample", "--checkpoint", "run", "--n", "2", "--steps", "2", "--out", "s", "--no-gif",
+                            "--condition", "atrophy=0.5", "--guidance", "2")
+    assert status == 0, err
+    written = nib.load(str(tmp_path / "s" / "volume_0001.nii.gz"))
+    assert written.shape == (16, 16, 16) and (tmp_path / "s" / "montage.png").is_file()
+    volume = Pipeline.from_checkpoint(tmp_path / "run").volumes(1, seed=0, steps=2, first_index=1, condition={"atrophy": 0.5},
+                                                                   guidance=2.0)
+    assert np.array_equal(to_ras_voxels(volume[0]), np.asarray(written.dataobj))
+
+
+def test_training_slabs_are_consecutive_slices_with_background_below():
+    from brainfusion.config import SlabConfig
+    from brainfusion.diffusion.slabs import training_slabs
+
+    volumes = torch.arange(8.0).view(1, 1, 8, 1, 1).expand(3, 1, 8, 2, 2) / 10
+    slabs, cond = training_slabs(volumes, None, SlabConfig(size=2, context=3), torch.Generator().manual_seed(0), slice(0, 3), 3)
+    assert slabs.shape == (3, 5, 2, 2) and cond.shape == (3, 1)
+    for slab, place in zip(slabs[:, :, 0, 0], cond[:, 0]):
+        start = round(float(place) * 6)  # grid 8, size 2: starts 0..6
+        expected = [(k / 10 if k >= 0 else -1.0) for k in range(start - 3, start + 2)]
+        assert torch.allclose(slab, torch.tensor(expected))
+
+
+@pytest.mark.parametrize("slab", [{"size": 3}, {"size": 0, "context": 2}])
+def test_a_slab_that_does_not_fit_the_grid_names_the_key(slab):
+    from brainfusion.config import recipe_config
+    from brainfusion.errors import BrainfusionError
+
+    c = recipe_config("volume-slabs")
+    c.slab.size, c.slab.context = slab["size"], slab.get("context", 4)
+    with pytest.raises(BrainfusionError, match="slab.size"):
+        c.validate()

@@ -45,6 +45,9 @@ TRAIN_FLAGS = {
                 "brain-centred onto --grid³ voxels of --spacing mm; recipe volume-wavelet unless --recipe is given; "
                 "sample writes NIfTI volumes"),
     "grid": ("data.grid", int, "volume runs: voxels per side of the grid (default 64; even)"),
+    "slab": ("slab.size", int, "volume runs: build each volume with the slice U-Net this many axial slices at a time (recipes "
+             "volume-slabs: 4, volume-slices: 1, the stack of independent slices); 0: the 3-D wavelet route"),
+    "slab_context": ("slab.context", int, "volume runs with --slab: the slices below a slab it is given (volume-slabs: 4)"),
     "spacing": ("data.spacing", float, "volume runs: the grid's voxel size in mm (default 3)"),
     "holdout_subjects": ("data.holdout_subjects", float, "keep whole subjects out of training: a number (e.g. 2) or a share (e.g. 0.2); "
                          "drawn from --seed and recorded in the run's config"),
@@ -168,7 +171,8 @@ def _add_flags(parser: argparse.ArgumentParser, flags: dict) -> None:
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="JSON or TOML file with data/model/diffusion/train sections")
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe applied over the config (edm: the default; edm-p2 and vp: the earlier defaults; "
-                        "edm-labels: with --masks, a label model for an image-only run's images, sampled with --image-model)")
+                        "edm-labels: with --masks, a label model for an image-only run's images, sampled with --image-model; "
+                        "volume-wavelet, volume-slabs and volume-slices: the volume routes)")
     _add_flags(parser, TRAIN_FLAGS)
 
 

@@ -536,6 +536,35 @@ class LatentConfig:
         return bool(self.autoencoder)
 
 
+@dataclass
+class SlabConfig:
+    """A volume run's second route: the slice U-Net makes each volume a slab of axial slices at a time.
+
+    Slabs of `size` slices go inferior to superior, each given the `context` slices made just before it (clean, as
+    input channels in front, as an upsampler reads its low-resolution slice) and its place in the volume (one
+    continuous input, 0 at the bottom, 1 at the top), as cDPM (Peng et al. 2023) makes brain volumes with a 2-D
+    model. Below the volume's first slice the context is background. `size` 1 with `context` 0 is the stack of
+    independent slices, each knowing only its place: the baseline a volume model must beat. `size` 0: the wavelet
+    route (diffusion/wavelet.py)."""
+
+    size: int = 0
+    context: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 0
+
+    def rounds(self, grid: int) -> int:
+        """Sampling passes one volume takes: a slab at a time, or the whole volume at once (the wavelet route)."""
+        return grid // self.size if self.active else 1
+
+    def validate(self, grid: int) -> None:
+        if self.size < 0 or self.context < 0 or (self.active and grid % self.size) or (self.context and not self.active):
+            raise BrainfusionError(f"slab.size {self.size} and slab.context {self.context} do not fit data.grid {grid}: the size "
+                                   f"must divide the grid (e.g. 4 for {grid}), the context be 0 or more (e.g. 4), and both 0 for "
+                                   "the wavelet route.")
+
+
 AUGMENT_LEVEL = 0.1  # an upsampler's default sampling level of noise conditioning augmentation
 
 
@@ -589,6 +618,7 @@ class RunConfig(_Serialised):
     condition: ConditionConfig = field(default_factory=ConditionConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
     upsample: UpsampleConfig = field(default_factory=UpsampleConfig)
+    slab: SlabConfig = field(default_factory=SlabConfig)
 
     @property
     def mask_labels(self) -> int:
@@ -637,6 +667,9 @@ class RunConfig(_Serialised):
         self.condition.validate()
         if self.data.volumes:
             self._validate_volumes()
+        elif self.slab.active:
+            raise BrainfusionError(f"slab.size {self.slab.size} builds volumes a slab at a time; train on volumes (data.volumes) "
+                                   "or leave slab.size at 0.")
         self.upsample.validate(self.data.image_size)
         if self.upsample.active:
             self._validate_upsampler()
@@ -644,12 +677,15 @@ class RunConfig(_Serialised):
             categorical, continuous = self.condition.names()
             self.model.class_counts = tuple(len(self.condition.classes[name]) for name in categorical)
             self.model.continuous_inputs = len(continuous)
+        if self.data.volumes and self.slab.active:  # a slab's place in the volume, after any condition's values
+            self.model.continuous_inputs = (len(self.condition.names()[1]) if self.condition.fitted else 0) + 1
         for part in (self.data, self.model, self.diffusion, self.train):
             part.validate()
 
     def _validate_volumes(self) -> None:
         """A volume run is a pixel EDM run on the one-level Haar coefficients of its volumes (diffusion/wavelet.py):
-        WAVELET_BANDS channels of (grid/2)³, a 3-D U-Net; masks, latents, upsamplers and slice levels are slice things."""
+        WAVELET_BANDS channels of (grid/2)³, a 3-D U-Net; or with slab.size the slice U-Net a slab at a time
+        (diffusion/slabs.py). Masks, latents, upsamplers and slice levels are slice things."""
         if self.latent.active or self.data.masks or self.upsample.active or self.condition.slice_level:
             raise BrainfusionError("a volume run (data.volumes) takes no latent.autoencoder, data.masks, upsample.from_size or "
                                    "condition.slice_level; leave them out, or train on slices without data.volumes.")
@@ -660,7 +696,14 @@ class RunConfig(_Serialised):
         if self.train.eval_every:
             raise BrainfusionError("train.eval_every scores slices during training; set it to 0 for a volume run (data.volumes).")
         self.data.validate()
+        self.slab.validate(self.data.grid)
         levels = len(self.model.channel_mults)
+        if self.slab.active:  # the slice U-Net on the grid's axial slices, the context and the slab as channels
+            if self.data.grid % (1 << levels):
+                raise BrainfusionError(f"data.grid {self.data.grid} cannot be halved by the U-Net's {levels} levels "
+                                       f"(model.channel_mults); use a multiple of {1 << levels}, or fewer levels.")
+            self.model.image_size, self.model.in_channels = self.data.grid, self.slab.context + self.slab.size
+            return
         if (self.data.grid // 2) % (1 << levels):
             raise BrainfusionError(f"data.grid {self.data.grid} makes {self.data.grid // 2}³ wavelet coefficients, which the U-Net's "
                                    f"{levels} levels (model.channel_mults) cannot halve {levels} times; use a grid that is a multiple "
@@ -712,6 +755,13 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
                                  "attention_resolutions": (4,)},
                        "data": {"volumes": True},
                        "train": {"batch_size": 4, "lr": 2e-4, "warmup_steps": 100, "checkpoint_every": 100, "sample_every": 500}},
+    # the second volume route (slab.size; diffusion/slabs.py): the default slice U-Net makes 4 axial slices at a time,
+    # given the 4 made before them, 16 slabs a 64³ volume; and the baseline both routes must beat, the stack of
+    # independent slices that know only their place in the volume
+    "volume-slabs": {"diffusion": {"formulation": "edm", "loss": "mse"}, "model": {"pixel_channels": 0, "patch_size": 1},
+                     "data": {"volumes": True}, "slab": {"size": 4, "context": 4}, "train": {"sample_every": 500}},
+    "volume-slices": {"diffusion": {"formulation": "edm", "loss": "mse"}, "model": {"pixel_channels": 0, "patch_size": 1},
+                      "data": {"volumes": True}, "slab": {"size": 1, "context": 0}, "train": {"sample_every": 500}},
     "edm-labels": {"diffusion": {"formulation": "edm", "loss": "mse", "given_image_share": 1.0, "mask_scale": 1.0, "p_mean": 2.0},
                    "model": {"pixel_channels": 0, "patch_size": 1, "base_channels": 16, "channel_mults": (1, 2, 4, 4)},
                    "train": {"lr": 2e-3, "warmup_steps": 50, "batch_size": 16}},
@@ -736,7 +786,7 @@ def recipe_config(name: str, base: dict[str, Any] | None = None) -> RunConfig:
         raise BrainfusionError(f"recipe {name!r} is unknown; choose one of {', '.join(RECIPES)}.")
     raw = base if base is not None else RunConfig().to_dict()
     for section, values in RECIPES[name].items():
-        raw[section] = {**raw[section], **values}
+        raw[section] = {**raw.get(section, {}), **values}
     return RunConfig.from_dict(raw, source=f"recipe {name}")
 
 

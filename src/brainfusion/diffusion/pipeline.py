@@ -23,6 +23,7 @@ from ..models.unet import UNet
 from ..runtime import choose_channels_last, choose_precision, memory_format, network_fn
 from ..seeding import derive_seed, image_generators
 from .process import autoguidance, sample
+from .slabs import slab_volumes
 from .upsample import check_cascade, sampling_level, upscale_images
 from .wavelet import from_coefficients
 
@@ -220,7 +221,8 @@ class Pipeline:
         `grid_affine` places them in mm). The network draws the volumes' Haar coefficients (diffusion/wavelet.py)
         with the EDM samplers unchanged; volume i of a seed gets its own noise, and `condition`, `guidance`,
         `progress` and `cancel` mean what they mean for `__call__`. A 64³ volume of the volume-wavelet recipe takes 1.5 s
-        with the default sampler (dpm++sde, 25 steps) on 2 cores of an Intel Xeon with AMX (bf16, one thread)."""
+        with the default sampler (dpm++sde, 25 steps) on 2 cores of an Intel Xeon with AMX (bf16, one thread). A slab
+        run (config.SlabConfig) draws them with the slice U-Net a slab at a time, bottom up."""
         if not self.config.data.volumes:
             raise BrainfusionError(f"{self.checkpoint or 'this model'} makes slices, not volumes; call the pipeline instead.")
         if n <= 0 or batch_size <= 0:
@@ -231,9 +233,14 @@ class Pipeline:
         out = []
         for start in range(first_index, first_index + n, batch_size):
             count = min(batch_size, first_index + n - start)
-            rows = slice(start - first_index, start - first_index + count)
-            x, _ = sample(network, self.config.diffusion, (count,) + shape, sampler, steps, image_generators(seed, range(start, start + count)),
-                          progress=tick, cond=None if cond is None else cond[rows], guidance=guidance, clamp=False)
+            rows, indices = slice(start - first_index, start - first_index + count), range(start, start + count)
+            part = None if cond is None else cond[rows]
+            if self.config.slab.active:  # the slice U-Net, a slab at a time (diffusion/slabs.py)
+                out.append(to_uint8(slab_volumes(network, self.config.diffusion, self.config.slab, self.config.data.grid, seed,
+                                                 indices, sampler, steps, part, guidance, tick)))
+                continue
+            x, _ = sample(network, self.config.diffusion, (count,) + shape, sampler, steps, image_generators(seed, indices),
+                          progress=tick, cond=part, guidance=guidance, clamp=False)
             out.append(to_uint8(from_coefficients(x, self.config.diffusion.wavelet_detail_scale)))
         return np.concatenate(out)
 

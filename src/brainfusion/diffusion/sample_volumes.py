@@ -48,7 +48,8 @@ def draw_volumes(cfg, pipe: Pipeline, steps: int, out_dir: Path, ctx: dist.Conte
     if progress and ctx.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(mine) * steps, unit="step", desc=f"sampling volumes {cfg.sampler}-{steps}", dynamic_ncols=True)
+        bar = tqdm(total=len(mine) * steps * pipe.config.slab.rounds(data.grid), unit="step", desc=f"sampling volumes {cfg.sampler}-{steps}",
+                   dynamic_ncols=True)
     t0 = time.monotonic()
     for b in mine:
         start = b * batch

@@ -33,6 +33,7 @@ from ..data.subjects import split_subjects
 from ..diffusion.loss import channel_weights
 from ..diffusion.pipeline import Pipeline
 from ..diffusion.process import make_process
+from ..diffusion.slabs import given_context, training_slabs
 from ..diffusion.upsample import GIVEN_FIRST, shrink, training_pair
 from ..diffusion.wavelet import to_coefficients
 from ..errors import BrainfusionError
@@ -290,6 +291,8 @@ def _given_channels(config: RunConfig, step: int, channels: int) -> torch.Tensor
     d, k, batch = config.diffusion, config.mask_channels, config.train.batch_size
     if config.upsample.active:  # an upsampler's low-resolution slice, always
         return GIVEN_FIRST.expand(batch, -1, -1, -1)
+    if config.slab.context:  # a slab's context, always
+        return given_context(config.slab).expand(batch, -1, -1, -1)
     if not ((d.given_mask_share or d.given_image_share) and k):
         return None
     u = torch.rand(batch, generator=seeded_generator(config.train.seed, 4, step))
@@ -304,12 +307,14 @@ def training_step(s: Session, step: int) -> torch.Tensor:
     tcfg, ctx, device = s.config.train, s.ctx, s.ctx.device
     torch.manual_seed(derive_seed(tcfg.seed, 3, step))  # dropout
     images, cond = s.stream.batch_with_cond(step)
-    x0 = images.to(device, memory_format=s.memory_format)
     lo, hi = ctx.rank * s.stream.per_rank, (ctx.rank + 1) * s.stream.per_rank
+    if s.config.slab.active:  # one slab of each volume, its context in front; its place in the volume as a condition
+        images, cond = training_slabs(images, cond, s.config.slab, seeded_generator(tcfg.seed, 7, step), slice(lo, hi), tcfg.batch_size)
+    x0 = images.to(device, memory_format=s.memory_format)
     if s.config.upsample.active:  # the low-resolution slice in front, given clean; its augmentation level as the condition
         x0, cond = training_pair(x0, s.config.upsample, seeded_generator(tcfg.seed, 6, step), slice(lo, hi), tcfg.batch_size)
         x0 = x0.contiguous(memory_format=s.memory_format)
-    if s.config.data.volumes:  # a volume run diffuses the Haar coefficients of its volumes (WDM)
+    if s.config.data.volumes and not s.config.slab.active:  # the wavelet route diffuses Haar coefficients (WDM)
         x0 = to_coefficients(x0, s.config.diffusion.wavelet_detail_scale).contiguous(memory_format=s.memory_format)
     gen = seeded_generator(tcfg.seed, 2, step)
     levels = s.process.draw_levels(tcfg.batch_size, gen)
