@@ -198,3 +198,20 @@ def test_a_slab_that_does_not_fit_the_grid_names_the_key(slab):
     c.slab.size, c.slab.context = slab["size"], slab.get("context", 4)
     with pytest.raises(BrainfusionError, match="slab.size"):
         c.validate()
+
+
+def test_evaluate_volumes_scores_folders_of_volumes(cli, assert_user_error, tmp_path):
+    from brainfusion.data.demo import DemoDataConfig
+    from brainfusion.data.demo_volumes import build_demo_volumes
+
+    for name, seed in (("gen", 1), ("held", 2), ("train", 3)):
+        build_demo_volumes(tmp_path / name, DemoDataConfig(n_subjects=3, image_size=16, seed=seed), progress=False)
+    status, _out, err = cli("evaluate", "--volumes", "--generated", "gen", "--real", "held", "--train", "train", "--out", "ev",
+                            "--grid", "16", "--spacing", "12")
+    assert status == 0, err
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert results["counts"]["generated"] == 3 and results["shape"] == [16, 16, 16]
+    for plane in ("axial", "coronal", "sagittal"):
+        figure = results["summary"][f"FD_domain_{plane}"]
+        assert np.isfinite(figure["value"]) and np.isfinite(figure["floor"])
+    assert_user_error(("evaluate", "--volumes", "--generated", "gen", "--real", "held", "--out", "ev2"), "--train")

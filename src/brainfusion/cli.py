@@ -322,6 +322,15 @@ def _load_set(path: str, split: str, size: int, on_bad_file: str):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    if args.volumes and not args.checkpoint:
+        if not (args.generated and args.real and args.train) or args.conditional or args.upsampler:
+            raise BrainfusionError("evaluate --volumes scores a folder of generated volumes: give --generated, --real (volumes "
+                                   "of held-out subjects) and --train (the training volumes, for the floor and the near-copy "
+                                   "search), each any folder train --volumes reads.")
+        from .fileio import lock_folder
+
+        with lock_folder(args.out, "--out", beside=True):
+            return _evaluate_volume_folders(args, Path(args.out))
     if bool(args.generated) == bool(args.checkpoint):
         raise BrainfusionError("give exactly one of --generated FOLDER or --checkpoint RUN to evaluate.")
     if not args.real and (args.generated or args.conditional):
@@ -336,6 +345,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         from .checkpoint import load_checkpoint
 
         config = load_checkpoint(Path(args.checkpoint), with_optimizer=False).config
+        if args.volumes and not config.data.volumes:
+            raise BrainfusionError(f"{args.checkpoint} makes slices, not volumes; leave out --volumes, or give a volume run "
+                                   "(train --volumes).")
         if config.data.volumes:
             if args.generated or args.real or args.train or args.conditional or args.upsampler:
                 raise BrainfusionError(f"{args.checkpoint} is a volume run: evaluate scores its own samples against the "
@@ -375,14 +387,9 @@ def _evaluate_volumes(args: argparse.Namespace, out: Path, run: RunConfig) -> No
     """A volume run's --n volumes against the subjects it held out, with its training volumes as the floor's and the
     near-copy search's reference (evaluation/volumes.py): results.json, results.md and montage.png in `out`. --n
     defaults to as many volumes as were held out, so the floor (as many training volumes) is at the same n."""
-    import numpy as np
-
     from .data.subjects import split_subjects
-    from .data.volumes import load_volumes, to_ras_voxels
+    from .data.volumes import load_volumes
     from .diffusion.pipeline import Pipeline
-    from .evaluation.volumes import VolumeEvalConfig, evaluate_volumes, summary_markdown
-    from .fileio import atomic_write_text
-    from .images import save_png, volume_montage
 
     data = run.data
     if not data.heldout_subjects:
@@ -391,14 +398,40 @@ def _evaluate_volumes(args: argparse.Namespace, out: Path, run: RunConfig) -> No
     train, held = split_subjects(data, load_volumes(data, progress=not args.quiet), run.train.seed)
     pipe = Pipeline.from_checkpoint(args.checkpoint, use_ema=not args.no_ema)
     generated = pipe.volumes(args.n or len(held), seed=args.seed, sampler=args.sampler, steps=args.steps)
+    _score_volumes(args, out, generated, held.images, train.images)
+
+
+def _evaluate_volume_folders(args: argparse.Namespace, out: Path) -> None:
+    """evaluate --volumes: folders of generated, held-out and training volumes, each read as train --volumes reads
+    data (reoriented, normalised, resampled brain-centred onto --grid³ voxels of --spacing mm), then scored as a volume
+    run's samples are."""
+    from .config import DataConfig
+    from .data.volumes import load_volumes
+
+    def read(path: str):
+        return load_volumes(DataConfig(path=path, volumes=True, grid=args.grid, spacing=args.spacing,
+                                       on_bad_file=args.on_bad_file), progress=not args.quiet).images
+
+    _score_volumes(args, out, read(args.generated), read(args.real), read(args.train))
+
+
+def _score_volumes(args: argparse.Namespace, out: Path, generated, held, train) -> None:
+    """Volumes in (z, y, x) order scored against held-out and training ones: results.json, results.md, montage.png."""
+    import numpy as np
+
+    from .data.volumes import to_ras_voxels
+    from .evaluation.volumes import VolumeEvalConfig, evaluate_volumes, summary_markdown
+    from .fileio import atomic_write_text
+    from .images import save_png, volume_montage
+
     ras = lambda v: np.stack([to_ras_voxels(x) for x in v])  # noqa: E731 - evaluation/volumes.py takes (x, y, z) order
     config = VolumeEvalConfig(inception=args.inception, progress=not args.quiet,
                               inception_weights=Path(args.inception_weights) if args.inception_weights else None)
-    results = evaluate_volumes(ras(generated), ras(held.images), ras(train.images), config)
+    results = evaluate_volumes(ras(generated), ras(held), ras(train), config)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=float))
     atomic_write_text(out / "results.md", summary_markdown(results))
-    save_png(volume_montage(generated[:8]), out / "montage.png")
+    save_png(volume_montage(np.asarray(generated)[:8]), out / "montage.png")
     print(f"evaluated {len(generated)} generated volumes against the {len(held)} held-out ones; {out / 'results.md'}")
 
 
@@ -503,7 +536,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def _add_evaluate_parser(sub) -> None:
     """`brainfusion evaluate`: a set (or a checkpoint's samples) against real slices, and the conditional checks."""
     p = sub.add_parser("evaluate", help="quality, diversity and memorisation of generated slices vs real ones")
-    p.add_argument("--generated", help="folder of generated slices")
+    p.add_argument("--generated", help="folder of generated slices (with --volumes: volumes)")
+    p.add_argument("--volumes", action="store_true", help="score whole volumes: --generated, --real and --train are folders of "
+                   "volumes, resampled onto --grid³ voxels of --spacing mm (a volume run's --checkpoint needs no flag)")
+    p.add_argument("--grid", type=int, default=64, help="with --volumes: voxels per side (default 64)")
+    p.add_argument("--spacing", type=float, default=3.0, help="with --volumes: voxel size in mm (default 3)")
     p.add_argument("--checkpoint", help="or: a run/checkpoint to sample --n images from")
     p.add_argument("--real", help="real slices (any data source); OASIS layout → --real-split. Default with --checkpoint: "
                                   "the subjects the run held out (train --holdout-subjects)")
