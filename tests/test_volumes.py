@@ -157,12 +157,12 @@ def test_a_wavelet_detail_scale_out_of_range_names_the_key():
         DiffusionConfig(wavelet_detail_scale=0.0).validate()
 
 
-@pytest.mark.parametrize("recipe", ["volume-slabs", "volume-slices"])
-def test_a_slab_run_trains_and_samples_conditioned_volumes(cli, tmp_path, demo_volumes, recipe):
+@pytest.mark.parametrize("recipe, extra", [("volume-slabs", ("--slab-context-noise", "0.1")), ("volume-slices", ())])
+def test_a_slab_run_trains_and_samples_conditioned_volumes(cli, tmp_path, demo_volumes, recipe, extra):
     from brainfusion import Pipeline
     from brainfusion.data.volumes import to_ras_voxels
 
-    status, _out, err = cli("train", "--recipe", recipe, "--data", demo_volumes, "--out-dir", "run", "--max-steps", "2", *TINY,
+    status, _out, err = cli("train", "--recipe", recipe, "--data", demo_volumes, "--out-dir", "run", "--max-steps", "2", *TINY, *extra,
                             "--labels", demo_volumes / "participants.tsv", "--label-columns", "ventricles",
                             "--continuous-columns", "atrophy")
     assert status == 0, err
@@ -215,3 +215,15 @@ def test_evaluate_volumes_scores_folders_of_volumes(cli, assert_user_error, tmp_
         figure = results["summary"][f"FD_domain_{plane}"]
         assert np.isfinite(figure["value"]) and np.isfinite(figure["floor"])
     assert_user_error(("evaluate", "--volumes", "--generated", "gen", "--real", "held", "--out", "ev2"), "--train")
+
+
+def test_context_noise_touches_the_context_only():
+    from brainfusion.config import SlabConfig
+    from brainfusion.diffusion.slabs import training_slabs
+
+    volumes = torch.linspace(-1, 1, 16).view(1, 1, 16, 1, 1).expand(64, 1, 16, 8, 8).contiguous()
+    clean, _ = training_slabs(volumes, None, SlabConfig(size=4, context=4), torch.Generator().manual_seed(0), slice(0, 64), 64)
+    noised, _ = training_slabs(volumes, None, SlabConfig(size=4, context=4, context_noise=0.1), torch.Generator().manual_seed(0),
+                               slice(0, 64), 64)
+    assert torch.equal(clean[:, 4:], noised[:, 4:])
+    assert abs(float((noised[:, :4] - clean[:, :4]).std()) - 0.1) < 0.01

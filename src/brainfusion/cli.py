@@ -48,6 +48,8 @@ TRAIN_FLAGS = {
     "slab": ("slab.size", int, "volume runs: build each volume with the slice U-Net this many axial slices at a time (recipes "
              "volume-slabs: 4, volume-slices: 1, the stack of independent slices); 0: the 3-D wavelet route"),
     "slab_context": ("slab.context", int, "volume runs with --slab: the slices below a slab it is given (volume-slabs: 4)"),
+    "slab_context_noise": ("slab.context_noise", float, "volume runs with --slab: noise std on the given slices, in training and "
+                           "sampling alike, so errors do not climb the volume (default 0)"),
     "spacing": ("data.spacing", float, "volume runs: the grid's voxel size in mm (default 3)"),
     "holdout_subjects": ("data.holdout_subjects", float, "keep whole subjects out of training: a number (e.g. 2) or a share (e.g. 0.2); "
                          "drawn from --seed and recorded in the run's config"),

@@ -549,6 +549,10 @@ class SlabConfig:
 
     size: int = 0
     context: int = 0
+    # Gaussian noise of this std (the [-1, 1] units of slices) on the context, in training and in sampling alike, so
+    # the network draws a slab's fine detail itself instead of copying its neighbours', whose errors would then climb
+    # the volume (the noise conditioning augmentation of cascades, CDM, Ho et al. 2022, at one fixed level)
+    context_noise: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -559,6 +563,8 @@ class SlabConfig:
         return grid // self.size if self.active else 1
 
     def validate(self, grid: int) -> None:
+        if not 0 <= self.context_noise <= 1:
+            raise BrainfusionError(f"slab.context_noise is {self.context_noise:g}; give a noise std from 0 (none) to 1, e.g. 0.1.")
         if self.size < 0 or self.context < 0 or (self.active and grid % self.size) or (self.context and not self.active):
             raise BrainfusionError(f"slab.size {self.size} and slab.context {self.context} do not fit data.grid {grid}: the size "
                                    f"must divide the grid (e.g. 4 for {grid}), the context be 0 or more (e.g. 4), and both 0 for "

@@ -4,7 +4,7 @@ cDPM (Peng et al. 2023) makes brain MRI volumes with a 2-D diffusion model that 
 given the slices made before them. Here a slab is `size` axial slices; the network reads the `context` slices below
 it clean, as channels in front (the way an upsampler reads its low-resolution slice, diffusion/upsample.py), and the
 slab's place in the volume as one continuous input after any condition's values. Below the first slice the context
-is background (-1). A training batch takes one slab from each volume, at a start drawn for the global batch from the
+is background (-1); with `context_noise` it is noised, in training and sampling alike. A training batch takes one slab from each volume, at a start drawn for the global batch from the
 step's own generator; sampling climbs the volume inferior to superior, each slab on noise of its own.
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DiffusionConfig, SlabConfig
-from ..seeding import derive_seed, image_generators
+from ..seeding import derive_seed, image_generators, randn
 from .process import sample
 
 
@@ -43,11 +43,14 @@ def training_slabs(volumes: torch.Tensor, cond: torch.Tensor | None, cfg: SlabCo
     """This process's `rows` of a global batch of `batch` volumes (N, 1, D, H, W) as slabs with their context in
     front (N, context + size, H, W), and the condition rows with each slab's place; the starts are drawn for the
     global batch from `generator`, so the slabs are the same in any process count and on resume."""
-    grid = volumes.shape[2]
+    grid, shape = volumes.shape[2], volumes.shape[-2:]
     starts = torch.randint(0, grid - cfg.size + 1, (batch,), generator=generator)[rows]
+    noise = torch.randn((batch, cfg.context) + tuple(shape), generator=generator)[rows] if cfg.context_noise else None
     padded = F.pad(volumes[:, 0].float(), (0, 0, 0, 0, cfg.context, 0), value=-1.0)
     depth = starts.view(-1, 1) + torch.arange(cfg.context + cfg.size).view(1, -1)
     slabs = padded[torch.arange(len(volumes)).view(-1, 1), depth]
+    if noise is not None:
+        slabs[:, : cfg.context] += cfg.context_noise * noise
     return slabs.to(volumes.dtype), with_position(cond, slab_position(starts, grid, cfg.size))
 
 
@@ -60,6 +63,8 @@ def slab_volumes(network: Callable, diffusion: DiffusionConfig, cfg: SlabConfig,
     volumes = torch.full((n, context + grid, grid, grid), -1.0)
     for j, start in enumerate(range(0, grid, size)):
         known = volumes[:, start : start + context] if context else None
+        if known is not None and cfg.context_noise:  # the context noised as in training, from each volume's own stream
+            known = known + cfg.context_noise * randn(tuple(known.shape), image_generators(derive_seed(seed, 5, j), indices))
         x, _ = sample(network, diffusion, (n, context + size, grid, grid), sampler, steps,
                       image_generators(derive_seed(seed, 4, j), indices), progress=progress,
                       cond=with_position(cond, slab_position(start, grid, size)), guidance=guidance, clamp=True,
