@@ -138,8 +138,8 @@ def test_a_volume_whose_affine_cannot_be_resampled_is_one_sentence(assert_user_e
 
 
 def test_an_unknown_condition_of_a_conditional_volume_run_is_one_sentence(cli, assert_user_error, demo_volumes):
-    status, _out, err = cli("train", "--volumes", "--data", demo_volumes, "--out-dir", "run", "--max-steps", "1", *TINY,
-                            "--labels", demo_volumes / "participants.tsv", "--label-columns", "ventricles",
+    status, _out, err = cli("train", "--volumes", "--recipe", "volume-wavelet", "--data", demo_volumes, "--out-dir", "run",
+                            "--max-steps", "1", *TINY, "--labels", demo_volumes / "participants.tsv", "--label-columns", "ventricles",
                             "--continuous-columns", "atrophy")
     assert status == 0, err
     status, _out, err = cli("sample", "--checkpoint", "run", "--n", "1", "--steps", "2", "--out", "s", "--no-gif",

@@ -42,7 +42,7 @@ TRAIN_FLAGS = {
     "self_condition": ("diffusion.self_condition", None, "self-conditioning (Analog Bits): the network also reads its previous "
                        "denoised estimate; EDM runs; measured no better on the demo set, not exported yet (docs/research/masks.md)"),
     "volumes": ("data.volumes", None, "train on whole 3-D volumes (NIfTI, Analyze, DICOM series, BIDS, OASIS-1), each resampled "
-                "brain-centred onto --grid³ voxels of --spacing mm; recipe volume-wavelet unless --recipe is given; "
+                "brain-centred onto --grid³ voxels of --spacing mm; recipe volume-slabs unless --recipe is given; "
                 "sample writes NIfTI volumes"),
     "grid": ("data.grid", int, "volume runs: voxels per side of the grid (default 64; even)"),
     "slab": ("slab.size", int, "volume runs: build each volume with the slice U-Net this many axial slices at a time (recipes "
@@ -180,7 +180,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_run_config(args: argparse.Namespace) -> RunConfig:
     raw = load_config(args.config).to_dict() if args.config else RunConfig().to_dict()
-    recipe = args.recipe or ("upsampler" if args.upsample_from else "volume-wavelet" if args.volumes else None)
+    recipe = args.recipe or ("upsampler" if args.upsample_from else "volume-slabs" if args.volumes else None)
     if recipe:
         raw = recipe_config(recipe, raw).to_dict()
     _apply_flags(raw, args, TRAIN_FLAGS)
