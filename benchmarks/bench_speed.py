@@ -830,11 +830,13 @@ def section_256(args, threads: int) -> dict:
 
 
 def section_volumes(args, threads: int) -> dict:
-    """F: a volume run's seconds per sampled volume (1 and 4 in a batch), training volumes/s and peak memory."""
-    from brainfusion.checkpoint import resolve_checkpoint
+    """F: a volume run's seconds per sampled volume (1 and 4 in a batch), training volumes/s and peak memory; a slab
+    run's training step takes one slab from each volume, so its volumes/s are slabs/s."""
+    from brainfusion.checkpoint import load_checkpoint, resolve_checkpoint
 
     run = Path(args.volume_run)
     checkpoint = resolve_checkpoint(run / "checkpoints" if (run / "checkpoints").is_dir() else run)
+    unit = "slabs/s" if load_checkpoint(checkpoint, with_optimizer=False).config.slab.active else "volumes/s"
     out, rows = {}, []
     for n in (1, 4):
         r = out[f"sample {n}"] = run_worker(dict(kind="sample", checkpoint=str(checkpoint), n=n, threads=threads), timeout=3600)
@@ -842,9 +844,9 @@ def section_volumes(args, threads: int) -> dict:
                      f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else "–"])
     r = out["train"] = run_worker(dict(kind="train_run", run=str(run), steps=20, threads=threads), timeout=3600)
     r["logged_volumes_per_s"] = _logged_rate(run)
-    rows.append([f"train (20 steps of batch {r.get('batch')})", f"{r['images_per_s']:.2f} volumes/s" if "images_per_s" in r else r.get("error"),
+    rows.append([f"train (20 steps of batch {r.get('batch')})", f"{r['images_per_s']:.2f} {unit}" if "images_per_s" in r else r.get("error"),
                  f"{r['peak_rss_mib']:.0f}" if "peak_rss_mib" in r else "–"])
-    print(f"## F. volumes ({run}; the run logged {r['logged_volumes_per_s'] or 0:.2f} volumes/s)\n")
+    print(f"## F. volumes ({run}; the run logged {r['logged_volumes_per_s'] or 0:.2f} {unit})\n")
     print(md_table(["what", "speed", "peak RSS MiB"], rows) + "\n")
     return out
 
