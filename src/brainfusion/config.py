@@ -538,7 +538,7 @@ class LatentConfig:
 
 @dataclass
 class SlabConfig:
-    """A volume run's second route: the slice U-Net makes each volume a slab of axial slices at a time.
+    """A volume run's default route: the slice U-Net makes each volume a slab of axial slices at a time.
 
     Slabs of `size` slices go inferior to superior, each given the `context` slices made just before it (clean, as
     input channels in front, as an upsampler reads its low-resolution slice) and its place in the volume (one

@@ -1,11 +1,12 @@
-"""Volumes a slab at a time from the slice U-Net (config.SlabConfig), the second volume route.
+"""Volumes a slab at a time from the slice U-Net (config.SlabConfig), the default volume route.
 
 cDPM (Peng et al. 2023) makes brain MRI volumes with a 2-D diffusion model that generates a few slices at a time,
 given the slices made before them. Here a slab is `size` axial slices; the network reads the `context` slices below
 it clean, as channels in front (the way an upsampler reads its low-resolution slice, diffusion/upsample.py), and the
 slab's place in the volume as one continuous input after any condition's values. Below the first slice the context
-is background (-1); with `context_noise` it is noised, in training and sampling alike. A training batch takes one slab from each volume, at a start drawn for the global batch from the
-step's own generator; sampling climbs the volume inferior to superior, each slab on noise of its own.
+is background (-1); with `context_noise` it is noised, in training and sampling alike. A training batch takes one
+slab from each volume, at a start drawn for the global batch from the step's own generator; sampling climbs the
+volume inferior to superior, each slab on noise of its own.
 """
 
 from __future__ import annotations
@@ -29,13 +30,6 @@ def with_position(cond: torch.Tensor | None, position: torch.Tensor) -> torch.Te
     """The network's condition row: any condition's columns, then the slab's place."""
     position = position.expand(len(cond) if cond is not None else len(position), 1)
     return position if cond is None else torch.cat([cond.float(), position.to(cond.device)], 1)
-
-
-def given_context(cfg: SlabConfig) -> torch.Tensor:
-    """Which channels the network reads clean: the context in front (1, context + size, 1, 1) bool."""
-    given = torch.zeros(1, cfg.context + cfg.size, 1, 1, dtype=torch.bool)
-    given[:, : cfg.context] = True
-    return given
 
 
 def training_slabs(volumes: torch.Tensor, cond: torch.Tensor | None, cfg: SlabConfig, generator: torch.Generator,

@@ -21,9 +21,6 @@ from ..errors import BrainfusionError
 from ..seeding import derive_seed, image_generators, randn
 from .process import sample
 
-# the channel layout of an upsampler's input: the low-resolution slice first, given clean, then the slice to generate
-GIVEN_FIRST = torch.tensor([True, False]).view(1, 2, 1, 1)
-
 
 def shrink(x: torch.Tensor, size: int) -> torch.Tensor:
     """Slices in [-1, 1] (N, 1, H, W) at size×size: each pixel block's mean, rounded to the uint8 grid."""

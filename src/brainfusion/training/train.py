@@ -33,8 +33,8 @@ from ..data.subjects import split_subjects
 from ..diffusion.loss import channel_weights
 from ..diffusion.pipeline import Pipeline
 from ..diffusion.process import make_process
-from ..diffusion.slabs import given_context, training_slabs
-from ..diffusion.upsample import GIVEN_FIRST, shrink, training_pair
+from ..diffusion.slabs import training_slabs
+from ..diffusion.upsample import shrink, training_pair
 from ..diffusion.wavelet import to_coefficients
 from ..errors import BrainfusionError
 from ..fileio import atomic_write_text, lock_folder
@@ -289,10 +289,11 @@ def _given_channels(config: RunConfig, step: int, channels: int) -> torch.Tensor
     from its own key (None when the run has neither share). One draw u per image: u < diffusion.given_mask_share
     gives the image its mask channels; the next given_image_share of [0, 1) gives the labels their image."""
     d, k, batch = config.diffusion, config.mask_channels, config.train.batch_size
-    if config.upsample.active:  # an upsampler's low-resolution slice, always
-        return GIVEN_FIRST.expand(batch, -1, -1, -1)
-    if config.slab.context:  # a slab's context, always
-        return given_context(config.slab).expand(batch, -1, -1, -1)
+    first = 1 if config.upsample.active else config.slab.context  # an upsampler's low-resolution slice, a slab's context
+    if first:  # handed over clean at every step, in front of the channels generated
+        given = torch.zeros(batch, channels, 1, 1, dtype=torch.bool)
+        given[:, :first] = True
+        return given
     if not ((d.given_mask_share or d.given_image_share) and k):
         return None
     u = torch.rand(batch, generator=seeded_generator(config.train.seed, 4, step))
