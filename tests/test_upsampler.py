@@ -163,3 +163,27 @@ def test_a_cascade_export_draws_brainfusions_cascade_with_plain_diffusers(cli, a
     assert np.array_equal(drawn, cascade(2, steps=3))  # `sample --upsampler --n 2 --steps 3`'s slices, without brainfusion
     assert_user_error(["export", up, "--out", tmp_path / "x"], "is an upsampler")
     assert_user_error(["export", base, "--upsampler", base, "--out", tmp_path / "y"], "not an upsampler")
+def test_blur_augmentation_matches_scipy_and_anchors_the_residual_on_the_blurred_slice():
+    from scipy.ndimage import gaussian_filter
+
+    from brainfusion.config import UpsampleConfig
+    from brainfusion.diffusion.upsample import conditioning, gaussian_blur, target
+    from brainfusion.errors import BrainfusionError
+
+    low = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    widths = torch.tensor([0.0, 0.5, 1.2])
+    blurred = gaussian_blur(low, widths)
+    assert torch.equal(blurred[0], low[0])
+    for i in (1, 2):  # scipy's Gaussian over the same radius, edges replicated
+        radius = 4  # ceil(3 × 1.2)
+        expected = gaussian_filter(low[i, 0].double().numpy(), float(widths[i]), mode="nearest", truncate=radius / float(widths[i]))
+        assert np.allclose(blurred[i, 0].numpy(), expected, atol=1e-6)
+    levels = torch.tensor([0.0, 0.25, 0.5])
+    given, cond, anchor = conditioning(low, levels, torch.zeros_like(low), 32, blur=2.0)
+    assert torch.allclose(anchor, given) and torch.equal(cond[:, 0], levels)  # without noise the given is the anchor
+    assert torch.allclose(conditioning(low, levels, torch.zeros_like(low), 32)[2][2], torch.nn.functional.interpolate(
+        low[2:], size=(32, 32), mode="bicubic", align_corners=False).clamp(-1, 1)[0])  # blur 0: the plain enlargement
+    x0 = torch.rand(3, 1, 32, 32) * 2 - 1
+    assert torch.allclose(target(x0, anchor, UpsampleConfig(from_size=8)), (x0 - anchor) * 7.0)
+    with pytest.raises(BrainfusionError, match="upsample.blur"):
+        UpsampleConfig(from_size=8, blur=-1.0).validate(32)

@@ -227,3 +227,65 @@ def test_context_noise_touches_the_context_only():
                                slice(0, 64), 64)
     assert torch.equal(clean[:, 4:], noised[:, 4:])
     assert abs(float((noised[:, :4] - clean[:, :4]).std()) - 0.1) < 0.01
+
+
+def test_volume_and_mask_pairs_train_and_sample_aligned_label_volumes(cli, tmp_path, demo_volumes):
+    from brainfusion import Pipeline
+    from brainfusion.config import load_config
+    from brainfusion.data.channels import label_image
+    from brainfusion.data.volumes import grid_affine, to_ras_voxels
+
+    status, _out, err = cli("train", "--volumes", "--data", demo_volumes, "--masks", demo_volumes / "derivatives" / "labels",
+                            "--out-dir", "run", "--max-steps", "2", *TINY, "--mask-encoding", "ordinal")
+    assert status == 0, err
+    config = load_config(tmp_path / "run" / "config.json")
+    assert config.data.mask_values == (0, 85, 170, 255) and config.model.in_channels == (4 + 4) * 2  # image + ordinal per slice
+    status, _out, err = cli("sample", "--checkpoint", "run", "--n", "2", "--steps", "2", "--out", "s", "--no-gif")
+    assert status == 0, err
+    image, labels = (nib.load(str(tmp_path / "s" / f"volume_0001{suffix}.nii.gz")) for suffix in ("", "_dseg"))
+    assert labels.shape == image.shape == (16, 16, 16) and np.allclose(labels.affine, grid_affine(16, 12.0))
+    assert set(np.unique(np.asarray(labels.dataobj))) <= {0, 85, 170, 255}
+    assert (tmp_path / "s" / "labels_montage.png").is_file()
+    volumes, made = Pipeline.from_checkpoint(tmp_path / "run").volume_pairs(1, seed=0, steps=2, first_index=1)
+    assert np.array_equal(to_ras_voxels(volumes[0]), np.asarray(image.dataobj))
+    assert np.array_equal(to_ras_voxels(label_image(made[0], config.data.mask_values)), np.asarray(labels.dataobj))
+
+
+def test_label_volumes_come_onto_the_grid_by_majority_with_their_image(demo_volumes, assert_user_error, tmp_path):
+    import shutil
+
+    from brainfusion.config import DataConfig
+    from brainfusion.data.volumes import load_volumes
+
+    config = DataConfig(path=str(demo_volumes), volumes=True, grid=16, spacing=12.0, masks=str(demo_volumes / "derivatives" / "labels"))
+    loaded = load_volumes(config, progress=False)
+    assert loaded.labels.shape == loaded.images.shape and loaded.mask_values == (0, 85, 170, 255)
+    assert set(np.unique(loaded.labels)) == {0, 1, 2, 3}
+    inside = loaded.labels > 0  # labelled tissue is where the image is bright, background where it is dark
+    assert loaded.images[inside].mean() > 4 * loaded.images[~inside].mean()
+    white, csf = loaded.images[loaded.labels == 3].mean(), loaded.images[loaded.labels == 1].mean()
+    assert white > csf  # T1: white matter brighter than CSF
+
+    broken = tmp_path / "vols"
+    shutil.copytree(demo_volumes, broken)
+    label_file = broken / "derivatives" / "labels" / "sub-002" / "anat" / "sub-002_T1w_dseg.nii.gz"
+    original = nib.load(str(label_file))
+    nib.save(nib.Nifti1Image(np.asarray(original.dataobj)[:8], original.affine), str(label_file))
+    assert_user_error(["train", "--volumes", "--data", broken, "--masks", broken / "derivatives" / "labels", "--out-dir", "run",
+                       "--max-steps", "1", *TINY], "sub-002_T1w_dseg.nii.gz")
+
+
+def test_slab_channels_go_slice_by_slice_with_label_background_below():
+    from brainfusion.config import SlabConfig
+    from brainfusion.diffusion.slabs import background, training_slabs
+
+    outside = background(4, 0.25)
+    assert torch.allclose(outside, torch.tensor([-1.0, 0.25, -0.25, -0.25, -0.25]))  # dark image, label 0 one-hot
+    image = torch.arange(6.0).view(1, 1, 6, 1, 1) / 10
+    volumes = torch.cat([image, image + 1], 1).expand(2, 2, 6, 1, 1)  # two channels per slice: x and x + 1
+    slabs, _ = training_slabs(volumes, None, SlabConfig(size=2, context=2), torch.Generator().manual_seed(0), slice(0, 2), 2,
+                              torch.tensor([-1.0, -2.0]))
+    assert slabs.shape == (2, 8, 1, 1)
+    for slab in slabs[:, :, 0, 0].view(2, 4, 2):
+        for image_value, label_value in slab:
+            assert label_value == (-2.0 if image_value == -1 else image_value + 1)

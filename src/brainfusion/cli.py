@@ -27,7 +27,8 @@ TRAIN_FLAGS = {
     "on_bad_file": ("data.on_bad_file", str, "fail (default) or skip unreadable files"),
     "cache_dir": ("data.cache_dir", str, "folder of the decoded-slice cache (default: the user cache, see `brainfusion cache list`)"),
     "no_flip": ("data.hflip", None, "disable random horizontal flips"),
-    "masks": ("data.masks", "layout", "learn tissue masks with the images: bare, the OASIS layout's seg folders; or a folder of mask files"),
+    "masks": ("data.masks", "layout", "learn tissue masks with the images (with --volumes, label volumes beside the volumes, made a slab at a time): bare, "
+                                    "the OASIS layout's seg folders; or a folder of mask files"),
     "mask_values": ("data.mask_values", str, "the masks' label values in order (default 0,85,170,255; label volumes: read from the files)"),
     "mask_loss_share": ("diffusion.mask_loss_share", float, "share of the loss on the mask channels together (0: every channel alike)"),
     "given_mask_share": ("diffusion.given_mask_share", float, "share of training images given their mask clean, so the model also "
@@ -96,6 +97,8 @@ TRAIN_FLAGS = {
                       "(e.g. 256); recipe upsampler unless --recipe is given; sample with sample --upsampler"),
     "augment_max": ("upsample.augment_max", float, "upsamplers: the highest noise level the low-resolution slice is given in "
                     "training (default 0.5)"),
+    "augment_blur": ("upsample.blur", float, "upsamplers: each noise level also blurs the low-resolution slice by this many of "
+                     "its pixels per unit of level, and the detail is added to the blurred slice (default 0: no blur)"),
 }
 
 

@@ -596,6 +596,9 @@ class UpsampleConfig:
     residual_scale: float = 7.0
     # the sampling level, in the [-1, 1] units of a slice; None resolves to AUGMENT_LEVEL, or augment_max if lower
     augment: float | None = None
+    # > 0: each level also blurs the low-resolution slice before its noise, by a Gaussian of this many from_size
+    # pixels per unit of level (CDM's blur augmentation, Ho et al. 2022), and a residual is taken from the blurred slice
+    blur: float = 0.0
 
     @property
     def active(self) -> bool:
@@ -609,6 +612,8 @@ class UpsampleConfig:
                                    f"e.g. 64 for 256 or 16 for 64.")
         if self.residual_scale < 0:
             raise BrainfusionError(f"upsample.residual_scale is {self.residual_scale:g}; use 0 (the slice itself) or a positive scale.")
+        if self.blur < 0:
+            raise BrainfusionError(f"upsample.blur is {self.blur:g}; use 0 (no blur) or a positive width per unit of level.")
         if not 0 <= self.augment <= self.augment_max or self.augment_max < 0:
             raise BrainfusionError(f"upsample.augment {self.augment} must lie in [0, upsample.augment_max {self.augment_max}], "
                                    "the levels the network was trained on.")
@@ -632,6 +637,11 @@ class RunConfig(_Serialised):
         """Tissue labels generated with each image (0: images only): the network's last K channels (the first
         are the image, or its latent's channels)."""
         return len(self.data.mask_values) if self.data.masks else 0
+
+    @property
+    def slab_channels(self) -> int:
+        """A volume slice's channels in a slab run: its image and, with masks, its tissue label channels."""
+        return 1 + (self.mask_channels if self.data.volumes else 0)
 
     @property
     def mask_channels(self) -> int:
@@ -692,14 +702,18 @@ class RunConfig(_Serialised):
     def _validate_volumes(self) -> None:
         """A volume run is a pixel EDM run on the one-level Haar coefficients of its volumes (diffusion/wavelet.py):
         WAVELET_BANDS channels of (grid/2)³, a 3-D U-Net; or with slab.size the slice U-Net a slab at a time
-        (diffusion/slabs.py). Masks, latents, upsamplers and slice levels are slice things."""
-        if self.latent.active or self.data.masks or self.upsample.active or self.condition.slice_level:
-            raise BrainfusionError("a volume run (data.volumes) takes no latent.autoencoder, data.masks, upsample.from_size or "
+        (diffusion/slabs.py), each slice with its tissue label channels where the run has masks. Latents, upsamplers
+        and slice levels are slice things."""
+        if self.latent.active or self.upsample.active or self.condition.slice_level:
+            raise BrainfusionError("a volume run (data.volumes) takes no latent.autoencoder, upsample.from_size or "
                                    "condition.slice_level; leave them out, or train on slices without data.volumes.")
         d = self.diffusion
-        if d.formulation != "edm" or d.self_condition or d.given_mask_share or d.given_image_share:
+        if d.formulation != "edm" or d.self_condition or d.given_mask_share or d.given_image_share or d.mask_loss_share:
             raise BrainfusionError("a volume run (data.volumes) is an EDM run (diffusion.formulation=edm) without "
-                                   "diffusion.self_condition or given shares; use the volume-wavelet recipe.")
+                                   "diffusion.self_condition, given shares or mask_loss_share; use the volume-slabs recipe.")
+        if self.data.masks and not self.slab.active:
+            raise BrainfusionError("volumes with tissue masks (data.masks) are made a slab at a time; use the volume-slabs "
+                                   "recipe (slab.size > 0) instead of the wavelet route.")
         if self.train.eval_every:
             raise BrainfusionError("train.eval_every scores slices during training; set it to 0 for a volume run (data.volumes).")
         self.data.validate()
@@ -709,7 +723,8 @@ class RunConfig(_Serialised):
             if self.data.grid % (1 << levels):
                 raise BrainfusionError(f"data.grid {self.data.grid} cannot be halved by the U-Net's {levels} levels "
                                        f"(model.channel_mults); use a multiple of {1 << levels}, or fewer levels.")
-            self.model.image_size, self.model.in_channels = self.data.grid, self.slab.context + self.slab.size
+            self.model.image_size = self.data.grid
+            self.model.in_channels = (self.slab.context + self.slab.size) * self.slab_channels
             return
         if (self.data.grid // 2) % (1 << levels):
             raise BrainfusionError(f"data.grid {self.data.grid} makes {self.data.grid // 2}³ wavelet coefficients, which the U-Net's "

@@ -32,13 +32,14 @@ def _on_grid(x: torch.Tensor, grid: int | None) -> torch.Tensor:
 
 
 def one_hot(labels, n_labels: int, scale: float = 1.0, grid: int | None = None):
-    """Label indices (N, H, W) → channels (N, K, grid, grid) in the model's range: −scale absent, +scale present.
+    """Label indices (N, H, W) → channels (N, K, grid, grid) in the model's range: −scale absent, +scale present;
+    label volumes (N, D, H, W) → (N, K, D, H, W) alike.
 
     A latent run's network works on a coarser grid than its slices (256² slices, 64² latents); there
     each channel is the label's area share of each block (average pooling of the one-hot picture), so
     a tissue boundary inside a block survives as a fraction, which `labels_from_channels` reads back
     sub-block sharp."""
-    x = torch.nn.functional.one_hot(labels.long(), n_labels).permute(0, 3, 1, 2).float().mul(2).sub(1).mul(scale)
+    x = torch.nn.functional.one_hot(labels.long(), n_labels).movedim(-1, 1).float().mul(2).sub(1).mul(scale)
     return _on_grid(x, grid)
 
 

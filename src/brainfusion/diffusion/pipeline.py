@@ -23,7 +23,7 @@ from ..models.unet import UNet
 from ..runtime import choose_channels_last, choose_precision, memory_format, network_fn
 from ..seeding import derive_seed, image_generators
 from .process import autoguidance, sample
-from .slabs import slab_volumes
+from .slabs import run_background, slab_volumes
 from .upsample import check_cascade, sampling_level, upscale_images
 from .wavelet import from_coefficients
 
@@ -225,6 +225,13 @@ class Pipeline:
         (dpm++sde, 25 steps) on 2 cores of an Intel Xeon with AMX (bf16, one thread, the cores shared), a 64³ volume
         took 5.6 s from the volume-slabs recipe (16 slabs) and 1.5 s from volume-wavelet.
         """
+        return self.volume_pairs(n, seed, sampler, steps, batch_size, first_index, progress, cancel, condition, guidance)[0]
+
+    def volume_pairs(self, n: int, seed: int = 0, sampler: str = FAST_SAMPLER, steps: int = FAST_STEPS, batch_size: int = 4,
+                     first_index: int = 0, progress: Callable[[int], None] | None = None, cancel: Callable[[], bool] | None = None,
+                     condition: Request | None = None, guidance: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
+        """As `volumes`, and each volume's tissue labels (uint8 (n, D, H, W) indices into the run's data.mask_values,
+        made with it slab by slab; None for a run trained without masks), as `pairs` is to `__call__`."""
         if not self.config.data.volumes:
             raise BrainfusionError(f"{self.checkpoint or 'this model'} makes slices, not volumes; call the pipeline instead.")
         if n <= 0 or batch_size <= 0:
@@ -232,19 +239,31 @@ class Pipeline:
         cond = encode_guided_request(self.config.condition, condition, n, guidance)
         network, tick = self._guided_network(), _ticker(progress, cancel)
         shape = (self.config.model.in_channels,) + (self.config.model.image_size,) * 3
-        out = []
+        out, labels = [], []
         for start in range(first_index, first_index + n, batch_size):
             count = min(batch_size, first_index + n - start)
             rows, indices = slice(start - first_index, start - first_index + count), range(start, start + count)
             part = None if cond is None else cond[rows]
             if self.config.slab.active:  # the slice U-Net, a slab at a time (diffusion/slabs.py)
-                out.append(to_uint8(slab_volumes(network, self.config.diffusion, self.config.slab, self.config.data.grid, seed,
-                                                 indices, sampler, steps, part, guidance, tick)))
+                x = slab_volumes(network, self.config.diffusion, self.config.slab, self.config.data.grid, seed, indices, sampler,
+                                 steps, part, guidance, tick, run_background(self.config))
+                out.append(to_uint8(x[:, :1]))
+                labels.append(self._volume_labels(x[:, 1:]))
                 continue
             x, _ = sample(network, self.config.diffusion, (count,) + shape, sampler, steps, image_generators(seed, indices),
                           progress=tick, cond=part, guidance=guidance, clamp=False)
             out.append(to_uint8(from_coefficients(x, self.config.diffusion.wavelet_detail_scale)))
-        return np.concatenate(out)
+        return np.concatenate(out), np.concatenate(labels) if self.config.mask_labels else None
+
+    def _volume_labels(self, channels: torch.Tensor) -> np.ndarray | None:
+        """A slab run's label channels (N, C, D, H, W) → uint8 label indices (N, D, H, W); None without masks."""
+        if not self.config.mask_labels:
+            return None
+        n, c, d, h, w = channels.shape
+        flat = channels.transpose(1, 2).reshape(n * d, c, h, w)
+        d_cfg = self.config.diffusion
+        indices = labels_from_channels(flat, w, self.config.mask_labels, d_cfg.mask_scale, d_cfg.mask_encoding)
+        return indices.reshape(n, d, h, w).numpy()
 
     def pairs(self, n: int, seed: int = 0, sampler: str = FAST_SAMPLER, steps: int = FAST_STEPS,
               batch_size: int = 64, first_index: int = 0, frames: int = 0,

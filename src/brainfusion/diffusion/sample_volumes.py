@@ -3,7 +3,9 @@
 The volumes come from `Pipeline.volumes` (in memory); this module only writes them, as sample.py does for
 slices. Each is a uint8 `volume_<index>.nii.gz` with the run's grid affine (data/volumes.grid_affine: RAS+,
 data.spacing mm, centred on the world origin) in qform and sform, so ITK-SNAP and FSLeyes open it the right
-way up and to scale. Volume i of a seed is the same in any batch size or process count; under torchrun,
+way up and to scale. A run trained with tissue masks writes each volume's labels beside it as
+`volume_<index>_dseg.nii.gz` (the run's label values, BIDS's name for a segmentation) on the same grid, and their
+three planes as labels_montage.png. Volume i of a seed is the same in any batch size or process count; under torchrun,
 batch b is drawn by rank b mod W, and rank 0 reads the first volumes back for the pictures.
 """
 
@@ -16,6 +18,7 @@ import numpy as np
 
 from .. import distributed as dist
 from ..checkpoint import fault_injection_point
+from ..data.channels import label_image
 from ..data.volumes import grid_affine, to_ras_voxels
 from ..errors import BrainfusionError
 from ..images import axial_frames, save_gif, save_nifti, save_png, volume_montage
@@ -24,9 +27,9 @@ from .pipeline import Pipeline
 PICTURED = 4  # volumes shown in the montage and the GIF
 
 
-def volume_path(out_dir: Path, index: int) -> Path:
-    """Where volume `index` goes: one name per global index, so ranks never clash."""
-    return out_dir / f"volume_{index:04d}.nii.gz"
+def volume_path(out_dir: Path, index: int, labels: bool = False) -> Path:
+    """Where volume `index` (or its tissue labels) goes: one name per global index, so ranks never clash."""
+    return out_dir / f"volume_{index:04d}{'_dseg' if labels else ''}.nii.gz"
 
 
 def _check_request(cfg) -> None:
@@ -54,9 +57,11 @@ def draw_volumes(cfg, pipe: Pipeline, steps: int, out_dir: Path, ctx: dist.Conte
     for b in mine:
         start = b * batch
         count = min(batch, cfg.n_images - start)
-        volumes = pipe.volumes(count, cfg.seed, cfg.sampler, steps, count, start, progress=bar.update if bar else None,
-                               condition=cfg.condition, guidance=cfg.guidance)
+        volumes, labels = pipe.volume_pairs(count, cfg.seed, cfg.sampler, steps, count, start, progress=bar.update if bar else None,
+                                            condition=cfg.condition, guidance=cfg.guidance)
         for i, volume in enumerate(volumes):
+            if labels is not None:
+                save_nifti(to_ras_voxels(label_image(labels[i], data.mask_values)), affine, volume_path(out_dir, start + i, True))
             save_nifti(to_ras_voxels(volume), affine, volume_path(out_dir, start + i))
         fault_injection_point(f"sample:{b}")
     if bar is not None:
@@ -67,22 +72,27 @@ def draw_volumes(cfg, pipe: Pipeline, steps: int, out_dir: Path, ctx: dist.Conte
     result = {"out_dir": str(out_dir), "volumes": str(volume_path(out_dir, 0).parent), "seconds": seconds,
               "seconds_per_volume": seconds / max(1, done)}
     if ctx.is_main:
-        result.update(_pictures(cfg, out_dir))
+        result.update(_pictures(cfg, out_dir, bool(pipe.config.mask_labels)))
     return result
 
 
-def _pictures(cfg, out_dir: Path) -> dict:
-    """Check every process's volumes are there; the first PICTURED ones' three planes as montage.png, and a GIF through
-    their axial slices, read back from the files (another process may have drawn them)."""
+def _pictures(cfg, out_dir: Path, labels: bool) -> dict:
+    """Check every process's volumes are there; the first PICTURED ones' three planes as montage.png (their labels' as
+    labels_montage.png), and a GIF through their axial slices, read back from the files (another process may have
+    drawn them)."""
     import nibabel as nib
 
-    files = [volume_path(out_dir, i) for i in range(cfg.n_images)]
+    files = [volume_path(out_dir, i, kind) for kind in (False, True)[: 1 + labels] for i in range(cfg.n_images)]
     missing = [f for f in files if not f.is_file()]
     if missing:
-        raise BrainfusionError(f"{len(missing)} of the {cfg.n_images} volumes (e.g. {missing[0]}) are missing after every process "
+        raise BrainfusionError(f"{len(missing)} of the {len(files)} volume files (e.g. {missing[0]}) are missing after every process "
                                "finished; with several nodes, the output folder must be on a filesystem all of them share.")
-    shown = np.stack([to_ras_voxels(np.asarray(nib.load(str(f)).dataobj, dtype=np.uint8)) for f in files[:PICTURED]])
+    shown = np.stack([to_ras_voxels(np.asarray(nib.load(str(f)).dataobj, dtype=np.uint8)) for f in files[: min(PICTURED, cfg.n_images)]])
     result = {"montage": str(save_png(volume_montage(shown), out_dir / "montage.png"))}
+    if labels:
+        seg = np.stack([to_ras_voxels(np.asarray(nib.load(str(volume_path(out_dir, i, True))).dataobj, dtype=np.uint8))
+                        for i in range(min(PICTURED, cfg.n_images))])
+        result["labels_montage"] = str(save_png(volume_montage(seg), out_dir / "labels_montage.png"))
     if cfg.gif:
         result["gif"] = str(save_gif(axial_frames(shown), out_dir / "axial.gif"))
     return result

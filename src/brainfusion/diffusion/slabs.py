@@ -4,9 +4,11 @@ cDPM (Peng et al. 2023) makes brain MRI volumes with a 2-D diffusion model that 
 given the slices made before them. Here a slab is `size` axial slices; the network reads the `context` slices below
 it clean, as channels in front (the way an upsampler reads its low-resolution slice, diffusion/upsample.py), and the
 slab's place in the volume as one continuous input after any condition's values. Below the first slice the context
-is background (-1); with `context_noise` it is noised, in training and sampling alike. A training batch takes one
+is background; with `context_noise` it is noised, in training and sampling alike. A training batch takes one
 slab from each volume, at a start drawn for the global batch from the step's own generator; sampling climbs the
-volume inferior to superior, each slab on noise of its own.
+volume inferior to superior, each slab on noise of its own. Where the run has tissue masks, each slice carries its
+label channels after its image (data/channels.py), in the context and the slab alike, so a volume and its labels
+are made together (as a slice and its mask are) and each slab's labels continue the ones below.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..config import DiffusionConfig, SlabConfig
+from ..config import DiffusionConfig, RunConfig, SlabConfig
+from ..data.channels import label_channels
 from ..seeding import derive_seed, image_generators, randn
 from .process import sample
 
@@ -26,6 +29,17 @@ def slab_position(start: torch.Tensor | float, grid: int, size: int) -> torch.Te
     return (torch.as_tensor(start, dtype=torch.float32) / max(grid - size, 1)).reshape(-1, 1)
 
 
+def background(n_labels: int = 0, scale: float = 1.0, encoding: str = "one-hot") -> torch.Tensor:
+    """A volume slice's channels outside the brain (C,): the image at -1 and, with K labels, label 0's channels."""
+    labels = label_channels(torch.zeros(1, 1, 1, dtype=torch.long), n_labels, scale, None, encoding).flatten() if n_labels else torch.zeros(0)
+    return torch.cat([torch.tensor([-1.0]), labels])
+
+
+def run_background(config: RunConfig) -> torch.Tensor:
+    """`background()` for a run's slices: its image, and its tissue labels where it has masks."""
+    return background(config.mask_labels if config.data.volumes else 0, config.diffusion.mask_scale or 1.0, config.diffusion.mask_encoding)
+
+
 def with_position(cond: torch.Tensor | None, position: torch.Tensor) -> torch.Tensor:
     """The network's condition row: any condition's columns, then the slab's place."""
     position = position.expand(len(cond) if cond is not None else len(position), 1)
@@ -33,35 +47,39 @@ def with_position(cond: torch.Tensor | None, position: torch.Tensor) -> torch.Te
 
 
 def training_slabs(volumes: torch.Tensor, cond: torch.Tensor | None, cfg: SlabConfig, generator: torch.Generator,
-                   rows: slice, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's `rows` of a global batch of `batch` volumes (N, 1, D, H, W) as slabs with their context in
-    front (N, context + size, H, W), and the condition rows with each slab's place; the starts are drawn for the
-    global batch from `generator`, so the slabs are the same in any process count and on resume."""
-    grid, shape = volumes.shape[2], volumes.shape[-2:]
+                   rows: slice, batch: int, outside: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's `rows` of a global batch of `batch` volumes (N, C, D, H, W) as slabs with their context in
+    front (N, (context + size)·C, H, W, slice by slice), and the condition rows with each slab's place; `outside` (C,)
+    is a slice's channels below the volume (default `background()`). The starts are drawn for the global batch from
+    `generator`, so the slabs are the same in any process count and on resume."""
+    n, channels, grid, shape = len(volumes), volumes.shape[1], volumes.shape[2], tuple(volumes.shape[-2:])
     starts = torch.randint(0, grid - cfg.size + 1, (batch,), generator=generator)[rows]
-    noise = torch.randn((batch, cfg.context) + tuple(shape), generator=generator)[rows] if cfg.context_noise else None
-    padded = F.pad(volumes[:, 0].float(), (0, 0, 0, 0, cfg.context, 0), value=-1.0)
+    noise = torch.randn((batch, cfg.context * channels) + shape, generator=generator)[rows] if cfg.context_noise else None
+    below = (background() if outside is None else outside).view(1, channels, 1, 1, 1).expand(n, channels, cfg.context, *shape)
+    padded = torch.cat([below, volumes.float()], 2).transpose(1, 2)  # (N, D + context, C, H, W)
     depth = starts.view(-1, 1) + torch.arange(cfg.context + cfg.size).view(1, -1)
-    slabs = padded[torch.arange(len(volumes)).view(-1, 1), depth]
+    slabs = padded[torch.arange(n).view(-1, 1), depth].reshape(n, -1, *shape)
     if noise is not None:
-        slabs[:, : cfg.context] += cfg.context_noise * noise
+        slabs[:, : cfg.context * channels] += cfg.context_noise * noise
     return slabs.to(volumes.dtype), with_position(cond, slab_position(starts, grid, cfg.size))
 
 
 def slab_volumes(network: Callable, diffusion: DiffusionConfig, cfg: SlabConfig, grid: int, seed: int, indices: range,
                  sampler: str, steps: int, cond: torch.Tensor | None = None, guidance: float = 1.0,
-                 progress: Callable | None = None) -> torch.Tensor:
-    """Volumes `indices` of `seed` (N, 1, grid, grid, grid) in [-1, 1], made slab by slab from the bottom up; slab j
-    of volume i is drawn from image_generators(derive_seed(seed, 4, j), [i]), so a volume is the same in any batch."""
-    n, context, size = len(indices), cfg.context, cfg.size
-    volumes = torch.full((n, context + grid, grid, grid), -1.0)
+                 progress: Callable | None = None, outside: torch.Tensor | None = None) -> torch.Tensor:
+    """Volumes `indices` of `seed` (N, C, grid, grid, grid) in the model's range, made slab by slab from the bottom
+    up, C the channels of a slice (`outside`, default `background()`); slab j of volume i is drawn from
+    image_generators(derive_seed(seed, 4, j), [i]), so a volume is the same in any batch."""
+    outside = background() if outside is None else outside
+    n, channels, context, size = len(indices), len(outside), cfg.context, cfg.size
+    volumes = outside.view(1, 1, channels, 1, 1).repeat(n, context + grid, 1, grid, grid)  # (N, context + D, C, H, W)
     for j, start in enumerate(range(0, grid, size)):
-        known = volumes[:, start : start + context] if context else None
+        known = volumes[:, start : start + context].reshape(n, context * channels, grid, grid) if context else None
         if known is not None and cfg.context_noise:  # the context noised as in training, from each volume's own stream
             known = known + cfg.context_noise * randn(tuple(known.shape), image_generators(derive_seed(seed, 5, j), indices))
-        x, _ = sample(network, diffusion, (n, context + size, grid, grid), sampler, steps,
+        x, _ = sample(network, diffusion, (n, (context + size) * channels, grid, grid), sampler, steps,
                       image_generators(derive_seed(seed, 4, j), indices), progress=progress,
                       cond=with_position(cond, slab_position(start, grid, size)), guidance=guidance, clamp=True,
                       known=known, known_clean=True, known_first=True)
-        volumes[:, context + start : context + start + size] = x[:, context:]
-    return volumes[:, None, context:]
+        volumes[:, context + start : context + start + size] = x[:, context * channels :].reshape(n, size, channels, grid, grid)
+    return volumes[:, context:].transpose(1, 2)

@@ -4,11 +4,14 @@ The upsampler (config.UpsampleConfig) generates a slice's second channel given i
 `from_size`, noised by a level σ_aug the network is told (noise conditioning augmentation, Ho et al. 2022), then
 upsampled bicubically (SR3's concatenation, Saharia et al. 2021). In training the low-resolution slice is made from
 the batch by averaging pixel blocks and rounding to the uint8 grid, as the data loader shrinks slices (PIL's box
-filter) and as a base model's slices arrive, as uint8.
+filter) and as a base model's slices arrive, as uint8. With `blur` the level also blurs the slice before its noise
+(CDM's Gaussian blur augmentation, which Ho et al. found best for their 64² → 256² stage), and a residual upsampler
+then adds its detail to the blurred slice, so a base model's wrong fine structure is not kept at sampling.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -33,16 +36,36 @@ def enlarge(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
-def conditioning(low: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The given channel (N, 1, size, size) and the network's continuous input (N, 1): `low` noised by `levels`."""
-    noised = low + levels.view(-1, 1, 1, 1) * noise
-    return enlarge(noised, size), levels.view(-1, 1).float()
+def gaussian_blur(x: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Slices (N, 1, h, w) each blurred by a Gaussian of its own standard deviation `widths` (N,) in pixels (0: kept),
+    separably, edges replicated."""
+    if not bool((widths > 0).any()):
+        return x
+    radius = max(1, int(math.ceil(3 * float(widths.max()))))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / widths.float().clamp_min(1e-6).view(-1, 1)) ** 2)
+    kernel = torch.where(widths.view(-1, 1) > 0, kernel, (offsets == 0).float())
+    kernel = (kernel / kernel.sum(1, keepdim=True)).to(x.dtype)
+    n, _, h, w = x.shape
+    rows = F.conv2d(F.pad(x.reshape(1, n, h, w), (radius, radius, 0, 0), mode="replicate"), kernel.view(n, 1, 1, -1), groups=n)
+    both = F.conv2d(F.pad(rows, (0, 0, radius, radius), mode="replicate"), kernel.view(n, 1, -1, 1), groups=n)
+    return both.reshape(n, 1, h, w)
 
 
-def target(x0: torch.Tensor, low: torch.Tensor, cfg: UpsampleConfig) -> torch.Tensor:
-    """What the upsampler generates for slices `x0` whose low-resolution version is `low`: the slices, or with
-    residual_scale what bicubic enlargement of `low` misses, scaled."""
-    return x0 if not cfg.residual_scale else (x0 - enlarge(low, x0.shape[-1])) * cfg.residual_scale
+def conditioning(low: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor, size: int, blur: float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The given channel (N, 1, size, size), the network's continuous input (N, 1) and the anchor a residual upsampler
+    adds its detail to (N, 1, size, size): `low` blurred by `blur` pixels per unit of `levels`, enlarged (the anchor),
+    and noised by `levels` (the given channel)."""
+    blurred = gaussian_blur(low.float(), levels.float() * blur)
+    noised = blurred + levels.view(-1, 1, 1, 1) * noise
+    return enlarge(noised, size), levels.view(-1, 1).float(), enlarge(blurred, size)
+
+
+def target(x0: torch.Tensor, anchor: torch.Tensor, cfg: UpsampleConfig) -> torch.Tensor:
+    """What the upsampler generates for slices `x0` whose enlarged low-resolution version is `anchor`: the slices,
+    or with residual_scale what the anchor misses, scaled."""
+    return x0 if not cfg.residual_scale else (x0 - anchor) * cfg.residual_scale
 
 
 def training_pair(x0: torch.Tensor, cfg: UpsampleConfig, generator: torch.Generator, rows: slice, batch: int
@@ -53,16 +76,16 @@ def training_pair(x0: torch.Tensor, cfg: UpsampleConfig, generator: torch.Genera
     levels = torch.rand(batch, generator=generator) * cfg.augment_max
     noise = torch.randn((batch, 1, cfg.from_size, cfg.from_size), generator=generator)
     low = shrink(x0, cfg.from_size)
-    given, cond = conditioning(low, levels[rows].to(x0.device), noise[rows].to(x0.device), x0.shape[-1])
-    return torch.cat([given, target(x0.float(), low, cfg)], 1).to(x0.dtype), cond
+    given, cond, anchor = conditioning(low, levels[rows].to(x0.device), noise[rows].to(x0.device), x0.shape[-1], cfg.blur)
+    return torch.cat([given, target(x0.float(), anchor, cfg)], 1).to(x0.dtype), cond
 
 
-def sampling_conditioning(low: torch.Tensor, level: float, generators: list[torch.Generator], size: int
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The given channel and continuous input for low-resolution slices (N, 1, h, w) at the fixed level `level`;
-    image i's augmentation noise comes from its own generator."""
+def sampling_conditioning(low: torch.Tensor, level: float, generators: list[torch.Generator], size: int, blur: float = 0.0
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`conditioning` for low-resolution slices (N, 1, h, w) at the fixed level `level`; image i's augmentation
+    noise comes from its own generator."""
     noise = randn(tuple(low.shape), generators)
-    return conditioning(low.float(), torch.full((low.shape[0],), float(level)), noise, size)
+    return conditioning(low.float(), torch.full((low.shape[0],), float(level)), noise, size, blur)
 
 
 def upscale_images(network: Callable, diffusion: DiffusionConfig, cfg: UpsampleConfig, low: np.ndarray, level: float, size: int,
@@ -71,11 +94,11 @@ def upscale_images(network: Callable, diffusion: DiffusionConfig, cfg: UpsampleC
     `indices` of `seed`: the sampler's noise from image_generators(seed, indices), the augmentation noise from a
     second stream per image. brainfusion's Pipeline and the diffusers export both draw a cascade's second stage here."""
     small = to_model_range(torch.as_tensor(np.asarray(low, dtype=np.uint8)))
-    given, cond = sampling_conditioning(small, level, image_generators(derive_seed(seed, 2), indices), size)
+    given, cond, anchor = sampling_conditioning(small, level, image_generators(derive_seed(seed, 2), indices), size, cfg.blur)
     x, _ = sample(network, diffusion, (len(indices), 2, size, size), sampler, steps, image_generators(seed, indices),
                   progress=progress, cond=cond, clamp=not cfg.residual_scale, known=given, known_clean=True, known_first=True)
     made = x[:, 1:]
-    return made if not cfg.residual_scale else (enlarge(small, size) + made / cfg.residual_scale).clamp(-1, 1)
+    return made if not cfg.residual_scale else (anchor + made / cfg.residual_scale).clamp(-1, 1)
 
 
 def sampling_level(cfg: UpsampleConfig, augment: float | None) -> float:

@@ -33,7 +33,7 @@ from ..data.subjects import split_subjects
 from ..diffusion.loss import channel_weights
 from ..diffusion.pipeline import Pipeline
 from ..diffusion.process import make_process
-from ..diffusion.slabs import training_slabs
+from ..diffusion.slabs import run_background, training_slabs
 from ..diffusion.upsample import shrink, training_pair
 from ..diffusion.wavelet import to_coefficients
 from ..errors import BrainfusionError
@@ -289,12 +289,12 @@ def _given_channels(config: RunConfig, step: int, channels: int) -> torch.Tensor
     from its own key (None when the run has neither share). One draw u per image: u < diffusion.given_mask_share
     gives the image its mask channels; the next given_image_share of [0, 1) gives the labels their image."""
     d, k, batch = config.diffusion, config.mask_channels, config.train.batch_size
-    first = 1 if config.upsample.active else config.slab.context  # an upsampler's low-resolution slice, a slab's context
+    first = 1 if config.upsample.active else config.slab.context * config.slab_channels  # an upsampler's low-resolution slice, a slab's context
     if first:  # handed over clean at every step, in front of the channels generated
         given = torch.zeros(batch, channels, 1, 1, dtype=torch.bool)
         given[:, :first] = True
         return given
-    if not ((d.given_mask_share or d.given_image_share) and k):
+    if not ((d.given_mask_share or d.given_image_share) and k) or config.data.volumes:
         return None
     u = torch.rand(batch, generator=seeded_generator(config.train.seed, 4, step))
     given = torch.zeros(batch, channels, 1, 1, dtype=torch.bool)
@@ -310,7 +310,8 @@ def training_step(s: Session, step: int) -> torch.Tensor:
     images, cond = s.stream.batch_with_cond(step)
     lo, hi = ctx.rank * s.stream.per_rank, (ctx.rank + 1) * s.stream.per_rank
     if s.config.slab.active:  # one slab of each volume, its context in front; its place in the volume as a condition
-        images, cond = training_slabs(images, cond, s.config.slab, seeded_generator(tcfg.seed, 7, step), slice(lo, hi), tcfg.batch_size)
+        images, cond = training_slabs(images, cond, s.config.slab, seeded_generator(tcfg.seed, 7, step), slice(lo, hi), tcfg.batch_size,
+                                      run_background(s.config))
     x0 = images.to(device, memory_format=s.memory_format)
     if s.config.upsample.active:  # the low-resolution slice in front, given clean; its augmentation level as the condition
         x0, cond = training_pair(x0, s.config.upsample, seeded_generator(tcfg.seed, 6, step), slice(lo, hi), tcfg.batch_size)
