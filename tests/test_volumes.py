@@ -236,7 +236,7 @@ def test_volume_and_mask_pairs_train_and_sample_aligned_label_volumes(cli, tmp_p
     from brainfusion.data.volumes import grid_affine, to_ras_voxels
 
     status, _out, err = cli("train", "--volumes", "--data", demo_volumes, "--masks", demo_volumes / "derivatives" / "labels",
-                            "--out-dir", "run", "--max-steps", "2", *TINY, "--mask-encoding", "ordinal")
+                            "--out-dir", "run", "--max-steps", "2", *TINY, "--mask-encoding", "ordinal", "--holdout-subjects", "2")
     assert status == 0, err
     config = load_config(tmp_path / "run" / "config.json")
     assert config.data.mask_values == (0, 85, 170, 255) and config.model.in_channels == (4 + 4) * 2  # image + ordinal per slice
@@ -249,6 +249,23 @@ def test_volume_and_mask_pairs_train_and_sample_aligned_label_volumes(cli, tmp_p
     volumes, made = Pipeline.from_checkpoint(tmp_path / "run").volume_pairs(1, seed=0, steps=2, first_index=1)
     assert np.array_equal(to_ras_voxels(volumes[0]), np.asarray(image.dataobj))
     assert np.array_equal(to_ras_voxels(label_image(made[0], config.data.mask_values)), np.asarray(labels.dataobj))
+    status, _out, err = cli("evaluate", "--checkpoint", "run", "--out", "ev", "--steps", "2")
+    assert status == 0, err
+    summary = json.loads((tmp_path / "ev" / "results.json").read_text())["summary"]
+    for figure in ("label_w1_CSF", "label_w1_grey_matter", "label_w1_white_matter", "label_image_dice"):
+        assert summary[figure]["floor"] is not None and summary[figure]["value"] is not None
+    assert 0.3 < summary["label_image_dice"]["floor"] <= 1  # real labels fit their own images
+
+
+def test_label_agreement_is_one_for_labels_that_are_the_intensity_classes():
+    from brainfusion.evaluation.volumes import intensity_classes, label_agreement, label_shares
+
+    volumes = np.random.default_rng(0).integers(0, 256, (2, 6, 6, 6)).astype(np.uint8)
+    classes = intensity_classes(volumes, (80, 160))
+    assert np.all(label_agreement(volumes, classes, (80, 160)) == 1.0)
+    assert np.all(label_agreement(volumes, (classes % 3) + 1, (80, 160)) < 0.5)  # shifted labels disagree
+    shares = label_shares(classes, 4)
+    assert shares.shape == (2, 3) and np.allclose(shares.sum(1), 1)
 
 
 def test_label_volumes_come_onto_the_grid_by_majority_with_their_image(demo_volumes, assert_user_error, tmp_path):

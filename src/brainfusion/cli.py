@@ -390,6 +390,7 @@ def _evaluate_volumes(args: argparse.Namespace, out: Path, run: RunConfig) -> No
     """A volume run's --n volumes against the subjects it held out, with its training volumes as the floor's and the
     near-copy search's reference (evaluation/volumes.py): results.json, results.md and montage.png in `out`. --n
     defaults to as many volumes as were held out, so the floor (as many training volumes) is at the same n."""
+    from .data.masks import mask_names
     from .data.subjects import split_subjects
     from .data.volumes import load_volumes
     from .diffusion.pipeline import Pipeline
@@ -400,8 +401,9 @@ def _evaluate_volumes(args: argparse.Namespace, out: Path, run: RunConfig) -> No
                                "score its volumes against; train it again with --holdout-subjects.")
     train, held = split_subjects(data, load_volumes(data, progress=not args.quiet), run.train.seed)
     pipe = Pipeline.from_checkpoint(args.checkpoint, use_ema=not args.no_ema)
-    generated = pipe.volumes(args.n or len(held), seed=args.seed, sampler=args.sampler, steps=args.steps)
-    _score_volumes(args, out, generated, held.images, train.images)
+    generated, labels = pipe.volume_pairs(args.n or len(held), seed=args.seed, sampler=args.sampler, steps=args.steps)
+    pairs = None if labels is None else ((labels, held.labels, train.labels), mask_names(data.mask_values))
+    _score_volumes(args, out, generated, held.images, train.images, pairs)
 
 
 def _evaluate_volume_folders(args: argparse.Namespace, out: Path) -> None:
@@ -418,8 +420,9 @@ def _evaluate_volume_folders(args: argparse.Namespace, out: Path) -> None:
     _score_volumes(args, out, read(args.generated), read(args.real), read(args.train))
 
 
-def _score_volumes(args: argparse.Namespace, out: Path, generated, held, train) -> None:
-    """Volumes in (z, y, x) order scored against held-out and training ones: results.json, results.md, montage.png."""
+def _score_volumes(args: argparse.Namespace, out: Path, generated, held, train, pairs: tuple | None = None) -> None:
+    """Volumes in (z, y, x) order scored against held-out and training ones: results.json, results.md, montage.png.
+    `pairs`: the three sets' label volumes and the label names, for a run that makes volumes with their labels."""
     import numpy as np
 
     from .data.volumes import to_ras_voxels
@@ -430,7 +433,8 @@ def _score_volumes(args: argparse.Namespace, out: Path, generated, held, train) 
     ras = lambda v: np.stack([to_ras_voxels(x) for x in v])  # noqa: E731 - evaluation/volumes.py takes (x, y, z) order
     config = VolumeEvalConfig(inception=args.inception, progress=not args.quiet,
                               inception_weights=Path(args.inception_weights) if args.inception_weights else None)
-    results = evaluate_volumes(ras(generated), ras(held), ras(train), config)
+    labels = None if pairs is None else tuple(ras(v) for v in pairs[0])
+    results = evaluate_volumes(ras(generated), ras(held), ras(train), config, labels, pairs[1] if pairs else ())
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=float))
     atomic_write_text(out / "results.md", summary_markdown(results))

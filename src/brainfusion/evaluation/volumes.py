@@ -41,6 +41,11 @@ scored against the held-out ones. A model is as good as its distance to the floo
   costs milliseconds and is the same ruler for every set. It assumes T1 contrast (CSF darkest, white
   matter brightest) and skull-stripped volumes; voxels at or below the background level are not
   counted, so the darkest CSF is undercounted alike in every set.
+* Tissue labels, for a run that makes each volume with its label volume: the Wasserstein-1 distance between
+  generated and held-out distributions of each label's share of the labelled voxels (`label_shares`), and, where
+  the labels are OASIS's tissues, how well each volume's labels fit its own image (`label_agreement`: the mean Dice
+  over CSF, grey and white matter between the labels and the intensity classes above), beside the same on real
+  held-out pairs. Labels drawn apart from their image would keep plausible shares yet fall far below the real Dice.
 * Memorisation (`volume_memorization`): each volume's Pearson correlation with its nearest training
   volume on a coarse grid; a generated volume is flagged when it is nearer than the 5th percentile
   of held-out real volumes' nearest-train distances (so ~5 % by chance, an exact copy always).
@@ -72,7 +77,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "PLANES", "VolumeEvalConfig", "check_volumes", "plane_slices", "central_slice_indices", "plane_stack",
     "three_plane_distances", "ms_ssim_settings", "volume_ms_ssim", "ms_ssim_diversity", "fit_tissue_thresholds",
-    "tissue_fractions", "tissue_distances", "volume_memorization", "evaluate_volumes", "summary_markdown",
+    "tissue_fractions", "tissue_distances", "intensity_classes", "label_shares", "label_agreement", "volume_memorization", "evaluate_volumes", "summary_markdown",
 ]
 
 PLANES = {"sagittal": 0, "coronal": 1, "axial": 2}  # plane -> the spatial axis that indexes its slices
@@ -304,13 +309,57 @@ def tissue_fractions(volumes: np.ndarray, thresholds: tuple[int, int], level: in
 def tissue_distances(fractions_a: np.ndarray, fractions_b: np.ndarray) -> dict[str, float]:
     """Wasserstein-1 distance (in share units, 0..1) between two sets' distributions of each tissue share;
     volumes with no brain are left out."""
-    from scipy.stats import wasserstein_distance  # here: scipy.stats takes a second to import
-
     a = fractions_a[np.isfinite(fractions_a).all(1)]
     b = fractions_b[np.isfinite(fractions_b).all(1)]
-    if not len(a) or not len(b):
-        return {t: float("nan") for t in TISSUES}
-    return {t: float(wasserstein_distance(a[:, k], b[:, k])) for k, t in enumerate(TISSUES)}
+    return {t: _w1(a[:, k], b[:, k]) for k, t in enumerate(TISSUES)}
+
+
+def _w1(a: np.ndarray, b: np.ndarray) -> float:
+    """Wasserstein-1 distance between two samples of one number (NaN when either is empty)."""
+    from scipy.stats import wasserstein_distance  # here: scipy.stats takes a second to import
+
+    return float(wasserstein_distance(a, b)) if len(a) and len(b) else float("nan")
+
+
+def intensity_classes(volumes: np.ndarray, thresholds: tuple[int, int], level: int = FOREGROUND_LEVEL) -> np.ndarray:
+    """Each voxel's intensity class as a label index: 0 at or below `level`, 1 CSF, 2 grey, 3 white matter."""
+    t1, t2 = thresholds
+    return np.digitize(volumes, [level + 0.5, t1 + 0.5, t2 + 0.5]).astype(np.uint8)
+
+
+def label_shares(labels: np.ndarray, n_labels: int) -> np.ndarray:
+    """(n, K - 1) shares of each label volume's labelled voxels (label > 0) in labels 1 .. K - 1; NaN rows where none."""
+    counts = np.stack([np.bincount(v.ravel(), minlength=n_labels)[1:n_labels] for v in labels]).astype(np.float64)
+    total = counts.sum(1, keepdims=True)
+    return np.divide(counts, total, out=np.full(counts.shape, np.nan), where=total > 0)
+
+
+def label_agreement(volumes: np.ndarray, labels: np.ndarray, thresholds: tuple[int, int]) -> np.ndarray:
+    """Per volume, the mean Dice over CSF, grey and white matter between its tissue labels (OASIS's label order) and the
+    intensity classes of its image: how well labels made with a volume fit it."""
+    classes = intensity_classes(volumes, thresholds)
+    out = []
+    for c, l in zip(classes, labels):
+        dice = [2 * np.sum((c == k) & (l == k)) / max(1, np.sum(c == k) + np.sum(l == k)) for k in (1, 2, 3)]
+        out.append(float(np.mean(dice)))
+    return np.asarray(out)
+
+
+def _label_figures(generated: np.ndarray, heldout: np.ndarray, floor: np.ndarray, labels: tuple, names: tuple[str, ...],
+                   thresholds: tuple[int, int]) -> tuple[dict, dict]:
+    """The summary rows and the details of the label figures (see the module docstring)."""
+    shares = [label_shares(l, len(names)) for l in labels]
+    gen, real, flo = (x[np.isfinite(x).all(1)] for x in shares)
+    details = {"names": list(names[1:]),
+               "mean_shares": {n: np.nanmean(f, 0).tolist() for n, f in zip(("generated", "heldout", "floor_train"), shares)}}
+    summary = {f"label_w1_{name.replace(' ', '_')}": {"value": _finite(_w1(gen[:, j], real[:, j])),
+                                                      "floor": _finite(_w1(flo[:, j], real[:, j])), "lower_is_better": True}
+               for j, name in enumerate(names[1:])}
+    if tuple(names) == OASIS_MASK_NAMES:
+        agree_gen, agree_real = label_agreement(generated, labels[0], thresholds), label_agreement(heldout, labels[1], thresholds)
+        summary["label_image_dice"] = {"value": float(agree_gen.mean()), "floor": float(agree_real.mean()), "lower_is_better": None}
+        details["label_image_dice"] = {"generated": agree_gen.round(4).tolist(), "heldout": agree_real.round(4).tolist()}
+    return summary, details
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,9 +440,10 @@ def _summary(fid_gen: dict, fid_floor: dict, div_gen: dict, div_real: dict, tis_
 
 
 def evaluate_volumes(generated: np.ndarray, real_heldout: np.ndarray, real_train: np.ndarray,
-                     config: VolumeEvalConfig | None = None) -> dict:
+                     config: VolumeEvalConfig | None = None, labels: tuple | None = None, label_names: tuple[str, ...] = ()) -> dict:
     """Every volume figure beside its floor (see the module docstring); a JSON-ready dict whose `summary`
-    holds {"value", "floor"} per figure. `real_heldout` and `real_train` must be disjoint subjects."""
+    holds {"value", "floor"} per figure. `real_heldout` and `real_train` must be disjoint subjects. `labels`: the
+    three sets' label volumes (uint8 indices into `label_names`, same order and shape), for a run that makes them."""
     config = config or VolumeEvalConfig()
     generated = check_volumes(generated, "generated")
     heldout = check_volumes(real_heldout, "held-out real")
@@ -413,8 +463,15 @@ def evaluate_volumes(generated: np.ndarray, real_heldout: np.ndarray, real_train
     fr_gen, fr_real, fr_floor = (tissue_fractions(v, thresholds) for v in (generated, heldout, floor))
     tis_gen, tis_floor = tissue_distances(fr_gen, fr_real), tissue_distances(fr_floor, fr_real)
     memorization = volume_memorization(generated, heldout, train, config)
+    summary = _summary(fid_gen, fid_floor, div_gen, div_real, tis_gen, tis_floor, memorization)
+    label_details = None
+    if labels is not None:
+        train_labels = floor_subset(np.asarray(labels[2]), len(generated), config.seed)
+        label_summary, label_details = _label_figures(generated, heldout, floor, (labels[0], labels[1], train_labels), label_names, thresholds)
+        summary.update(label_summary)
     return {
-        "summary": _summary(fid_gen, fid_floor, div_gen, div_real, tis_gen, tis_floor, memorization),
+        "summary": summary,
+        "labels": label_details,
         "counts": {"generated": len(generated), "heldout": len(heldout), "train": len(train), "floor_train": len(floor),
                    "slices_per_plane_per_volume": config.slices_per_plane},
         "shape": list(generated.shape[1:]),
