@@ -98,7 +98,8 @@ TRAIN_FLAGS = {
     "augment_max": ("upsample.augment_max", float, "upsamplers: the highest noise level the low-resolution slice is given in "
                     "training (default 0.5)"),
     "augment_blur": ("upsample.blur", float, "upsamplers: each noise level also blurs the low-resolution slice by this many of "
-                     "its pixels per unit of level, and the detail is added to the blurred slice (default 0: no blur)"),
+                     "its pixels per unit of level, and the detail is added to the blurred slice (default 0: 4 scored worse after "
+                     "20 minutes)"),
 }
 
 

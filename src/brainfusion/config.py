@@ -597,7 +597,9 @@ class UpsampleConfig:
     # the sampling level, in the [-1, 1] units of a slice; None resolves to AUGMENT_LEVEL, or augment_max if lower
     augment: float | None = None
     # > 0: each level also blurs the low-resolution slice before its noise, by a Gaussian of this many from_size
-    # pixels per unit of level (CDM's blur augmentation, Ho et al. 2022), and a residual is taken from the blurred slice
+    # pixels per unit of level (CDM's blur augmentation, Ho et al. 2022), and a residual is taken from the blurred slice.
+    # Off: with 4 after 1,455 steps the upsampler alone scored FID 159.8 against the plain one's 93.1 on real slices,
+    # and the cascade 219.7 against 155.9 (n = 300, research/cascade.md)
     blur: float = 0.0
 
     @property
