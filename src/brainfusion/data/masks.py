@@ -125,6 +125,21 @@ def read_mask_slice(path: Path, image_shape: tuple[int, int], values: tuple[int,
     return fit_square_labels(to_label_index(mask.astype(np.int64), values, path), len(values), size)
 
 
+def label_volume_values(volume, path: Path, values: tuple[int, ...] | None) -> tuple[np.ndarray, tuple[int, ...]]:
+    """A nibabel label volume's voxels as whole label numbers (int64), and the label values (read from this volume
+    when the run has none yet); non-integer voxels, or more than MAX_LABELS labels, are one sentence naming `path`."""
+    data = np.asarray(volume.dataobj)
+    if data.dtype.kind == "f":
+        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
+            raise ValueError(f"its mask {path} holds non-integer values; label volumes hold whole label numbers")
+    data = data.astype(np.int64)
+    if values is None:
+        values = tuple(int(v) for v in np.unique(data))
+        if len(values) > MAX_LABELS:
+            raise ValueError(f"its mask {path} holds {len(values)} labels, more than {MAX_LABELS}; merge them into tissue classes first")
+    return data, values
+
+
 def read_mask_volume(path: Path, image_shape: tuple[int, ...], kept: np.ndarray, values: tuple[int, ...] | None,
                      size: int, affine: np.ndarray | None = None) -> tuple[np.ndarray, tuple[int, ...]]:
     """A label volume → the label indices of the image's kept axial slices (RAS+, like the image),
@@ -140,15 +155,7 @@ def read_mask_volume(path: Path, image_shape: tuple[int, ...], kept: np.ndarray,
     if affine is not None and not np.allclose(volume.affine, affine, atol=AFFINE_TOLERANCE_MM):
         raise ValueError(f"its mask {path} lies elsewhere in the scanner's space than the series (the affines differ by up to "
                          f"{np.abs(volume.affine - affine).max():.3g} mm); write the labels on the series' own grid, e.g. from its dcm2niix NIfTI")
-    data = np.asarray(volume.dataobj)
-    if data.dtype.kind == "f":
-        if not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data)):
-            raise ValueError(f"its mask {path} holds non-integer values; label volumes hold whole label numbers")
-    data = data.astype(np.int64)
-    if values is None:
-        values = tuple(int(v) for v in np.unique(data))
-        if len(values) > MAX_LABELS:
-            raise ValueError(f"its mask {path} holds {len(values)} labels, more than {MAX_LABELS}; merge them into tissue classes first")
+    data, values = label_volume_values(volume, path, values)
     labels = [np.rot90(to_label_index(data[:, :, k], values, path)) for k in kept]
     return np.stack([fit_square_labels(np.ascontiguousarray(m), len(values), size) for m in labels]), values
 

@@ -31,7 +31,7 @@ from ..errors import BrainfusionError
 from ..fileio import atomic_output
 from .cache import SOURCE_KEY, cache_dir, source_of
 from .dicom import series_image
-from .masks import AFFINE_TOLERANCE_MM, MAX_LABELS, check_mask_config, find_mask, to_label_index
+from .masks import AFFINE_TOLERANCE_MM, MAX_LABELS, check_mask_config, find_mask, label_volume_values, to_label_index
 from .slices import (IMAGE_SUFFIXES, MAX_SIDE, MAX_VOXELS, _bad_file, _cache_key, _check_volume_header, _robust_uint8,
                      _subject, _suffix, _Unit, _units, _warn_skipped, discover_files)
 
@@ -131,14 +131,10 @@ def _label_indices(labels, image, values: tuple[int, ...] | None) -> tuple[np.nd
     if tuple(labels.shape) != tuple(image.shape) or not np.allclose(labels.affine, image.affine, atol=AFFINE_TOLERANCE_MM):
         raise ValueError(f"its mask {path} has shape {tuple(labels.shape)} and does not lie voxel for voxel on the image "
                          f"(shape {tuple(image.shape)}); write the labels on the image's own grid")
-    data = np.asarray(labels.dataobj)
-    if data.dtype.kind == "f" and (not np.all(np.isfinite(data)) or not np.array_equal(data, np.round(data))):
-        raise ValueError(f"its mask {path} holds non-integer values; label volumes hold whole label numbers")
-    data = data.astype(np.int64)
-    if values is None:
-        values = tuple(int(v) for v in np.unique(data))
-        if not 2 <= len(values) <= MAX_LABELS:
-            raise ValueError(f"its mask {path} holds {len(values)} label value(s); label volumes hold 2 to {MAX_LABELS} tissue classes")
+    read = values is None
+    data, values = label_volume_values(labels, Path(path), values)
+    if read and len(values) < 2:
+        raise ValueError(f"its mask {path} holds {len(values)} label value; label volumes hold 2 to {MAX_LABELS} tissue classes")
     return to_label_index(data, values, Path(path)), values
 
 

@@ -87,12 +87,14 @@ def _pictures(cfg, out_dir: Path, labels: bool) -> dict:
     if missing:
         raise BrainfusionError(f"{len(missing)} of the {len(files)} volume files (e.g. {missing[0]}) are missing after every process "
                                "finished; with several nodes, the output folder must be on a filesystem all of them share.")
-    shown = np.stack([to_ras_voxels(np.asarray(nib.load(str(f)).dataobj, dtype=np.uint8)) for f in files[: min(PICTURED, cfg.n_images)]])
+    def first(kind: bool) -> np.ndarray:  # the first PICTURED volumes (or label volumes), read back
+        return np.stack([to_ras_voxels(np.asarray(nib.load(str(volume_path(out_dir, i, kind))).dataobj, dtype=np.uint8))
+                         for i in range(min(PICTURED, cfg.n_images))])
+
+    shown = first(False)
     result = {"montage": str(save_png(volume_montage(shown), out_dir / "montage.png"))}
     if labels:
-        seg = np.stack([to_ras_voxels(np.asarray(nib.load(str(volume_path(out_dir, i, True))).dataobj, dtype=np.uint8))
-                        for i in range(min(PICTURED, cfg.n_images))])
-        result["labels_montage"] = str(save_png(volume_montage(seg), out_dir / "labels_montage.png"))
+        result["labels_montage"] = str(save_png(volume_montage(first(True)), out_dir / "labels_montage.png"))
     if cfg.gif:
         result["gif"] = str(save_gif(axial_frames(shown), out_dir / "axial.gif"))
     return result
