@@ -68,7 +68,9 @@ TRAIN_FLAGS = {
     "batch_size": ("train.batch_size", int, "global batch size"),
     "lr": ("train.lr", float, "peak learning rate"),
     "warmup_steps": ("train.warmup_steps", int, "linear warm-up steps"),
-    "lr_schedule": ("train.lr_schedule", str, "constant (default) or cosine: decay to 0 at --max-steps"),
+    "lr_schedule": ("train.lr_schedule", str, "constant (default); cosine: decay to 0 at --max-steps; wsd: constant, then "
+                    "linear to 0 over the last --lr-decay-share of --max-steps"),
+    "lr_decay_share": ("train.lr_decay_share", float, "with --lr-schedule wsd: the share of --max-steps the decay takes (0.2)"),
     "ema_decay": ("train.ema_decay", float, "EMA decay"),
     "epochs": ("train.epochs", float, "epochs budget"),
     "max_steps": ("train.max_steps", int, "step budget"),

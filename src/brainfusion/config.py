@@ -344,8 +344,10 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 5e-4
     warmup_steps: int = 200
-    # "constant" (default) after the warm-up, or "cosine": decay to 0 at train.max_steps, for a step budget known in advance
+    # "constant" (default) after the warm-up; for a step budget known in advance, "cosine": decay to 0 at
+    # train.max_steps, or "wsd": constant, then linear to 0 over the last train.lr_decay_share of train.max_steps
     lr_schedule: str = "constant"
+    lr_decay_share: float = 0.2
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     epochs: float = 0.0  # 0 = not used; the first budget reached ends training
@@ -371,9 +373,11 @@ class TrainConfig:
         _check_choice("train.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _check_choice("train.channels_last", self.channels_last, ("auto", "on", "off"))
         _check_choice("train.logger", self.logger, ("csv", "tensorboard"))
-        _check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
-        if self.lr_schedule == "cosine" and self.max_steps < 1:
-            raise BrainfusionError("train.lr_schedule=cosine decays to the end of train.max_steps; set train.max_steps too.")
+        _check_choice("train.lr_schedule", self.lr_schedule, ("constant", "cosine", "wsd"))
+        if self.lr_schedule != "constant" and self.max_steps < 1:
+            raise BrainfusionError(f"train.lr_schedule={self.lr_schedule} decays to the end of train.max_steps; set train.max_steps too.")
+        if not 0 < self.lr_decay_share <= 1:
+            raise BrainfusionError(f"train.lr_decay_share is {self.lr_decay_share}; it must be in (0, 1], e.g. 0.2.")
         if self.batch_size <= 0:
             raise BrainfusionError(f"train.batch_size must be positive, got {self.batch_size}.")
         for name in ("checkpoint_every", "log_every"):

@@ -98,10 +98,14 @@ class _StopSignal:
 
 
 def lr_at(step: int, cfg) -> float:
-    """Linear warm-up, then constant or (lr_schedule "cosine", Loshchilov & Hutter 2017) a half cosine to 0 at max_steps."""
+    """Linear warm-up, then constant, or a decay to 0 at max_steps: "cosine", a half cosine (Loshchilov & Hutter
+    2017), or "wsd", constant until the last lr_decay_share of the steps, then linear (warmup-stable-decay, Hägele
+    et al. 2024: the constant phase is the constant schedule's, so a run can be cooled down from its checkpoints)."""
     lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
     if cfg.lr_schedule == "cosine":
         lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / cfg.max_steps)))
+    elif cfg.lr_schedule == "wsd":
+        lr *= min(1.0, max(0.0, (cfg.max_steps - step) / (cfg.lr_decay_share * cfg.max_steps)))
     return lr
 
 
