@@ -255,6 +255,13 @@ def test_volume_and_mask_pairs_train_and_sample_aligned_label_volumes(cli, tmp_p
     for figure in ("label_w1_CSF", "label_w1_grey_matter", "label_w1_white_matter", "label_image_dice"):
         assert summary[figure]["floor"] is not None and summary[figure]["value"] is not None
     assert 0.3 < summary["label_image_dice"]["floor"] <= 1  # real labels fit their own images
+    labels = demo_volumes / "derivatives" / "labels"  # sample's folder, pictures and label volumes beside, read as its volumes
+    status, _out, err = cli("evaluate", "--volumes", "--generated", "s", "--generated-masks", "s", "--real", demo_volumes,
+                            "--real-masks", labels, "--train", demo_volumes, "--train-masks", labels, "--out", "ev2",
+                            "--grid", "16", "--spacing", "12")
+    assert status == 0, err
+    results = json.loads((tmp_path / "ev2" / "results.json").read_text())
+    assert results["counts"]["generated"] == 2 and results["summary"]["label_image_dice"]["value"] is not None
 
 
 def test_label_agreement_is_one_for_labels_that_are_the_intensity_classes():

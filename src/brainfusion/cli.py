@@ -414,13 +414,22 @@ def _evaluate_volume_folders(args: argparse.Namespace, out: Path) -> None:
     data (reoriented, normalised, resampled brain-centred onto --grid³ voxels of --spacing mm), then scored as a volume
     run's samples are."""
     from .config import DataConfig
+    from .data.masks import mask_names
     from .data.volumes import load_volumes
 
-    def read(path: str):
-        return load_volumes(DataConfig(path=path, volumes=True, grid=args.grid, spacing=args.spacing,
-                                       on_bad_file=args.on_bad_file), progress=not args.quiet).images
+    label_folders = (args.generated_masks, args.real_masks, args.train_masks)
+    if any(label_folders) and not all(label_folders):
+        raise BrainfusionError("evaluate --volumes scores labels against the held-out ones with the training ones as the floor: "
+                               "give all of --generated-masks, --real-masks and --train-masks, or none.")
 
-    _score_volumes(args, out, read(args.generated), read(args.real), read(args.train))
+    def read(path: str, masks: str | None, values: tuple[int, ...] = ()):
+        return load_volumes(DataConfig(path=path, volumes=True, grid=args.grid, spacing=args.spacing, masks=masks,
+                                       mask_values=values, on_bad_file=args.on_bad_file), progress=not args.quiet)
+
+    held = read(args.real, args.real_masks)  # its label values are the ones the other two folders are read with
+    generated, train = read(args.generated, args.generated_masks, held.mask_values), read(args.train, args.train_masks, held.mask_values)
+    pairs = ((generated.labels, held.labels, train.labels), mask_names(held.mask_values)) if args.real_masks else None
+    _score_volumes(args, out, generated.images, held.images, train.images, pairs)
 
 
 def _score_volumes(args: argparse.Namespace, out: Path, generated, held, train, pairs: tuple | None = None) -> None:
@@ -551,6 +560,9 @@ def _add_evaluate_parser(sub) -> None:
                    "volumes, resampled onto --grid³ voxels of --spacing mm (a volume run's --checkpoint needs no flag)")
     p.add_argument("--grid", type=int, default=64, help="with --volumes: voxels per side (default 64)")
     p.add_argument("--spacing", type=float, default=3.0, help="with --volumes: voxel size in mm (default 3)")
+    for name, which in (("generated", "--generated"), ("real", "--real"), ("train", "--train")):
+        p.add_argument(f"--{name}-masks", metavar="DIR", help=f"with --volumes: the label volumes of {which}'s volumes, found by name "
+                       "(e.g. sub-01_T1w_dseg.nii.gz; the folder itself where they lie beside them, as sample writes them)")
     p.add_argument("--checkpoint", help="or: a run/checkpoint to sample --n images from")
     p.add_argument("--real", help="real slices (any data source); OASIS layout → --real-split. Default with --checkpoint: "
                                   "the subjects the run held out (train --holdout-subjects)")

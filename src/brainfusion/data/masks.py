@@ -65,11 +65,26 @@ def mask_candidates(image: Path, root: Path, masks: str) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
+def labels_beside_images(files: list[Path]) -> set[Path]:
+    """The files that are another listed file's label volume by name (`x_dseg.nii.gz` beside `x.nii.gz`, as
+    `sample` writes them), so a folder of volumes with their labels is read as its volumes."""
+    listed = {(f.parent, f.name.lower()) for f in files}
+    found = set()
+    for f in files:
+        stem, suffix = _split_suffix(f.name)
+        for label_suffix in _SUFFIXES:
+            if stem.lower().endswith(label_suffix):
+                base = stem[: -len(label_suffix)].lower()
+                if any((f.parent, base + ext) in listed for ext in (suffix.lower(), ".nii.gz", ".nii")):
+                    found.add(f)
+    return found
+
+
 def find_mask(image: Path, config: DataConfig) -> Path:
     """The mask file of an image, or one sentence naming the image and where its mask was looked for."""
     candidates = mask_candidates(image, Path(config.path), config.masks)
     for path in candidates:
-        if path.is_file():
+        if path.is_file() and path.resolve() != image.resolve():  # labels beside their images: not the image itself
             return path
     where = candidates[0].parent if config.masks == MASK_LAYOUT else Path(config.masks)
     raise ValueError(

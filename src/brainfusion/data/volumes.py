@@ -31,7 +31,8 @@ from ..errors import BrainfusionError
 from ..fileio import atomic_output
 from .cache import SOURCE_KEY, cache_dir, source_of
 from .dicom import series_image
-from .masks import AFFINE_TOLERANCE_MM, MAX_LABELS, check_mask_config, find_mask, label_volume_values, to_label_index
+from .masks import (AFFINE_TOLERANCE_MM, MAX_LABELS, check_mask_config, find_mask, label_volume_values, labels_beside_images,
+                    to_label_index)
 from .slices import (IMAGE_SUFFIXES, MAX_SIDE, MAX_VOXELS, _bad_file, _cache_key, _check_volume_header, _robust_uint8,
                      _subject, _suffix, _Unit, _units, _warn_skipped, discover_files)
 
@@ -157,12 +158,20 @@ def _read_image(unit: _Unit):
     return image
 
 
-def _refuse_slices(files: list[Path]) -> None:
-    """2-D image files have no third dimension to generate: one sentence naming the first."""
+def volume_files(files: list[Path]) -> list[Path]:
+    """The volumes among a source's files. Pictures beside volumes (`sample`'s montages) and label volumes beside
+    their image (`x_dseg.nii.gz` by `x.nii.gz`) are left out, so `sample`'s folder reads as its volumes; 2-D image
+    files alone have no third dimension to generate: one sentence naming the first."""
     flat = [f for f in files if _suffix(f) in IMAGE_SUFFIXES]
-    if flat:
+    volumes = [f for f in files if _suffix(f) not in IMAGE_SUFFIXES]
+    if flat and not volumes:
         raise BrainfusionError(f"{flat[0]} is a 2-D image, but volume runs read 3-D volumes only (NIfTI, Analyze, DICOM series); "
                                "point data.path at whole volumes, or leave out data.volumes to train on slices.")
+    labels = labels_beside_images(volumes)
+    if flat or labels:
+        log.info("reading %d volumes; left out %d pictures and %d label volumes beside them", len(volumes) - len(labels),
+                 len(flat), len(labels))
+    return [f for f in volumes if f not in labels]
 
 
 def load_volumes(config: DataConfig, progress: bool = True) -> VolumeSet:
@@ -171,8 +180,7 @@ def load_volumes(config: DataConfig, progress: bool = True) -> VolumeSet:
 
     config.validate()
     check_mask_config(config)
-    files = discover_files(config)
-    _refuse_slices(files)
+    files = volume_files(discover_files(config))
     key = hashlib.sha256(f"{CACHE_VERSION}|{config.grid}|{config.spacing!r}|{_cache_key(files, config)}".encode()).hexdigest()[:16]
     cache = cache_dir(config) / f"volumes_{key}.npz"
     cached = _read_cache(cache, config.grid, bool(config.masks))
