@@ -580,6 +580,7 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     _add_sampler_flags(p)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--no-ema", action="store_true", help="with --checkpoint: sample the raw weights instead of the EMA")
     p.add_argument("--mask-model", metavar="RUN", help="with --checkpoint trained with --masks: draw the masks from this joint run")
     p.add_argument("--upsampler", metavar="RUN", help="with --checkpoint: a cascade, every slice brought up through this "
                                                       "upsampler run (give --image-size its size)")
@@ -595,7 +596,7 @@ def _add_evaluate_parser(sub) -> None:
     c.add_argument("--train-labels", help="label table of the --train set (default: the run's own --labels table)")
     c.add_argument("--on-missing-label", choices=["fail", "skip"], help="slices without a label: fail, or skip them (default: the run's)")
     c.add_argument("--judge-steps", type=int, default=600, help="training steps of the judge classifier and regressor")
-    p.set_defaults(func=cmd_evaluate, no_gif=True, no_ema=False, condition=None, guidance=1.0)
+    p.set_defaults(func=cmd_evaluate, no_gif=True, condition=None, guidance=1.0)
 
 
 def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
