@@ -313,3 +313,51 @@ def test_slab_channels_go_slice_by_slice_with_label_background_below():
     for slab in slabs[:, :, 0, 0].view(2, 4, 2):
         for image_value, label_value in slab:
             assert label_value == (-2.0 if image_value == -1 else image_value + 1)
+
+
+def test_image_first_labels_after_for_volumes(cli, assert_user_error, tmp_path, demo_volumes):
+    """A volume label model (recipe volume-labels) trains with every image slice given, previews its labels, and
+    labels an image-only volume run's volumes: `sample --image-model` writes that run's own volumes with labels."""
+    from brainfusion import Pipeline
+
+    labels = demo_volumes / "derivatives" / "labels"
+    base = ("--volumes", "--data", demo_volumes, "--max-steps", "2", *TINY)
+    status, _out, err = cli("train", *base, "--out-dir", "images")
+    assert status == 0, err
+    status, _out, err = cli("train", *base, "--masks", labels, "--recipe", "volume-labels", "--out-dir", "labels",
+                            "--sample-every", "2", "--channel-mults", "1,2")
+    assert status == 0, err
+    assert (tmp_path / "labels" / "samples" / "step_00000002.png").is_file()
+    status, _out, err = cli("sample", "--checkpoint", "labels", "--image-model", "images", "--n", "2", "--steps", "2",
+                            "--out", "pairs", "--no-gif")
+    assert status == 0, err
+    status, _out, err = cli("sample", "--checkpoint", "images", "--n", "2", "--steps", "2", "--out", "alone", "--no-gif")
+    assert status == 0, err
+    for i in range(2):
+        made, alone = (nib.load(str(tmp_path / d / f"volume_{i:04d}.nii.gz")) for d in ("pairs", "alone"))
+        assert np.array_equal(np.asarray(made.dataobj), np.asarray(alone.dataobj))  # the image run's volumes, untouched
+        label = np.asarray(nib.load(str(tmp_path / "pairs" / f"volume_{i:04d}_dseg.nii.gz")).dataobj)
+        assert label.shape == (16, 16, 16) and set(np.unique(label)) <= {0, 85, 170, 255}
+    pipe = Pipeline.from_checkpoint(tmp_path / "labels")
+    given = Pipeline.from_checkpoint(tmp_path / "images").volumes(1, seed=3, steps=2)
+    volumes, made = pipe.volume_pairs(1, seed=3, steps=2, images=given)
+    assert np.array_equal(volumes, given) and made.shape == given.shape
+    assert_user_error(("sample", "--checkpoint", "labels", "--n", "1", "--steps", "2", "--out", "none"), "labels", "--image-model")
+    assert_user_error(("sample", "--checkpoint", "images", "--image-model", "labels", "--n", "1", "--steps", "2", "--out", "x"),
+                      "given_image_share")
+
+
+def test_a_volume_label_model_is_given_every_image_slice_and_draws_only_labels():
+    from brainfusion.config import recipe_config
+    from brainfusion.diffusion.slabs import images_first
+    from brainfusion.training.train import _given_channels
+
+    c = recipe_config("volume-labels")
+    c.data.path, c.data.masks, c.data.mask_values, c.data.grid, c.train.max_steps = "unused", "unused", (0, 85, 170, 255), 16, 1
+    c.validate()
+    per_slice = c.slab_channels  # the image and 4 one-hot labels
+    given = _given_channels(c, 0, c.model.in_channels)[0, :, 0, 0].view(c.slab.context + c.slab.size, per_slice)
+    assert given[: c.slab.context].all() and given[c.slab.context :, 0].all() and not given[c.slab.context :, 1:].any()
+    order = images_first(c.slab.context, c.slab.size, per_slice)  # the given channels in front, as `sample` fixes them
+    assert sorted(order.tolist()) == list(range(c.model.in_channels))
+    assert given.flatten()[order][: c.slab.context * per_slice + c.slab.size].all() and not given.flatten()[order][-16:].any()

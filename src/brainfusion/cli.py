@@ -180,7 +180,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="JSON or TOML file with data/model/diffusion/train sections")
     parser.add_argument("--recipe", choices=sorted(RECIPES), help="a named recipe applied over the config (edm: the default; edm-p2 and vp: the earlier defaults; "
                         "edm-labels: with --masks, a label model for an image-only run's images, sampled with --image-model; "
-                        "volume-wavelet, volume-slabs and volume-slices: the volume routes)")
+                        "volume-wavelet, volume-slabs and volume-slices: the volume routes; volume-labels: with --volumes "
+                        "--masks, the label model of a volume run's images, sampled with --image-model)")
     _add_flags(parser, TRAIN_FLAGS)
 
 

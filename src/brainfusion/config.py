@@ -714,9 +714,11 @@ class RunConfig(_Serialised):
             raise BrainfusionError("a volume run (data.volumes) takes no latent.autoencoder, upsample.from_size or "
                                    "condition.slice_level; leave them out, or train on slices without data.volumes.")
         d = self.diffusion
-        if d.formulation != "edm" or d.self_condition or d.given_mask_share or d.given_image_share or d.mask_loss_share:
+        label_model = d.given_image_share == 1 and self.data.masks and self.slab.active  # recipe volume-labels
+        if d.formulation != "edm" or d.self_condition or d.given_mask_share or (d.given_image_share and not label_model) or d.mask_loss_share:
             raise BrainfusionError("a volume run (data.volumes) is an EDM run (diffusion.formulation=edm) without "
-                                   "diffusion.self_condition, given shares or mask_loss_share; use the volume-slabs recipe.")
+                                   "diffusion.self_condition, given_mask_share or mask_loss_share, and given_image_share is 0 or "
+                                   "(a label model with data.masks) 1; use the volume-slabs or volume-labels recipe.")
         if self.data.masks and not self.slab.active:
             raise BrainfusionError("volumes with tissue masks (data.masks) are made a slab at a time; use the volume-slabs "
                                    "recipe (slab.size > 0) instead of the wavelet route.")
@@ -792,6 +794,12 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
                      "data": {"volumes": True}, "slab": {"size": 4, "context": 4}, "train": {"sample_every": 500}},
     "volume-slices": {"diffusion": {"formulation": "edm", "loss": "mse"}, "model": {"pixel_channels": 0, "patch_size": 1},
                       "data": {"volumes": True}, "slab": {"size": 1, "context": 0}, "train": {"sample_every": 500}},
+    # the label model of volumes (train --volumes --masks --recipe volume-labels; sample --image-model): edm-labels'
+    # settings on slabs, every image slice given, so a volume run's images get their labels slab by slab
+    "volume-labels": {"diffusion": {"formulation": "edm", "loss": "mse", "given_image_share": 1.0, "mask_scale": 1.0, "p_mean": 2.0},
+                      "model": {"pixel_channels": 0, "patch_size": 1, "base_channels": 16, "channel_mults": (1, 2, 4, 4)},
+                      "data": {"volumes": True}, "slab": {"size": 4, "context": 4},
+                      "train": {"lr": 2e-3, "warmup_steps": 50, "batch_size": 16, "sample_every": 500}},
     "edm-labels": {"diffusion": {"formulation": "edm", "loss": "mse", "given_image_share": 1.0, "mask_scale": 1.0, "p_mean": 2.0},
                    "model": {"pixel_channels": 0, "patch_size": 1, "base_channels": 16, "channel_mults": (1, 2, 4, 4)},
                    "train": {"lr": 2e-3, "warmup_steps": 50, "batch_size": 16}},

@@ -103,7 +103,12 @@ class Pipeline:
         if not mine.masks_for_images_only:
             raise BrainfusionError(f"{self.checkpoint or 'this model'} was not trained with every image given "
                                    "(given_image_share 1), so it draws no labels for another model's images.")
-        if theirs.mask_labels or theirs.latent.active or theirs.data.image_size != mine.data.image_size:
+        if mine.data.volumes:
+            grid = (mine.data.grid, mine.data.spacing)
+            if not theirs.data.volumes or theirs.mask_labels or (theirs.data.grid, theirs.data.spacing) != grid:
+                raise BrainfusionError(f"{name} must be an image-only volume run on {grid[0]}³ voxels of {grid[1]:g} mm to "
+                                       "serve as the image source; use a run trained with --volumes, without --masks, on that grid.")
+        elif theirs.mask_labels or theirs.latent.active or theirs.data.image_size != mine.data.image_size:
             raise BrainfusionError(f"{name} must be an image-only pixel run at {mine.data.image_size}² to serve as the image "
                                    "source; use a run trained without --masks and without --autoencoder at that size.")
         self.image_source = source
@@ -229,13 +234,17 @@ class Pipeline:
 
     def volume_pairs(self, n: int, seed: int = 0, sampler: str = FAST_SAMPLER, steps: int = FAST_STEPS, batch_size: int = 4,
                      first_index: int = 0, progress: Callable[[int], None] | None = None, cancel: Callable[[], bool] | None = None,
-                     condition: Request | None = None, guidance: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
+                     condition: Request | None = None, guidance: float = 1.0,
+                     images: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """As `volumes`, and each volume's tissue labels (uint8 (n, D, H, W) indices into the run's data.mask_values,
-        made with it slab by slab; None for a run trained without masks), as `pairs` is to `__call__`."""
+        made with it slab by slab; None for a run trained without masks), as `pairs` is to `__call__`. A label model
+        (recipe volume-labels) labels `images` (uint8 (n, D, H, W) on its grid) or its image source's volumes."""
         if not self.config.data.volumes:
             raise BrainfusionError(f"{self.checkpoint or 'this model'} makes slices, not volumes; call the pipeline instead.")
         if n <= 0 or batch_size <= 0:
             raise BrainfusionError(f"the volume count ({n}) and batch size ({batch_size}) must be positive.")
+        if self.config.masks_for_images_only:
+            return self._label_volumes(n, seed, sampler, steps, batch_size, first_index, progress, cancel, condition, guidance, images)
         cond = encode_guided_request(self.config.condition, condition, n, guidance)
         network, tick = self._guided_network(), _ticker(progress, cancel)
         shape = (self.config.model.in_channels,) + (self.config.model.image_size,) * 3
@@ -254,6 +263,29 @@ class Pipeline:
                           progress=tick, cond=part, guidance=guidance, clamp=False)
             out.append(to_uint8(from_coefficients(x, self.config.diffusion.wavelet_detail_scale)))
         return np.concatenate(out), np.concatenate(labels) if self.config.mask_labels else None
+
+    def _label_volumes(self, n: int, seed: int, sampler: str, steps: int, batch_size: int, first_index: int,
+                       progress: Callable[[int], None] | None, cancel: Callable[[], bool] | None, condition: Request | None,
+                       guidance: float, images: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Image first, labels after, for volumes: the given volumes (or the image source's, drawn with `condition`
+        and `guidance`), then this label model's labels for them slab by slab, from noise streams of their own."""
+        name, grid = self.checkpoint or "this model", self.config.data.grid
+        if images is None and self.image_source is None:
+            raise BrainfusionError(f"{name} draws labels for given volumes only (recipe volume-labels); give it volumes, or an "
+                                   "image-only volume run to draw them from as its image source (sample --image-model).")
+        if images is None:
+            images = self.image_source.volumes(n, seed, sampler, steps, batch_size, first_index, progress, cancel, condition, guidance)
+        if np.shape(images) != (n, grid, grid, grid) or np.asarray(images).dtype != np.uint8:
+            raise BrainfusionError(f"the given volumes have shape {np.shape(images)}; {name} labels uint8 volumes of shape "
+                                   f"({n}, {grid}, {grid}, {grid}), on its own grid.")
+        tick, labels = _ticker(progress, cancel), []
+        for start in range(first_index, first_index + n, batch_size):
+            rows = slice(start - first_index, min(start + batch_size, first_index + n) - first_index)
+            given = to_model_range(torch.as_tensor(np.asarray(images[rows])))
+            x = slab_volumes(self._guided_network(), self.config.diffusion, self.config.slab, grid, derive_seed(seed, 1),
+                             range(start, start + len(given)), sampler, steps, None, 1.0, tick, run_background(self.config), given)
+            labels.append(self._volume_labels(x[:, 1:]))
+        return np.asarray(images), np.concatenate(labels)
 
     def _volume_labels(self, channels: torch.Tensor) -> np.ndarray | None:
         """A slab run's label channels (N, C, D, H, W) → uint8 label indices (N, D, H, W); None without masks."""

@@ -35,7 +35,7 @@ def volume_path(out_dir: Path, index: int, labels: bool = False) -> Path:
 def _check_request(cfg) -> None:
     """Options that belong to slices: one sentence naming them."""
     slice_only = [name for name, value in (("given_mask", cfg.given_mask), ("mask_model", cfg.mask_model),
-                                           ("image_model", cfg.image_model), ("upsampler", cfg.upsampler)) if value]
+                                           ("upsampler", cfg.upsampler)) if value]
     if slice_only:
         raise BrainfusionError(f"{cfg.checkpoint} is a volume run, which takes no {', '.join(slice_only)}; leave them out.")
 
@@ -51,8 +51,8 @@ def draw_volumes(cfg, pipe: Pipeline, steps: int, out_dir: Path, ctx: dist.Conte
     if progress and ctx.is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(mine) * steps * pipe.config.slab.rounds(data.grid), unit="step", desc=f"sampling volumes {cfg.sampler}-{steps}",
-                   dynamic_ncols=True)
+        rounds = sum(p.config.slab.rounds(data.grid) for p in (pipe, pipe.image_source) if p is not None)
+        bar = tqdm(total=len(mine) * steps * rounds, unit="step", desc=f"sampling volumes {cfg.sampler}-{steps}", dynamic_ncols=True)
     t0 = time.monotonic()
     for b in mine:
         start = b * batch

@@ -8,7 +8,9 @@ is background; with `context_noise` it is noised, in training and sampling alike
 slab from each volume, at a start drawn for the global batch from the step's own generator; sampling climbs the
 volume inferior to superior, each slab on noise of its own. Where the run has tissue masks, each slice carries its
 label channels after its image (data/channels.py), in the context and the slab alike, so a volume and its labels
-are made together (as a slice and its mask are) and each slab's labels continue the ones below.
+are made together (as a slice and its mask are) and each slab's labels continue the ones below. A label model
+(diffusion.given_image_share 1, recipe volume-labels) is handed every image slice of its slabs clean as well, and
+draws only the labels of volumes another run made: image first, labels after, as for slices.
 """
 
 from __future__ import annotations
@@ -64,22 +66,48 @@ def training_slabs(volumes: torch.Tensor, cond: torch.Tensor | None, cfg: SlabCo
     return slabs.to(volumes.dtype), with_position(cond, slab_position(starts, grid, cfg.size))
 
 
+def images_first(context: int, size: int, channels: int) -> torch.Tensor:
+    """A slab's slice-major channels (context + size slices of `channels`) in the order a label model is sampled in:
+    the context, the slab's images, then the slab's labels, so every given channel is in front, where `sample`
+    fixes them."""
+    slab = torch.arange(context * channels, (context + size) * channels).view(size, channels)
+    return torch.cat([torch.arange(context * channels), slab[:, 0], slab[:, 1:].flatten()])
+
+
+def _in_order(network: Callable, order: torch.Tensor) -> Callable:
+    """`network` (slice-major channels in and out) as a function of its channels in `order`."""
+    back = torch.argsort(order)
+
+    def reordered(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return network(x[:, back], *args, **kwargs)[:, order]
+
+    return reordered
+
+
 def slab_volumes(network: Callable, diffusion: DiffusionConfig, cfg: SlabConfig, grid: int, seed: int, indices: range,
                  sampler: str, steps: int, cond: torch.Tensor | None = None, guidance: float = 1.0,
-                 progress: Callable | None = None, outside: torch.Tensor | None = None) -> torch.Tensor:
+                 progress: Callable | None = None, outside: torch.Tensor | None = None,
+                 images: torch.Tensor | None = None) -> torch.Tensor:
     """Volumes `indices` of `seed` (N, C, grid, grid, grid) in the model's range, made slab by slab from the bottom
     up, C the channels of a slice (`outside`, default `background()`); slab j of volume i is drawn from
-    image_generators(derive_seed(seed, 4, j), [i]), so a volume is the same in any batch."""
+    image_generators(derive_seed(seed, 4, j), [i]), so a volume is the same in any batch. `images` (N, grid, grid,
+    grid, model range): a label model's given volumes, each slab's labels drawn for its image slices."""
     outside = background() if outside is None else outside
     n, channels, context, size = len(indices), len(outside), cfg.context, cfg.size
+    order = images_first(context, size, channels) if images is not None else None
+    net = network if order is None else _in_order(network, order)
     volumes = outside.view(1, 1, channels, 1, 1).repeat(n, context + grid, 1, grid, grid)  # (N, context + D, C, H, W)
     for j, start in enumerate(range(0, grid, size)):
         known = volumes[:, start : start + context].reshape(n, context * channels, grid, grid) if context else None
         if known is not None and cfg.context_noise:  # the context noised as in training, from each volume's own stream
             known = known + cfg.context_noise * randn(tuple(known.shape), image_generators(derive_seed(seed, 5, j), indices))
-        x, _ = sample(network, diffusion, (n, (context + size) * channels, grid, grid), sampler, steps,
+        if images is not None:
+            given = images[:, start : start + size].float()
+            known = given if known is None else torch.cat([known, given], 1)
+        x, _ = sample(net, diffusion, (n, (context + size) * channels, grid, grid), sampler, steps,
                       image_generators(derive_seed(seed, 4, j), indices), progress=progress,
                       cond=with_position(cond, slab_position(start, grid, size)), guidance=guidance, clamp=True,
                       known=known, known_clean=True, known_first=True)
+        x = x if order is None else x[:, torch.argsort(order)]
         volumes[:, context + start : context + start + size] = x[:, context * channels :].reshape(n, size, channels, grid, grid)
     return volumes[:, context:].transpose(1, 2)

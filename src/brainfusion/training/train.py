@@ -294,9 +294,12 @@ def _given_channels(config: RunConfig, step: int, channels: int) -> torch.Tensor
     gives the image its mask channels; the next given_image_share of [0, 1) gives the labels their image."""
     d, k, batch = config.diffusion, config.mask_channels, config.train.batch_size
     first = 1 if config.upsample.active else config.slab.context * config.slab_channels  # an upsampler's low-resolution slice, a slab's context
-    if first:  # handed over clean at every step, in front of the channels generated
+    label_slabs = config.slab.active and config.masks_for_images_only  # a volume label model: every slab slice's image too
+    if first or label_slabs:  # handed over clean at every step, in front of (or between) the channels generated
         given = torch.zeros(batch, channels, 1, 1, dtype=torch.bool)
         given[:, :first] = True
+        if label_slabs:
+            given[:, first :: config.slab_channels] = True
         return given
     if not ((d.given_mask_share or d.given_image_share) and k) or config.data.volumes:
         return None
@@ -468,7 +471,13 @@ def _sample_ema(s: Session, n: int, seed: int) -> tuple[np.ndarray, np.ndarray |
 def _preview(s: Session, path: Path, runlog: RunLog, step: int, n: int = 16) -> None:
     if s.config.data.volumes:  # a few volumes' three planes: volume i of the seed is the one `brainfusion sample` draws
         pipe = Pipeline(s.ema.shadow, s.config, s.ctx.device, s.config.train.precision, s.config.train.channels_last)
-        grid = volume_montage(pipe.volumes(VOLUME_PREVIEWS, s.config.train.seed))
+        if s.config.masks_for_images_only:  # a label model: training volumes' labels, one grey level a label
+            given = s.preview_images[:VOLUME_PREVIEWS]
+            given = given.reshape(len(given), *given.shape[-3:])  # the volume set's (N, 1, D, H, W)
+            labels = pipe.volume_pairs(len(given), s.config.train.seed, images=given)[1]
+            grid = volume_montage((labels * (255 // max(s.config.mask_labels - 1, 1))).astype(np.uint8))
+        else:
+            grid = volume_montage(pipe.volumes(VOLUME_PREVIEWS, s.config.train.seed))
         save_png(grid, path)
         runlog.image(step, "samples", grid)
         return
