@@ -321,7 +321,7 @@ def test_image_first_labels_after_for_volumes(cli, assert_user_error, tmp_path, 
     from brainfusion import Pipeline
 
     labels = demo_volumes / "derivatives" / "labels"
-    base = ("--volumes", "--data", demo_volumes, "--max-steps", "2", *TINY)
+    base = ("--volumes", "--data", demo_volumes, "--max-steps", "2", "--holdout-subjects", "2", *TINY)
     status, _out, err = cli("train", *base, "--out-dir", "images")
     assert status == 0, err
     status, _out, err = cli("train", *base, "--masks", labels, "--recipe", "volume-labels", "--out-dir", "labels",
@@ -343,6 +343,10 @@ def test_image_first_labels_after_for_volumes(cli, assert_user_error, tmp_path, 
     volumes, made = pipe.volume_pairs(1, seed=3, steps=2, images=given)
     assert np.array_equal(volumes, given) and made.shape == given.shape
     assert_user_error(("sample", "--checkpoint", "labels", "--n", "1", "--steps", "2", "--out", "none"), "labels", "--image-model")
+    status, _out, err = cli("evaluate", "--checkpoint", "labels", "--image-model", "images", "--out", "ev", "--steps", "2")
+    assert status == 0, err
+    summary = json.loads((tmp_path / "ev" / "results.json").read_text())["summary"]
+    assert summary["label_image_dice"]["value"] is not None and summary["FD_domain_axial"]["value"] is not None
     assert_user_error(("sample", "--checkpoint", "images", "--image-model", "labels", "--n", "1", "--steps", "2", "--out", "x"),
                       "given_image_share")
 

@@ -405,6 +405,12 @@ def _evaluate_volumes(args: argparse.Namespace, out: Path, run: RunConfig) -> No
                                "score its volumes against; train it again with --holdout-subjects.")
     train, held = split_subjects(data, load_volumes(data, progress=not args.quiet), run.train.seed)
     pipe = Pipeline.from_checkpoint(args.checkpoint, use_ema=not args.no_ema)
+    if args.image_model:  # a label model's pairs: the image run's volumes, then their labels
+        source = Pipeline.from_checkpoint(args.image_model, use_ema=not args.no_ema)
+        if sorted(source.config.data.heldout_subjects) != sorted(data.heldout_subjects):
+            raise BrainfusionError(f"{args.image_model} held out other subjects than {args.checkpoint}, so one of them saw the "
+                                   "subjects scored here; train both on the same data with the same --holdout-subjects and seed.")
+        pipe.use_image_source(source)
     generated, labels = pipe.volume_pairs(args.n or len(held), seed=args.seed, sampler=args.sampler, steps=args.steps)
     pairs = None if labels is None else ((labels, held.labels, train.labels), mask_names(data.mask_values))
     _score_volumes(args, out, generated, held.images, train.images, pairs)
@@ -583,6 +589,8 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--no-ema", action="store_true", help="with --checkpoint: sample the raw weights instead of the EMA")
     p.add_argument("--mask-model", metavar="RUN", help="with --checkpoint trained with --masks: draw the masks from this joint run")
+    p.add_argument("--image-model", metavar="RUN", help="with a --checkpoint label model (recipes edm-labels, volume-labels): draw "
+                                                        "the images it labels from this image-only run")
     p.add_argument("--upsampler", metavar="RUN", help="with --checkpoint: a cascade, every slice brought up through this "
                                                       "upsampler run (give --image-size its size)")
     _add_autoguidance_flags(p)
