@@ -83,8 +83,9 @@ def labels_beside_images(files: list[Path]) -> set[Path]:
 def find_mask(image: Path, config: DataConfig) -> Path:
     """The mask file of an image, or one sentence naming the image and where its mask was looked for."""
     candidates = mask_candidates(image, Path(config.path), config.masks)
+    itself = image.resolve()
     for path in candidates:
-        if path.is_file() and path.resolve() != image.resolve():  # labels beside their images: not the image itself
+        if path.is_file() and path.resolve() != itself:  # labels beside their images: not the image itself
             return path
     where = candidates[0].parent if config.masks == MASK_LAYOUT else Path(config.masks)
     raise ValueError(

@@ -278,11 +278,11 @@ class Pipeline:
         if np.shape(images) != (n, grid, grid, grid) or np.asarray(images).dtype != np.uint8:
             raise BrainfusionError(f"the given volumes have shape {np.shape(images)}; {name} labels uint8 volumes of shape "
                                    f"({n}, {grid}, {grid}, {grid}), on its own grid.")
-        tick, labels = _ticker(progress, cancel), []
+        network, tick, labels = self._guided_network(), _ticker(progress, cancel), []
         for start in range(first_index, first_index + n, batch_size):
             rows = slice(start - first_index, min(start + batch_size, first_index + n) - first_index)
             given = to_model_range(torch.as_tensor(np.asarray(images[rows])))
-            x = slab_volumes(self._guided_network(), self.config.diffusion, self.config.slab, grid, derive_seed(seed, 1),
+            x = slab_volumes(network, self.config.diffusion, self.config.slab, grid, derive_seed(seed, 1),
                              range(start, start + len(given)), sampler, steps, None, 1.0, tick, run_background(self.config), given)
             labels.append(self._volume_labels(x[:, 1:]))
         return np.asarray(images), np.concatenate(labels)

@@ -95,7 +95,7 @@ def slab_volumes(network: Callable, diffusion: DiffusionConfig, cfg: SlabConfig,
     outside = background() if outside is None else outside
     n, channels, context, size = len(indices), len(outside), cfg.context, cfg.size
     order = images_first(context, size, channels) if images is not None else None
-    net = network if order is None else _in_order(network, order)
+    net, back = (network, None) if order is None else (_in_order(network, order), torch.argsort(order))
     volumes = outside.view(1, 1, channels, 1, 1).repeat(n, context + grid, 1, grid, grid)  # (N, context + D, C, H, W)
     for j, start in enumerate(range(0, grid, size)):
         known = volumes[:, start : start + context].reshape(n, context * channels, grid, grid) if context else None
@@ -108,6 +108,6 @@ def slab_volumes(network: Callable, diffusion: DiffusionConfig, cfg: SlabConfig,
                       image_generators(derive_seed(seed, 4, j), indices), progress=progress,
                       cond=with_position(cond, slab_position(start, grid, size)), guidance=guidance, clamp=True,
                       known=known, known_clean=True, known_first=True)
-        x = x if order is None else x[:, torch.argsort(order)]
+        x = x if back is None else x[:, back]
         volumes[:, context + start : context + start + size] = x[:, context * channels :].reshape(n, size, channels, grid, grid)
     return volumes[:, context:].transpose(1, 2)

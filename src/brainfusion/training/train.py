@@ -25,7 +25,7 @@ import torch
 from .. import distributed as dist
 from ..checkpoint import GUIDE_FOLDER, fault_injection_point, latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, tidy_run_folder
 from ..config import RunConfig, config_differences
-from ..data.channels import to_model_range, to_uint8
+from ..data.channels import label_image, to_model_range, to_uint8
 from ..data.conditions import drop_labels, inherit_vocabulary, label_slices, labelled_subset
 from ..data.slices import BatchStream, load_slices
 from ..data.volumes import load_volumes
@@ -471,11 +471,11 @@ def _sample_ema(s: Session, n: int, seed: int) -> tuple[np.ndarray, np.ndarray |
 def _preview(s: Session, path: Path, runlog: RunLog, step: int, n: int = 16) -> None:
     if s.config.data.volumes:  # a few volumes' three planes: volume i of the seed is the one `brainfusion sample` draws
         pipe = Pipeline(s.ema.shadow, s.config, s.ctx.device, s.config.train.precision, s.config.train.channels_last)
-        if s.config.masks_for_images_only:  # a label model: training volumes' labels, one grey level a label
+        if s.config.masks_for_images_only:  # a label model: training volumes' labels, as sample's labels montage shows them
             given = s.preview_images[:VOLUME_PREVIEWS]
             given = given.reshape(len(given), *given.shape[-3:])  # the volume set's (N, 1, D, H, W)
             labels = pipe.volume_pairs(len(given), s.config.train.seed, images=given)[1]
-            grid = volume_montage((labels * (255 // max(s.config.mask_labels - 1, 1))).astype(np.uint8))
+            grid = volume_montage(label_image(labels, s.config.data.mask_values))
         else:
             grid = volume_montage(pipe.volumes(VOLUME_PREVIEWS, s.config.train.seed))
         save_png(grid, path)
