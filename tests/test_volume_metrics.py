@@ -87,7 +87,7 @@ def test_plane_stack_takes_a_fixed_number_per_volume(sets):
     for plane in V.PLANES:
         stack = V.plane_stack(sets["a"][:3], plane, cfg)
         assert stack.shape == (12, 24, 24) and stack.dtype == np.uint8
-        assert ((stack > V.FOREGROUND_LEVEL).mean(axis=(1, 2)) > 0.2).all()  # central slices, not edges
+        assert ((stack > V.BRAIN_LEVEL).mean(axis=(1, 2)) > 0.2).all()  # central slices, not edges
 
 
 # ---------------------------------------------------------------------------------------------- three-plane FID
@@ -114,7 +114,7 @@ def test_z_seams_show_in_coronal_and_sagittal_fd_not_axial(sets, domain_only):
     # seams as horizontal discontinuities.
     cfg = V.VolumeEvalConfig(**FAST)
     a = sets["a"]
-    ks = {tuple(V.central_slice_indices((V.plane_slices(v, "axial") > V.FOREGROUND_LEVEL).mean((1, 2)), 4, 0.6, 0.05)) for v in a}
+    ks = {tuple(V.central_slice_indices((V.plane_slices(v, "axial") > V.BRAIN_LEVEL).mean((1, 2)), 4, 0.6, 0.05)) for v in a}
     assert len(ks) == 1  # the precondition: every volume gives the same axial levels
     fd = V.three_plane_distances(V.plane_features(stitched_from_z_slabs(a), domain_only, cfg), V.plane_features(a, domain_only, cfg))
     assert fd["FD_domain_axial"] < 1e-9

@@ -275,6 +275,22 @@ def test_label_agreement_is_one_for_labels_that_are_the_intensity_classes():
     assert shares.shape == (2, 3) and np.allclose(shares.sum(1), 1)
 
 
+def test_drawn_tissue_is_kept_in_one_piece():
+    from brainfusion.data.volumes import tissue_in_one_piece
+
+    labels = np.zeros((2, 8, 8, 8), dtype=np.uint8)
+    labels[0, 1:5, 1:5, 1:5] = 2
+    labels[0, 2, 2, 2] = 1  # tissue of another class inside the piece stays
+    labels[0, 5, 5, 5] = 3  # touches the piece's corner: 26-connected, so it stays
+    labels[0, 7, 0, 7] = 1  # a speck apart from it goes
+    kept = tissue_in_one_piece(labels)
+    expected = labels.copy()
+    expected[0, 7, 0, 7] = 0
+    np.testing.assert_array_equal(kept, expected)
+    assert labels[0, 7, 0, 7] == 1  # the input is left as it was
+    assert not kept[1].any()  # a volume with no tissue stays empty
+
+
 def test_label_volumes_come_onto_the_grid_by_majority_with_their_image(demo_volumes, assert_user_error, tmp_path):
     import shutil
 

@@ -800,8 +800,9 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
                       "data": {"volumes": True}, "slab": {"size": 1, "context": 0}, "train": {"sample_every": 500}},
     # the label model of volumes (train --volumes --masks --recipe volume-labels; sample --image-model): edm-labels'
     # settings on slabs, every image slice given, so a volume run's images get their labels slab by slab. On the demo
-    # volumes, 2,000 steps: held-out real volumes labelled at Dice 0.58 / 0.83 / 0.87 (CSF / grey / white); P_mean 1.2
-    # halved its ~1 % stray background labels but lost grey and white matter (0.76 / 0.83 at 1,000 steps against 0.81 / 0.85)
+    # volumes, 2,000 steps: held-out real volumes labelled at Dice 0.59 / 0.83 / 0.88 (CSF / grey / white); P_mean 1.2
+    # halved its ~1 % stray background labels but lost grey and white matter (0.76 / 0.83 at 1,000 steps against 0.81 / 0.85);
+    # keeping the drawn tissue in one piece (data/volumes.tissue_in_one_piece) clears them instead
     "volume-labels": {"diffusion": {"formulation": "edm", "loss": "mse", "given_image_share": 1.0, "mask_scale": 1.0, "p_mean": 2.0},
                       "model": {"pixel_channels": 0, "patch_size": 1, "base_channels": 16, "channel_mults": (1, 2, 4, 4)},
                       "data": {"volumes": True}, "slab": {"size": 4, "context": 4},

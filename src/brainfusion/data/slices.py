@@ -47,6 +47,7 @@ OASIS_SPLITS = {
 }
 MAX_SIDE = 8192  # larger "slices" are refused before decoding (decompression bombs, wrong files)
 MAX_VOXELS = 512**3  # larger volumes are refused before their voxels are read (corrupt headers, memory bombs)
+BRAIN_LEVEL = 12  # uint8 grey level above which a pixel or voxel counts as brain
 CACHE_VERSION = 4  # 2: the cache holds the volume slices' levels; 3: and each slice's subject; 4: and the masks' labels
 
 
@@ -176,7 +177,7 @@ def _axial_slices(image, size: int, min_brain_fraction: float) -> tuple[np.ndarr
     slices, kept = [], []
     for k in range(volume.shape[2]):
         axial = np.rot90(volume[:, :, k])  # rows: anterior at the top; columns: left→right
-        if (axial > 12).mean() >= min_brain_fraction:
+        if (axial > BRAIN_LEVEL).mean() >= min_brain_fraction:
             slices.append(fit_square(np.ascontiguousarray(axial), size))
             kept.append(k)
     if not slices:

@@ -17,6 +17,7 @@ from ..checkpoint import guide_checkpoint, load_checkpoint, load_weights
 from ..config import FAST_SAMPLER, FAST_STEPS, RunConfig
 from ..data.conditions import Request, encode_guided_request
 from ..data.channels import given_mask_channels, labels_from_channels, to_model_range, to_uint8
+from ..data.volumes import tissue_in_one_piece
 from ..errors import BrainfusionError
 from ..models.latent import LatentDecoder, use_decoder
 from ..models.unet import UNet
@@ -288,14 +289,15 @@ class Pipeline:
         return np.asarray(images), np.concatenate(labels)
 
     def _volume_labels(self, channels: torch.Tensor) -> np.ndarray | None:
-        """A slab run's label channels (N, C, D, H, W) → uint8 label indices (N, D, H, W); None without masks."""
+        """A slab run's label channels (N, C, D, H, W) → uint8 label indices (N, D, H, W), tissue kept in one piece
+        (data/volumes.py); None without masks."""
         if not self.config.mask_labels:
             return None
         n, c, d, h, w = channels.shape
         flat = channels.transpose(1, 2).reshape(n * d, c, h, w)
         d_cfg = self.config.diffusion
         indices = labels_from_channels(flat, w, self.config.mask_labels, d_cfg.mask_scale, d_cfg.mask_encoding)
-        return indices.reshape(n, d, h, w).numpy()
+        return tissue_in_one_piece(indices.reshape(n, d, h, w).numpy())
 
     def pairs(self, n: int, seed: int = 0, sampler: str = FAST_SAMPLER, steps: int = FAST_STEPS,
               batch_size: int = 64, first_index: int = 0, frames: int = 0,

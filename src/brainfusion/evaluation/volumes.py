@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import OASIS_MASK_NAMES
+from ..data.slices import BRAIN_LEVEL
 from ..errors import BrainfusionError
 from .metrics import distances as D
 from .metrics.features import DomainFeatures, InceptionFeatures, resolve_inception_weights, to_eval_tensor
@@ -81,7 +82,6 @@ __all__ = [
 ]
 
 PLANES = {"sagittal": 0, "coronal": 1, "axial": 2}  # plane -> the spatial axis that indexes its slices
-FOREGROUND_LEVEL = 12  # grey level above which a voxel is brain, as data/slices.py counts a slice's brain
 TISSUES = tuple(OASIS_MASK_NAMES[1:])  # CSF, grey matter, white matter: dark to bright on T1
 # Wang, Simoncelli & Bovik (2003) exponents; fewer scales use the first ones, renormalised (as metrics.distances does)
 WANG_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -164,7 +164,7 @@ def plane_stack(volumes: np.ndarray, plane: str, config: VolumeEvalConfig) -> np
     out = []
     for volume in volumes:
         slices = plane_slices(volume, plane)
-        fraction = (slices > FOREGROUND_LEVEL).mean(axis=(1, 2))
+        fraction = (slices > BRAIN_LEVEL).mean(axis=(1, 2))
         idx = central_slice_indices(fraction, config.slices_per_plane, config.central_fraction, config.min_brain_fraction)
         out.append(slices[idx])
     return np.ascontiguousarray(np.concatenate(out))
@@ -273,7 +273,7 @@ def brain_histograms(volumes: np.ndarray) -> np.ndarray:
     return np.stack([np.bincount(v.ravel(), minlength=256) for v in volumes]).astype(np.int64)
 
 
-def fit_tissue_thresholds(volumes: np.ndarray, level: int = FOREGROUND_LEVEL) -> tuple[int, int]:
+def fit_tissue_thresholds(volumes: np.ndarray, level: int = BRAIN_LEVEL) -> tuple[int, int]:
     """Two grey levels (t1, t2) splitting the pooled brain voxels (> `level`) of `volumes` into three
     classes, CSF <= t1 < grey matter <= t2 < white matter on T1, by three-class Otsu (Liao, Chen &
     Chung 2001): the split maximising the between-class variance, i.e. the global optimum of 1-D
@@ -296,7 +296,7 @@ def fit_tissue_thresholds(volumes: np.ndarray, level: int = FOREGROUND_LEVEL) ->
     return int(best[0]), int(best[1])
 
 
-def tissue_fractions(volumes: np.ndarray, thresholds: tuple[int, int], level: int = FOREGROUND_LEVEL) -> np.ndarray:
+def tissue_fractions(volumes: np.ndarray, thresholds: tuple[int, int], level: int = BRAIN_LEVEL) -> np.ndarray:
     """(n, 3) shares of each volume's brain voxels (> `level`) in CSF, grey and white matter; each row sums
     to 1, or is NaN for a volume with no brain voxels."""
     t1, t2 = thresholds
@@ -321,7 +321,7 @@ def _w1(a: np.ndarray, b: np.ndarray) -> float:
     return float(wasserstein_distance(a, b)) if len(a) and len(b) else float("nan")
 
 
-def intensity_classes(volumes: np.ndarray, thresholds: tuple[int, int], level: int = FOREGROUND_LEVEL) -> np.ndarray:
+def intensity_classes(volumes: np.ndarray, thresholds: tuple[int, int], level: int = BRAIN_LEVEL) -> np.ndarray:
     """Each voxel's intensity class as a label index: 0 at or below `level`, 1 CSF, 2 grey, 3 white matter."""
     t1, t2 = thresholds
     return np.digitize(volumes, [level + 0.5, t1 + 0.5, t2 + 0.5]).astype(np.uint8)
@@ -477,7 +477,7 @@ def evaluate_volumes(generated: np.ndarray, real_heldout: np.ndarray, real_train
         "shape": list(generated.shape[1:]),
         "inception": {"skipped": "inception" not in nets, "reason": inception_note},
         "diversity": {"generated": div_gen, "heldout": div_real},
-        "tissue": {"thresholds": list(thresholds), "foreground_level": FOREGROUND_LEVEL,
+        "tissue": {"thresholds": list(thresholds), "foreground_level": BRAIN_LEVEL,
                    "mean_fractions": {name: np.nanmean(f, 0).tolist() for name, f in
                                       (("generated", fr_gen), ("heldout", fr_real), ("floor_train", fr_floor))},
                    "w1_generated": tis_gen, "w1_floor": tis_floor},
