@@ -18,7 +18,8 @@ from brainfusion.seeding import seeded_generator
 LOW, HIGH = 16, 32
 BASE_TINY = ["--image-size", str(LOW), "--base-channels", "8", "--batch-size", "4", "--checkpoint-every", "2", "--sample-every", "0"]
 UP_TINY = ["--image-size", str(HIGH), "--upsample-from", str(LOW), "--patch-size", "1", "--base-channels", "8", "--channel-mults", "1,2",
-           "--attention-resolutions", "", "--batch-size", "4", "--checkpoint-every", "2", "--sample-every", "0"]
+           "--attention-resolutions", "", "--batch-size", "4", "--checkpoint-every", "2", "--sample-every", "0",
+           "--augment-max", "0.5"]  # noise conditioning augmentation (off by default) on, so its path is exercised
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,7 @@ def test_training_pairs_are_the_shrunk_slice_noised_then_enlarged_and_keyed_by_s
     assert full.shape == (6, 2, 16, 16) and cond.shape == (6, 1)
     detail = x0 - torch.nn.functional.interpolate(shrink(x0, 4), size=16, mode="bicubic").clamp(-1, 1)
     assert torch.allclose(full[:, 1:], detail * cfg.residual_scale)  # what bicubic enlargement misses, scaled
-    plain, _ = training_pair(x0, UpsampleConfig(from_size=4, residual_scale=0), seeded_generator(0, 6, 3), slice(0, 6), 6)
+    plain, _ = training_pair(x0, UpsampleConfig(from_size=4, augment_max=0.5, residual_scale=0), seeded_generator(0, 6, 3), slice(0, 6), 6)
     assert torch.equal(plain[:, 1:], x0) and torch.equal(plain[:, :1], full[:, :1])
     assert ((cond >= 0) & (cond <= 0.5)).all() and len(set(cond.flatten().tolist())) == 6
     again, cond_again = training_pair(x0, cfg, seeded_generator(0, 6, 3), slice(0, 6), 6)
@@ -140,6 +141,20 @@ def test_training_pairs_are_the_shrunk_slice_noised_then_enlarged_and_keyed_by_s
     assert small.shape == (6, 1, 4, 4) and torch.allclose(small, torch.nn.functional.avg_pool2d(x0, 4), atol=1 / 127.5)
     clean, _ = training_pair(x0, UpsampleConfig(from_size=4, augment_max=0.0), seeded_generator(0, 6, 3), slice(0, 6), 6)
     assert torch.allclose(clean[:, :1], torch.nn.functional.interpolate(small, size=16, mode="bicubic").clamp(-1, 1))
+
+
+def test_an_upsampler_takes_its_slices_clean_unless_trained_with_noise_augmentation():
+    from brainfusion.diffusion.upsample import sampling_level
+    from brainfusion.errors import BrainfusionError
+
+    plain = UpsampleConfig(from_size=4)
+    plain.validate(16)
+    assert plain.augment_max == 0 and plain.augment == 0 and sampling_level(plain, None) == 0
+    with pytest.raises(BrainfusionError, match="without noise conditioning augmentation.*not 0.1"):
+        sampling_level(plain, 0.1)
+    noised = UpsampleConfig(from_size=4, augment_max=0.5)
+    noised.validate(16)
+    assert noised.augment == 0.1 and sampling_level(noised, 0.3) == 0.3
 
 
 def test_a_cascade_export_draws_brainfusions_cascade_with_plain_diffusers(cli, assert_user_error, runs, tmp_path):

@@ -1,7 +1,8 @@
 """What the upsampler of a cascade is given: the low-resolution slice, noised and brought to its size.
 
 The upsampler (config.UpsampleConfig) generates a slice's second channel given its first: the same slice at
-`from_size`, noised by a level σ_aug the network is told (noise conditioning augmentation, Ho et al. 2022), then
+`from_size`, noised by a level σ_aug the network is told (noise conditioning augmentation, Ho et al. 2022; off
+unless upsample.augment_max is set, config.UpsampleConfig says why), then
 upsampled bicubically (SR3's concatenation, Saharia et al. 2021). In training the low-resolution slice is made from
 the batch by averaging pixel blocks and rounding to the uint8 grid, as the data loader shrinks slices (PIL's box
 filter) and as a base model's slices arrive, as uint8. With `blur` the level also blurs the slice before its noise
@@ -106,6 +107,9 @@ def sampling_level(cfg: UpsampleConfig, augment: float | None) -> float:
     trained on (0 to augment_max) are accepted."""
     if augment is None:
         return cfg.augment
+    if augment and not cfg.augment_max:
+        raise BrainfusionError(f"this upsampler was trained without noise conditioning augmentation, so it takes its slices "
+                               f"at level 0 only, not {augment:g}; train one with upsample.augment_max above {augment:g} for that.")
     if not 0 <= augment <= cfg.augment_max:
         raise BrainfusionError(f"the augmentation level {augment:g} lies outside the levels this upsampler was trained on, "
                                f"0 to {cfg.augment_max:g}; give one in that range.")

@@ -192,11 +192,14 @@ def _upsampler(state) -> str:
     if state is None:
         return ""
     c = state.config
+    noised = f"noised to level {c.upsample.augment:g} and " if c.upsample.augment_max else ""
+    levels = (f"with noise levels up to {c.upsample.augment_max:g} on that input, told to the network" if c.upsample.augment_max
+              else "with that input clean (no noise conditioning augmentation)")
     return f"""## Second stage: the upsampler
 `upsampler_unet/` brings each {c.upsample.from_size}² slice of the first stage to {c.data.image_size}² (a cascade: Ho et al.
-2022; SR3's concatenation, Saharia et al. 2021): the slice, noised to level {c.upsample.augment:g} and enlarged bicubically, is
+2022; SR3's concatenation, Saharia et al. 2021): the slice, {noised}enlarged bicubically, is
 an input channel of a U-Net (base width {c.model.base_channels}, patch size {c.model.patch_size}) that adds the detail.
-Trained on `{c.data.path}` with noise levels up to {c.upsample.augment_max:g} on that input, told to the network.
+Trained on `{c.data.path}` {levels}.
 {_training(run_folder(state.path), state.step)}
 
 """
