@@ -78,9 +78,9 @@ def tissue_in_one_piece(labels: np.ndarray) -> np.ndarray:
     model draws for held-out real volumes, 0.08 % with this, Dice up a little in every tissue."""
     from scipy import ndimage as ndi
 
-    out = np.array(labels, dtype=np.uint8, copy=True)
+    out, touching = np.array(labels, dtype=np.uint8, copy=True), ndi.generate_binary_structure(3, 3)
     for volume in out:
-        pieces, count = ndi.label(volume > 0, ndi.generate_binary_structure(3, 3))
+        pieces, count = ndi.label(volume > 0, touching)
         if count > 1:
             volume[pieces != np.argmax(np.bincount(pieces.ravel())[1:]) + 1] = 0
     return out
