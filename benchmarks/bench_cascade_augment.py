@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--upsamplers", required=True, help="NAME=RUN,... upsampler runs to compare")
     p.add_argument("--levels", default="0,0.05,0.1,0.2", help="sampling levels for upsamplers trained with augmentation")
     p.add_argument("--n", type=int, default=500)
+    p.add_argument("--autoguidance", type=float, default=1.0,
+                   help="also upsample guided by each upsampler's kept halfway weights at this weight (1: not)")
     args = p.parse_args(argv)
     upsamplers = {name: run for name, _, run in (spec.partition("=") for spec in args.upsamplers.split(","))}
     size = Pipeline.from_checkpoint(next(iter(upsamplers.values()))).config.data.image_size
@@ -52,23 +54,27 @@ def main(argv: list[str] | None = None) -> None:
     for name, run in upsamplers.items():
         up = Pipeline.from_checkpoint(run)
         trained = up.config.upsample.augment_max
-        for level in [float(v) for v in args.levels.split(",")] if trained else [0.0]:
-            key = f"{name} @ {level:g}"
+        levels = [float(v) for v in args.levels.split(",")] if trained else [0.0]
+        for level, weight in [(lv, w) for w in sorted({1.0, args.autoguidance}) for lv in levels]:
+            key = f"{name} @ {level:g}" + (f", autoguidance {weight:g}" if weight != 1 else "")
             if key in done:
                 continue
+            up.guide = None
+            if weight != 1:
+                up.use_kept_guide(weight)
             t0 = time.monotonic()
             made = up.upscale(low, seed=derive_seed(SEED, 3), augment=level)
             seconds = time.monotonic() - t0
             scores = evaluate_images(made, real, None, EvalConfig(resolution=size, inception=True, inception_samples=len(real),
                                                                   progress=False))["summary"]
-            done[key] = {"upsampler": name, "run": run, "augment_max": trained, "level": level, "n": len(real),
+            done[key] = {"upsampler": name, "run": run, "augment_max": trained, "level": level, "autoguidance": weight, "n": len(real),
                          "seconds": seconds, **{k: scores.get(k) for k in ("FID_inception", "FD_domain", "spectrum_distance")}}
-            save_grid(made[:16], args.work / "grids" / f"augment_{name}_{level:g}.png")
+            save_grid(made[:16], args.work / "grids" / f"augment_{name}_{level:g}" + (f"_ag{weight:g}" if weight != 1 else "") + ".png")
             atomic_write_text(out, json.dumps(done, indent=2))
             print(f"{key}: FID {done[key]['FID_inception']:.1f}, FD_domain {done[key]['FD_domain']:.3f}, "
                   f"spectrum {done[key]['spectrum_distance']:.3f}", flush=True)
-    rows = ["| upsampler | trained up to | sampling level | FID | FD_domain | spectrum |", "|---|---|---|---|---|---|"]
-    rows += [f"| {r['upsampler']} | {r['augment_max']:g} | {r['level']:g} | {r['FID_inception']:.1f} | {r['FD_domain']:.3f} | "
+    rows = ["| upsampler | trained up to | sampling level | autoguidance | FID | FD_domain | spectrum |", "|---|---|---|---|---|---|---|"]
+    rows += [f"| {r['upsampler']} | {r['augment_max']:g} | {r['level']:g} | {r.get('autoguidance', 1):g} | {r['FID_inception']:.1f} | {r['FD_domain']:.3f} | "
              f"{r['spectrum_distance']:.3f} |" for r in done.values()]
     atomic_write_text(args.work / "augment.md", "\n".join(rows) + "\n")
     print("\n".join(rows))
