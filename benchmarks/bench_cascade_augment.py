@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> None:
                                                                   progress=False))["summary"]
             done[key] = {"upsampler": name, "run": run, "augment_max": trained, "level": level, "autoguidance": weight, "n": len(real),
                          "seconds": seconds, **{k: scores.get(k) for k in ("FID_inception", "FD_domain", "spectrum_distance")}}
-            save_grid(made[:16], args.work / "grids" / f"augment_{name}_{level:g}" + (f"_ag{weight:g}" if weight != 1 else "") + ".png")
             atomic_write_text(out, json.dumps(done, indent=2))
+            tag = f"_ag{weight:g}" if weight != 1 else ""
+            save_grid(made[:16], args.work / "grids" / f"augment_{name}_{level:g}{tag}.png")
             print(f"{key}: FID {done[key]['FID_inception']:.1f}, FD_domain {done[key]['FD_domain']:.3f}, "
                   f"spectrum {done[key]['spectrum_distance']:.3f}", flush=True)
     rows = ["| upsampler | trained up to | sampling level | autoguidance | FID | FD_domain | spectrum |", "|---|---|---|---|---|---|---|"]
