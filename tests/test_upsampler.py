@@ -170,12 +170,20 @@ def test_a_cascade_export_draws_brainfusions_cascade_with_plain_diffusers(cli, a
     (tmp_path / "plain").mkdir()
     server = PlainDiffusers(tmp_path / "plain")
     try:
-        (drawn,) = server.draw(folder, {"batch_size": 2, "num_inference_steps": 3})
+        drawn, guided = server.draw(folder, {"batch_size": 2, "num_inference_steps": 3},
+                                    {"batch_size": 2, "num_inference_steps": 3, "autoguidance": 2.0})
     finally:
         server.close()
-    assert server.kinds == ["PIL.Image.Image"] and drawn.shape == (2, HIGH, HIGH)
+    assert server.kinds == ["PIL.Image.Image"] * 2 and drawn.shape == (2, HIGH, HIGH)
     cascade = Pipeline.from_checkpoint(base, precision="fp32").use_upsampler(Pipeline.from_checkpoint(up, precision="fp32"))
     assert np.array_equal(drawn, cascade(2, steps=3))  # `sample --upsampler --n 2 --steps 3`'s slices, without brainfusion
+    # autoguidance steers the first stage alone, in the export and in `sample` (both runs kept a guide)
+    assert (base / "checkpoints" / "guide").is_dir() and (up / "checkpoints" / "guide").is_dir()
+    status, out, err = cli("sample", "--checkpoint", base, "--upsampler", up, "--n", "2", "--steps", "3", "--autoguidance", "2",
+                           "--precision", "fp32", "--no-gif", "--out", tmp_path / "guided")
+    assert status == 0, err
+    written = np.stack([np.asarray(Image.open(f)) for f in sorted(Path(json.loads(out)["images"]).glob("sample_*.png"))])
+    assert np.array_equal(guided, written) and not np.array_equal(guided, drawn)
     assert_user_error(["export", up, "--out", tmp_path / "x"], "is an upsampler")
     assert_user_error(["export", base, "--upsampler", base, "--out", tmp_path / "y"], "not an upsampler")
 def test_blur_augmentation_matches_scipy_and_anchors_the_residual_on_the_blurred_slice():

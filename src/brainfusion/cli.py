@@ -272,7 +272,7 @@ def _sample_config(args: argparse.Namespace, out_dir: str = ""):
 def _add_autoguidance_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--autoguidance", type=float, default=1.0, metavar="W",
                    help="guide each step away from a worse checkpoint of the run (Karras et al. 2024; with --mask-model or --image-model both "
-                        "runs, each by its own): 1 none (default), 2 typical")
+                        "runs, each by its own; with --upsampler the first stage only): 1 none (default), 2 typical")
     p.add_argument("--guide", metavar="CKPT", help="the guide for --autoguidance (default: the checkpoint the run kept halfway, --guide-at)")
 
 
