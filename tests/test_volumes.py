@@ -60,12 +60,16 @@ def test_demo_volumes_are_ras_nifti_with_labels_and_participants(demo_volumes):
 
 
 def test_demo_train_sample_writes_aligned_nifti_volumes(cli, tmp_path):
+    from PIL import Image
+
     from brainfusion import Pipeline
+    from brainfusion.images import volume_montage
     from brainfusion.data.volumes import grid_affine, to_ras_voxels
 
     status, out, err = cli("data", "demo", "--volumes", "--out", "vols", "--n-subjects", "4", "--image-size", "16")
     assert status == 0, err
-    status, out, err = cli("train", "--volumes", "--data", "vols", "--out-dir", "run", "--max-steps", "2", "--holdout-subjects", "2", *TINY)
+    status, out, err = cli("train", "--volumes", "--data", "vols", "--out-dir", "run", "--max-steps", "2", "--holdout-subjects", "2", *TINY,
+                           "--guide-at", "0.5")  # keeps its step-1 weights as the autoguidance guide
     assert status == 0, err
     status, out, err = cli("sample", "--checkpoint", "run", "--n", "2", "--steps", "3", "--out", "samples")
     assert status == 0, err
@@ -84,6 +88,13 @@ def test_demo_train_sample_writes_aligned_nifti_volumes(cli, tmp_path):
     assert (tmp_path / "eval" / "montage.png").is_file() and "FD_domain" in (tmp_path / "eval" / "results.md").read_text()
     status, _out, err = cli("evaluate", "--checkpoint", "run", "--out", "eval2", "--real", "vols")
     assert status == 2 and "volume run" in err and "Traceback" not in err
+    # --autoguidance scores the guided volumes, as `sample --autoguidance` draws them (the run kept its step-1 weights)
+    status, _out, err = cli("evaluate", "--checkpoint", "run", "--out", "eval_ag", "--steps", "3", "--autoguidance", "2",
+                            "--precision", "fp32")
+    assert status == 0, err
+    guided = Pipeline.from_checkpoint(tmp_path / "run", precision="fp32").use_kept_guide(2, precision="fp32").volumes(2, seed=0, steps=3)
+    montage = lambda folder: np.asarray(Image.open(tmp_path / folder / "montage.png"))  # noqa: E731
+    assert np.array_equal(montage("eval_ag"), volume_montage(guided)) and not np.array_equal(montage("eval_ag"), montage("eval"))
     # the pipeline returns the same volume in memory: volume i of a seed has its own noise, in any batch
     volume = Pipeline.from_checkpoint(tmp_path / "run")(1, seed=0, steps=3, first_index=1)
     assert volume.shape == (1, 16, 16, 16) and volume.dtype == np.uint8
