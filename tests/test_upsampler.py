@@ -167,6 +167,7 @@ def test_a_cascade_export_draws_brainfusions_cascade_with_plain_diffusers(cli, a
     assert cli("export", base, "--upsampler", up, "--out", folder)[0] == 0
     card = (folder / "README.md").read_text()
     assert "## Second stage: the upsampler" in card and f"{LOW}² slice of the first stage to {HIGH}²" in card
+    assert "each step of the first stage (the upsampler is not guided) away" in " ".join(card.split())
     (tmp_path / "plain").mkdir()
     server = PlainDiffusers(tmp_path / "plain")
     try:

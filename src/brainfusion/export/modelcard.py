@@ -205,12 +205,13 @@ Trained on `{c.data.path}` {levels}.
 """
 
 
-def _autoguidance(guide_step: int | None) -> str:
+def _autoguidance(guide_step: int | None, cascade: bool = False) -> str:
     if guide_step is None:
         return ""
+    stage = " of the first stage (the upsampler is not guided)" if cascade else ""
     return f"""## Autoguidance
 `guide_unet/` holds this run's own weights at step {guide_step} (`train.guide_at`). `pipe(..., autoguidance=2.0)` steers each
-step away from that weaker network (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"):
+step{stage} away from that weaker network (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"):
 no more training, twice the network passes; 1.0 (the default) samples the network alone.
 
 """
@@ -246,7 +247,7 @@ U-Net of {len(m.channel_mults)} levels (base width {m.base_channels}, multiplier
 batch {config.train.batch_size}, learning rate {config.train.lr}, EMA {config.train.ema_decay}, precision `{config.train.precision}`.
 {_training(run_dir, step)}
 
-{_upsampler(upsampler)}{_autoencoder(config)}{_masks(config)}{_conditions(config)}{_autoguidance(guide_step)}## Evaluation
+{_upsampler(upsampler)}{_autoencoder(config)}{_masks(config)}{_conditions(config)}{_autoguidance(guide_step, upsampler is not None)}## Evaluation
 {_evaluation(metrics_path)}{_conditional_evaluation(metrics_path)}
 
 ## Intended use and limitations
