@@ -118,10 +118,8 @@ def evaluate_checkpoint(checkpoint: Path, real: np.ndarray, train: np.ndarray, n
     pipe = Pipeline.from_checkpoint(base)
     if upsampler is not None:
         pipe.use_upsampler(Pipeline.from_checkpoint(upsampler), augment)
-    if autoguidance != 1:  # guided by the weights the run kept at train.guide_at (half its steps)
-        pipe.use_kept_guide(autoguidance)
-        if pipe.upsampler is not None:
-            pipe.upsampler.use_kept_guide(autoguidance)
+    if autoguidance != 1:  # guided by the weights the run kept at train.guide_at (half its steps), as `sample` guides
+        pipe.use_kept_guides(autoguidance)
     t0 = time.monotonic()
     generated = pipe(n, seed=12345, sampler=sampler, steps=steps)
     seconds = time.monotonic() - t0

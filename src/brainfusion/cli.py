@@ -412,10 +412,8 @@ def _evaluate_volumes(args: argparse.Namespace, out: Path, run: RunConfig) -> No
             raise BrainfusionError(f"{args.image_model} held out other subjects than {args.checkpoint}, so one of them saw the "
                                    "subjects scored here; train both on the same data with the same --holdout-subjects and seed.")
         pipe.use_image_source(source)
-    if args.autoguidance != 1:  # as `sample` guides: each run by its own kept guide, --guide for the checkpoint's
-        pipe.use_kept_guide(args.autoguidance, args.guide or None, use_ema, args.precision)
-        if pipe.image_source is not None:
-            pipe.image_source.use_kept_guide(args.autoguidance, None, use_ema, args.precision)
+    if args.autoguidance != 1:
+        pipe.use_kept_guides(args.autoguidance, args.guide or None, use_ema, args.precision)
     generated, labels = pipe.volume_pairs(args.n or len(held), seed=args.seed, sampler=args.sampler, steps=args.steps)
     pairs = None if labels is None else ((labels, held.labels, train.labels), mask_names(data.mask_values))
     _score_volumes(args, out, generated, held.images, train.images, pairs)

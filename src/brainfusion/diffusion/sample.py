@@ -154,12 +154,7 @@ def _prepare(cfg: SampleConfig, device: torch.device) -> tuple[Pipeline, int, np
     if cfg.upsampler:
         pipe.use_upsampler(Pipeline.from_checkpoint(cfg.upsampler, cfg.use_ema, device, cfg.precision), cfg.upsample_augment)
     if cfg.autoguidance != 1:
-        pipe.use_kept_guide(cfg.autoguidance, cfg.guide or None, cfg.use_ema, cfg.precision)
-        # every stage that draws anatomy, each by its own run's guide; a cascade's upsampler is left unguided, as the
-        # export leaves it: guiding it cost 3.9 FID at 256² where guiding the 64² model gained 6.8 (docs/results.md)
-        for source in (pipe.mask_source, pipe.image_source):
-            if source is not None:
-                source.use_kept_guide(cfg.autoguidance, None, cfg.use_ema, cfg.precision)
+        pipe.use_kept_guides(cfg.autoguidance, cfg.guide or None, cfg.use_ema, cfg.precision)
     if cfg.given_mask:
         if not state.config.mask_labels:
             raise BrainfusionError(f"{state.path} was trained without masks; sample it without a given mask, or train with masks.")
