@@ -48,6 +48,13 @@ def pixels(images) -> np.ndarray:
     return np.stack([np.asarray(image) for image in images])
 
 
+def assert_same_floats(theirs: torch.Tensor, ours: torch.Tensor) -> None:
+    """Float outputs of the export and of brainfusion agree to float rounding: bitwise on an Intel Xeon with AMX, up
+    to 1.5e-7 apart on an AMD EPYC with AVX-512 BF16, whose fp32 kernels round the two calls' sums apart. The uint8
+    slices a user sees are compared bitwise everywhere."""
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-6)
+
+
 def test_the_exports_default_call_is_brainfusion_samples_default_draw(exported):
     """diffusers' convention (PIL `.images`, "np", "pt", return_dict), drawing by default what `brainfusion sample`
     draws by default (dpm++sde, 25 steps, seed 0), and with an explicit sampler the same as brainfusion's."""
@@ -62,7 +69,7 @@ def test_the_exports_default_call_is_brainfusion_samples_default_draw(exported):
     with torch.no_grad():
         expected, _ = sample(ours.network, ours.config.diffusion, (5, 1, 16, 16), "ddim", 6, image_generators(7, range(5)))
     assert expected.abs().max() > 0.05  # a trained network, not zeros
-    assert torch.equal(theirs, (expected / 2 + 0.5).clamp(0, 1))  # brainfusion's own sampler: bitwise
+    assert_same_floats(theirs, (expected / 2 + 0.5).clamp(0, 1))  # brainfusion's own sampler
     as_np = pipe(batch_size=5, num_inference_steps=6, output_type="np", sampler="ddim", seed=7, return_dict=False)
     assert len(as_np) == 1 and as_np[0].shape == (5, 16, 16, 1) and as_np[0].dtype == np.float32
     assert np.array_equal(as_np[0], theirs.permute(0, 2, 3, 1).numpy())
@@ -92,7 +99,7 @@ def test_an_autoguided_export_draws_brainfusions_autoguided_images(exported):
         expected, _ = sample(autoguidance(ours.network, ours.guide[0].network, 2.0), ours.config.diffusion, (5, 1, 16, 16),
                              "ddim", 6, image_generators(7, range(5)))
     assert (guided - pipe(**call).images).abs().max() > 1e-3
-    assert torch.equal(guided, (expected / 2 + 0.5).clamp(0, 1))
+    assert_same_floats(guided, (expected / 2 + 0.5).clamp(0, 1))
     assert np.array_equal(pixels(pipe(batch_size=5, autoguidance=2.0).images), ours(5))  # `sample --autoguidance 2`'s defaults
 
 
@@ -125,7 +132,7 @@ def test_a_conditional_export_draws_brainfusions_guided_images(exported_conditio
                              cond=cond, guidance=2.0)
         plain, _ = sample(ours.network, ours.config.diffusion, (5, 1, 16, 16), "ddim", 6, image_generators(7, range(5)))
     assert (expected - plain).abs().max() > 1e-3  # the condition and its guidance change the images
-    assert torch.equal(theirs, (expected / 2 + 0.5).clamp(0, 1))
+    assert_same_floats(theirs, (expected / 2 + 0.5).clamp(0, 1))
     assert np.array_equal(pixels(pipe(batch_size=5, condition=wanted, guidance_scale=2.0).images),
                           ours(5, condition=wanted, guidance=2.0))  # the defaults of both
     assert pipe.unet.conditions == ours.config.condition  # the vocabulary travelled in unet/config.json
@@ -341,7 +348,8 @@ def test_a_mask_export_returns_brainfusions_images_and_masks(exported_masks):
     raw = pipe(batch_size=3, seed=7, num_inference_steps=3, sampler="ddim", output_type="pt")
     with torch.no_grad():
         expected, _ = sample(ours.network, ours.config.diffusion, (3, 5, 16, 16), "ddim", 3, image_generators(7, range(3)))
-    assert torch.equal(raw.images, (expected[:, :1] / 2 + 0.5).clamp(0, 1)) and torch.equal(raw.masks, expected[:, 1:])
+    assert_same_floats(raw.images, (expected[:, :1] / 2 + 0.5).clamp(0, 1))
+    assert_same_floats(raw.masks, expected[:, 1:])
 
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest["channels"][0] == {"channel": 0, "holds": "image"}
